@@ -1,0 +1,64 @@
+# labkit: two commands for a fresh machine.
+#   make lab    set everything up, build the guest image, start the VM and JupyterLab
+#   make test   same setup (no JupyterLab), then the whole test suite against real guests
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Host packages: QEMU and its image tool, the image recipe's tools, ssh client.
+APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs cpio xz-utils openssh-client
+# The browser test drives Debian's chromium (never a downloaded browser).
+APT_TEST_PACKAGES := chromium
+PYTEST_ARGS ?=
+
+.PHONY: lab test setup host-deps host-deps-test venv images clean help
+
+help:
+	@echo "make lab    - set up, build the guest image, start the VM and JupyterLab"
+	@echo "make test   - set up, build the images, run the tests (unit + real guests)"
+
+lab: setup
+	$(BIN)/labkit lab
+
+test: setup host-deps-test
+	$(BIN)/labkit image build --kernel all
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+setup: host-deps venv
+	$(BIN)/labkit image build --kernel 6.1
+	$(BIN)/labkit doctor
+
+# Install missing Debian packages: directly as root, with sudo when it works
+# without a password prompt, else print the exact command and stop.
+define apt_install
+	@missing=""; for p in $(1); do \
+	  dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if ! $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null; then missing="$$missing python3-venv"; fi; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	echo "labkit: installing host packages:$$missing"; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=""; \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo"; \
+	else echo "labkit: please run:  sudo apt-get update && sudo apt-get install -y$$missing"; exit 1; fi; \
+	$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing
+endef
+
+host-deps:
+	$(call apt_install,$(APT_PACKAGES))
+
+host-deps-test:
+	$(call apt_install,$(APT_TEST_PACKAGES))
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+images: venv
+	$(BIN)/labkit image build --kernel all
+
+clean:
+	rm -rf $(VENV) images/build .pytest_cache

@@ -1,0 +1,11 @@
+"""labkit: an interactive lab about long-term page pins and DAX in Linux.
+
+Start with ``labkit.VM`` (a QEMU guest with emulated NVDIMMs) or the
+``labkit`` command line (``labkit --help``).
+"""
+
+from .errors import LabError
+from .vm import VM, VMState
+
+__all__ = ["VM", "VMState", "LabError"]
+__version__ = "0.1.0"

@@ -1,0 +1,113 @@
+"""Choose the accelerator: KVM only when a guest really runs under it.
+
+On some hosts ``/dev/kvm`` opens and ``KVM_CREATE_VM`` succeeds, yet a guest
+never executes (nested virtualisation without vmx/svm). So the probe boots
+QEMU's own firmware under KVM and waits, for a bounded time, until SeaBIOS
+says it found no boot device on its debug port. Anything else means TCG.
+The verdict is cached per host kernel and QEMU binary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import selectors
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import paths
+from .timeout import Deadline
+
+PROBE_SECONDS = 6.0
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    """The accelerator and why it was chosen (shown to the learner)."""
+
+    accel: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.accel.upper()} ({self.reason})"
+
+
+def probe_argv(qemu: str) -> list[str]:
+    return [qemu, "-accel", "kvm", "-cpu", "host", "-machine", "pc", "-nodefaults", "-no-user-config",
+            "-display", "none", "-m", "64", "-chardev", "stdio,id=dbg",
+            "-device", "isa-debugcon,iobase=0x402,chardev=dbg"]
+
+
+def probe_kvm(qemu: str = "qemu-system-x86_64", seconds: float = PROBE_SECONDS) -> AccelChoice:
+    """Really run a tiny KVM guest; return kvm only if it got to the end of its firmware."""
+    if not os.path.exists("/dev/kvm"):
+        return AccelChoice("tcg", "no /dev/kvm on this host")
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return AccelChoice("tcg", "/dev/kvm is not accessible (add yourself to the kvm group)")
+    if shutil.which(qemu) is None:
+        return AccelChoice("tcg", f"{qemu} not found")
+    proc = subprocess.Popen(probe_argv(qemu), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    out = b""
+    deadline = Deadline(seconds)
+    try:
+        assert proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while not deadline.expired:
+            if not sel.select(timeout=deadline.remaining):
+                continue
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            out += chunk
+            if b"No bootable device" in out:
+                return AccelChoice("kvm", f"a KVM test guest ran its firmware in {deadline.elapsed:.1f} s")
+    finally:
+        proc.kill()
+        proc.wait(timeout=5)
+    if b"Running on KVM" in out:
+        return AccelChoice("tcg", f"KVM is present but a test guest hung for {seconds:.0f} s "
+                                  "(nested virtualisation without vmx/svm?)")
+    text = out.decode(errors="replace").strip().splitlines()
+    return AccelChoice("tcg", "KVM test guest failed: " + (text[-1] if text else "no output"))
+
+
+def _cache_key(qemu: str) -> str:
+    path = shutil.which(qemu) or qemu
+    try:
+        st = os.stat(path)
+        ident = f"{path}:{st.st_size}:{int(st.st_mtime)}"
+    except OSError:
+        ident = path
+    return f"{platform.release()}|{ident}"
+
+
+def choose_accel(qemu: str = "qemu-system-x86_64", use_cache: bool = True) -> AccelChoice:
+    """The accelerator to use: ``LABKIT_ACCEL`` if set, else the (cached) probe."""
+    forced = os.environ.get("LABKIT_ACCEL", "").strip().lower()
+    if forced in ("kvm", "tcg"):
+        return AccelChoice(forced, "set by LABKIT_ACCEL")
+    cache = paths.cache_dir() / "accel.json"
+    key = _cache_key(qemu)
+    if use_cache:
+        try:
+            data = json.loads(cache.read_text())
+            if data.get("key") == key:
+                return AccelChoice(data["accel"], data["reason"] + " (cached)")
+        except (OSError, ValueError, KeyError):
+            pass
+    choice = probe_kvm(qemu)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"key": key, **asdict(choice)}))
+    except OSError:
+        pass
+    return choice
+
+
+def clear_cache() -> None:
+    Path(paths.cache_dir() / "accel.json").unlink(missing_ok=True)

@@ -1,0 +1,301 @@
+"""The ``labkit`` command line.
+
+    labkit doctor                       can this host run the lab?
+    labkit image build|list             the guest images
+    labkit vm start|stop|status|...     a persistent VM
+    labkit run -- CMD ARGS...           one command in the guest
+    labkit lab                          JupyterLab on notebooks/ with the VM up
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from . import image, paths
+from .errors import LabError, StateError
+from .vm import VM, VMState
+
+EPILOG = "Environment: LABKIT_ACCEL=kvm|tcg forces the accelerator; LABKIT_STATE_DIR moves VM state; " \
+         "LABKIT_MIRROR / LABKIT_APT_SOURCES choose the Debian package source for image builds."
+
+
+def _err(msg: str) -> None:
+    print(f"labkit: {msg}", file=sys.stderr, flush=True)
+
+
+def _boot_progress(quiet: bool = False):
+    """A console-line callback that shows the learner the boot is moving."""
+    start = time.monotonic()
+
+    def show(line: str) -> None:
+        if quiet:
+            return
+        text = line.strip()
+        if len(text) > 90:
+            text = text[:87] + "..."
+        sys.stderr.write(f"\r\033[K  booting [{time.monotonic() - start:5.1f}s] {text}")
+        sys.stderr.flush()
+    return show
+
+
+def _end_progress(quiet: bool) -> None:
+    if not quiet:
+        sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import report, run_checks
+    text, ok = report(run_checks())
+    print(text)
+    return 0 if ok else 1
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    kernels = list(image.KERNELS) if args.kernel == "all" else [args.kernel]
+    for k in kernels:
+        img = image.build_image(k, force=args.force)
+        print(f"{k}: {img.kernel_release} in {img.directory}")
+    return 0
+
+
+def cmd_image_list(args: argparse.Namespace) -> int:
+    rows = []
+    for kernel, status, img in image.list_images():
+        rel = img.kernel_release if img else "-"
+        built = img.manifest.get("built_at", "-") if img else "-"
+        size = f"{img.manifest['artifacts']['root.ext4']['bytes'] / 2**20:.0f} MiB" if img else "-"
+        rows.append((kernel, status, rel, built, size))
+    if args.json:
+        print(json.dumps([dict(zip(("kernel", "status", "release", "built_at", "root_size"), r)) for r in rows],
+                         indent=2))
+        return 0
+    print(f"{'KERNEL':7s} {'STATUS':8s} {'RELEASE':22s} {'BUILT':21s} ROOT")
+    for r in rows:
+        print(f"{r[0]:7s} {r[1]:8s} {r[2]:22s} {r[3]:21s} {r[4]}")
+    return 0
+
+
+def cmd_vm_start(args: argparse.Namespace) -> int:
+    vm = VM(args.name, kernel=args.kernel, persistent=True, on_console_line=_boot_progress(args.quiet))
+    if vm.status() is VMState.RUNNING:
+        d = vm.describe()
+        print(f"VM {args.name!r} is already running ({d.get('kernel_release')}, {d.get('accel')})")
+        return 0
+    image.load_image(args.kernel)
+    try:
+        vm.start()
+    finally:
+        _end_progress(args.quiet)
+    print(f"VM {args.name!r} running: kernel {vm.boot.kernel_release}, accelerator {vm.accel}, "
+          f"SSH-ready in {vm.info.boot_seconds:.1f} s")
+    vm.close()
+    return 0
+
+
+def cmd_vm_stop(args: argparse.Namespace) -> int:
+    vm = VM(args.name, persistent=True)
+    st = vm.status()
+    vm.stop()
+    print(f"VM {args.name!r} stopped" + (" (it was not running)" if st is VMState.STOPPED else ""))
+    return 0
+
+
+def cmd_vm_delete(args: argparse.Namespace) -> int:
+    vm = VM(args.name, persistent=True)
+    if not vm.state_dir.exists():
+        print(f"VM {args.name!r} does not exist")
+        return 0
+    if not args.yes:
+        _err(f"this erases {vm.state_dir}, including the VM's persistent memory; add --yes to confirm")
+        return 2
+    vm.delete()
+    print(f"VM {args.name!r} deleted")
+    return 0
+
+
+def cmd_vm_status(args: argparse.Namespace) -> int:
+    vm = VM(args.name, persistent=True)
+    d = vm.describe()
+    if args.json:
+        print(json.dumps(d, indent=2))
+    else:
+        st = d["state"]
+        words = {"running": "running", "stopped": "stopped",
+                 "dead": "dead (QEMU exited without being stopped: crashed or killed; see "
+                         f"{vm.console_log})"}
+        print(f"VM {args.name!r}: {words.get(st, st)}")
+        if st == "running":
+            print(f"  kernel {d.get('kernel_release')} ({d.get('kernel')}), accelerator {d.get('accel')} "
+                  f"({d.get('accel_reason')})")
+            print(f"  SSH 127.0.0.1:{d.get('ssh_port')}, QEMU PID {d.get('pid')}, NVDIMMs "
+                  f"{', '.join(f'{n} MiB' for n in d.get('nvdimm_mb', []))}")
+        print(f"  state dir {d['state_dir']}")
+    return {"running": 0, "stopped": 3, "dead": 4}.get(d["state"], 1)
+
+
+def cmd_vm_ssh(args: argparse.Namespace) -> int:
+    vm = VM.attach(args.name)
+    try:
+        cmd = _command(args.command)
+        if not cmd:   # interactive: use the system ssh client with the VM's pinned key
+            return _interactive_ssh(vm)
+        return vm.ssh.run_passthrough(cmd, stdin=sys.stdin.buffer)
+    finally:
+        vm.close()
+
+
+def _interactive_ssh(vm: VM) -> int:
+    if shutil.which("ssh") is None:
+        raise StateError("no ssh client", "installed (apt-get install openssh-client)")
+    kh = vm.state_dir / "known_hosts"
+    kh.write_text(f"[127.0.0.1]:{vm.info.ssh_port} {' '.join(vm.info.host_key)}\n")
+    return subprocess.call(["ssh", "-i", str(vm.key_path), "-p", str(vm.info.ssh_port),
+                            "-o", f"UserKnownHostsFile={kh}", "-o", "StrictHostKeyChecking=yes",
+                            "-o", "IdentitiesOnly=yes", "root@127.0.0.1"])
+
+
+def cmd_vm_console(args: argparse.Namespace) -> int:
+    vm = VM.attach(args.name)
+    try:
+        print("Serial console of the guest (Ctrl-] to leave). Press Enter for a prompt.", file=sys.stderr)
+        with vm.console() as con:
+            con.interact()
+    finally:
+        vm.close()
+    return 0
+
+
+def _command(words: list[str]) -> list[str]:
+    return words[1:] if words[:1] == ["--"] else words
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cmd = _command(args.command)
+    if not cmd:
+        _err("no command given; usage: labkit run [--kernel 6.1|6.12] -- CMD ARGS...")
+        return 2
+    existing = VM(args.name, persistent=True)
+    info = existing.describe()
+    if existing.status() is VMState.RUNNING and (args.kernel is None or info.get("kernel") == args.kernel):
+        vm = VM.attach(args.name)
+        try:
+            return vm.ssh.run_passthrough(cmd, stdin=sys.stdin.buffer)
+        finally:
+            vm.close()
+    kernel = args.kernel or image.DEFAULT_KERNEL
+    image.load_image(kernel)
+    quiet = args.quiet or not sys.stderr.isatty()
+    vm = VM("run", kernel=kernel, on_console_line=_boot_progress(quiet))
+    try:
+        vm.start()
+    finally:
+        _end_progress(quiet)
+    with vm:
+        return vm.ssh.run_passthrough(cmd, stdin=sys.stdin.buffer)
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    image.load_image(args.kernel)
+    vm = VM(args.name, kernel=args.kernel, persistent=True, on_console_line=_boot_progress(False))
+    if vm.status() is not VMState.RUNNING:
+        print(f"Starting the lab VM {args.name!r} (kernel {args.kernel}) ...", file=sys.stderr)
+        try:
+            vm.start()
+        finally:
+            _end_progress(False)
+        print(f"VM running: {vm.boot.kernel_release}, accelerator {vm.accel}, "
+              f"SSH-ready in {vm.info.boot_seconds:.1f} s", file=sys.stderr)
+        vm.close()
+    else:
+        print(f"VM {args.name!r} already running.", file=sys.stderr)
+    argv = [sys.executable, "-m", "jupyterlab", f"--notebook-dir={paths.notebooks_dir()}",
+            "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={args.port}"]
+    if args.no_browser:
+        argv.append("--no-browser")
+    env = dict(os.environ, LABKIT_VM=args.name)
+    print("Starting JupyterLab on 127.0.0.1 (token-protected; the URL is printed below). "
+          "Ctrl-C stops JupyterLab; the VM keeps running (`labkit vm stop` stops it).", file=sys.stderr)
+    return subprocess.call(argv, env=env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="labkit", description=__doc__.split("\n\n")[0].strip(),
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    kernels = list(image.KERNELS)
+
+    d = sub.add_parser("doctor", help="check that this host can run the lab")
+    d.set_defaults(func=cmd_doctor)
+
+    im = sub.add_parser("image", help="build or list guest images").add_subparsers(dest="sub", required=True,
+                                                                                   metavar="ACTION")
+    b = im.add_parser("build", help="build the guest image (skipped when up to date)")
+    b.add_argument("--kernel", choices=kernels + ["all"], default=image.DEFAULT_KERNEL,
+                   help="kernel variant (default %(default)s)")
+    b.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    b.set_defaults(func=cmd_image_build)
+    ls = im.add_parser("list", help="show the built images")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_image_list)
+
+    vm = sub.add_parser("vm", help="a persistent lab VM").add_subparsers(dest="sub", required=True,
+                                                                        metavar="ACTION")
+
+    def vm_cmd(name: str, func, help: str, kernel: bool = False) -> argparse.ArgumentParser:
+        sp = vm.add_parser(name, help=help)
+        sp.add_argument("--name", default="default", help="VM name (default %(default)s)")
+        if kernel:
+            sp.add_argument("--kernel", choices=kernels, default=image.DEFAULT_KERNEL,
+                            help="kernel variant (default %(default)s)")
+        sp.set_defaults(func=func)
+        return sp
+
+    s = vm_cmd("start", cmd_vm_start, "boot the VM and leave it running", kernel=True)
+    s.add_argument("--quiet", action="store_true", help="no boot progress")
+    vm_cmd("stop", cmd_vm_stop, "shut the VM down (polite, then forced)")
+    st = vm_cmd("status", cmd_vm_status, "running, stopped or dead (exit 0, 3, 4)")
+    st.add_argument("--json", action="store_true")
+    vm_cmd("console", cmd_vm_console, "attach to the serial console (Ctrl-] leaves)")
+    sh = vm_cmd("ssh", cmd_vm_ssh, "a shell, or with -- CMD one command (exit code passed through)")
+    sh.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    de = vm_cmd("delete", cmd_vm_delete, "stop the VM and erase its state (disk and pmem)")
+    de.add_argument("--yes", action="store_true", help="confirm erasing the VM's persistent memory")
+
+    r = sub.add_parser("run", help="run one command in the guest (boots a throwaway VM if none is running)")
+    r.add_argument("--kernel", choices=kernels, default=None,
+                   help=f"kernel variant (default: the running VM's, else {image.DEFAULT_KERNEL})")
+    r.add_argument("--name", default="default", help="use this persistent VM if it is running")
+    r.add_argument("--quiet", action="store_true", help="no boot progress")
+    r.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    r.set_defaults(func=cmd_run)
+
+    lab = sub.add_parser("lab", help="start the VM and JupyterLab on notebooks/")
+    lab.add_argument("--name", default="default")
+    lab.add_argument("--kernel", choices=kernels, default=image.DEFAULT_KERNEL)
+    lab.add_argument("--port", type=int, default=8888)
+    lab.add_argument("--no-browser", action="store_true")
+    lab.set_defaults(func=cmd_lab)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LabError as exc:
+        _err(f"error: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

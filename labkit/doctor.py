@@ -1,0 +1,84 @@
+"""`labkit doctor`: can this host run the lab, and if not, what to fix."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+
+from . import image, paths
+from .accel import choose_accel
+
+MIN_QEMU = (7, 0)
+MIN_FREE_GB = 3.0
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+
+def qemu_version(binary: str = "qemu-system-x86_64") -> tuple[int, ...] | None:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"version (\d+)\.(\d+)(?:\.(\d+))?", out)
+    return tuple(int(x) for x in m.groups() if x is not None) if m else None
+
+
+def run_checks(kernels: tuple[str, ...] = (image.DEFAULT_KERNEL,)) -> list[Check]:
+    checks: list[Check] = []
+    ver = qemu_version()
+    if ver is None:
+        checks.append(Check("qemu", False, "qemu-system-x86_64 not found",
+                            "sudo apt-get install qemu-system-x86 qemu-utils (or run `make lab`)"))
+    else:
+        vs = ".".join(map(str, ver))
+        checks.append(Check("qemu", ver >= MIN_QEMU, f"qemu-system-x86_64 {vs}",
+                            f"QEMU {'.'.join(map(str, MIN_QEMU))} or newer is needed"))
+    checks.append(Check("qemu-img", shutil.which("qemu-img") is not None, "disk overlays",
+                        "sudo apt-get install qemu-utils"))
+    choice = choose_accel()
+    checks.append(Check("accelerator", True, str(choice)))
+    checks.append(Check("mmdebstrap", shutil.which("mmdebstrap") is not None, "builds the guest image",
+                        "sudo apt-get install mmdebstrap", required=False))
+    for k in image.KERNELS:
+        status, img = image.image_status(k)
+        detail = f"kernel {k}: {status}" + (f" ({img.kernel_release})" if img else "")
+        fix = f"labkit image build --kernel {k}" + (" --force" if status == "corrupt" else "")
+        checks.append(Check(f"image {k}", status == "ok", detail, fix, required=k in kernels))
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+        checks.append(Check("ports", True, "can bind a free port on 127.0.0.1 for SSH forwarding"))
+    except OSError as exc:
+        checks.append(Check("ports", False, f"cannot bind on 127.0.0.1: {exc}", "check the loopback interface"))
+    state = paths.state_root()
+    probe = state if state.exists() else next((p for p in state.parents if p.exists()), state.anchor)
+    free_gb = shutil.disk_usage(probe).free / 2**30
+    checks.append(Check("disk", free_gb >= MIN_FREE_GB, f"{free_gb:.1f} GiB free for VM state in {state}",
+                        f"free at least {MIN_FREE_GB:.0f} GiB or set LABKIT_STATE_DIR elsewhere"))
+    return checks
+
+
+def report(checks: list[Check]) -> tuple[str, bool]:
+    lines = []
+    for c in checks:
+        mark = "ok  " if c.ok else ("FAIL" if c.required else "warn")
+        lines.append(f"[{mark}] {c.name:12s} {c.detail}")
+    problems = [c for c in checks if not c.ok and c.required]
+    if problems:
+        lines.append("")
+        lines.append("To fix:")
+        lines += [f"  - {c.name}: {c.fix}" for c in problems]
+    else:
+        lines.append("")
+        lines.append("The lab can run.")
+    return "\n".join(lines), not problems

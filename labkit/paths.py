@@ -1,0 +1,39 @@
+"""Where labkit keeps things: the image recipe, built images, VM state.
+
+Every location can be moved with an environment variable, so tests and
+classrooms with shared machines can keep runs apart.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_DIR = PACKAGE_DIR.parent
+
+
+def recipe_dir() -> Path:
+    """The image recipe (``images/`` of the project)."""
+    return Path(os.environ.get("LABKIT_RECIPE_DIR", PROJECT_DIR / "images"))
+
+
+def images_dir() -> Path:
+    """Built images, one sub-directory per kernel variant."""
+    return Path(os.environ.get("LABKIT_IMAGES_DIR", recipe_dir() / "build"))
+
+
+def state_root() -> Path:
+    """Per-VM state directories (disk overlay, pmem files, keys, sockets, logs)."""
+    default = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state")) / "labkit"
+    return Path(os.environ.get("LABKIT_STATE_DIR", default))
+
+
+def cache_dir() -> Path:
+    """Small caches (accelerator probe result)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "labkit"
+    return Path(os.environ.get("LABKIT_CACHE_DIR", default))
+
+
+def notebooks_dir() -> Path:
+    return Path(os.environ.get("LABKIT_NOTEBOOKS_DIR", PROJECT_DIR / "notebooks"))

@@ -1,0 +1,538 @@
+"""The lab guest: a QEMU process with two or more NVDIMMs, driven through
+three channels (serial console via pexpect, SSH via paramiko, QMP via
+qemu.qmp), with an explicit lifecycle and a state directory of its own.
+
+A VM is a context manager. Shutdown is layered: polite (sync over SSH, QMP
+``quit``), then SIGTERM/SIGKILL after a timeout, then cleanup in ``finally``.
+A *persistent* VM keeps running after the Python side exits and can be
+re-attached from another process (``VM.attach``); a throwaway VM lives in a
+temporary directory and dies with its owner (PR_SET_PDEATHSIG), so a crash of
+the Python side leaves no orphan QEMU. Any QEMU left behind by a dead process
+is found through the pidfile and reaped on the next start.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import paths
+from .accel import AccelChoice, choose_accel
+from .config import Nvdimm, VMConfig, check_name
+from .console import BootInfo, ConsoleChannel
+from .errors import (ChannelError, ConfigError, GuestPanic, GuestTimeout, HostKeyMismatch, LabError,
+                     LaunchError, StateError, VMInUse)
+from .image import DEFAULT_KERNEL, Image, load_image
+from .keys import ensure_client_key
+from .qemu import build_qemu_argv
+from .qmp import QMPChannel
+from .ssh import CommandResult, SSHChannel
+from .timeout import Deadline
+
+BOOT_TIMEOUT = {"tcg": 120.0, "kvm": 60.0}
+
+
+class VMState(enum.Enum):
+    """Lifecycle of a VM as seen from the host."""
+
+    STOPPED = "stopped"      # no QEMU; state dir may hold a disk and pmem files
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    DEAD = "dead"            # QEMU went away without being stopped (crash, kill, panic)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class VMInfo:
+    """What is recorded about a VM in ``vm.json`` (shared between processes)."""
+
+    name: str
+    kernel: str
+    state: str = "stopped"
+    pid: int = 0
+    ssh_port: int = 0
+    accel: str = ""
+    accel_reason: str = ""
+    kernel_release: str = ""
+    host_key: list[str] = field(default_factory=list)
+    base_sha256: str = ""
+    nvdimm_mb: list[int] = field(default_factory=list)
+    started_at: float = 0.0
+    boot_seconds: float = 0.0
+    guest_uptime_s: float = 0.0
+    persistent: bool = True
+    qemu_argv: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: Path) -> VMInfo | None:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.__dict__, indent=2) + "\n")
+        tmp.replace(path)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def pid_is_our_qemu(pid: int, state_dir: Path) -> bool:
+    """True if ``pid`` is a QEMU using this state dir (guards against PID reuse)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return pid_alive(pid) and any(str(state_dir).encode() in a for a in cmdline)
+
+
+def _set_pdeathsig() -> None:   # runs in the child between fork and exec
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+
+
+class VM:
+    """One lab guest. ``with VM() as vm: vm.run("uname -r")``."""
+
+    def __init__(self, name: str = "default", kernel: str = DEFAULT_KERNEL, *, persistent: bool = False,
+                 state_dir: Path | None = None, memory_mb: int = 1024, smp: int | None = None,
+                 nvdimms: Sequence[int] = (512, 512, 512), accel: str | None = None,
+                 boot_timeout: float | None = None,
+                 on_console_line: Callable[[str], None] | None = None) -> None:
+        self.name = check_name(name)
+        self.kernel = kernel
+        self.persistent = persistent
+        self._tmpdir = None
+        if state_dir is None and not persistent:
+            self._tmpdir = tempfile.mkdtemp(prefix=f"labkit-{name}-")
+            state_dir = Path(self._tmpdir)
+        self.state_dir = Path(state_dir or paths.state_root() / "vms" / name).absolute()
+        self.memory_mb = memory_mb
+        self.smp = smp or min(2, os.cpu_count() or 1)
+        self.nvdimms = tuple(Nvdimm(int(n)) for n in nvdimms)
+        self._accel_forced = accel
+        self.boot_timeout = boot_timeout
+        self.on_console_line = on_console_line
+        self.state = VMState.STOPPED
+        self.info: VMInfo | None = None
+        self.image: Image | None = None
+        self.accel: AccelChoice | None = None
+        self.boot: BootInfo | None = None
+        self._proc: subprocess.Popen | None = None
+        self._ssh: SSHChannel | None = None
+        self._qmp: QMPChannel | None = None
+        self._console: ConsoleChannel | None = None
+
+    # -- files -------------------------------------------------------------
+    @property
+    def info_path(self) -> Path:
+        return self.state_dir / "vm.json"
+
+    @property
+    def key_path(self) -> Path:
+        return self.state_dir / "id_ed25519"
+
+    @property
+    def console_log(self) -> Path:
+        return self.state_dir / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.state_dir / "qemu.log"
+
+    def _require(self, *states: VMState) -> None:
+        if self.state not in states:
+            raise StateError(self.state, " or ".join(str(s) for s in states), self.name)
+
+    @contextmanager
+    def _lock(self, timeout: float = 30.0):
+        """Serialise start/stop of one VM between processes."""
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = Deadline(timeout)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if deadline.expired:
+                        holder = os.read(fd, 32).decode().strip() or "?"
+                        raise VMInUse(self.name, int(holder) if holder.isdigit() else -1) from None
+                    time.sleep(0.1)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- status ------------------------------------------------------------
+    def _read_pid(self) -> int:
+        try:
+            return int((self.state_dir / "qemu.pid").read_text().strip())
+        except (OSError, ValueError):
+            return self.info.pid if self.info else 0
+
+    def status(self) -> VMState:
+        """running, stopped or dead (QEMU gone without a stop), read from disk."""
+        info = VMInfo.load(self.info_path)
+        if info is None:
+            return VMState.STOPPED
+        pid = self._read_pid() or info.pid
+        alive = pid_is_our_qemu(pid, self.state_dir)
+        if info.state in ("running", "starting"):
+            return VMState.RUNNING if alive else VMState.DEAD
+        return VMState.RUNNING if alive else VMState.STOPPED
+
+    def describe(self) -> dict:
+        info = VMInfo.load(self.info_path)
+        d = {"name": self.name, "state": str(self.status()), "state_dir": str(self.state_dir)}
+        if info:
+            d.update(kernel=info.kernel, kernel_release=info.kernel_release, accel=info.accel,
+                     accel_reason=info.accel_reason, ssh_port=info.ssh_port, pid=info.pid,
+                     boot_seconds=info.boot_seconds, nvdimm_mb=info.nvdimm_mb)
+        return d
+
+    # -- start -------------------------------------------------------------
+    def start(self) -> VM:
+        """Boot the guest and open its channels; return when SSH works."""
+        self._require(VMState.STOPPED, VMState.DEAD)
+        with self._lock():
+            current = self.status()
+            if current is VMState.RUNNING:
+                raise StateError("already running", "stopped", self.name)
+            self._reap_stale()
+            self.state = VMState.STARTING
+            try:
+                self._launch()
+            except BaseException:
+                self.state = VMState.DEAD
+                self._kill()
+                self._close_channels()
+                if self.info:
+                    self.info.state = "stopped"
+                    self.info.save(self.info_path)
+                raise
+        self.state = VMState.RUNNING
+        return self
+
+    def _reap_stale(self) -> None:
+        """Kill a QEMU left behind by a crashed owner and clear stale files."""
+        info = VMInfo.load(self.info_path)
+        pid = self._read_pid() or (info.pid if info else 0)
+        if pid and pid_is_our_qemu(pid, self.state_dir):
+            os.kill(pid, signal.SIGKILL)
+            for _ in range(50):
+                if not pid_alive(pid):
+                    break
+                time.sleep(0.05)
+        for f in ("qemu.pid", "qmp.sock", "console.sock"):
+            (self.state_dir / f).unlink(missing_ok=True)
+
+    def _prepare_disks(self, image: Image, info: VMInfo) -> None:
+        base_sha = image.manifest["artifacts"]["root.ext4"]["sha256"]
+        overlay = self.state_dir / "root.qcow2"
+        if not overlay.exists() or info.base_sha256 != base_sha:
+            # A new base image makes the old overlay meaningless; pmem files stay.
+            overlay.unlink(missing_ok=True)
+            (self.state_dir / "host_key").unlink(missing_ok=True)
+            info.host_key = []
+            r = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+                                str(image.root), str(overlay)], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise LaunchError("qemu-img could not create the disk overlay",
+                                  ["qemu-img", "create", str(overlay)], r.returncode, r.stderr)
+            info.base_sha256 = base_sha
+        for i, dimm in enumerate(self.nvdimms):
+            f = self.state_dir / f"pmem{i}.img"
+            want = dimm.size_mb * 2**20
+            if f.exists():
+                if f.stat().st_size != want:
+                    raise ConfigError(
+                        f"{f} holds {f.stat().st_size // 2**20} MiB of persistent memory, "
+                        f"but this VM asks for {dimm.size_mb} MiB",
+                        hint="use the same NVDIMM sizes as before, or `labkit vm delete` the VM "
+                             "(this erases its pmem) and start it again")
+            else:
+                with open(f, "wb") as fh:
+                    fh.truncate(want)      # sparse: costs no disk until written
+                f.chmod(0o600)
+        info.nvdimm_mb = [d.size_mb for d in self.nvdimms]
+
+    def _launch(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.state_dir, 0o700)
+        self.image = load_image(self.kernel)
+        self.accel = AccelChoice(self._accel_forced, "requested") if self._accel_forced else choose_accel()
+        info = VMInfo.load(self.info_path) or VMInfo(self.name, self.kernel)
+        if info.kernel != self.kernel and (self.state_dir / "root.qcow2").exists():
+            info.base_sha256 = ""      # another kernel's image: start the disk afresh
+        info.kernel = self.kernel
+        info.persistent = self.persistent
+        self._prepare_disks(self.image, info)
+        pinned = info.host_key
+        pubkey = ensure_client_key(self.key_path)
+        timeout = self.boot_timeout or BOOT_TIMEOUT[self.accel.accel]
+        last_error: LaunchError | None = None
+        for _attempt in range(3):    # the forwarded port can be taken between probe and bind
+            cfg = VMConfig(name=self.name, state_dir=self.state_dir, kernel_image=self.image.vmlinuz,
+                           initrd=self.image.initrd, accel=self.accel.accel, memory_mb=self.memory_mb,
+                           smp=self.smp, nvdimms=self.nvdimms, ssh_port=free_port(), ssh_pubkey=pubkey)
+            try:
+                self._boot(cfg, info, timeout)
+                break
+            except LaunchError as exc:
+                if "host forwarding" not in exc.output:
+                    raise
+                last_error = exc
+        else:
+            raise last_error or LaunchError("could not start QEMU")
+        assert self.boot is not None
+        if pinned and self.boot.host_key and list(self.boot.host_key) != pinned:
+            raise HostKeyMismatch(" ".join(pinned), " ".join(self.boot.host_key))
+        host_key = tuple(pinned) if pinned else self.boot.host_key
+        if not host_key:
+            raise LaunchError("the guest did not announce its SSH host key on the console",
+                              output=self.console_log.read_text(errors="replace")[-3000:])
+        info.host_key = list(host_key)
+        self._ssh = SSHChannel(cfg.ssh_port, self.key_path, tuple(host_key)).connect(
+            timeout=max(5.0, timeout - (time.time() - info.started_at)))
+        info.boot_seconds = round(time.time() - info.started_at, 2)
+        info.state = "running"
+        info.save(self.info_path)
+        self.info = info
+
+    def _boot(self, cfg: VMConfig, info: VMInfo, timeout: float) -> None:
+        argv = build_qemu_argv(cfg)
+        for f in ("qemu.pid", "qmp.sock", "console.sock"):
+            (self.state_dir / f).unlink(missing_ok=True)
+        self.console_log.write_bytes(b"")
+        log = open(self.qemu_log, "wb")
+        try:
+            self._proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=None if self.persistent else _set_pdeathsig)
+        except OSError as exc:
+            raise LaunchError(f"cannot run {argv[0]}: {exc}", argv) from exc
+        finally:
+            log.close()
+        info.pid = self._proc.pid
+        info.started_at = time.time()
+        info.ssh_port = cfg.ssh_port
+        info.accel, info.accel_reason = self.accel.accel, self.accel.reason
+        info.qemu_argv = argv
+        info.state = "starting"
+        info.save(self.info_path)
+        deadline = Deadline(timeout)
+        while not cfg.console_socket.exists():
+            if self._proc.poll() is not None:
+                raise LaunchError("QEMU exited during start-up", argv, self._proc.returncode,
+                                  self.qemu_log.read_text(errors="replace"))
+            if deadline.expired:
+                raise GuestTimeout("QEMU to create its console socket", timeout)
+            time.sleep(0.02)
+        self._console = ConsoleChannel(cfg.console_socket).connect(timeout=5)
+        try:
+            self.boot = self._console.wait_boot(deadline.remaining, on_line=self.on_console_line)
+        except LaunchError as exc:
+            self._proc.poll()
+            raise LaunchError(str(exc).split("\n")[0], argv, self._proc.returncode,
+                              self.qemu_log.read_text(errors="replace") + "\n" + exc.output) from exc
+        finally:
+            self._console.close()
+            self._console = None
+        info.kernel_release = self.boot.kernel_release
+        info.guest_uptime_s = self.boot.guest_uptime_s
+
+    # -- attach ------------------------------------------------------------
+    @classmethod
+    def attach(cls, name: str = "default", state_dir: Path | None = None, timeout: float = 10.0) -> VM:
+        """Connect to a persistent VM started by another process."""
+        vm = cls(name, persistent=True, state_dir=state_dir)
+        st = vm.status()
+        if st is not VMState.RUNNING:
+            raise StateError(st, "running", name)
+        info = VMInfo.load(vm.info_path)
+        assert info is not None
+        vm.info, vm.kernel = info, info.kernel
+        vm.accel = AccelChoice(info.accel, info.accel_reason)
+        vm.boot = BootInfo(info.kernel_release, info.guest_uptime_s, tuple(info.host_key))
+        vm._ssh = SSHChannel(info.ssh_port, vm.key_path, tuple(info.host_key)).connect(timeout=timeout)
+        vm.state = VMState.RUNNING
+        return vm
+
+    # -- channels ----------------------------------------------------------
+    @property
+    def ssh(self) -> SSHChannel:
+        self._require(VMState.RUNNING)
+        assert self._ssh is not None
+        if not self._ssh.is_open:
+            self._ssh.connect(timeout=10)
+        return self._ssh
+
+    @property
+    def qmp(self) -> QMPChannel:
+        self._require(VMState.RUNNING, VMState.STOPPING)
+        if self._qmp is None:
+            self._qmp = QMPChannel(self.state_dir / "qmp.sock").connect()
+        return self._qmp
+
+    def console(self) -> ConsoleChannel:
+        """A new pexpect console connection (the caller closes it)."""
+        self._require(VMState.RUNNING)
+        return ConsoleChannel(self.state_dir / "console.sock").connect()
+
+    def run(self, cmd: str | Sequence[str], timeout: float = 60.0, check: bool = False,
+            stdin: bytes | str | None = None) -> CommandResult:
+        """Run a guest command over SSH. A list is quoted word by word."""
+        try:
+            return self.ssh.run(cmd, timeout=timeout, check=check, stdin=stdin)
+        except (ChannelError, GuestTimeout) as exc:
+            self._explain_failure(exc)
+            raise
+
+    def _explain_failure(self, exc: LabError) -> None:
+        """If the guest died under a command, say so (panic or QEMU exit)."""
+        if self.status() is VMState.DEAD or not pid_alive(self._read_pid()):
+            text = self.console_log.read_text(errors="replace") if self.console_log.exists() else ""
+            if "Kernel panic" in text:
+                raise GuestPanic(text[text.rfind("Kernel panic") - 2000:]) from exc
+            raise LaunchError("QEMU is no longer running (killed or crashed)",
+                              output=self.qemu_log.read_text(errors="replace")) from exc
+
+    # -- stop --------------------------------------------------------------
+    def stop(self, timeout: float = 15.0) -> None:
+        """Polite shutdown, then SIGTERM/SIGKILL; always leaves the VM stopped."""
+        if self.state is VMState.STOPPED and self.status() is VMState.STOPPED:
+            return
+        with self._lock():
+            self.state = VMState.STOPPING
+            pid = self._read_pid()
+            try:
+                if pid_is_our_qemu(pid, self.state_dir):
+                    self._polite_quit(timeout)
+                    self._wait_exit(pid, timeout)
+            finally:
+                self._kill()
+                self._close_channels()
+                info = VMInfo.load(self.info_path)
+                if info:
+                    info.state, info.pid = "stopped", 0
+                    info.save(self.info_path)
+                for f in ("qemu.pid", "qmp.sock", "console.sock"):
+                    (self.state_dir / f).unlink(missing_ok=True)
+                self.state = VMState.STOPPED
+
+    def _polite_quit(self, timeout: float) -> None:
+        try:
+            if self._ssh is not None and self._ssh.is_open:
+                self._ssh.run("sync", timeout=min(5.0, timeout))
+        except LabError:
+            pass
+        try:
+            with QMPChannel(self.state_dir / "qmp.sock").connect(timeout=2.0) as q:
+                q.quit()
+        except LabError:
+            pass
+
+    def _wait_exit(self, pid: int, timeout: float) -> None:
+        deadline = Deadline(timeout)
+        while pid_alive(pid) and not deadline.expired:
+            if self._proc is not None:
+                self._proc.poll()
+            time.sleep(0.05)
+
+    def _kill(self) -> None:
+        """Hard stop: SIGTERM, then SIGKILL, for whatever QEMU is ours."""
+        pids = {self._read_pid()}
+        if self._proc is not None:
+            pids.add(self._proc.pid)
+        for pid in pids:
+            if not pid or not pid_is_our_qemu(pid, self.state_dir):
+                continue
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    break
+                for _ in range(40):
+                    if self._proc is not None:
+                        self._proc.poll()
+                    if not pid_alive(pid):
+                        break
+                    time.sleep(0.05)
+                if not pid_alive(pid):
+                    break
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            self._proc = None
+
+    def _close_channels(self) -> None:
+        for ch in (self._ssh, self._qmp, self._console):
+            if ch is not None:
+                ch.close()
+        self._ssh = self._qmp = self._console = None
+
+    def close(self) -> None:
+        """Drop this process's connections; a persistent VM keeps running."""
+        self._close_channels()
+
+    def delete(self) -> None:
+        """Stop and erase the VM's state dir (disk overlay *and* pmem files)."""
+        self.stop()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    # -- context manager ---------------------------------------------------
+    def __enter__(self) -> VM:
+        if self.state is not VMState.RUNNING:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.persistent:
+                self.close()
+            else:
+                self.stop()
+        finally:
+            if self._tmpdir:
+                shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    def __repr__(self) -> str:
+        return f"<VM {self.name} kernel={self.kernel} state={self.state}>"
