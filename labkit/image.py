@@ -92,6 +92,12 @@ class Image:
         return self.directory / "vmlinuz"
 
     @property
+    def boot_kernel(self) -> Path:
+        """What QEMU's -kernel gets: the PVH-bootable ELF when the build made one."""
+        elf = self.directory / "vmlinux"
+        return elf if "vmlinux" in self.manifest.get("artifacts", {}) and elf.exists() else self.vmlinuz
+
+    @property
     def initrd(self) -> Path:
         return self.directory / "initrd.img"
 
@@ -132,14 +138,18 @@ def _verify_checksums(kernel: str, d: Path, manifest: dict) -> None:
     # Hashing the root image takes a second or two, so remember which file
     # states (size, mtime) were already verified.
     stamp_file = d / ".verified"
-    stamps = {name: [(d / name).stat().st_size, (d / name).stat().st_mtime_ns] for name in ARTIFACTS}
+    names = list(manifest.get("artifacts", {})) or list(ARTIFACTS)
+    stamps = {name: [(d / name).stat().st_size, (d / name).stat().st_mtime_ns] for name in names
+              if (d / name).exists()}
     try:
         if json.loads(stamp_file.read_text()) == stamps:
             return
     except (OSError, json.JSONDecodeError):
         pass
-    for name in ARTIFACTS:
+    for name in names:
         want = manifest.get("artifacts", {}).get(name, {}).get("sha256")
+        if not (d / name).is_file():
+            raise ImageMissing(kernel, f"{name} is missing")
         got = sha256_file(d / name)
         if want != got:
             raise ImageMissing(kernel, f"{name} is corrupt or changed (sha256 {got[:12]}…, manifest says "
@@ -293,6 +303,10 @@ def build_image(kernel: str = DEFAULT_KERNEL, force: bool = False,
                     "LABKIT_MIRROR or LABKIT_APT_SOURCES can point elsewhere")
         shutil.rmtree(work, ignore_errors=True)
         raise ImageBuildError(f"mmdebstrap failed with exit code {rc}", log_tail=text, hint=hint)
+    from .vmlinux import extract
+    pvh = extract(work / "vmlinuz", work / "vmlinux")
+    say(f"  [{time.monotonic() - t0:5.1f}s] " + ("vmlinux extracted: QEMU boots it through the PVH entry"
+                                                 if pvh else "no PVH entry in this kernel: booting vmlinuz"))
     manifest = _write_manifest(kernel, work, rhash, time.monotonic() - t0, mode)
     old = final.parent / f".{kernel}.old"
     shutil.rmtree(old, ignore_errors=True)
@@ -333,7 +347,7 @@ def _write_manifest(kernel: str, d: Path, rhash: str, seconds: float, mode: str)
         "build_mode": mode,
         "host": platform.node(),
         "artifacts": {name: {"sha256": sha256_file(d / name), "bytes": (d / name).stat().st_size}
-                      for name in ARTIFACTS},
+                      for name in ARTIFACTS + ("vmlinux",) if (d / name).exists()},
         "packages": packages,
     }
     for f in ("packages.tsv", "kernel-package.tsv", "kernel-release"):
@@ -341,6 +355,8 @@ def _write_manifest(kernel: str, d: Path, rhash: str, seconds: float, mode: str)
     for f in d.glob("apt-*"):
         f.unlink()
     (d / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    for name in manifest["artifacts"]:
+        (d / name).chmod(0o444)      # VMs write to their own overlays, never here
     return manifest
 
 

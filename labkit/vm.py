@@ -308,7 +308,7 @@ class VM:
         timeout = self.boot_timeout or BOOT_TIMEOUT[self.accel.accel]
         last_error: LaunchError | None = None
         for _attempt in range(3):    # the forwarded port can be taken between probe and bind
-            cfg = VMConfig(name=self.name, state_dir=self.state_dir, kernel_image=self.image.vmlinuz,
+            cfg = VMConfig(name=self.name, state_dir=self.state_dir, kernel_image=self.image.boot_kernel,
                            initrd=self.image.initrd, accel=self.accel.accel, memory_mb=self.memory_mb,
                            smp=self.smp, nvdimms=self.nvdimms, ssh_port=free_port(), ssh_pubkey=pubkey)
             try:
@@ -463,8 +463,9 @@ class VM:
         except LabError:
             pass
         try:
-            with QMPChannel(self.state_dir / "qmp.sock").connect(timeout=2.0) as q:
-                q.quit()
+            if self._qmp is None:
+                self._qmp = QMPChannel(self.state_dir / "qmp.sock").connect(timeout=2.0)
+            self._qmp.quit()
         except LabError:
             pass
 
@@ -521,7 +522,11 @@ class VM:
     # -- context manager ---------------------------------------------------
     def __enter__(self) -> VM:
         if self.state is not VMState.RUNNING:
-            self.start()
+            try:
+                self.start()
+            except BaseException:
+                self._remove_tmpdir()
+                raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -531,8 +536,12 @@ class VM:
             else:
                 self.stop()
         finally:
-            if self._tmpdir:
-                shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._remove_tmpdir()
+
+    def _remove_tmpdir(self) -> None:
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
 
     def __repr__(self) -> str:
         return f"<VM {self.name} kernel={self.kernel} state={self.state}>"

@@ -1,0 +1,50 @@
+"""Shared fixtures. Integration tests boot real guests from the built images;
+`make test` builds them first. When an image is missing the test fails with the
+command that builds it (a missing image is a broken setup, not a skip)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from labkit import image
+from labkit.vm import VM
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_state(tmp_path_factory):
+    """Tests never touch the user's own VMs or caches."""
+    root = tmp_path_factory.mktemp("labkit-state")
+    old = {k: os.environ.get(k) for k in ("LABKIT_STATE_DIR",)}
+    os.environ["LABKIT_STATE_DIR"] = str(root)
+    yield root
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def require_image(kernel: str) -> image.Image:
+    try:
+        return image.load_image(kernel)
+    except Exception as exc:   # fail loudly: the suite must boot real guests
+        pytest.fail(f"image {kernel} unavailable ({exc}); run `labkit image build --kernel {kernel}`")
+
+
+@pytest.fixture(scope="session", params=list(image.KERNELS))
+def guest(request):
+    """One booted throwaway guest per kernel variant, shared by the module's tests."""
+    require_image(request.param)
+    with VM(f"test-{request.param.replace('.', '-')}", kernel=request.param) as vm:
+        yield vm
+
+
+@pytest.fixture
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS

@@ -1,0 +1,70 @@
+"""The `labkit` command line, end to end, against real guests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from labkit import image
+from labkit.cli import build_parser
+
+LABKIT = [sys.executable, "-m", "labkit"]
+
+
+def labkit(*args: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(LABKIT + list(args), input=stdin, capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_the_commands():
+    out = labkit("--help").stdout
+    for word in ("doctor", "image", "vm", "run", "lab"):
+        assert word in out
+
+
+def test_unknown_kernel_is_refused_with_choices():
+    r = labkit("run", "--kernel", "5.4", "--", "true")
+    assert r.returncode == 2 and "6.1" in r.stderr and "6.12" in r.stderr
+
+
+def test_bad_vm_name_is_a_clear_error():
+    r = labkit("vm", "status", "--name", "../../etc")
+    assert r.returncode == 2 and "invalid VM name" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_run_without_command():
+    r = labkit("run")
+    assert r.returncode == 2 and "no command given" in r.stderr
+
+
+def test_parser_defaults():
+    args = build_parser().parse_args(["vm", "start"])
+    assert (args.name, args.kernel) == ("default", image.DEFAULT_KERNEL)
+
+
+@pytest.mark.integration
+def test_doctor_passes_and_names_the_accelerator():
+    r = labkit("doctor", timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "accelerator" in r.stdout and ("TCG" in r.stdout or "KVM" in r.stdout)
+    assert "The lab can run." in r.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kernel", list(image.KERNELS))
+def test_run_prints_the_kernel_release(kernel):
+    r = labkit("run", "--kernel", kernel, "--", "uname", "-r")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == image.load_image(kernel).kernel_release
+
+
+@pytest.mark.integration
+def test_run_passes_exit_code_and_stdin(tmp_path):
+    r = labkit("run", "--", "sh", "-c", "exit 7")
+    assert r.returncode == 7, r.stderr
+    script = "import sys, platform\nprint('guest', platform.release())\nprint('err', file=sys.stderr)\n" \
+             "sys.exit(3)\n"
+    r = labkit("run", "--", "python3", "-", stdin=script)
+    assert r.returncode == 3
+    assert r.stdout.startswith("guest 6.1") and r.stderr.strip() == "err"
