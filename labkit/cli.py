@@ -181,24 +181,69 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not cmd:
         _err("no command given; usage: labkit run [--kernel 6.1|6.12] -- CMD ARGS...")
         return 2
+    vm, _owned = _vm_for(args)
+    try:
+        return vm.ssh.run_passthrough(cmd, stdin=sys.stdin.buffer)
+    finally:
+        vm.finish()
+
+
+def _vm_for(args: argparse.Namespace) -> tuple[VM, bool]:
+    """The running persistent VM if it has the requested kernel, else a throwaway one (booted)."""
     existing = VM(args.name, persistent=True)
-    info = existing.describe()
-    if existing.status() is VMState.RUNNING and (args.kernel is None or info.get("kernel") == args.kernel):
-        vm = VM.attach(args.name)
-        try:
-            return vm.ssh.run_passthrough(cmd, stdin=sys.stdin.buffer)
-        finally:
-            vm.close()
+    if existing.status() is VMState.RUNNING and (args.kernel is None
+                                                 or existing.describe().get("kernel") == args.kernel):
+        return VM.attach(args.name), False
     kernel = args.kernel or image.DEFAULT_KERNEL
     image.load_image(kernel)
-    quiet = args.quiet or not sys.stderr.isatty()
-    vm = VM("run", kernel=kernel, on_console_line=_boot_progress(quiet))
+    quiet = getattr(args, "quiet", False) or not sys.stderr.isatty()
+    vm = VM(f"{args.cmd}-{kernel.replace('.', '-')}", kernel=kernel, on_console_line=_boot_progress(quiet))
     try:
         vm.start()
     finally:
         _end_progress(quiet)
-    with vm:
-        return vm.ssh.run_passthrough(cmd, stdin=sys.stdin.buffer)
+    return vm, True
+
+
+def format_matrix(m: dict) -> str:
+    """The matrix as a readable table."""
+    lines = [f"kernel {m['kernel']}   accelerator {m['accel']}   measured in {m['seconds']} s", "",
+             "DAX mounts"]
+    for mt in m["mounts"]:
+        warn = "yes" if mt["experimental_warning"] else "no"
+        lines.append(f"  {mt['fs']:5s} -o {mt['options']:10s} mounted={'yes' if mt['ok'] else 'NO'}  "
+                     f"dax_active={'yes' if mt['dax_active'] else 'no'}  EXPERIMENTAL warning={warn}")
+        for ln in mt["kernel_log"]:
+            lines.append(f"        {ln}")
+    lines += ["", "Pins (ok, or the errno the kernel returned)",
+              f"  {'mechanism':9s} {'memory':11s} {'mapping':8s} {'result':14s} {'VmPin kB':>9s} "
+              f"{'foll_pin':>9s}  refusal traced"]
+    for p in m["pins"]:
+        res = "ok" if p["ok"] else f"{p['errname'] or '?'} ({p['errno']})"
+        vp = "-" if p["vmpin_kb_delta"] is None else f"{p['vmpin_kb_delta']:+d}"
+        fp = "-" if p["foll_pin_delta"] is None else f"{p['foll_pin_delta']:+d}"
+        tr = p["trace"][0].split("check_vma_flags", 1)[-1].strip(" )") if p["trace"] else ""
+        lines.append(f"  {p['mechanism']:9s} {p['memory']:11s} {p['mapping']:8s} {res:14s} {vp:>9s} {fp:>9s}  "
+                     + (f"<- check_vma_flags {tr}" if tr else ""))
+        for ln in p["kernel_log"]:
+            lines.append(f"        {ln}")
+    tw = m["truncate_wait"]
+    lines += ["", f"truncate of a mapped fs-dax file ({tw['fs']}) while a page is referenced: "
+              + (f"blocked for {tw['seconds']:.1f} s in {', '.join(tw['where']) or '?'}" if tw["blocked"]
+                 else f"not blocked (took {tw['seconds']} s)")]
+    return "\n".join(lines)
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from .lab import Lab
+    vm, _owned = _vm_for(args)
+    try:
+        say = (lambda s: None) if args.json else (lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
+        m = Lab(vm).matrix(progress=say)
+    finally:
+        vm.finish()
+    print(json.dumps(m, indent=2) if args.json else format_matrix(m))
+    return 0
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
@@ -275,6 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no boot progress")
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     r.set_defaults(func=cmd_run)
+
+    mx = sub.add_parser("matrix", help="measure every DAX mount and pin mechanism x memory kind")
+    mx.add_argument("--kernel", choices=kernels, default=None,
+                    help=f"kernel variant (default: the running VM's, else {image.DEFAULT_KERNEL})")
+    mx.add_argument("--name", default="default", help="use this persistent VM if it is running")
+    mx.add_argument("--json", action="store_true", help="machine-readable output")
+    mx.add_argument("--quiet", action="store_true", help="no boot progress")
+    mx.set_defaults(func=cmd_matrix)
 
     lab = sub.add_parser("lab", help="start the VM and JupyterLab on notebooks/")
     lab.add_argument("--name", default="default")

@@ -530,6 +530,11 @@ class VM:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.finish()
+
+    def finish(self) -> None:
+        """Done with this VM: a persistent one keeps running (channels are
+        closed); a throwaway one is stopped and its temporary state removed."""
         try:
             if self.persistent:
                 self.close()

@@ -1,0 +1,101 @@
+"""Integration: the lab's subject on live guests of both kernels. These assert
+the kernel behaviour the course teaches, measured now (the lab itself never
+prints a remembered answer)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from labkit.lab import Lab
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def lab(guest):
+    lab = Lab(guest)
+    lab.prepare_mounts()
+    lab.setup_rdma()
+    lab.setup_vivid()
+    return lab
+
+
+def is_61(lab) -> bool:
+    return lab.vm.boot.kernel_release.startswith("6.1.")
+
+
+def test_namespaces_configured(lab):
+    modes = [n.mode for n in lab.namespaces()]
+    assert modes[:3] == ["fsdax", "fsdax", "devdax"]
+
+
+def test_mount_warning_depends_on_kernel_and_fs(lab):
+    res = {m.fs: m for m in lab.prepare_mounts()}
+    assert res["xfs"].ok and res["ext4"].ok
+    assert res["xfs"].dax_active and res["ext4"].dax_active
+    assert res["ext4"].experimental_warning is False
+    assert res["xfs"].experimental_warning is is_61(lab)
+    if is_61(lab):
+        assert any("DAX enabled. Warning: EXPERIMENTAL" in ln for ln in res["xfs"].kernel_log)
+
+
+@pytest.mark.parametrize("mechanism", ["rdma", "v4l2"])
+def test_longterm_pins_refused_on_fsdax(lab, mechanism):
+    for mem in ("fsdax-xfs", "fsdax-ext4"):
+        r = lab.pin(mechanism, mem)
+        assert not r.ok and r.errno == 95 and r.errname == "EOPNOTSUPP", r
+        assert any("ret=-95" in t for t in r.trace), r.trace
+
+
+def test_rdma_anon_and_devdax_pin(lab):
+    for mem in ("anon", "devdax"):
+        r = lab.pin("rdma", mem)
+        assert r.ok, r
+    r = lab.pin("rdma", "anon")
+    assert r.vmpin_kb_delta == 2048
+
+
+def test_rdma_refusal_is_logged_on_61(lab):
+    r = lab.pin("rdma", "fsdax-xfs")
+    if is_61(lab):
+        assert any("Unable to pin memory region" in ln for ln in r.kernel_log), r.kernel_log
+
+
+def test_v4l2_anon_raises_foll_pin(lab):
+    r = lab.pin("v4l2", "anon")
+    assert r.ok and r.foll_pin_delta and r.foll_pin_delta > 0, r
+
+
+def test_odirect_into_fsdax_is_legal(lab):
+    for mem in ("fsdax-xfs", "fsdax-ext4"):
+        r = lab.pin("odirect", mem)
+        assert r.ok, r
+
+
+def test_io_uring_registration_refused_on_fsdax(lab):
+    assert lab.pin("io_uring", "anon").ok
+    r = lab.pin("io_uring", "fsdax-xfs")
+    assert not r.ok and r.errno == 95, r
+
+
+def test_truncate_waits_for_referenced_dax_page(lab):
+    tw = lab.truncate_wait("xfs", hold=2.0)
+    assert tw.blocked and tw.completed, tw
+    assert tw.seconds >= 1.5
+
+
+def test_matrix_cli_json(guest):
+    """`labkit matrix --json` on a fresh throwaway guest of this kernel."""
+    r = subprocess.run([sys.executable, "-m", "labkit", "matrix", "--json", "--kernel", guest.kernel,
+                        "--name", "nonexistent"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    assert m["kernel"] == guest.boot.kernel_release and m["accel"] in ("kvm", "tcg")
+    pins = {(p["mechanism"], p["memory"], p["mapping"]): p for p in m["pins"]}
+    assert pins[("rdma", "fsdax-xfs", "shared")]["errno"] == 95
+    assert pins[("rdma", "anon", "shared")]["ok"]
+    assert {"blocked", "seconds", "where"} <= set(m["truncate_wait"])

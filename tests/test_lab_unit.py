@@ -1,0 +1,99 @@
+"""Lab-layer logic without a guest: parsers, validation, and that bad input
+never reaches the guest (the fake records every command)."""
+
+import json
+
+import pytest
+
+from labkit.errors import ConfigError
+from labkit.fakes import FakeVM
+from labkit.lab import (Lab, check_mount_options, explain_mount, log_after_marker, parse_ndctl,
+                        parse_sections, refusal_lines)
+
+NDCTL = json.dumps([
+    {"dev": "region1", "size": 536870912, "namespaces": [
+        {"dev": "namespace1.0", "mode": "fsdax", "map": "dev", "size": 520093696, "uuid": "x",
+         "sector_size": 512, "align": 2097152, "blockdev": "pmem1"}]},
+    {"dev": "region0", "size": 536870912, "namespaces": [
+        {"dev": "namespace0.0", "mode": "raw", "size": 536870912, "sector_size": 512, "blockdev": "pmem0"}]},
+    {"dev": "region2", "size": 536870912, "namespaces": [
+        {"dev": "namespace2.0", "mode": "devdax", "map": "dev", "size": 520093696, "align": 2097152,
+         "daxregion": {"id": 2, "size": 520093696, "align": 2097152,
+                       "devices": [{"chardev": "dax2.0", "size": 520093696}]}}]},
+])
+
+
+def test_parse_ndctl_sorted_with_facts():
+    nss = parse_ndctl(NDCTL)
+    assert [n.dev for n in nss] == ["namespace0.0", "namespace1.0", "namespace2.0"]
+    assert nss[0].mode == "raw" and nss[0].blockdev == "pmem0"
+    assert nss[1].align == 2097152 and nss[1].map == "dev"
+    assert nss[2].chardev == "dax2.0"
+    assert parse_ndctl("") == []
+
+
+def test_sections_and_marker():
+    out = "junk\n@@m1 out\n{\"ok\": true}\n@@m1 rc\n0\n@@m1 log\n"
+    assert parse_sections(out, "m1") == {"out": '{"ok": true}', "rc": "0", "log": ""}
+    dmesg = "[1] old\n[2] labkit-mark abc\n[3] rxe: Unable to pin\n\n"
+    assert log_after_marker(dmesg, "labkit-mark abc") == ["[3] rxe: Unable to pin"]
+
+
+def test_refusals_only_nonzero():
+    trace = ("p-1 [000] 1.0: labkit_cvf: (__get_user_pages+0x1/0x2 <- check_vma_flags) ret=0\n"
+             "p-1 [000] 1.1: labkit_cvf: (__get_user_pages+0x1/0x2 <- check_vma_flags) ret=-95\n")
+    assert refusal_lines(trace) == [trace.splitlines()[1].strip()]
+
+
+@pytest.mark.parametrize("opts", ["dax;reboot", "dax,$(id)", "dax|x", "dax\nx", "x-mount.mkdir", "dax=maybe",
+                                  "a" * 300, "dax,,`id`", "user_xattr"])
+def test_bad_mount_options(opts):
+    with pytest.raises(ConfigError):
+        check_mount_options(opts)
+
+
+def test_good_mount_options():
+    assert check_mount_options("dax=always,noatime") == "dax=always,noatime"
+
+
+@pytest.mark.parametrize("call", [
+    lambda lab: lab.mount("btrfs", "/dev/pmem0"),
+    lambda lab: lab.mount("xfs", "/dev/sda; reboot"),
+    lambda lab: lab.mount("xfs", "/dev/pmem0", mountpoint="/mnt/../etc"),
+    lambda lab: lab.mount("xfs", "/dev/pmem0", options="dax;reboot"),
+    lambda lab: lab.pin("dma", "anon"),
+    lambda lab: lab.pin("rdma", "hugetlb"),
+    lambda lab: lab.pin("rdma", "anon", mapping="shared;x"),
+    lambda lab: lab.pin("rdma", "anon", size=-4096),
+    lambda lab: lab.pin("rdma", "anon", size=4097),
+    lambda lab: lab.pin("rdma", "anon", size=2**40),
+    lambda lab: lab.pin("rdma", "anon", hold=-1),
+    lambda lab: lab.set_mode("namespace0.0; reboot", "fsdax"),
+    lambda lab: lab.set_mode("namespace0.0", "turbo"),
+    lambda lab: lab.mkfs("ntfs", "/dev/pmem0"),
+    lambda lab: lab.truncate_wait("zfs"),
+])
+def test_bad_input_is_refused_before_the_guest(call):
+    vm = FakeVM()
+    with pytest.raises(ConfigError) as e:
+        call(Lab(vm))
+    assert vm.ssh.commands == []
+    assert str(e.value)
+
+
+def test_unknown_choice_names_the_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        Lab(FakeVM()).pin("rdma", "hugetlb")
+    assert "anon" in str(e.value) and "devdax" in str(e.value)
+
+
+def test_mkfs_refuses_to_erase_existing_filesystem():
+    vm = FakeVM([(r"blkid", "xfs\n", 0)])
+    with pytest.raises(ConfigError, match="already holds a xfs"):
+        Lab(vm).mkfs("xfs", "/dev/pmem0")
+    assert not any("mkfs" in c for c in vm.ssh.commands)
+
+
+def test_explanations():
+    assert "-b 4096" in explain_mount(["EXT4-fs (pmem1): unsupported blocksize for DAX"])
+    assert "fsdax" in explain_mount(["EXT4-fs (pmem0): DAX unsupported by block device."])
