@@ -5,7 +5,7 @@ Start with ``labkit.VM`` (a QEMU guest with emulated NVDIMMs) or the
 """
 
 from .errors import LabError
-from .vm import VM, VMState
+from .vm import VM, VMState, connect
 
-__all__ = ["VM", "VMState", "LabError"]
+__all__ = ["VM", "VMState", "LabError", "connect"]
 __version__ = "0.1.0"

@@ -550,3 +550,14 @@ class VM:
 
     def __repr__(self) -> str:
         return f"<VM {self.name} kernel={self.kernel} state={self.state}>"
+
+
+def connect(name: str | None = None, kernel: str = DEFAULT_KERNEL,
+            on_console_line: Callable[[str], None] | None = None) -> VM:
+    """The lab VM for a notebook: attach to it if it runs (a kernel restart
+    does not lose the guest), else start it as a persistent VM."""
+    name = name or os.environ.get("LABKIT_VM", "default")
+    vm = VM(name, kernel=kernel, persistent=True, on_console_line=on_console_line)
+    if vm.status() is VMState.RUNNING:
+        return VM.attach(name)
+    return vm.start()
