@@ -320,8 +320,8 @@ class Lab:
     # -- pin mechanisms ----------------------------------------------------
     def setup_rdma(self) -> str:
         """Soft-RoCE on the guest NIC; returns the RDMA device name."""
-        r = self.sh("modprobe rdma_rxe && (rdma link show rxe0 >/dev/null 2>&1 || "
-                    "rdma link add rxe0 type rxe netdev eth0) && rdma link show rxe0", check=False)
+        r = self.sh("modprobe rdma_rxe && (test -e /sys/class/infiniband/rxe0 || "
+                    "rdma link add rxe0 type rxe netdev eth0) && rdma link show rxe0/1", check=False)
         if r.rc != 0:
             raise LabError("soft-RoCE (rdma_rxe) could not be set up on eth0: " + (r.stderr or r.stdout).strip())
         return "rxe0"

@@ -44,6 +44,7 @@ import os
 import re
 import select
 import signal
+import stat
 import struct
 import sys
 import time
@@ -92,10 +93,16 @@ def fail(message: str, code: int = 2, **extra: Any) -> NoReturn:
     sys.exit(code)
 
 
+# errno.errorcode picks one name for aliased values; use the names the kernel
+# sources use for the errors learners will look up (95 is ENOTSUP == EOPNOTSUPP).
+_PREFERRED_ERRNAMES = {errno.EOPNOTSUPP: "EOPNOTSUPP", errno.EAGAIN: "EAGAIN",
+                       errno.EDEADLK: "EDEADLK"}
+
+
 def errname(err: int | None) -> str | None:
     if err is None:
         return None
-    return errno.errorcode.get(err, f"E{err}")
+    return _PREFERRED_ERRNAMES.get(err) or errno.errorcode.get(err, f"E{err}")
 
 
 def log(msg: str) -> None:
@@ -125,6 +132,14 @@ def read_vmpin_kb(pid: int | str = "self") -> int | None:
 def read_foll_pins() -> dict[str, int | None]:
     """The global FOLL_PIN counters; absent on some kernels, then None."""
     out: dict[str, int | None] = {"nr_foll_pin_acquired": None, "nr_foll_pin_released": None}
+    # The counters are batched per CPU and /proc/vmstat does not fold those
+    # batches, so small deltas would be off by a few pages.  Reading
+    # /proc/sys/vm/stat_refresh (root only) folds every CPU's batch first.
+    try:
+        with open("/proc/sys/vm/stat_refresh") as f:
+            f.read()
+    except OSError:
+        pass
     try:
         with open("/proc/vmstat") as f:
             for line in f:
@@ -323,6 +338,13 @@ def hold_until_released(seconds: float) -> float:
     def on_signal(signum: int, frame: Any) -> None:
         raise _Stop()
 
+    # Only a pipe, socket or terminal on stdin can tell us "the host went away"
+    # by EOF; /dev/null or a file would read EOF at once and end the hold early.
+    try:
+        mode = os.fstat(0).st_mode
+        watch_stdin = stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(0)
+    except OSError:
+        watch_stdin = False
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     try:
         deadline = t0 + MAX_HOLD_SECONDS
@@ -331,12 +353,10 @@ def hold_until_released(seconds: float) -> float:
             if left <= 0:
                 log("hold: safety limit reached, releasing")
                 break
-            try:
-                ready, _, _ = select.select([0], [], [], min(left, 60.0))
-            except (ValueError, OSError):
-                # no usable stdin: only a signal or the safety limit ends the hold
-                time.sleep(min(left, 60.0))
+            if not watch_stdin:
+                time.sleep(min(left, 60.0))  # a signal interrupts this via _Stop
                 continue
+            ready, _, _ = select.select([0], [], [], min(left, 60.0))
             if ready:
                 try:
                     if not os.read(0, 4096):
@@ -806,6 +826,8 @@ def cmd_truncate_wait(args: argparse.Namespace) -> dict[str, Any]:
     if not 1 <= args.pages <= 16:
         # 16 = default pipe capacity in buffers; more would block vmsplice.
         raise SetupError("--pages must be between 1 and 16")
+    if args.pages * PAGE > args.size:
+        raise SetupError("--pages * page size must not exceed --size")
     buf = Buffer("file", args.size, "shared", args.path)
     r = base_result("truncate-wait", buf, hold=hold, timeout=timeout, blocked=False, seconds=None,
                     released_after=None, completed=False, where=[], wchan=[], stacks=[],
@@ -872,17 +894,26 @@ def cmd_truncate_wait(args: argparse.Namespace) -> dict[str, Any]:
     os.close(wfd)
     buf.close()
     r["released_after"] = round(released_at, 3)
-    # Phase 2: the truncate should now finish; bounded by --timeout.
-    while time.monotonic() - t0 < timeout and not poll_child():
+    # Phase 2: the truncate should now finish; bounded by --timeout (counted
+    # from the release, so a short --timeout cannot kill a truncate that was
+    # only waiting for the release we had not done yet).
+    release_time = time.monotonic()
+    while time.monotonic() - release_time < timeout and not poll_child():
         _sample(pid, wchan, stacks)
         time.sleep(0.05)
+    killed = False
     if not poll_child():
+        # The DAX layout wait sleeps interruptibly, so SIGKILL ends it.
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        r["message"] = f"truncate still blocked after {timeout}s; child killed"
+        killed = True
+    # The child may have finished (and reported) in the instant before the kill.
+    ready, _, _ = select.select([rep_r], [], [], 0)
+    data = os.read(rep_r, 12) if ready else b""
+    if killed and len(data) != 12:
+        r["message"] = f"truncate still blocked {timeout}s after the release; child killed"
         r["seconds"] = round(time.monotonic() - t0, 3)
     else:
-        data = os.read(rep_r, 12)
         if len(data) == 12:
             secs, code = struct.unpack("=di", data)
             r["seconds"] = round(secs, 3)
@@ -984,7 +1015,7 @@ def build_parser() -> JSONArgumentParser:
     sp.add_argument("--size", type=_size, default=DEFAULT_SIZE)
     sp.add_argument("--pages", type=int, default=4, help="pages to vmsplice (1..16)")
     sp.add_argument("--hold", type=float, default=3.0, help="seconds before draining the pipe")
-    sp.add_argument("--timeout", type=float, default=20.0, help="max seconds for the truncate")
+    sp.add_argument("--timeout", type=float, default=20.0, help="max seconds to wait for the truncate after the release")
     sp.set_defaults(func=cmd_truncate_wait)
 
     sp = sub.add_parser("status", help="VmPin of --pid and the FOLL_PIN counters")
