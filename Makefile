@@ -7,11 +7,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Host packages: QEMU and its image tool, the image recipe's tools, ssh client.
 APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs cpio xz-utils openssh-client
-# The browser test drives Debian's chromium (never a downloaded browser).
-APT_TEST_PACKAGES := chromium
 PYTEST_ARGS ?=
 
-.PHONY: lab test setup host-deps host-deps-test venv images clean help
+.PHONY: lab test setup host-deps venv images clean help
 
 help:
 	@echo "make lab    - set up, build the guest image, start the VM and JupyterLab"
@@ -20,7 +18,7 @@ help:
 lab: setup
 	$(BIN)/labkit lab
 
-test: setup host-deps-test
+test: setup
 	$(BIN)/labkit image build --kernel all
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -45,9 +43,6 @@ endef
 
 host-deps:
 	$(call apt_install,$(APT_PACKAGES))
-
-host-deps-test:
-	$(call apt_install,$(APT_TEST_PACKAGES))
 
 venv: $(VENV)/.installed
 

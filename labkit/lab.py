@@ -372,6 +372,20 @@ class Lab:
                          foll_pin_delta=data.get("foll_pin_acquired_delta"), kernel_log=log, trace=trace,
                          detail=data)
 
+    def hold_pin(self, mechanism: str = "rdma", memory: str = "anon", mapping: str = "shared",
+                 size: int = 2 * 2**20, roles: dict[str, Namespace] | None = None):
+        """Register a buffer and keep it pinned until ``.release()`` (a HeldPin),
+        so a learner can watch VmPin stay up."""
+        from .observe import open_held_pin
+        choose(mechanism, ("rdma",), "holdable pin mechanism")
+        choose(memory, MEMORY_KINDS, "memory kind")
+        choose(mapping, MAPPINGS, "mapping")
+        check_size(size)
+        self._ensure_probe()
+        args = ["python3", PROBE_PATH, mechanism, *self.memory_args(memory, mechanism, roles),
+                "--mapping", mapping, "--size", str(size), "--hold", "-1"]
+        return open_held_pin(self.vm, " ".join(shlex.quote(a) for a in args))
+
     def truncate_wait(self, fs: str = "xfs", hold: float = 3.0) -> TruncateWait:
         choose(fs, FILESYSTEMS, "filesystem")
         self._ensure_probe()
