@@ -343,34 +343,60 @@ class Lab:
         roles = roles or self.prepare_pmem()
         return ["--memory", "devdax", "--path", "/dev/" + roles["devdax"].chardev]
 
-    def pin(self, mechanism: str, memory: str, mapping: str = "shared", size: int = 2 * 2**20,
-            hold: float = 0.0, roles: dict[str, Namespace] | None = None) -> PinResult:
-        """One attempt at a pin of ``memory`` through ``mechanism``, measured."""
+    def _probe_argv(self, mechanism: str, memory: str, mapping: str, size: int, hold: float,
+                    roles: dict[str, Namespace] | None) -> list[str]:
         choose(mechanism, MECHANISMS, "pin mechanism")
         choose(memory, MEMORY_KINDS, "memory kind")
         choose(mapping, MAPPINGS, "mapping")
         check_size(size)
         if not 0 <= float(hold) <= 600:
             raise ConfigError(f"hold time {hold!r} s is out of range", hint="use 0..600 seconds")
-        self._ensure_probe()
-        args = ["python3", PROBE_PATH, mechanism, *self.memory_args(memory, mechanism, roles),
-                "--mapping", mapping]
+        args = [mechanism, *self.memory_args(memory, mechanism, roles), "--mapping", mapping]
         if mechanism != "v4l2":
             args += ["--size", str(size)]
         if mechanism == "rdma":
             args += ["--hold", str(float(hold))]
         if mechanism == "odirect":
             args += ["--target", "/root/odirect-src.dat"]
-        r, _, log, trace = self.observe(" ".join(shlex.quote(a) for a in args), timeout=120 + float(hold))
-        data = _last_json(r.stdout)
+        return args
+
+    @staticmethod
+    def _pin_result(mechanism: str, memory: str, mapping: str, data: dict | None, log: list[str],
+                    trace: list[str], fallback: str = "") -> PinResult:
         if data is None or "error" in data:
-            raise LabError(f"pin probe {mechanism}/{memory} failed: "
-                           + (data or {}).get("error", (r.stderr or r.stdout).strip()[-1000:]))
+            raise LabError(f"pin probe {mechanism}/{memory} failed: " + (data or {}).get("error", fallback))
         return PinResult(mechanism=mechanism, memory=memory, mapping=mapping, ok=bool(data.get("ok")),
                          errno=data.get("errno"), errname=data.get("errname"),
                          vmpin_kb_delta=data.get("vmpin_kb_delta"),
                          foll_pin_delta=data.get("foll_pin_acquired_delta"), kernel_log=log, trace=trace,
                          detail=data)
+
+    def pin(self, mechanism: str, memory: str, mapping: str = "shared", size: int = 2 * 2**20,
+            hold: float = 0.0, roles: dict[str, Namespace] | None = None) -> PinResult:
+        """One attempt at a pin of ``memory`` through ``mechanism``, measured."""
+        argv = self._probe_argv(mechanism, memory, mapping, size, hold, roles)
+        self._ensure_probe()
+        r, _, log, trace = self.observe(" ".join(shlex.quote(a) for a in ["python3", PROBE_PATH, *argv]),
+                                        timeout=120 + float(hold))
+        return self._pin_result(mechanism, memory, mapping, _last_json(r.stdout), log, trace,
+                                (r.stderr or r.stdout).strip()[-1000:])
+
+    def pin_many(self, cases: list[tuple[str, str, str]], size: int = 2 * 2**20,
+                 roles: dict[str, Namespace] | None = None) -> list[PinResult]:
+        """Several (mechanism, memory, mapping) attempts in one guest process
+        (each in its own forked child), each with its own log and trace."""
+        argvs = [self._probe_argv(mech, mem, mp, size, 0.0, roles) for mech, mem, mp in cases]
+        self._ensure_probe()
+        self._ensure_kprobe()
+        stdin = "".join(json.dumps(a) + "\n" for a in argvs)
+        r = self.vm.run(["python3", PROBE_PATH, "batch"], stdin=stdin, timeout=60 + 60 * len(cases))
+        rows = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
+        if len(rows) != len(cases):
+            raise LabError(f"pin probe batch returned {len(rows)} of {len(cases)} results: "
+                           + (r.stderr or r.stdout).strip()[-1000:])
+        return [self._pin_result(mech, mem, mp, row.get("result"), row.get("kernel_log", []),
+                                 refusal_lines("\n".join(row.get("trace", []))))
+                for (mech, mem, mp), row in zip(cases, rows)]
 
     def hold_pin(self, mechanism: str = "rdma", memory: str = "anon", mapping: str = "shared",
                  size: int = 2 * 2**20, roles: dict[str, Namespace] | None = None):
@@ -411,16 +437,10 @@ class Lab:
         say("bringing up soft-RoCE and vivid")
         self.setup_rdma()
         self.setup_vivid()
-        pins = []
-        for mech in MECHANISMS:
-            for mem in MEMORY_KINDS:
-                for mapping in MAPPINGS:
-                    if mapping == "private" and mem not in ("anon", "fsdax-xfs", "fsdax-ext4"):
-                        continue
-                    if mapping == "private" and mech not in ("rdma",):
-                        continue
-                    say(f"{mech} on {mem} ({mapping})")
-                    pins.append(self.pin(mech, mem, mapping, roles=roles))
+        cases = [(mech, mem, mapping) for mech in MECHANISMS for mem in MEMORY_KINDS for mapping in MAPPINGS
+                 if mapping == "shared" or (mech == "rdma" and mem in ("anon", "fsdax-xfs", "fsdax-ext4"))]
+        say(f"{len(cases)} pin attempts: {', '.join(MECHANISMS)} x {', '.join(MEMORY_KINDS)}")
+        pins = self.pin_many(cases, roles=roles)
         say("truncate while a DAX page is referenced")
         tw = self.truncate_wait("xfs")
         uname = self.sh("uname -r").stdout.strip()

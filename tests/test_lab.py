@@ -99,3 +99,35 @@ def test_matrix_cli_json(guest):
     assert pins[("rdma", "fsdax-xfs", "shared")]["errno"] == 95
     assert pins[("rdma", "anon", "shared")]["ok"]
     assert {"blocked", "seconds", "where"} <= set(m["truncate_wait"])
+
+
+def test_pitfall_ext4_small_blocks_refuse_dax(lab):
+    """mkfs.ext4 left to choose picks 1 KiB blocks on a ~500 MiB device: no DAX."""
+    dev = "/dev/" + lab.prepare_pmem()["fsdax-ext4"].blockdev
+    lab.umount("/mnt/fsdax-ext4")
+    try:
+        lab.mkfs("ext4", dev, block_size=None, force=True)
+        m = lab.mount("ext4", dev)
+        assert not m.ok and not m.dax_active, m
+        assert any("blocksize" in ln for ln in m.kernel_log), m.kernel_log
+        assert "-b 4096" in m.error
+    finally:
+        lab.umount("/mnt/fsdax-ext4")
+        lab.mkfs("ext4", dev, block_size=4096, force=True)
+        assert lab.mount("ext4", dev).dax_active
+
+
+def test_pitfall_raw_namespace_has_no_dax(lab):
+    ns = lab.prepare_pmem()["fsdax-ext4"]
+    lab.umount("/mnt/fsdax-ext4")
+    try:
+        raw = lab.set_mode(ns.dev, "raw")
+        assert raw.mode == "raw"
+        dev = "/dev/" + raw.blockdev
+        lab.mkfs("ext4", dev, force=True)
+        m = lab.mount("ext4", dev)
+        assert not m.dax_active, m
+    finally:
+        lab.umount("/mnt/fsdax-ext4")
+        lab.set_mode(ns.dev, "fsdax")
+        assert [m.dax_active for m in lab.prepare_mounts()] == [True, True]
