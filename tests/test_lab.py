@@ -129,5 +129,6 @@ def test_pitfall_raw_namespace_has_no_dax(lab):
         assert not m.dax_active, m
     finally:
         lab.umount("/mnt/fsdax-ext4")
-        lab.set_mode(ns.dev, "fsdax")
-        assert [m.dax_active for m in lab.prepare_mounts()] == [True, True]
+        back = lab.set_mode(ns.dev, "fsdax")
+        lab.mkfs("ext4", "/dev/" + back.blockdev, force=True)
+        assert [(m.fs, m.dax_active) for m in lab.prepare_mounts()] == [("xfs", True), ("ext4", True)]
