@@ -398,6 +398,29 @@ class Lab:
                                  refusal_lines("\n".join(row.get("trace", []))))
                 for (mech, mem, mp), row in zip(cases, rows)]
 
+    def v4l2_stream(self, memory: str = "anon", frames: int = 3,
+                    roles: dict[str, Namespace] | None = None) -> PinResult:
+        """Queue USERPTR buffers in ``memory`` and let vivid write ``frames``
+        frames into them: the device writing pinned user memory."""
+        if not isinstance(frames, int) or not 1 <= frames <= 100:
+            raise ConfigError(f"frame count {frames!r} is out of range", hint="use 1..100 frames")
+        argv = self._probe_argv("v4l2", memory, "shared", 2 * 2**20, 0.0, roles) + ["--stream", str(frames)]
+        self._ensure_probe()
+        r, _, log, trace = self.observe(" ".join(shlex.quote(a) for a in ["python3", PROBE_PATH, *argv]),
+                                        timeout=60 + 10 * frames)
+        return self._pin_result("v4l2", memory, "shared", _last_json(r.stdout), log, trace,
+                                (r.stderr or r.stdout).strip()[-1000:])
+
+    def reset_pmem(self) -> list[Namespace]:
+        """Unmount the lab's DAX mounts and return every namespace to raw mode
+        (erases the persistent memory's filesystems, as the learner asked)."""
+        for fs in FILESYSTEMS:
+            self.umount(f"{MOUNT_ROOT}/fsdax-{fs}")
+        for ns in self.namespaces():
+            if ns.mode != "raw":
+                self.set_mode(ns.dev, "raw")
+        return self.namespaces()
+
     def hold_pin(self, mechanism: str = "rdma", memory: str = "anon", mapping: str = "shared",
                  size: int = 2 * 2**20, roles: dict[str, Namespace] | None = None):
         """Register a buffer and keep it pinned until ``.release()`` (a HeldPin),

@@ -132,3 +132,17 @@ def test_pitfall_raw_namespace_has_no_dax(lab):
         back = lab.set_mode(ns.dev, "fsdax")
         lab.mkfs("ext4", "/dev/" + back.blockdev, force=True)
         assert [(m.fs, m.dax_active) for m in lab.prepare_mounts()] == [("xfs", True), ("ext4", True)]
+
+
+def test_vivid_writes_into_pinned_user_memory(lab):
+    r = lab.v4l2_stream("anon", frames=3)
+    assert r.ok and r.detail.get("frames") == 3, r.detail
+
+
+def test_reset_and_prepare_again(lab):
+    assert {n.mode for n in lab.reset_pmem()} == {"raw"}
+    roles = lab.prepare_pmem()
+    assert [roles[r].mode for r in ("fsdax-xfs", "fsdax-ext4", "devdax")] == ["fsdax", "fsdax", "devdax"]
+    for fs in ("xfs", "ext4"):
+        lab.mkfs(fs, "/dev/" + roles[f"fsdax-{fs}"].blockdev, force=True)
+    assert [(m.fs, m.dax_active) for m in lab.prepare_mounts()] == [("xfs", True), ("ext4", True)]
