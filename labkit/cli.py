@@ -264,6 +264,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
             "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={args.port}"]
     if args.no_browser:
         argv.append("--no-browser")
+    if os.geteuid() == 0:      # containers and CI machines run as root; Jupyter refuses that by default
+        argv.append("--allow-root")
     env = dict(os.environ, LABKIT_VM=args.name)
     print("Starting JupyterLab on 127.0.0.1 (token-protected; the URL is printed below). "
           "Ctrl-C stops JupyterLab; the VM keeps running (`labkit vm stop` stops it).", file=sys.stderr)

@@ -68,3 +68,49 @@ def test_run_passes_exit_code_and_stdin(tmp_path):
     r = labkit("run", "--", "python3", "-", stdin=script)
     assert r.returncode == 3
     assert r.stdout.startswith("guest 6.1") and r.stderr.strip() == "err"
+
+
+@pytest.mark.integration
+def test_lab_starts_jupyterlab_with_a_running_vm(tmp_path):
+    """`labkit lab` (what `make lab` ends in): VM up, JupyterLab answering on localhost with a token."""
+    import os
+    import re
+    import signal
+    import time
+    import urllib.request
+
+    from labkit.vm import free_port
+
+    port = free_port()
+    env = dict(os.environ, LABKIT_STATE_DIR=str(tmp_path))
+    proc = subprocess.Popen(LABKIT + ["lab", "--no-browser", "--port", str(port), "--name", "labtest"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    out = ""
+    try:
+        deadline = time.monotonic() + 240
+        token = None
+        while time.monotonic() < deadline and token is None:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            out += line
+            m = re.search(rf"http://127\.0\.0\.1:{port}/lab\?token=(\w+)", line)
+            token = m.group(1) if m else None
+        assert token, out[-3000:]
+        assert "VM running" in out
+        status = None
+        while time.monotonic() < deadline and status is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status?token={token}", timeout=10) as r:
+                    status = r.status
+            except urllib.error.URLError as exc:
+                if proc.poll() is not None:
+                    pytest.fail(f"JupyterLab exited ({exc}): {out[-3000:]}{proc.stdout.read()[-3000:]}")
+                time.sleep(0.5)
+        assert status == 200, out[-3000:]
+        with pytest.raises(urllib.error.HTTPError):   # no token, no access
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/contents", timeout=30)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        subprocess.run(LABKIT + ["vm", "stop", "--name", "labtest"], env=env, capture_output=True, timeout=120)
