@@ -181,19 +181,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not cmd:
         _err("no command given; usage: labkit run [--kernel 6.1|6.12] -- CMD ARGS...")
         return 2
-    vm, _owned = _vm_for(args)
+    vm = _vm_for(args)
     try:
         return vm.ssh.run_passthrough(cmd, stdin=sys.stdin.buffer)
     finally:
         vm.finish()
 
 
-def _vm_for(args: argparse.Namespace) -> tuple[VM, bool]:
+def _vm_for(args: argparse.Namespace) -> VM:
     """The running persistent VM if it has the requested kernel, else a throwaway one (booted)."""
     existing = VM(args.name, persistent=True)
     if existing.status() is VMState.RUNNING and (args.kernel is None
                                                  or existing.describe().get("kernel") == args.kernel):
-        return VM.attach(args.name), False
+        return VM.attach(args.name)
     kernel = args.kernel or image.DEFAULT_KERNEL
     image.load_image(kernel)
     quiet = getattr(args, "quiet", False) or not sys.stderr.isatty()
@@ -202,7 +202,7 @@ def _vm_for(args: argparse.Namespace) -> tuple[VM, bool]:
         vm.start()
     finally:
         _end_progress(quiet)
-    return vm, True
+    return vm
 
 
 def format_matrix(m: dict) -> str:
@@ -236,7 +236,7 @@ def format_matrix(m: dict) -> str:
 
 def cmd_matrix(args: argparse.Namespace) -> int:
     from .lab import Lab
-    vm, _owned = _vm_for(args)
+    vm = _vm_for(args)
     try:
         say = (lambda s: None) if args.json else (lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
         m = Lab(vm).matrix(progress=say)

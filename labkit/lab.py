@@ -375,9 +375,13 @@ class Lab:
             hold: float = 0.0, roles: dict[str, Namespace] | None = None) -> PinResult:
         """One attempt at a pin of ``memory`` through ``mechanism``, measured."""
         argv = self._probe_argv(mechanism, memory, mapping, size, hold, roles)
+        return self._observed_probe(argv, mechanism, memory, mapping, timeout=120 + float(hold))
+
+    def _observed_probe(self, argv: list[str], mechanism: str, memory: str, mapping: str,
+                        timeout: float) -> PinResult:
         self._ensure_probe()
         r, _, log, trace = self.observe(" ".join(shlex.quote(a) for a in ["python3", PROBE_PATH, *argv]),
-                                        timeout=120 + float(hold))
+                                        timeout=timeout)
         return self._pin_result(mechanism, memory, mapping, _last_json(r.stdout), log, trace,
                                 (r.stderr or r.stdout).strip()[-1000:])
 
@@ -405,11 +409,7 @@ class Lab:
         if not isinstance(frames, int) or not 1 <= frames <= 100:
             raise ConfigError(f"frame count {frames!r} is out of range", hint="use 1..100 frames")
         argv = self._probe_argv("v4l2", memory, "shared", 2 * 2**20, 0.0, roles) + ["--stream", str(frames)]
-        self._ensure_probe()
-        r, _, log, trace = self.observe(" ".join(shlex.quote(a) for a in ["python3", PROBE_PATH, *argv]),
-                                        timeout=60 + 10 * frames)
-        return self._pin_result("v4l2", memory, "shared", _last_json(r.stdout), log, trace,
-                                (r.stderr or r.stdout).strip()[-1000:])
+        return self._observed_probe(argv, "v4l2", memory, "shared", timeout=60 + 10 * frames)
 
     def reset_pmem(self) -> list[Namespace]:
         """Unmount the lab's DAX mounts and return every namespace to raw mode

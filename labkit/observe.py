@@ -64,7 +64,7 @@ class KernelLog:
 
     def start(self, since_now: bool = True) -> KernelLog:
         cmd = "dmesg --follow-new" if since_now else "dmesg --follow"
-        self._chan = self.vm.ssh._open(f"sh -c {shlex.quote(cmd)}", timeout=10.0)
+        self._chan = self.vm.ssh.open_channel(f"sh -c {shlex.quote(cmd)}", timeout=10.0)
         self._chan.settimeout(0.5)
         self._stop.clear()
         self._thread = threading.Thread(target=self._read, name="labkit-kernel-log", daemon=True)
@@ -226,7 +226,7 @@ class HeldPin:
 def open_held_pin(vm, command: str, timeout: float = 60.0) -> HeldPin:
     """Start ``command`` (a pinprobe invocation with ``--hold -1``) and wait for
     its JSON line, which it prints while the pin is held."""
-    chan = vm.ssh._open(command, timeout=10.0)
+    chan = vm.ssh.open_channel(command, timeout=10.0)
     deadline = Deadline(timeout)
     out = b""
     while not deadline.expired:

@@ -115,7 +115,8 @@ class SSHChannel:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _open(self, command: str, timeout: float) -> paramiko.Channel:
+    def open_channel(self, command: str, timeout: float = 10.0) -> paramiko.Channel:
+        """Start ``command`` on a new session channel; the caller reads and closes it."""
         try:
             chan = self.client.get_transport().open_session(timeout=timeout)
             chan.exec_command(command)
@@ -133,7 +134,7 @@ class SSHChannel:
         """
         command = quote_command(cmd)
         deadline = Deadline(timeout)
-        chan = self._open(command, timeout=min(10.0, timeout))
+        chan = self.open_channel(command, timeout=min(10.0, timeout))
         out, err = io.BytesIO(), io.BytesIO()
         try:
             if stdin is not None:
@@ -180,7 +181,7 @@ class SSHChannel:
         """Like ``ssh host cmd``: stream stdin/stdout/stderr, return the exit code."""
         stdout = stdout or sys.stdout.buffer
         stderr = stderr or sys.stderr.buffer
-        chan = self._open(quote_command(cmd), timeout=10.0)
+        chan = self.open_channel(quote_command(cmd), timeout=10.0)
         deadline = Deadline(timeout) if timeout else None
 
         def feed() -> None:
