@@ -456,6 +456,13 @@ class VM:
                     (self.state_dir / f).unlink(missing_ok=True)
                 self.state = VMState.STOPPED
 
+    def reset(self, timeout: float = 60.0) -> VM:
+        """Return the guest to its freshly started state. The pmem files are
+        kept: a reset never erases the learner's persistent memory."""
+        self.stop(timeout=min(15.0, timeout))
+        self.state = VMState.STOPPED
+        return self.start()
+
     def _polite_quit(self, timeout: float) -> None:
         try:
             if self._ssh is not None and self._ssh.is_open:
