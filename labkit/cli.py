@@ -4,6 +4,7 @@
     labkit image build|list             the guest images
     labkit vm start|stop|status|...     a persistent VM
     labkit run -- CMD ARGS...           one command in the guest
+    labkit bench                        cold/warm start, reset, matrix, memory
     labkit lab                          JupyterLab on notebooks/ with the VM up
 """
 
@@ -83,7 +84,8 @@ def cmd_image_list(args: argparse.Namespace) -> int:
 
 
 def cmd_vm_start(args: argparse.Namespace) -> int:
-    vm = VM(args.name, kernel=args.kernel, persistent=True, on_console_line=_boot_progress(args.quiet))
+    vm = VM(args.name, kernel=args.kernel, persistent=True, warm=not args.cold,
+            on_console_line=_boot_progress(args.quiet))
     if vm.status() is VMState.RUNNING:
         d = vm.describe()
         print(f"VM {args.name!r} is already running ({d.get('kernel_release')}, {d.get('accel')})")
@@ -94,8 +96,51 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
     finally:
         _end_progress(args.quiet)
     print(f"VM {args.name!r} running: kernel {vm.boot.kernel_release}, accelerator {vm.accel}, "
-          f"SSH-ready in {vm.info.boot_seconds:.1f} s")
+          f"SSH-ready in {vm.info.boot_seconds:.1f} s ({_start_words(vm)})")
     vm.close()
+    return 0
+
+
+def _start_words(vm: VM) -> str:
+    if vm.info.start_kind == "warm":
+        return "warm start from the snapshot"
+    return "cold boot" + (f"; warm start failed: {vm.info.warm_error}" if vm.info.warm_error else "")
+
+
+def cmd_vm_reset(args: argparse.Namespace) -> int:
+    if args.pmem and not args.yes:
+        _err("--pmem erases the VM's persistent memory (your files on the DAX mounts); add --yes to confirm")
+        return 2
+    vm = VM(args.name, persistent=True)
+    st = vm.status()
+    if st is VMState.RUNNING:
+        vm = VM.attach(args.name)
+    elif not vm.info_path.exists():
+        _err(f"VM {args.name!r} does not exist; start it with `labkit vm start --name {args.name}`")
+        return 2
+    else:
+        info = json.loads(vm.info_path.read_text())
+        vm = VM(args.name, kernel=info.get("kernel", image.DEFAULT_KERNEL), persistent=True)
+    t = time.monotonic()
+    vm.reset(pmem=args.pmem)
+    print(f"VM {args.name!r} reset in {time.monotonic() - t:.1f} s ({_start_words(vm)}); persistent memory "
+          + ("erased" if args.pmem else "kept"))
+    vm.close()
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+    kernels = list(image.KERNELS) if args.kernel == "all" else [args.kernel]
+    if args.runs < 1 or args.runs > 50:
+        _err(f"--runs {args.runs}: use 1..50")
+        return 2
+    say = (lambda s: None) if args.json else (lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
+    results = [bench.run(k, runs=args.runs, matrix=not args.no_matrix, progress=say) for k in kernels]
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else {r["kernel"]: r for r in results}, indent=2))
+    else:
+        print("\n\n".join(bench.format_report(r) for r in results))
     return 0
 
 
@@ -306,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = vm_cmd("start", cmd_vm_start, "boot the VM and leave it running", kernel=True)
     s.add_argument("--quiet", action="store_true", help="no boot progress")
+    s.add_argument("--cold", action="store_true",
+                   help="boot the kernel from scratch instead of restoring the warm-start snapshot")
+    rs = vm_cmd("reset", cmd_vm_reset, "back to the prepared guest in about a second (pmem kept)")
+    rs.add_argument("--pmem", action="store_true", help="also erase the persistent memory (needs --yes)")
+    rs.add_argument("--yes", action="store_true", help="confirm erasing the persistent memory")
     vm_cmd("stop", cmd_vm_stop, "shut the VM down (polite, then forced)")
     st = vm_cmd("status", cmd_vm_status, "running, stopped or dead (exit 0, 3, 4)")
     st.add_argument("--json", action="store_true")
@@ -330,6 +380,20 @@ def build_parser() -> argparse.ArgumentParser:
     mx.add_argument("--json", action="store_true", help="machine-readable output")
     mx.add_argument("--quiet", action="store_true", help="no boot progress")
     mx.set_defaults(func=cmd_matrix)
+
+    bn = sub.add_parser("bench", help="measure cold boot, warm start, reset, SSH, the matrix and memory",
+                        description="Runs, one after the other on this machine: a cold boot to SSH-ready, a "
+                                    "warm start (snapshot restore) to SSH-ready, a reset, SSH round trips, the "
+                                    "full pin matrix on the warm guest, and QEMU's resident memory. Prints "
+                                    "medians and min-max over --runs, and the cold/warm ratio.")
+    bn.add_argument("--kernel", choices=kernels + ["all"], default=image.DEFAULT_KERNEL,
+                    help="kernel variant (default %(default)s)")
+    bn.add_argument("--runs", type=int, default=3, help="repetitions (default %(default)s)")
+    bn.add_argument("--json", action="store_true",
+                    help="one JSON object: cold_boot_s, warm_start_s, reset_s, ssh_rtt_ms, matrix_s, "
+                         "qemu_rss_mb, accel (medians), plus min/max/raw")
+    bn.add_argument("--no-matrix", action="store_true", help="skip the pin matrix (much quicker)")
+    bn.set_defaults(func=cmd_bench)
 
     lab = sub.add_parser("lab", help="start the VM and JupyterLab on notebooks/")
     lab.add_argument("--name", default="default")

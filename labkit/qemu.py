@@ -13,6 +13,8 @@ from pathlib import Path
 from .config import VMConfig
 from .errors import ConfigError
 
+FW_CFG_SSHKEY = "opt/org.labkit/sshkey"
+
 
 def qemu_opt(value: str | Path) -> str:
     """Escape a value for a QEMU ``key=value,...`` option: commas are doubled."""
@@ -39,7 +41,6 @@ def kernel_cmdline(cfg: VMConfig) -> str:
         kernel_arg("no_timer_check", ""),
         kernel_arg("nokaslr", ""),
         kernel_arg("mitigations", "off"),
-        kernel_arg("labkit.sshkey", cfg.ssh_pubkey) if cfg.ssh_pubkey else "",
     ]
     for extra in cfg.cmdline_extra:
         key, _, value = extra.partition("=")
@@ -83,6 +84,13 @@ def _nvdimms(cfg: VMConfig) -> list[str]:
     return out
 
 
+def _identity(cfg: VMConfig) -> list[str]:
+    # The guest's sshd trusts exactly this key (read from fw_cfg at login).
+    if not cfg.ssh_pubkey:
+        return []
+    return ["-fw_cfg", f"name={FW_CFG_SSHKEY},string={qemu_opt('ssh-ed25519 ' + cfg.ssh_pubkey + ' labkit-host')}"]
+
+
 def _network(cfg: VMConfig) -> list[str]:
     # restrict=on: the guest reaches nothing outside; only the SSH forward,
     # bound to loopback, comes in.
@@ -102,4 +110,4 @@ def _channels(cfg: VMConfig) -> list[str]:
 def build_qemu_argv(cfg: VMConfig) -> list[str]:
     """The complete QEMU command line for ``cfg``."""
     return [cfg.qemu_binary, *_base(cfg), *_machine(cfg), *_memory(cfg), *_boot(cfg), *_disks(cfg),
-            *_nvdimms(cfg), *_network(cfg), *_channels(cfg), *cfg.extra_args]
+            *_nvdimms(cfg), *_identity(cfg), *_network(cfg), *_channels(cfg), *cfg.extra_args]

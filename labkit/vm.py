@@ -24,12 +24,13 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import paths
+from . import paths, snapshot
 from .accel import AccelChoice, choose_accel
 from .config import Nvdimm, VMConfig, check_name
 from .console import BootInfo, ConsoleChannel
@@ -78,6 +79,10 @@ class VMInfo:
     guest_uptime_s: float = 0.0
     persistent: bool = True
     qemu_argv: list[str] = field(default_factory=list)
+    start_kind: str = ""           # "cold" or "warm" (restored from a snapshot)
+    snapshot: str = ""             # the snapshot's key, for a warm start
+    warm_error: str = ""           # why the last warm start fell back to a cold boot
+    phases: dict = field(default_factory=dict)   # seconds per start-up phase
 
     @classmethod
     def load(cls, path: Path) -> VMInfo | None:
@@ -130,7 +135,7 @@ class VM:
     def __init__(self, name: str = "default", kernel: str = DEFAULT_KERNEL, *, persistent: bool = False,
                  state_dir: Path | None = None, memory_mb: int = 1024, smp: int | None = None,
                  nvdimms: Sequence[int] = (512, 512, 512), accel: str | None = None,
-                 boot_timeout: float | None = None,
+                 boot_timeout: float | None = None, warm: bool = True,
                  on_console_line: Callable[[str], None] | None = None) -> None:
         self.name = check_name(name)
         self.kernel = kernel
@@ -146,6 +151,7 @@ class VM:
         self._accel_forced = accel
         self.boot_timeout = boot_timeout
         self.on_console_line = on_console_line
+        self.warm = warm
         self.state = VMState.STOPPED
         self.info: VMInfo | None = None
         self.image: Image | None = None
@@ -223,7 +229,8 @@ class VM:
         if info:
             d.update(kernel=info.kernel, kernel_release=info.kernel_release, accel=info.accel,
                      accel_reason=info.accel_reason, ssh_port=info.ssh_port, pid=info.pid,
-                     boot_seconds=info.boot_seconds, nvdimm_mb=info.nvdimm_mb)
+                     boot_seconds=info.boot_seconds, nvdimm_mb=info.nvdimm_mb, start_kind=info.start_kind,
+                     snapshot=info.snapshot, warm_error=info.warm_error, phases=info.phases)
         return d
 
     # -- start -------------------------------------------------------------
@@ -276,6 +283,9 @@ class VM:
                 raise LaunchError("qemu-img could not create the disk overlay",
                                   ["qemu-img", "create", str(overlay)], r.returncode, r.stderr)
             info.base_sha256 = base_sha
+
+    def _prepare_pmem(self, info: VMInfo) -> None:
+        """Create missing pmem files (sparse); never resize or erase existing ones."""
         for i, dimm in enumerate(self.nvdimms):
             f = self.state_dir / f"pmem{i}.img"
             want = dimm.size_mb * 2**20
@@ -302,24 +312,54 @@ class VM:
             info.base_sha256 = ""      # another kernel's image: start the disk afresh
         info.kernel = self.kernel
         info.persistent = self.persistent
-        self._prepare_disks(self.image, info)
-        pinned = info.host_key
+        self._prepare_pmem(info)
         pubkey = ensure_client_key(self.key_path)
         timeout = self.boot_timeout or BOOT_TIMEOUT[self.accel.accel]
-        last_error: LaunchError | None = None
-        for _attempt in range(3):    # the forwarded port can be taken between probe and bind
-            cfg = VMConfig(name=self.name, state_dir=self.state_dir, kernel_image=self.image.boot_kernel,
-                           initrd=self.image.initrd, accel=self.accel.accel, memory_mb=self.memory_mb,
-                           smp=self.smp, nvdimms=self.nvdimms, ssh_port=free_port(), ssh_pubkey=pubkey)
+        if self.warm:
+            snap = self._snapshot_for(info, pubkey, timeout)
             try:
-                self._boot(cfg, info, timeout)
-                break
+                self._warm_start(snap, info, pubkey, timeout)
+                return
+            except (LaunchError, GuestTimeout, ChannelError) as exc:
+                # A snapshot that does not come back is thrown away, never retried.
+                info.warm_error = str(exc).splitlines()[0]
+                self._kill()
+                self._close_channels()
+                snapshot.discard(snap.path)
+                self._progress(f"labkit: warm start failed ({info.warm_error}); booting cold")
+        self._cold_start(info, pubkey, timeout)
+
+    def _config(self, info: VMInfo, pubkey: str, **kw) -> VMConfig:
+        assert self.image is not None and self.accel is not None
+        return VMConfig(name=self.name, state_dir=self.state_dir, kernel_image=self.image.boot_kernel,
+                        initrd=self.image.initrd, accel=self.accel.accel, memory_mb=self.memory_mb,
+                        smp=self.smp, nvdimms=self.nvdimms, ssh_port=free_port(), ssh_pubkey=pubkey, **kw)
+
+    def _spawn_retrying(self, info: VMInfo, pubkey: str, timeout: float, **kw) -> VMConfig:
+        """Start QEMU; a new port if the forwarded one was taken between probe and bind."""
+        last_error: LaunchError | None = None
+        for _attempt in range(3):
+            cfg = self._config(info, pubkey, **kw)
+            try:
+                self._spawn(cfg, info, timeout)
+                return cfg
             except LaunchError as exc:
                 if "host forwarding" not in exc.output:
                     raise
                 last_error = exc
-        else:
-            raise last_error or LaunchError("could not start QEMU")
+        raise last_error or LaunchError("could not start QEMU")
+
+    def _progress(self, line: str) -> None:
+        if self.on_console_line:
+            self.on_console_line(line)
+
+    def _cold_start(self, info: VMInfo, pubkey: str, timeout: float, cmdline_extra: tuple[str, ...] = ()) -> VMConfig:
+        """Boot the kernel from scratch; return when SSH works."""
+        assert self.image is not None
+        self._prepare_disks(self.image, info)
+        pinned = info.host_key
+        cfg = self._spawn_retrying(info, pubkey, timeout, cmdline_extra=cmdline_extra)
+        self._wait_console_boot(cfg, info, timeout)
         assert self.boot is not None
         if pinned and self.boot.host_key and list(self.boot.host_key) != pinned:
             raise HostKeyMismatch(" ".join(pinned), " ".join(self.boot.host_key))
@@ -328,14 +368,109 @@ class VM:
             raise LaunchError("the guest did not announce its SSH host key on the console",
                               output=self.console_log.read_text(errors="replace")[-3000:])
         info.host_key = list(host_key)
+        t_ssh = time.time()
         self._ssh = SSHChannel(cfg.ssh_port, self.key_path, tuple(host_key)).connect(
             timeout=max(5.0, timeout - (time.time() - info.started_at)))
+        info.phases = {"boot to ready marker": round(t_ssh - info.started_at, 3),
+                       "ssh connect": round(time.time() - t_ssh, 3)}
+        self._ready(info, "cold", "")
+        return cfg
+
+    def _ready(self, info: VMInfo, kind: str, snap_key: str) -> None:
         info.boot_seconds = round(time.time() - info.started_at, 2)
+        info.start_kind, info.snapshot = kind, snap_key
         info.state = "running"
         info.save(self.info_path)
         self.info = info
 
-    def _boot(self, cfg: VMConfig, info: VMInfo, timeout: float) -> None:
+    # -- warm start ----------------------------------------------------------
+    def _snapshot_for(self, info: VMInfo, pubkey: str, timeout: float) -> snapshot.Snapshot:
+        """The valid snapshot for this machine, created now if there is none."""
+        key = snapshot.machine_key(self._config(info, ""), self.image)
+        snap = snapshot.find(key, self.kernel)
+        if snap is not None:
+            return snap
+        with snapshot.creation_lock(key):
+            snap = snapshot.find(key, self.kernel)     # another process may have made it
+            if snap is None:
+                snap = self._create_snapshot(key, info, pubkey, timeout)
+        return snap
+
+    def _create_snapshot(self, key: str, info: VMInfo, pubkey: str, timeout: float) -> snapshot.Snapshot:
+        """Cold boot a guest that has never seen the NVDIMMs, prepare it, save
+        it. Its fresh root disk (and host key) become the snapshot's."""
+        self._progress("labkit: first start of this machine: cold boot, then a warm-start snapshot "
+                       "for every later start")
+        info.base_sha256, info.host_key = "", []
+        (self.state_dir / "root.qcow2").unlink(missing_ok=True)
+        cfg = self._cold_start(info, pubkey, timeout, cmdline_extra=("labkit.pmem=defer",))
+        try:
+            assert self._ssh is not None and self.boot is not None
+            self._ssh.run(["sh", "-c", snapshot.PREPARE_SCRIPT], timeout=60, check=True)
+            self._ssh.close()
+            self._ssh = None
+            self._qmp = QMPChannel(cfg.qmp_socket).connect(timeout=5)
+            self._progress("labkit: saving the warm-start snapshot")
+            snap = snapshot.save(self._qmp, cfg.root_overlay, key, self.kernel, {
+                "host_key": list(info.host_key), "kernel_release": self.boot.kernel_release,
+                "cold_boot_seconds": info.boot_seconds, "qemu": snapshot.qemu_version(),
+                "accel": cfg.accel, "memory_mb": cfg.memory_mb, "smp": cfg.smp,
+                "nvdimm_mb": [d.size_mb for d in cfg.nvdimms]})
+        finally:
+            self._kill()
+            self._close_channels()
+        return snap
+
+    def _warm_start(self, snap: snapshot.Snapshot, info: VMInfo, pubkey: str, timeout: float) -> None:
+        """Restore ``snap`` into a new QEMU, hand the guest this VM's key, load nfit."""
+        t0 = time.monotonic()
+        phases: dict[str, float] = {}
+
+        def phase(name: str) -> None:
+            phases[name] = round(time.monotonic() - t0 - sum(phases.values()), 3)
+
+        overlay = self.state_dir / "root.qcow2"
+        overlay.unlink(missing_ok=True)
+        r = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                            str(snap.disk), str(overlay)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise LaunchError("qemu-img could not create the disk overlay",
+                              ["qemu-img", "create", str(overlay)], r.returncode, r.stderr)
+        info.base_sha256 = "snapshot:" + snap.key   # a later cold boot starts the disk afresh
+        info.host_key = list(snap.host_key)         # the snapshot's guest identity, from our own cache
+        phase("disk overlay")
+        deadline = Deadline(timeout)
+        cfg = self._spawn_retrying(info, pubkey, timeout, extra_args=("-incoming", "defer"))
+        # Queued on the console before the guest runs; it reads it on resume.
+        console = ConsoleChannel(cfg.console_socket).connect(timeout=5)
+        try:
+            assert console.child is not None
+            console.child.sendline(snapshot.RESUME_SCRIPT)
+            while not cfg.qmp_socket.exists() and not deadline.expired:
+                time.sleep(0.005)
+            self._qmp = QMPChannel(cfg.qmp_socket).connect(timeout=5)
+            phase("qemu start")
+            snapshot.restore(self._qmp, snap, timeout=deadline.remaining)
+            phase("restore")
+            self.boot = BootInfo(snap.meta["kernel_release"], 0.0, snap.host_key)
+            info.kernel_release = snap.meta["kernel_release"]
+            self._ssh = SSHChannel(cfg.ssh_port, self.key_path, snap.host_key).connect(
+                timeout=max(5.0, deadline.remaining))
+            phase("ssh connect")
+            r = self._ssh.run(["sh", "-c", snapshot.PMEM_WAIT.format(now=int(time.time()))],
+                              timeout=max(5.0, min(20.0, deadline.remaining)))
+            if r.rc != 0:
+                raise GuestTimeout("the restored guest to load its NVDIMM drivers", 10.0,
+                                   self.console_log.read_text(errors="replace")[-2000:])
+            phase("nvdimms ready")
+        finally:
+            console.close()
+        info.phases = phases
+        info.warm_error = ""
+        self._ready(info, "warm", snap.key)
+
+    def _spawn(self, cfg: VMConfig, info: VMInfo, timeout: float) -> None:
+        """Start QEMU and wait until its console socket exists."""
         argv = build_qemu_argv(cfg)
         for f in ("qemu.pid", "qmp.sock", "console.sock"):
             (self.state_dir / f).unlink(missing_ok=True)
@@ -363,7 +498,12 @@ class VM:
                                   self.qemu_log.read_text(errors="replace"))
             if deadline.expired:
                 raise GuestTimeout("QEMU to create its console socket", timeout)
-            time.sleep(0.02)
+            time.sleep(0.01)
+
+    def _wait_console_boot(self, cfg: VMConfig, info: VMInfo, timeout: float) -> None:
+        """Follow a cold boot on the console up to the init's readiness marker."""
+        argv = info.qemu_argv
+        deadline = Deadline(max(1.0, timeout - (time.time() - info.started_at)))
         self._console = ConsoleChannel(cfg.console_socket).connect(timeout=5)
         try:
             self.boot = self._console.wait_boot(deadline.remaining, on_line=self.on_console_line)
@@ -456,12 +596,26 @@ class VM:
                     (self.state_dir / f).unlink(missing_ok=True)
                 self.state = VMState.STOPPED
 
-    def reset(self, timeout: float = 60.0) -> VM:
-        """Return the guest to its freshly started state. The pmem files are
-        kept: a reset never erases the learner's persistent memory."""
-        self.stop(timeout=min(15.0, timeout))
-        self.state = VMState.STOPPED
+    def reset(self, pmem: bool = False, timeout: float = 30.0) -> VM:
+        """Back to the prepared state: this guest is discarded and a new one is
+        restored from the warm-start snapshot (a cold boot if ``warm=False``).
+
+        The persistent memory is *kept* (the restored guest finds it as it
+        was); ``pmem=True`` is the explicit request to erase it as well."""
+        self.stop(timeout=min(5.0, timeout))
+        if pmem:
+            self.erase_pmem()
         return self.start()
+
+    def erase_pmem(self) -> None:
+        """Zero the VM's persistent memory (only while stopped; explicit only)."""
+        if self.status() is VMState.RUNNING:
+            raise StateError("running", "stopped", self.name)
+        for f in sorted(self.state_dir.glob("pmem*.img")):
+            size = f.stat().st_size
+            with open(f, "r+b") as fh:
+                fh.truncate(0)         # frees the blocks; the file stays sparse
+                fh.truncate(size)
 
     def _polite_quit(self, timeout: float) -> None:
         try:

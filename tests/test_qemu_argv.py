@@ -24,13 +24,14 @@ def test_full_argv_tcg():
         "-m", "1024M,slots=4,maxmem=8G",
         "-kernel", "/i/vmlinuz", "-initrd", "/i/initrd.img", "-append",
         "console=ttyS0 root=/dev/vda rw panic=-1 loglevel=4 tsc=reliable no_timer_check nokaslr "
-        "mitigations=off labkit.sshkey=AAAAKEY",
+        "mitigations=off",
         "-drive", "file=/s/root.qcow2,if=none,id=root,format=qcow2,discard=unmap",
         "-device", "virtio-blk-pci,drive=root",
         "-object", "memory-backend-file,id=pmem0,share=on,mem-path=/s/pmem0.img,size=512M,align=2M",
         "-device", "nvdimm,id=nvdimm0,memdev=pmem0",
         "-object", "memory-backend-file,id=pmem1,share=on,mem-path=/s/pmem1.img,size=512M,align=2M",
         "-device", "nvdimm,id=nvdimm1,memdev=pmem1",
+        "-fw_cfg", "name=opt/org.labkit/sshkey,string=ssh-ed25519 AAAAKEY labkit-host",
         "-netdev", "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22",
         "-device", "virtio-net-pci,netdev=net0",
         "-chardev", "socket,id=console,path=/s/console.sock,server=on,wait=off,logfile=/s/console.log",
@@ -93,3 +94,10 @@ def test_bad_configs(kw):
 def test_bad_nvdimm_sizes(size):
     with pytest.raises(ConfigError):
         Nvdimm(size)
+
+
+def test_ssh_key_travels_in_fw_cfg_not_the_kernel_cmdline():
+    argv = build_qemu_argv(cfg())
+    assert "AAAAKEY" not in argv[argv.index("-append") + 1]
+    assert argv[argv.index("-fw_cfg") + 1].startswith("name=opt/org.labkit/sshkey,string=ssh-ed25519 AAAAKEY")
+    assert "-fw_cfg" not in build_qemu_argv(cfg(ssh_pubkey=""))

@@ -1,0 +1,131 @@
+"""``labkit bench``: the lab's speed and memory, measured one after the other
+on this machine, so the figures in the README can be reproduced.
+
+Per run: a cold boot to SSH-ready, a warm start (restore of the snapshot) to
+SSH-ready, a reset, SSH round trips, the full pin matrix on the warm guest
+and QEMU's resident memory. Medians and min-max over the runs are reported
+next to the targets; the targets are figures to compare, not pass/fail.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import snapshot
+from .image import load_image
+from .vm import VM
+
+TARGETS = {"cold_boot_s": 6.0, "warm_start_s": 1.0, "reset_s": 1.0, "matrix_s": 15.0, "qemu_rss_mb": 400.0}
+LABELS = {
+    "cold_boot_s": ("cold boot to SSH-ready", "s"),
+    "warm_start_s": ("warm start to SSH-ready", "s"),
+    "reset_s": ("reset (running guest -> prepared)", "s"),
+    "ssh_rtt_ms": ("SSH round trip (`true`)", "ms"),
+    "matrix_s": ("full pin matrix, warm guest", "s"),
+    "qemu_rss_mb": ("QEMU resident memory after matrix", "MB"),
+    "qemu_rss_peak_mb": ("QEMU peak resident memory", "MB"),
+}
+
+
+def _rss_mb(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of a process in MB, from /proc."""
+    vals = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                vals[key] = int(rest.split()[0]) / 1024
+    return round(vals["VmRSS"], 1), round(vals["VmHWM"], 1)
+
+
+def machine() -> dict[str, Any]:
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "host_kernel": platform.release(),
+            "qemu": snapshot.qemu_version()}
+
+
+def run(kernel: str, runs: int = 3, matrix: bool = True,
+        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure; returns medians, min/max, raw values and the machine."""
+    from .lab import Lab
+
+    say = progress or (lambda s: None)
+    load_image(kernel)
+    raw: dict[str, list[float]] = {k: [] for k in LABELS}
+    accel = None
+    release = None
+    say(f"making sure the warm-start snapshot for {kernel} exists (not timed)")
+    with VM("bench-prime", kernel=kernel) as vm:
+        accel = vm.accel.accel if vm.accel else None
+        release = vm.boot.kernel_release if vm.boot else None
+    for i in range(1, runs + 1):
+        say(f"run {i}/{runs}: cold boot")
+        t = time.monotonic()
+        with VM("bench-cold", kernel=kernel, warm=False):
+            raw["cold_boot_s"].append(time.monotonic() - t)
+        say(f"run {i}/{runs}: warm start")
+        t = time.monotonic()
+        vm = VM("bench-warm", kernel=kernel).start()
+        try:
+            raw["warm_start_s"].append(time.monotonic() - t)
+            say(f"run {i}/{runs}: SSH round trips")
+            rtts = []
+            for _ in range(20):
+                t = time.monotonic()
+                vm.run("true", timeout=10, check=True)
+                rtts.append(time.monotonic() - t)
+            raw["ssh_rtt_ms"].append(statistics.median(rtts) * 1000)
+            say(f"run {i}/{runs}: reset")
+            t = time.monotonic()
+            vm.reset()
+            raw["reset_s"].append(time.monotonic() - t)
+            if matrix:
+                say(f"run {i}/{runs}: pin matrix")
+                t = time.monotonic()
+                Lab(vm).matrix()
+                raw["matrix_s"].append(time.monotonic() - t)
+            rss, hwm = _rss_mb(vm.info.pid)
+            raw["qemu_rss_mb"].append(rss)
+            raw["qemu_rss_peak_mb"].append(hwm)
+        finally:
+            vm.finish()
+    med = {k: round(statistics.median(v), 3 if k.endswith("_s") else 1) for k, v in raw.items() if v}
+    out: dict[str, Any] = dict(med)
+    out.update(
+        accel=accel, kernel=kernel, kernel_release=release, runs=runs,
+        cold_warm_ratio=round(med["cold_boot_s"] / med["warm_start_s"], 1) if med.get("warm_start_s") else None,
+        min={k: round(min(v), 3) for k, v in raw.items() if v},
+        max={k: round(max(v), 3) for k, v in raw.items() if v},
+        raw={k: [round(x, 3) for x in v] for k, v in raw.items() if v},
+        targets=TARGETS, machine=machine())
+    return out
+
+
+def format_report(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    lines = [f"labkit bench: kernel {r['kernel_release']} ({r['kernel']}), accelerator {r['accel']}, "
+             f"{r['runs']} run(s)",
+             f"machine: {m['cpu']}, {m['cores']} cores, host {m['host_kernel']}, {m['qemu']}", "",
+             f"  {'':38s} {'median':>9s} {'min - max':>17s}  target"]
+    for key, (label, unit) in LABELS.items():
+        if key not in r:
+            continue
+        tgt = TARGETS.get(key)
+        mark = "" if tgt is None else (f"<= {tgt:g} {unit}  " + ("met" if r[key] <= tgt else "MISSED"))
+        lines.append(f"  {label:38s} {r[key]:>7g} {unit:2s} {r['min'][key]:>7g} - {r['max'][key]:<7g}  {mark}")
+    if r.get("cold_warm_ratio"):
+        lines.append(f"  {'cold / warm':38s} {r['cold_warm_ratio']:>7g} x{'':20s} >= 6 x  "
+                     + ("met" if r["cold_warm_ratio"] >= 6 else "MISSED"))
+    return "\n".join(lines)

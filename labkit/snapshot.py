@@ -1,0 +1,269 @@
+"""Warm starts: a prepared guest saved once with QEMU's own migration, and
+restored in about a second instead of a cold boot.
+
+The snapshot is a QEMU migration stream (``migrate`` to ``exec:cat > FILE``,
+restored with ``-incoming defer`` + ``migrate-incoming``) plus a copy of the
+root-disk overlay taken while the source was paused, so RAM and disk agree.
+
+Persistent memory never travels in a snapshot:
+
+* the ``x-ignore-shared`` migration capability leaves the NVDIMMs' shared,
+  file-backed RAM blocks out of the stream, so a restore cannot overwrite
+  the learner's pmem files with older contents;
+* the snapshot guest booted with ``labkit.pmem=defer`` and never loaded
+  ``nfit``, so its kernel holds no cached view of the NVDIMMs (namespaces,
+  superblocks). After a restore, ``modprobe nfit`` discovers the NVDIMMs
+  from what the pmem files hold *now*.
+
+A snapshot is shared by all VMs with the same machine (kernel image, QEMU
+version, accelerator, memory, CPUs, NVDIMM sizes) and is identified by a
+hash of exactly those things plus this module's preparation script, so any
+change to them makes a new snapshot rather than restoring a wrong one.
+Per-VM secrets are not in it: each restore installs the VM's own SSH key
+through the serial console before SSH is used.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import paths
+from .config import VMConfig
+from .errors import ChannelError, GuestTimeout, LaunchError
+from .image import Image
+from .qemu import build_qemu_argv
+from .qmp import QMPChannel
+from .timeout import Deadline
+
+FORMAT = 1
+
+# Run over SSH in the snapshot guest before it is saved: everything the
+# course starts from that lives in RAM (modules, soft-RoCE, vivid), and the
+# files the first lab steps read pulled into the page cache.
+PREPARE_SCRIPT = r"""
+set -e
+modprobe -a rdma_rxe ib_uverbs vivid
+test -e /sys/class/infiniband/rxe0 || rdma link add rxe0 type rxe netdev eth0
+i=0; while ! ls /dev/video* >/dev/null 2>&1 && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+for m in nfit nd_pmem dax_pmem device_dax xfs; do cat "$(modinfo -n $m)" > /dev/null; done
+cat /usr/bin/ndctl /usr/bin/daxctl /sbin/mkfs.xfs /sbin/mkfs.ext4 /sbin/blkid > /dev/null 2>&1 || true
+python3 -c 'import pyverbs.device, pyverbs.pd, pyverbs.mr, json, mmap, ctypes, fcntl' 2>/dev/null || true
+sync
+"""
+
+# Sent to the serial console (root's shell there) as soon as the restore
+# begins; the guest reads it when it runs. It only starts nfit (see above):
+# the SSH key needs no installing (fw_cfg, see images/guest/sshd_config).
+RESUME_SCRIPT = ("rm -f /run/labkit/pmem-ready; (modprobe -a nfit nd_pmem dax_pmem device_dax; "
+                 "touch /run/labkit/pmem-ready) >/dev/null 2>&1 &")
+# nfit loads while the host connects over SSH; this (the first SSH command)
+# waits for it, so a started VM always has its NVDIMMs.
+PMEM_WAIT = ("date -s @{now} >/dev/null; i=0; "
+             "while [ ! -e /run/labkit/pmem-ready ] && [ $i -lt 1000 ]; do sleep 0.01; i=$((i+1)); done; "
+             "test -e /run/labkit/pmem-ready")
+
+
+@functools.lru_cache(maxsize=None)
+def qemu_version(binary: str = "qemu-system-x86_64") -> str:
+    try:
+        r = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LaunchError(f"cannot run {binary} --version: {exc}") from exc
+    return r.stdout.splitlines()[0].strip() if r.stdout else "unknown"
+
+
+def machine_key(cfg: VMConfig, image: Image) -> str:
+    """The identity of a snapshot: what must match for a restore to be valid."""
+    generic = cfg.with_(name="snapshot", state_dir=Path("/S"), ssh_port=0, ssh_pubkey="",
+                        kernel_image=Path("/K"), initrd=Path("/I"), extra_args=(), cmdline_extra=())
+    arts = image.manifest.get("artifacts", {})
+    ident = {
+        "format": FORMAT,
+        "argv": build_qemu_argv(generic),
+        "qemu": qemu_version(cfg.qemu_binary),
+        "kernel_release": image.manifest.get("kernel_release"),
+        "artifacts": {k: v.get("sha256") for k, v in sorted(arts.items())},
+        "prepare": PREPARE_SCRIPT,
+        "resume": RESUME_SCRIPT,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def snapshots_dir() -> Path:
+    return paths.cache_dir() / "snapshots"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A saved, prepared guest: ``state.mig`` (RAM and devices) + ``disk.qcow2``."""
+
+    path: Path
+    meta: dict
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / "state.mig"
+
+    @property
+    def disk(self) -> Path:
+        return self.path / "disk.qcow2"
+
+    @property
+    def host_key(self) -> tuple[str, str]:
+        return tuple(self.meta["host_key"])   # type: ignore[return-value]
+
+    @property
+    def key(self) -> str:
+        return self.meta["key"]
+
+
+def find(key: str, kernel: str) -> Snapshot | None:
+    """The valid snapshot for ``key``, or None. A snapshot whose files do not
+    match its own record (truncated, half-written) is removed, never used."""
+    d = snapshots_dir() / f"{kernel}-{key}"
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    snap = Snapshot(d, meta)
+    try:
+        ok = (meta.get("key") == key and meta.get("format") == FORMAT
+              and snap.state_file.stat().st_size == meta["state_bytes"]
+              and snap.disk.stat().st_size == meta["disk_bytes"])
+    except (OSError, KeyError):
+        ok = False
+    if not ok:
+        discard(d)
+        return None
+    return snap
+
+
+def discard(path: Path) -> None:
+    """Remove a snapshot directory (its files are read-only by design)."""
+    if path.exists():
+        for f in path.iterdir():
+            try:
+                f.chmod(0o600)
+            except OSError:
+                pass
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def list_snapshots() -> list[Snapshot]:
+    out = []
+    for d in sorted(snapshots_dir().glob("*-*")):
+        try:
+            out.append(Snapshot(d, json.loads((d / "meta.json").read_text())))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+@contextmanager
+def creation_lock(key: str, timeout: float = 300.0):
+    """One creator per snapshot key across processes; others wait, then reuse."""
+    root = snapshots_dir()
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(root / f".{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = Deadline(timeout)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline.expired:
+                    raise GuestTimeout("another process to finish creating the warm-start snapshot",
+                                       timeout) from None
+                time.sleep(0.2)
+        yield
+    finally:
+        os.close(fd)
+
+
+def save(qmp: QMPChannel, overlay: Path, key: str, kernel: str, meta: dict,
+         timeout: float = 120.0) -> Snapshot:
+    """Migrate the running guest into a new snapshot directory. The source is
+    left paused (postmigrate); the caller stops it."""
+    final = snapshots_dir() / f"{kernel}-{key}"
+    tmp = snapshots_dir() / f".tmp-{kernel}-{key}-{os.getpid()}"
+    discard(tmp)
+    tmp.mkdir(parents=True, mode=0o700)
+    state = tmp / "state.mig"
+    t0 = time.monotonic()
+    qmp.command("migrate-set-capabilities",
+                capabilities=[{"capability": "x-ignore-shared", "state": True}])
+    # exec: runs through /bin/sh; the path is ours (cache dir) and quoted.
+    qmp.command("migrate", uri=f"exec:cat > {shlex.quote(str(state))}")
+    wait_migration(qmp, "query-migrate", timeout)
+    # Paused after migration with the disk flushed: the overlay matches RAM.
+    shutil.copyfile(overlay, tmp / "disk.qcow2")
+    meta = dict(meta, key=key, format=FORMAT, kernel=kernel, created_at=time.time(),
+                save_seconds=round(time.monotonic() - t0, 2),
+                state_bytes=state.stat().st_size, disk_bytes=(tmp / "disk.qcow2").stat().st_size)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    for f in tmp.iterdir():
+        f.chmod(0o400)
+    discard(final)
+    os.rename(tmp, final)
+    prune(kernel, keep=KEEP_PER_KERNEL)
+    return Snapshot(final, meta)
+
+
+KEEP_PER_KERNEL = 3
+
+
+def prune(kernel: str, keep: int) -> None:
+    """Old snapshots of a kernel (older images, other machine sizes) are
+    ~150 MB each: keep the newest few."""
+    mine = [s for s in list_snapshots() if s.meta.get("kernel") == kernel]
+    mine.sort(key=lambda s: s.meta.get("created_at", 0), reverse=True)
+    for old in mine[keep:]:
+        discard(old.path)
+
+
+def wait_migration(qmp: QMPChannel, query: str, timeout: float) -> dict:
+    """Poll ``query-migrate`` until it completes; errors name QEMU's reason."""
+    deadline = Deadline(timeout)
+    while True:
+        st = qmp.command(query)
+        status = st.get("status", "none")
+        if status == "completed":
+            return st
+        if status in ("failed", "cancelled"):
+            raise LaunchError(f"QEMU migration {status}: {st.get('error-desc', 'no reason given')}")
+        if deadline.expired:
+            raise GuestTimeout(f"QEMU's migration to finish (status {status})", timeout)
+        time.sleep(0.02)
+
+
+def restore(qmp: QMPChannel, snap: Snapshot, timeout: float = 60.0) -> None:
+    """Feed the snapshot to a QEMU started with ``-incoming defer`` and wait
+    until the guest runs again."""
+    qmp.command("migrate-set-capabilities",
+                capabilities=[{"capability": "x-ignore-shared", "state": True}])
+    qmp.command("migrate-incoming", uri=f"exec:cat {shlex.quote(str(snap.state_file))}")
+    deadline = Deadline(timeout)
+    while True:
+        try:
+            status = qmp.status()
+        except ChannelError as exc:
+            raise LaunchError(f"QEMU stopped answering while restoring the snapshot: {exc}") from exc
+        if status == "running":
+            return
+        if status not in ("inmigrate", "paused", "prelaunch", "restore-vm", "postmigrate"):
+            raise LaunchError(f"restoring the snapshot left QEMU in state {status!r}")
+        if deadline.expired:
+            raise GuestTimeout("QEMU to load the warm-start snapshot", timeout)
+        time.sleep(0.01)
