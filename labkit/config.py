@@ -55,6 +55,7 @@ class VMConfig:
     ssh_port: int = 0
     ssh_pubkey: str = ""
     qemu_binary: str = "qemu-system-x86_64"
+    tcg_cache_mb: int | None = None      # TCG translation cache; None: QEMU's default
     cmdline_extra: tuple[str, ...] = ()
     extra_args: tuple[str, ...] = field(default=())
 
@@ -71,6 +72,8 @@ class VMConfig:
         total_mb = self.memory_mb + sum(d.size_mb for d in self.nvdimms)
         if total_mb > self.maxmem_gb * 1024:
             raise ConfigError(f"RAM plus NVDIMMs ({total_mb} MiB) exceed maxmem ({self.maxmem_gb} GiB)")
+        if self.tcg_cache_mb is not None and not 16 <= self.tcg_cache_mb <= 4096:
+            raise ConfigError(f"TCG translation cache {self.tcg_cache_mb} MiB is out of range", hint="use 16..4096")
         if not 0 <= self.ssh_port <= 65535:
             raise ConfigError(f"SSH port {self.ssh_port} is out of range")
 

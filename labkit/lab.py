@@ -181,6 +181,7 @@ class Lab:
         self.vm = vm
         self._probe_uploaded = False
         self._kprobe = False
+        self._roles: dict[str, Namespace] = {}
 
     # -- plumbing ----------------------------------------------------------
     def sh(self, script: str, timeout: float = 60.0, check: bool = True) -> CommandResult:
@@ -243,12 +244,15 @@ class Lab:
             raise LabError(f"the guest has {len(nss)} NVDIMM namespaces; the lab needs 3 "
                            "(start the VM with three NVDIMMs, the default)")
         roles = {}
+        converted = False
         for (role, mode), ns in zip(want.items(), nss[:3]):
             if ns.mode != mode:
                 ns = self.set_mode(ns.dev, mode)
+                converted = True
             roles[role] = ns
-        fresh = {n.dev: n for n in self.namespaces()}
-        return {role: fresh.get(ns.dev, ns) for role, ns in roles.items()}
+        fresh = {n.dev: n for n in self.namespaces()} if converted else {}
+        self._roles = {role: fresh.get(ns.dev, ns) for role, ns in roles.items()}
+        return self._roles
 
     # -- filesystems -------------------------------------------------------
     def mkfs(self, fs: str, device: str, block_size: int | None = 4096, force: bool = False) -> CommandResult:
@@ -456,7 +460,7 @@ class Lab:
         t0 = time.monotonic()
         say("preparing persistent memory and DAX mounts")
         mounts = self.prepare_mounts()
-        roles = self.prepare_pmem()
+        roles = self._roles or self.prepare_pmem()
         say("bringing up soft-RoCE and vivid")
         self.setup_rdma()
         self.setup_vivid()
@@ -465,7 +469,7 @@ class Lab:
         say(f"{len(cases)} pin attempts: {', '.join(MECHANISMS)} x {', '.join(MEMORY_KINDS)}")
         pins = self.pin_many(cases, roles=roles)
         say("truncate while a DAX page is referenced")
-        tw = self.truncate_wait("xfs")
+        tw = self.truncate_wait("xfs", hold=1.0)    # one second of blocking makes the point
         uname = self.sh("uname -r").stdout.strip()
         return {
             "kernel": uname,

@@ -231,6 +231,7 @@ def prune(kernel: str, keep: int) -> None:
     mine.sort(key=lambda s: s.meta.get("created_at", 0), reverse=True)
     for old in mine[keep:]:
         discard(old.path)
+        (snapshots_dir() / f".{old.meta.get('key')}.lock").unlink(missing_ok=True)
 
 
 def wait_migration(qmp: QMPChannel, query: str, timeout: float) -> dict:
