@@ -1,14 +1,18 @@
 """Machine control through QMP, using the ``qemu.qmp`` package's client
 (status, graceful quit; later snapshots and migration).
 
-``qemu.qmp`` is asyncio-based; this wrapper runs it on a private event loop and
-bounds every step, connect included, with a timeout. QEMU's monitor socket
+``qemu.qmp`` is asyncio-based; this wrapper runs it on a private event loop in
+a thread of its own (so it also works where the caller's thread already runs
+a loop, as in a Jupyter kernel) and bounds every step, connect included, with
+a timeout. QEMU's monitor socket
 serves one client at a time, so a VM keeps a single QMPChannel open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +27,20 @@ class QMPChannel:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="labkit-qmp", daemon=True)
+        self._thread.start()
         self._client: QMPClient | None = None
 
     def _sync(self, coro, timeout: float):
-        return self._loop.run_until_complete(asyncio.wait_for(coro, timeout=timeout))
+        fut = asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, timeout=timeout), self._loop)
+        try:
+            return fut.result(timeout + 1.0)
+        except concurrent.futures.TimeoutError as exc:
+            fut.cancel()
+            raise asyncio.TimeoutError() from exc
 
     def connect(self, timeout: float = 5.0) -> QMPChannel:
-        client = QMPClient("labkit")
+        client = self._make_client()
         try:
             self._sync(client.connect(str(self.path)), timeout)
         except (QMPError, OSError, EOFError, asyncio.TimeoutError) as exc:
@@ -41,6 +52,11 @@ class QMPChannel:
                                "attached, or is QEMU gone?)") from exc
         self._client = client
         return self
+
+    def _make_client(self) -> QMPClient:
+        async def make() -> QMPClient:    # bound to the private loop
+            return QMPClient("labkit")
+        return self._sync(make(), 5.0)
 
     def command(self, name: str, timeout: float = 10.0, **args: Any) -> Any:
         if self._client is None:
@@ -68,7 +84,10 @@ class QMPChannel:
                 pass   # after `quit` QEMU hangs up first; the connection is gone either way
             self._client = None
         if not self._loop.is_closed():
-            self._loop.close()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=2.0)
+            if not self._thread.is_alive():
+                self._loop.close()
 
     def __enter__(self) -> QMPChannel:
         return self
