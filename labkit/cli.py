@@ -23,6 +23,8 @@ from .errors import LabError, StateError
 from .vm import VM, VMState
 
 EPILOG = "Environment: LABKIT_ACCEL=kvm|tcg forces the accelerator; LABKIT_STATE_DIR moves VM state; " \
+         "LABKIT_CACHE_DIR moves the caches (warm-start snapshots); LABKIT_TCG_CACHE_MB=N trades speed " \
+         "for QEMU memory under TCG; " \
          "LABKIT_MIRROR / LABKIT_APT_SOURCES choose the Debian package source for image builds."
 
 
@@ -181,6 +183,11 @@ def cmd_vm_status(args: argparse.Namespace) -> int:
                   f"({d.get('accel_reason')})")
             print(f"  SSH 127.0.0.1:{d.get('ssh_port')}, QEMU PID {d.get('pid')}, NVDIMMs "
                   f"{', '.join(f'{n} MiB' for n in d.get('nvdimm_mb', []))}")
+            phases = ", ".join(f"{k} {v:.2f} s" for k, v in (d.get("phases") or {}).items())
+            kind = "warm start from the snapshot" if d.get("start_kind") == "warm" else "cold boot"
+            print(f"  {kind}, SSH-ready in {d.get('boot_seconds')} s" + (f" ({phases})" if phases else ""))
+            if d.get("warm_error"):
+                print(f"  (the warm start failed and it booted cold: {d['warm_error']})")
         print(f"  state dir {d['state_dir']}")
     return {"running": 0, "stopped": 3, "dead": 4}.get(d["state"], 1)
 

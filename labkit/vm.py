@@ -135,7 +135,7 @@ class VM:
     def __init__(self, name: str = "default", kernel: str = DEFAULT_KERNEL, *, persistent: bool = False,
                  state_dir: Path | None = None, memory_mb: int = 1024, smp: int | None = None,
                  nvdimms: Sequence[int] = (512, 512, 512), accel: str | None = None,
-                 boot_timeout: float | None = None, warm: bool = True,
+                 boot_timeout: float | None = None, warm: bool = True, tcg_cache_mb: int | None = None,
                  on_console_line: Callable[[str], None] | None = None) -> None:
         self.name = check_name(name)
         self.kernel = kernel
@@ -152,6 +152,13 @@ class VM:
         self.boot_timeout = boot_timeout
         self.on_console_line = on_console_line
         self.warm = warm
+        env_tb = os.environ.get("LABKIT_TCG_CACHE_MB", "")
+        if tcg_cache_mb is None and env_tb:
+            if not env_tb.isdigit():
+                raise ConfigError(f"LABKIT_TCG_CACHE_MB={env_tb!r} is not a number of MiB",
+                                  hint="e.g. LABKIT_TCG_CACHE_MB=128, or unset it for QEMU's default")
+            tcg_cache_mb = int(env_tb)
+        self.tcg_cache_mb = tcg_cache_mb
         self.state = VMState.STOPPED
         self.info: VMInfo | None = None
         self.image: Image | None = None
@@ -333,7 +340,8 @@ class VM:
         assert self.image is not None and self.accel is not None
         return VMConfig(name=self.name, state_dir=self.state_dir, kernel_image=self.image.boot_kernel,
                         initrd=self.image.initrd, accel=self.accel.accel, memory_mb=self.memory_mb,
-                        smp=self.smp, nvdimms=self.nvdimms, ssh_port=free_port(), ssh_pubkey=pubkey, **kw)
+                        smp=self.smp, nvdimms=self.nvdimms, ssh_port=free_port(), ssh_pubkey=pubkey,
+                        tcg_cache_mb=self.tcg_cache_mb if self.accel.accel == "tcg" else None, **kw)
 
     def _spawn_retrying(self, info: VMInfo, pubkey: str, timeout: float, **kw) -> VMConfig:
         """Start QEMU; a new port if the forwarded one was taken between probe and bind."""
