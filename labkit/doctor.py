@@ -8,7 +8,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 
-from . import image, paths
+from . import image, paths, snapshot
 from .accel import choose_accel
 
 MIN_QEMU = (7, 0)
@@ -63,6 +63,17 @@ def run_checks(kernels: tuple[str, ...] = (image.DEFAULT_KERNEL,)) -> list[Check
     state = paths.state_root()
     probe = state if state.exists() else next((p for p in state.parents if p.exists()), state.anchor)
     free_gb = shutil.disk_usage(probe).free / 2**30
+    newest: dict[str, snapshot.Snapshot] = {}
+    for sn in snapshot.list_snapshots():
+        k = sn.meta.get("kernel")
+        if k in kernels and sn.meta.get("created_at", 0) >= newest.get(k, sn).meta.get("created_at", 0):
+            newest[k] = sn
+    checks.append(Check("warm start", True,
+                        "; ".join(f"{k}: snapshot of {sn.meta.get('kernel_release')}, "
+                                  f"{sn.meta.get('state_bytes', 0) // 2**20} MiB, in {paths.cache_dir()}"
+                                  for k, sn in sorted(newest.items()))
+                        or "no snapshot yet: the first VM start boots cold and makes one, "
+                           "later starts restore it in about a second", required=False))
     checks.append(Check("disk", free_gb >= MIN_FREE_GB, f"{free_gb:.1f} GiB free for VM state in {state}",
                         f"free at least {MIN_FREE_GB:.0f} GiB or set LABKIT_STATE_DIR elsewhere"))
     return checks
