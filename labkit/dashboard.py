@@ -536,6 +536,19 @@ class PinModel(Model):
     def latest(self) -> PinSample | None:
         return self.counters.samples[-1] if self.counters.samples else None
 
+    @property
+    def summary(self) -> str:
+        """The latest sample in words (what the Pins tab shows)."""
+        s = self.latest
+        if s is None:
+            return "no sample yet"
+
+        def num(v: int | None) -> str:
+            return "-" if v is None else str(v)
+        holder = f"holder PID {self.counters.pid}" if self.counters.pid else "no holder"
+        return (f"VmPin ({holder}): {num(s.vmpin_kb)} kB; nr_foll_pin_acquired {num(s.foll_pin_acquired)}, "
+                f"nr_foll_pin_released {num(s.foll_pin_released)}")
+
     def _sampled(self, sample: PinSample) -> None:
         self.changed()
 
