@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import html
+import queue
 import re
 import shlex
 import threading
@@ -72,13 +73,18 @@ class Model:
     """Observable plain model: views register ``observe(fn)``; ``fn(model)``
     runs after every change (possibly on a background thread).
 
-    Actions started with ``submit`` run one at a time on a worker thread, so a
-    button click returns at once; ``wait`` blocks (bounded) until it is done.
+    Actions started with ``submit`` run one at a time on the model's worker
+    thread, so a button click returns at once; ``wait`` blocks (bounded) until
+    the action is done. The worker lives until ``close()``: a throwaway VM
+    (which dies with the thread that started it, PR_SET_PDEATHSIG) started
+    from a button stays up as long as its panel.
     """
 
     def __init__(self) -> None:
         self._observers: list[Callable[[Any], None]] = []
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
+        self._done: threading.Event | None = None
         self._action_lock = threading.Lock()
         self.busy = ""          # the name of the running action, "" when idle
         self.error = ""         # the last action's error message, "" if it worked
@@ -100,37 +106,49 @@ class Model:
                 traceback.print_exc()
 
     def submit(self, name: str, fn: Callable[[], Any]) -> bool:
-        """Run ``fn`` on a worker thread; False if another action is running."""
+        """Run ``fn`` on the worker thread; False if another action is running."""
         with self._action_lock:
             if self.busy or self.closed:
                 return False
             self.busy = name
             self.error = ""
+            self._done = threading.Event()
+            self._queue.put((fn, self._done))
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._work, name=f"labkit-{type(self).__name__}",
+                                                daemon=True)
+                self._worker.start()
+        self.changed()
+        return True
 
-        def work() -> None:
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, done = item
             try:
                 fn()
             except Exception as exc:
                 self.error = _message(exc)
             finally:
                 self.busy = ""
+                done.set()
                 self.changed()
-        self._worker = threading.Thread(target=work, name=f"labkit-{name}", daemon=True)
-        self._worker.start()
-        self.changed()
-        return True
 
     def wait(self, timeout: float = 180.0) -> None:
         """Wait for the running action (bounded); raises GuestTimeout if it is not done."""
-        t = self._worker
-        if t is not None:
-            t.join(timeout)
-            if t.is_alive():
-                raise GuestTimeout(f"the dashboard action {self.busy!r} to finish", timeout)
+        done = self._done
+        if done is not None and not done.wait(timeout):
+            raise GuestTimeout(f"the dashboard action {self.busy!r} to finish", timeout)
 
     def close(self) -> None:
         self.closed = True
         _LIVE_MODELS.discard(self)
+        if self._worker is not None:
+            self._queue.put(None)       # the worker ends after a running action
+            if not self.busy and self._worker is not threading.current_thread():
+                self._worker.join(timeout=5)
 
 
 # -- boot progress ---------------------------------------------------------
@@ -166,28 +184,56 @@ class BootProgressModel(Model):
         self.done = False
         self.summary = ""
 
-    def begin(self, expected_seconds: float | None = None) -> None:
+    def begin(self, expected_seconds: float | None = None, tick: float | None = 0.5) -> None:
+        """Start the clock. With ``tick``, a thread advances the bar by elapsed
+        time between console lines (the guest kernel logs little to the console)."""
         if expected_seconds:
             self.expected_seconds = expected_seconds
+        self._stop_tick()
         self.fraction, self.stage, self.last_line, self.lines = 0.0, "starting QEMU", "", 0
         self.started, self.elapsed, self.done, self.summary, self.error = time.monotonic(), 0.0, False, "", ""
         self.changed()
+        if tick:
+            stop = self._tick_stop = threading.Event()
+
+            def ticker() -> None:
+                while not stop.wait(tick):
+                    self._advance()
+                    self.changed()
+            self._ticker = threading.Thread(target=ticker, name="labkit-boot-progress", daemon=True)
+            self._ticker.start()
+
+    def _stop_tick(self) -> None:
+        stop, t = getattr(self, "_tick_stop", None), getattr(self, "_ticker", None)
+        if stop is not None:
+            stop.set()
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=2)
+        self._tick_stop = self._ticker = None
+
+    def _advance(self, line: str = "") -> None:
+        if self.started is None or self.done:
+            return
+        self.elapsed = time.monotonic() - self.started
+        for rx, frac, stage in BOOT_MILESTONES:
+            if line and frac > self.fraction and re.search(rx, line):
+                self.fraction, self.stage = frac, stage
+        by_time = 0.9 * min(1.0, self.elapsed / max(1.0, self.expected_seconds))
+        self.fraction = max(self.fraction, by_time)
+        if self.stage == "starting QEMU" and self.elapsed > 1.0:
+            self.stage = "booting (the guest kernel writes little to the console)"
 
     def on_console_line(self, line: str) -> None:
         if self.started is None:
             self.begin()
         self.lines += 1
         self.last_line = line.strip()[:160]
-        self.elapsed = time.monotonic() - self.started
-        for rx, frac, stage in BOOT_MILESTONES:
-            if frac > self.fraction and re.search(rx, line):
-                self.fraction, self.stage = frac, stage
-        by_time = 0.9 * min(1.0, self.elapsed / max(1.0, self.expected_seconds))
-        self.fraction = max(self.fraction, min(by_time, 0.9))
+        self._advance(line)
         self.changed()
 
     def finish(self, vm=None, attached: bool | None = None) -> None:
         """Mark the boot done; with ``vm``, summarise what the live guest reported."""
+        self._stop_tick()
         self.done, self.fraction = True, 1.0
         if self.started is not None:
             self.elapsed = time.monotonic() - self.started
@@ -201,9 +247,14 @@ class BootProgressModel(Model):
         self.changed()
 
     def fail(self, exc: BaseException) -> None:
+        self._stop_tick()
         self.error = _message(exc)
         self.stage = "failed"
         self.changed()
+
+    def close(self) -> None:
+        self._stop_tick()
+        super().close()
 
 
 # -- VM panel --------------------------------------------------------------
@@ -332,6 +383,7 @@ class VMPanelModel(Model):
         self._stop_poll.set()
         if self._poller is not None:
             self._poller.join(timeout=5)
+        self.progress.close()
         super().close()
 
 
@@ -918,6 +970,7 @@ class BootProgress(widgets.VBox):
 
     def close(self) -> None:
         self.model.unobserve(self._render)
+        self.model.close()
         super().close()
 
 
@@ -1157,9 +1210,12 @@ class Dashboard(widgets.VBox):
 # --------------------------------------------------------------------------
 
 def boot_progress(expected_seconds: float = 10.0) -> BootProgress:
-    """A boot progress bar; pass ``.model.on_console_line`` to ``labkit.connect``
-    and call ``.model.finish(vm)`` when it returns."""
-    return BootProgress(BootProgressModel(expected_seconds))
+    """A boot progress bar, its clock started; pass ``.model.on_console_line``
+    to ``labkit.connect`` and call ``.model.finish(vm)`` when it returns (it
+    says "attached" if no console line came: the VM was already running)."""
+    model = BootProgressModel(expected_seconds)
+    model.begin()
+    return BootProgress(model)
 
 
 def vm_panel(vm, poll_interval: float | None = 2.0) -> VMPanel:
