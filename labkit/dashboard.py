@@ -956,6 +956,7 @@ class BootProgress(widgets.VBox):
         self._render(model)
 
     def _render(self, m: BootProgressModel) -> None:
+        self.layout.display = "none" if m.started is None else None   # nothing to show before a boot
         self.bar.value = m.fraction
         self.bar.bar_style = "danger" if m.error else ("success" if m.done else "info")
         if m.error:

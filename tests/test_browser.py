@@ -107,8 +107,13 @@ def test_notebook0_dashboard_renders_live_values_in_chromium(tmp_path, artifacts
                 page.set_default_timeout(60_000)
                 page.goto(f"http://127.0.0.1:{port}/lab/tree/{NOTEBOOK.name}?token={token}")
                 page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=120_000)
-                # the kernel is up before Run All (its status indicator says idle)
-                page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+                # JupyterLab renders cells out of view lazily: read text_content(), not inner_text().
+                # the kernel is up before Run All (the status bar names it and says Idle)
+                page.wait_for_selector(".jp-StatusBar-TextItem:text-matches('Python 3.*\\| Idle')",
+                                       timeout=120_000)
+                news = page.locator(".jp-toast-button", has_text=re.compile(r"^No$"))
+                if news.count():       # JupyterLab's "notify about news?" toast would cover the screenshot
+                    news.first.click()
 
                 page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
                 page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
@@ -116,8 +121,8 @@ def test_notebook0_dashboard_renders_live_values_in_chromium(tmp_path, artifacts
                 # The VM panel: running, the release read from the guest, the accelerator.
                 page.wait_for_selector(".labkit-vm-state:text-is('running')", timeout=240_000)
                 panel = page.locator(".labkit-vm-panel").first
-                assert panel.locator(".labkit-vm-release").inner_text() == release
-                assert panel.locator(".labkit-vm-accel").inner_text() == accel
+                assert panel.locator(".labkit-vm-release").text_content() == release
+                assert panel.locator(".labkit-vm-accel").text_content() == accel
                 # The live kernel log has lines.
                 page.wait_for_function(
                     "() => document.querySelectorAll('.labkit-log-pane .labkit-log-line').length > 20",
@@ -128,13 +133,13 @@ def test_notebook0_dashboard_renders_live_values_in_chromium(tmp_path, artifacts
                     "() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]"
                     ".every(e => /\\[\\d+\\]/.test(e.textContent))", timeout=240_000)
                 errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
-                texts = [errors.nth(i).inner_text() for i in range(errors.count())]
+                texts = errors.all_text_contents()
                 assert not [t for t in texts if "Traceback" in t or "Error" in t], texts
                 # The boot progress bar finished with the guest's own values.
-                summary = page.locator(".labkit-boot-summary").first.inner_text()
+                summary = page.locator(".labkit-boot-summary").first.text_content()
                 assert release in summary and accel in summary
                 # The pin cell measured a live registration and printed it.
-                outputs = page.locator(".jp-OutputArea-output").all_inner_texts()
+                outputs = page.locator(".jp-OutputArea-output").all_text_contents()
                 assert any("registered 2048 KiB of anon memory" in o for o in outputs), outputs
 
                 dash = page.locator(".labkit-dashboard").first
