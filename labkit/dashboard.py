@@ -317,7 +317,11 @@ class VMPanelModel(Model):
             except Exception:
                 continue
             if st != self.state:
+                was_running = self.state == "running"
                 try:
+                    if was_running:   # stopped or crashed elsewhere: the observers' channels are gone
+                        self._run_hooks(self.before_stop)
+                        self.message = f"the VM is {st} (stopped from outside this dashboard?)"
                     self.refresh()
                 except Exception as exc:
                     self.message = _message(exc)
@@ -325,6 +329,8 @@ class VMPanelModel(Model):
 
     # actions (synchronous; the view runs them through ``submit``)
     def start(self) -> None:
+        if str(self.vm.status()) != "running" and str(self.vm.state) in ("running", "starting", "stopping"):
+            self.vm.stop()    # stopped or crashed behind our back: clear this VM object's stale channels first
         self._boot(self.vm.start, "started")
 
     def reset(self) -> None:

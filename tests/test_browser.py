@@ -147,6 +147,16 @@ def test_notebook0_dashboard_renders_live_values_in_chromium(tmp_path, artifacts
                 page.wait_for_timeout(500)
                 page.screenshot(path=str(artifacts / "browser-00-welcome.png"))
                 dash.screenshot(path=str(artifacts / "browser-00-dashboard.png"))
+
+                # The Pins tab: live counters from /proc/vmstat and the plot over time.
+                dash.locator(".lm-TabBar-tabLabel", has_text=re.compile(r"^Pins$")).click()
+                numbers = dash.locator(".labkit-pin-numbers")
+                numbers.wait_for(state="visible")
+                page.wait_for_function(
+                    "() => { const t = document.querySelector('.labkit-pin-numbers');"
+                    " return t && /nr_foll_pin_acquired\\s*\\d+/.test(t.textContent); }", timeout=30_000)
+                assert dash.locator(".labkit-pin-panel polyline").count() >= 1
+                dash.screenshot(path=str(artifacts / "browser-00-pins.png"))
             finally:
                 ctx.close()
     finally:

@@ -56,14 +56,16 @@ class LifecycleVM(FakeVM):
         self.calls: list[str] = []
 
     @property
-    def state(self) -> str:
+    def state(self) -> str:          # what this VM object believes
         return "running" if self.running else "stopped"
 
-    def status(self) -> str:
-        return self.state
+    def status(self) -> str:         # what the host says (vm.json and /proc)
+        return "stopped" if self.stopped_outside else self.state
+
+    stopped_outside = False
 
     def describe(self) -> dict:
-        return {"name": self.name, "state": self.state, "kernel": self.kernel,
+        return {"name": self.name, "state": self.status(), "kernel": self.kernel,
                 "kernel_release": "6.1.0-99-amd64", "accel": "tcg", "accel_reason": "no KVM in this fake",
                 "boot_seconds": 0.2}
 
@@ -80,6 +82,7 @@ class LifecycleVM(FakeVM):
     def stop(self, timeout: float = 15.0) -> None:
         self.calls.append("stop")
         self.running = False
+        self.stopped_outside = False
 
     def reset(self, timeout: float = 60.0) -> LifecycleVM:
         self.calls.append("reset")
@@ -251,8 +254,15 @@ def test_vm_panel_start_failure_is_shown_not_raised_into_the_kernel():
 def test_vm_panel_poller_notices_an_outside_stop_and_stops_on_close():
     vm = LifecycleVM()
     w = dash.vm_panel(vm, poll_interval=0.05)
-    vm.running = False                       # e.g. `labkit vm stop` in a terminal
+    hooks = []
+    w.model.before_stop.append(lambda: hooks.append("before_stop"))
+    vm.stopped_outside = True                # e.g. `labkit vm stop` in a terminal
     eventually(lambda: w.model.state == "stopped", what="the panel to notice the stop")
+    assert hooks == ["before_stop"] and "stopped" in w.model.message    # observers let go of their channels
+    eventually(lambda: not w.start_button.disabled, what="Start enabled")
+    w.start_button.click()                   # this VM object still thinks it runs: cleaned up, then started
+    w.model.wait(10)
+    assert vm.calls == ["stop", "start"] and w.model.state == "running" and not w.model.error
     poller = w.model._poller
     w.close()
     assert not poller.is_alive() and w.model.closed
