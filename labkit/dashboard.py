@@ -830,7 +830,7 @@ def sparkline_svg(points: list[tuple[float, float | None]], title: str, unit: st
                   width: int = 320, height: int = 90) -> str:
     """A small line plot (inline SVG) of (t, value) points; gaps where value is None."""
     vals = [v for _, v in points if v is not None]
-    latest = next((v for _, v in reversed(points) if v is not None), None)
+    latest = points[-1][1] if points else None
     head = (f'<div style="font:12px sans-serif">{html.escape(title)}: '
             f'<b class="labkit-latest">{"-" if latest is None else f"{latest:g} {unit}"}</b></div>')
     if len(points) < 2 or not vals:
@@ -856,6 +856,8 @@ def sparkline_svg(points: list[tuple[float, float | None]], title: str, unit: st
     if cur:
         segments.append(cur)
     lines = "".join(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{" ".join(s)}"/>'
+                    if len(s) > 1 else
+                    f'<circle cx="{s[0].split(",")[0]}" cy="{s[0].split(",")[1]}" r="2.5" fill="{colour}"/>'
                     for s in segments if s)
     axis = (f'<text x="{width - pad}" y="12" font-size="10" text-anchor="end" fill="#6b7280">'
             f'max {hi:g}</text><text x="{width - pad}" y="{height - 6}" font-size="10" text-anchor="end" '
@@ -1112,7 +1114,9 @@ class PinPanel(widgets.VBox):
             f'{num(s.foll_pins_held if s else None)}</td></tr></table>')
         hist = m.history
         self.plot.value = ('<div style="display:flex;gap:12px">'
-                           + sparkline_svg([(x.t, x.vmpin_kb) for x in hist], "VmPin", "kB", "#2563eb")
+                           # no holder process means nothing pinned by it: plotted as 0
+                           + sparkline_svg([(x.t, x.vmpin_kb or 0) for x in hist], "VmPin of the holder", "kB",
+                                           "#2563eb")
                            .join(["<div>", "</div>"])
                            + sparkline_svg([(x.t, x.foll_pins_held) for x in hist], "FOLL_PIN held", "pages",
                                            "#db2777").join(["<div>", "</div>"]) + "</div>")

@@ -394,7 +394,9 @@ def test_matrix_measure_button_runs_lab_matrix_in_the_background():
 def test_sparkline_svg_gaps_and_empty():
     assert "<polyline" not in dash.sparkline_svg([], "VmPin", "kB", "blue")
     svg = dash.sparkline_svg([(0, 0), (1, 2048), (2, None), (3, 2048), (4, 0)], "VmPin", "kB", "blue")
-    assert svg.count("<polyline") == 2 and "0 kB" in svg and "max 2048" in svg
+    assert svg.count("<polyline") == 2 and "<b class=\"labkit-latest\">0 kB" in svg and "max 2048" in svg
+    svg = dash.sparkline_svg([(0, 1), (1, None), (2, 5), (3, None)], "x", "pages", "red")
+    assert svg.count("<circle") == 2 and "<polyline" not in svg and "<b class=\"labkit-latest\">-</b>" in svg
 
 
 def test_only_one_action_at_a_time():
