@@ -5,8 +5,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Host packages: QEMU and its image tool, the image recipe's tools, ssh client.
-APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs cpio xz-utils openssh-client
+# Host packages: QEMU and its image tool, the image recipe's tools, ssh client, and Debian's
+# chromium (the browser test drives it with Playwright; no browser is ever downloaded).
+APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs cpio xz-utils openssh-client chromium
 PYTEST_ARGS ?=
 
 .PHONY: lab test setup host-deps venv images clean help

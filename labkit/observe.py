@@ -62,9 +62,13 @@ class KernelLog:
     def on_line(self, fn: Callable[[LogLine], None]) -> None:
         self.callbacks.append(fn)
 
-    def start(self, since_now: bool = True) -> KernelLog:
+    def command(self, since_now: bool = True) -> str:
+        """The guest command whose output lines are followed (subclasses follow other sources)."""
         cmd = "dmesg --follow-new" if since_now else "dmesg --follow"
-        self._chan = self.vm.ssh.open_channel(f"sh -c {shlex.quote(cmd)}", timeout=10.0)
+        return f"sh -c {shlex.quote(cmd)}"
+
+    def start(self, since_now: bool = True) -> KernelLog:
+        self._chan = self.vm.ssh.open_channel(self.command(since_now), timeout=10.0)
         self._chan.settimeout(0.5)
         self._stop.clear()
         self._thread = threading.Thread(target=self._read, name="labkit-kernel-log", daemon=True)
