@@ -433,6 +433,7 @@ class VM:
         """Restore ``snap`` into a new QEMU, hand the guest this VM's key, load nfit."""
         t0 = time.monotonic()
         phases: dict[str, float] = {}
+        self._progress("labkit: warm start: restoring the prepared guest from its snapshot")
 
         def phase(name: str) -> None:
             phases[name] = round(time.monotonic() - t0 - sum(phases.values()), 3)
@@ -476,6 +477,7 @@ class VM:
         info.phases = phases
         info.warm_error = ""
         self._ready(info, "warm", snap.key)
+        self._progress(f"labkit: ready {info.kernel_release} (warm start in {info.boot_seconds:.1f} s)")
 
     def _spawn(self, cfg: VMConfig, info: VMInfo, timeout: float) -> None:
         """Start QEMU and wait until its console socket exists."""
