@@ -550,3 +550,27 @@ def explain_ndctl(stderr: str) -> str:
         return stderr + ("\n  explanation: the label area left the namespace misaligned; run ndctl "
                          "disable-region, init-labels, enable-region first, or use label-less DIMMs")
     return stderr
+
+
+def compare_matrices(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """Two ``matrix()`` results as text, side by side: the mount warnings and
+    each pin's answer and FOLL_PIN count, marking the rows that differ."""
+    def cell(p: dict) -> str:
+        res = "ok" if p["ok"] else f"{p['errname']} ({p['errno']})"
+        fp = p.get("foll_pin_delta")
+        return f"{res} foll_pin {'-' if fp is None else f'{fp:+d}'}"
+
+    def key(p: dict) -> tuple:
+        return p["ok"], p["errno"], bool(p.get("foll_pin_delta"))
+    lines = []
+    for m in (a, b):
+        warned = [mt["fs"] for mt in m.get("mounts", []) if mt.get("experimental_warning")]
+        lines.append(f"{m['kernel']}: EXPERIMENTAL warning from {', '.join(warned) or 'no filesystem'}")
+    lines.append(f"{'mechanism':9s} {'memory':10s} {a['kernel']:28s} | {b['kernel']}")
+    theirs = {(p["mechanism"], p["memory"], p["mapping"]): p for p in b["pins"]}
+    for p in a["pins"]:
+        q = theirs.get((p["mechanism"], p["memory"], p["mapping"]))
+        other = cell(q) if q else "not measured"
+        mark = "   <- differs" if q and key(p) != key(q) else ""
+        lines.append(f"{p['mechanism']:9s} {p['memory']:10s} {cell(p):28s} | {other}{mark}")
+    return "\n".join(lines)

@@ -9,6 +9,7 @@ serves one client at a time, so a VM keeps a single QMPChannel open.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,14 @@ class QMPChannel:
         self._client: QMPClient | None = None
 
     def _sync(self, coro, timeout: float):
-        return self._loop.run_until_complete(asyncio.wait_for(coro, timeout=timeout))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return self._loop.run_until_complete(asyncio.wait_for(coro, timeout=timeout))
+        # Called from a thread whose own loop is running (a Jupyter kernel runs cells inside
+        # one): our private loop cannot run there, so run it on a helper thread and wait.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(self._loop.run_until_complete, asyncio.wait_for(coro, timeout=timeout)).result()
 
     def connect(self, timeout: float = 5.0) -> QMPChannel:
         client = QMPClient("labkit")
