@@ -249,7 +249,7 @@ def check_capstone_mount(answer: Any, live: Live) -> Result:
         return False, f"nothing is mounted on {mp} in the guest right now"
     fs = line.split()[2]
     dax = live.lab._dax_active(mp)
-    good = fs == "ext4" and dax
+    good = fs == "xfs" and dax
     return good, f"{mp} holds {fs} and a new file there is {'DAX' if dax else 'not DAX'} (statx STATX_ATTR_DAX)"
 
 

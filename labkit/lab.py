@@ -252,6 +252,11 @@ class Lab:
         Only namespaces in the wrong mode are converted, so data survives."""
         want = {"fsdax-xfs": "fsdax", "fsdax-ext4": "fsdax", "devdax": "devdax"}
         nss = self.namespaces()
+        for _ in range(5):      # ndctl can briefly list nothing while a region is still settling
+            if len(nss) >= 3:
+                break
+            time.sleep(1.0)
+            nss = self.namespaces()
         if len(nss) < 3:
             raise LabError(f"the guest has {len(nss)} NVDIMM namespaces; the lab needs 3 "
                            "(start the VM with three NVDIMMs, the default)")
