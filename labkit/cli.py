@@ -28,6 +28,15 @@ EPILOG = "Environment: LABKIT_ACCEL=kvm|tcg forces the accelerator; LABKIT_STATE
          "LABKIT_MIRROR / LABKIT_APT_SOURCES choose the Debian package source for image builds."
 
 
+CHECK_EPILOG = """\
+A notebook saved with outputs (run in JupyterLab) is graded from the answers recorded in
+its outputs; it is never re-run or modified. A notebook without outputs is first executed
+headless (nbclient) in memory against the running lab VM (LABKIT_VM, default 'default').
+Checks compare answers with what the live guest does now.
+
+exit status: 0 every check passed, 1 some check failed, 2 bad input or lab error"""
+
+
 def _err(msg: str) -> None:
     print(f"labkit: {msg}", file=sys.stderr, flush=True)
 
@@ -298,6 +307,18 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from . import grading
+    paths = args.notebooks or grading.default_notebooks()
+    if not paths:
+        _err("no notebooks to check: give notebook paths, e.g. labkit check notebooks/03-rdma-pins.ipynb")
+        return 2
+    say = (lambda s: None) if args.json else (lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
+    results = grading.grade(paths, progress=say)
+    print(grading.dumps(results) if args.json else grading.report(results))
+    return 0 if all(c.passed for r in results for c in r.checks) else 1
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     image.load_image(args.kernel)
     vm = VM(args.name, kernel=args.kernel, persistent=True, on_console_line=_boot_progress(False))
@@ -401,6 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "qemu_rss_mb, accel (medians), plus min/max/raw")
     bn.add_argument("--no-matrix", action="store_true", help="skip the pin matrix (much quicker)")
     bn.set_defaults(func=cmd_bench)
+
+    ck = sub.add_parser("check", help="grade the exercises of course notebooks against the live guest",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=CHECK_EPILOG)
+    ck.add_argument("notebooks", nargs="*", metavar="NOTEBOOK", help="notebook files (default: all of notebooks/)")
+    ck.add_argument("--json", action="store_true", help="machine-readable results (for an LMS or nbgrader)")
+    ck.set_defaults(func=cmd_check)
 
     lab = sub.add_parser("lab", help="start the VM and JupyterLab on notebooks/")
     lab.add_argument("--name", default="default")

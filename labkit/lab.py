@@ -37,6 +37,10 @@ PROBE_PATH = "/run/labkit/pinprobe.py"
 KPROBE = "labkit_cvf"
 MAX_PIN_BYTES = 64 * 2**20
 EXPERIMENTAL = "DAX enabled. Warning: EXPERIMENTAL"
+# A few pin attempts that tell the story (long-term vs transient, fs-dax vs
+# device-dax) for comparing kernels quickly; ``Lab.matrix(cases=SHORT_CASES)``.
+SHORT_CASES = [(mech, mem, "shared") for mech in ("rdma", "v4l2", "io_uring", "odirect")
+               for mem in ("anon", "fsdax-xfs", "devdax")]
 
 
 def choose(value: str, choices: tuple[str, ...], what: str) -> str:
@@ -131,6 +135,15 @@ class PinResult:
     kernel_log: list[str]
     trace: list[str]
     detail: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line for a learner: the kernel's answer and what it did to the counters."""
+        res = "ok" if self.ok else f"{self.errname or 'errno'} ({self.errno})"
+        vp = "-" if self.vmpin_kb_delta is None else f"{self.vmpin_kb_delta:+d} kB"
+        fp = "-" if self.foll_pin_delta is None else f"{self.foll_pin_delta:+d}"
+        why = f"   refused in: {self.trace[0].split(KPROBE + ':', 1)[-1].strip()}" if self.trace else ""
+        return (f"{self.mechanism:8s} {self.memory:10s} {res:16s} VmPin {vp:>9s}  "
+                f"nr_foll_pin_acquired {fp:>5s}{why}")
 
 
 @dataclass
@@ -240,6 +253,11 @@ class Lab:
         Only namespaces in the wrong mode are converted, so data survives."""
         want = {"fsdax-xfs": "fsdax", "fsdax-ext4": "fsdax", "devdax": "devdax"}
         nss = self.namespaces()
+        for _ in range(5):      # ndctl can briefly list nothing while a region is still settling
+            if len(nss) >= 3:
+                break
+            time.sleep(1.0)
+            nss = self.namespaces()
         if len(nss) < 3:
             raise LabError(f"the guest has {len(nss)} NVDIMM namespaces; the lab needs 3 "
                            "(start the VM with three NVDIMMs, the default)")
@@ -439,6 +457,15 @@ class Lab:
                 "--mapping", mapping, "--size", str(size), "--hold", "-1"]
         return open_held_pin(self.vm, " ".join(shlex.quote(a) for a in args))
 
+    def vmpin_kb(self, pid: int) -> int | None:
+        """VmPin (kB) of guest process ``pid`` from /proc/PID/status; None if
+        the process is gone or the kernel does not report VmPin."""
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            raise ConfigError(f"invalid process id {pid!r}", hint="pass the holder's PID, e.g. held.pid")
+        r = self.sh(f"grep '^VmPin:' /proc/{pid}/status || true")
+        m = re.search(r"VmPin:\s+(\d+)\s*kB", r.stdout)
+        return int(m.group(1)) if m else None
+
     def truncate_wait(self, fs: str = "xfs", hold: float = 3.0) -> TruncateWait:
         choose(fs, FILESYSTEMS, "filesystem")
         self._ensure_probe()
@@ -454,8 +481,21 @@ class Lab:
                             detail=data)
 
     # -- the whole picture -------------------------------------------------
-    def matrix(self, progress=None) -> dict[str, Any]:
-        """Every mount and every mechanism x memory kind, measured now."""
+    def pins_matrix(self, pins: list[PinResult]) -> dict[str, Any]:
+        """Pin results already measured, in ``matrix()``'s shape (for
+        ``dashboard.matrix_table``), labelled with the live kernel release."""
+        return {"kernel": self.sh("uname -r").stdout.strip(),
+                "accel": self.vm.accel.accel if self.vm.accel else None, "mounts": [],
+                "pins": [{k: v for k, v in asdict(p).items() if k != "detail"} for p in pins],
+                "truncate_wait": None, "seconds": None}
+
+    def matrix(self, progress=None, cases: list[tuple[str, str, str]] | None = None,
+               truncate: bool = True) -> dict[str, Any]:
+        """Every mount and every mechanism x memory kind, measured now.
+
+        ``cases`` limits the pin attempts to some (mechanism, memory, mapping)
+        triples (e.g. ``SHORT_CASES``, so a notebook can compare two kernels in
+        seconds); ``truncate=False`` skips the truncate demonstration."""
         say = progress or (lambda s: None)
         t0 = time.monotonic()
         say("preparing persistent memory and DAX mounts")
@@ -464,12 +504,19 @@ class Lab:
         say("bringing up soft-RoCE and vivid")
         self.setup_rdma()
         self.setup_vivid()
-        cases = [(mech, mem, mapping) for mech in MECHANISMS for mem in MEMORY_KINDS for mapping in MAPPINGS
-                 if mapping == "shared" or (mech == "rdma" and mem in ("anon", "fsdax-xfs", "fsdax-ext4"))]
+        if cases is None:
+            cases = [(mech, mem, mapping) for mech in MECHANISMS for mem in MEMORY_KINDS for mapping in MAPPINGS
+                     if mapping == "shared" or (mech == "rdma" and mem in ("anon", "fsdax-xfs", "fsdax-ext4"))]
+        for mech, mem, mapping in cases:
+            choose(mech, MECHANISMS, "pin mechanism")
+            choose(mem, MEMORY_KINDS, "memory kind")
+            choose(mapping, MAPPINGS, "mapping")
         say(f"{len(cases)} pin attempts: {', '.join(MECHANISMS)} x {', '.join(MEMORY_KINDS)}")
         pins = self.pin_many(cases, roles=roles)
-        say("truncate while a DAX page is referenced")
-        tw = self.truncate_wait("xfs", hold=1.0)    # one second of blocking makes the point
+        tw = None
+        if truncate:
+            say("truncate while a DAX page is referenced")
+            tw = self.truncate_wait("xfs", hold=1.0)    # one second of blocking makes the point
         uname = self.sh("uname -r").stdout.strip()
         return {
             "kernel": uname,
@@ -478,8 +525,8 @@ class Lab:
                         "kernel_log": m.kernel_log, "ok": m.ok, "options": m.options, "error": m.error}
                        for m in mounts],
             "pins": [{k: v for k, v in asdict(p).items() if k != "detail"} for p in pins],
-            "truncate_wait": {"fs": tw.fs, "blocked": tw.blocked, "seconds": tw.seconds, "where": tw.where,
-                              "completed": tw.completed},
+            "truncate_wait": None if tw is None else {"fs": tw.fs, "blocked": tw.blocked, "seconds": tw.seconds,
+                                                      "where": tw.where, "completed": tw.completed},
             "seconds": round(time.monotonic() - t0, 1),
         }
 
@@ -512,3 +559,27 @@ def explain_ndctl(stderr: str) -> str:
         return stderr + ("\n  explanation: the label area left the namespace misaligned; run ndctl "
                          "disable-region, init-labels, enable-region first, or use label-less DIMMs")
     return stderr
+
+
+def compare_matrices(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """Two ``matrix()`` results as text, side by side: the mount warnings and
+    each pin's answer and FOLL_PIN count, marking the rows that differ."""
+    def cell(p: dict) -> str:
+        res = "ok" if p["ok"] else f"{p['errname']} ({p['errno']})"
+        fp = p.get("foll_pin_delta")
+        return f"{res} foll_pin {'-' if fp is None else f'{fp:+d}'}"
+
+    def key(p: dict) -> tuple:
+        return p["ok"], p["errno"], bool(p.get("foll_pin_delta"))
+    lines = []
+    for m in (a, b):
+        warned = [mt["fs"] for mt in m.get("mounts", []) if mt.get("experimental_warning")]
+        lines.append(f"{m['kernel']}: EXPERIMENTAL warning from {', '.join(warned) or 'no filesystem'}")
+    lines.append(f"{'mechanism':9s} {'memory':10s} {a['kernel']:28s} | {b['kernel']}")
+    theirs = {(p["mechanism"], p["memory"], p["mapping"]): p for p in b["pins"]}
+    for p in a["pins"]:
+        q = theirs.get((p["mechanism"], p["memory"], p["mapping"]))
+        other = cell(q) if q else "not measured"
+        mark = "   <- differs" if q and key(p) != key(q) else ""
+        lines.append(f"{p['mechanism']:9s} {p['memory']:10s} {cell(p):28s} | {other}{mark}")
+    return "\n".join(lines)

@@ -1,5 +1,6 @@
 """Every notebook executes headless (nbclient) against a real guest, and is
-committed without outputs."""
+committed without outputs. All notebooks share one persistent VM (LABKIT_VM),
+booted once; each notebook's run time goes to tests/artifacts/NAME.seconds."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from nbclient import NotebookClient
 from labkit.vm import VM
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+VM_NAME = "test-nb"
 
 
 def test_there_are_notebooks():
-    assert NOTEBOOKS
+    names = [p.name[:3] for p in NOTEBOOKS]
+    assert names == [f"{i:02d}-" for i in range(8)], names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -28,17 +31,39 @@ def test_committed_without_outputs(path):
             assert cell.get("outputs") == [] and cell.get("execution_count") is None, path.name
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS[1:], ids=lambda p: p.name)
+def test_course_notebook_shape(path):
+    """Objectives and time up front, a prediction prompt, an exercise, a later-kernels note."""
+    nb = nbformat.read(path, as_version=4)
+    first = nb.cells[0].source
+    assert "Learning objectives" in first and "Estimated time" in first
+    text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert "Predict first" in text and "What changed in later kernels" in text
+    assert any("exercise" in c.metadata.get("tags", []) for c in nb.cells)
+
+
+@pytest.fixture(scope="module")
+def shared_vm():
+    """One persistent VM for all notebooks (each notebook attaches to it through
+    labkit.connect()); stopped, with notebook 6's second-kernel VM, at the end."""
+    from conftest import require_image
+    from labkit import image
+    for k in image.KERNELS:
+        require_image(k)
+    yield VM_NAME
+    for name in (VM_NAME, f"{VM_NAME}-other"):
+        VM(name, persistent=True).stop()
+
+
 @pytest.mark.integration
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs(path, monkeypatch, artifacts):
-    monkeypatch.setenv("LABKIT_VM", "test-nb")
+def test_notebook_runs(path, shared_vm, monkeypatch, artifacts):
+    monkeypatch.setenv("LABKIT_VM", shared_vm)
     nb = nbformat.read(path, as_version=4)
     t0 = time.monotonic()
-    try:
-        NotebookClient(nb, timeout=600, kernel_name="python3",
-                       resources={"metadata": {"path": str(path.parent)}}).execute()
-    finally:
-        VM("test-nb", persistent=True).stop()
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
     seconds = time.monotonic() - t0
     (artifacts / f"{path.stem}.seconds").write_text(f"{seconds:.1f}\n")
     nbformat.write(nb, artifacts / path.name)

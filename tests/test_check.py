@@ -1,0 +1,225 @@
+"""``labkit check``: blank notebooks score zero, the reference solutions score
+full marks (filled into copies of the real notebooks, executed headless and
+checked against a real guest), the --json shape, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from labkit import grading
+from labkit.course import EXERCISES, Live, check_history, check_release
+from labkit.lab import Lab
+from labkit.qmp import QMPChannel
+from labkit.vm import VM
+
+from course_solutions import SOLUTIONS, fill
+
+ROOT = Path(__file__).parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]-*.ipynb"))
+VM_NAME = "test-check"
+
+
+def labkit_check(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+    env = dict(os.environ, LABKIT_VM=VM_NAME)
+    return subprocess.run([sys.executable, "-m", "labkit", "check", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=ROOT)
+
+
+# -- logic, no guest -----------------------------------------------------------
+
+def test_every_exercise_has_a_cell_and_a_solution():
+    tagged = {grading.exercise_id(c) for p in NOTEBOOKS for c in nbformat.read(p, as_version=4).cells} - {None}
+    ids = {e.id for e in EXERCISES}
+    assert ids == tagged
+    assert ids == set(SOLUTIONS)
+    for n in ("01", "02", "03", "04", "05", "06", "07"):
+        assert any(e.notebook == n for e in EXERCISES), n
+
+
+def test_answer_payloads_and_literals():
+    assert grading.answer_payload("ex1.1", ...)["blank"]
+    assert grading.answer_payload("ex1.1", None)["blank"]
+    assert grading.answer_payload("ex3.2", {"devdax", "anon"}) == {"id": "ex3.2", "blank": False,
+                                                                    "value": ["anon", "devdax"]}
+    assert grading.literal_answer("answer = ...   # fill in\nrecord('x', answer)")["blank"]
+    assert grading.literal_answer("answer = 'devdax'")["value"] == "devdax"
+    assert grading.literal_answer("answer = lab.namespaces()[0].mode") is None   # needs a run
+
+
+def test_answers_read_from_recorded_outputs():
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("answer = lab.thing()\nrecord('ex1.1', answer)")
+    cell.metadata["tags"] = ["exercise", "ex1.1"]
+    cell.outputs = [nbformat.v4.new_output("display_data", data={
+        grading.MIME: {"id": "ex1.1", "blank": False, "value": "devdax"}, "text/plain": "x"})]
+    nb.cells = [cell]
+    assert grading.answers(nb) == {"ex1.1": {"id": "ex1.1", "blank": False, "value": "devdax"}}
+    cell.outputs = []
+    assert grading.answers(nb)["ex1.1"].get("not_run")
+
+
+class _FakeLab:
+    def sh(self, script):
+        class R:
+            stdout = "6.1.0-56-amd64\n"
+        return R()
+
+
+def test_checks_compare_with_what_the_lab_reports():
+    live = Live(_FakeLab())
+    assert check_release("6.1.0-56-amd64", live)[0]
+    ok, msg = check_release("6.12.1", live)
+    assert not ok and "6.1.0-56-amd64" in msg
+    assert not check_history({"FOLL_PIN": "5.6"}, live)[0]
+
+
+def test_qmp_sync_from_inside_a_running_event_loop():
+    """A Jupyter kernel runs cells inside an event loop; QMP calls (vm.stop()) must still work there."""
+    ch = QMPChannel(Path("/nonexistent"))
+
+    async def value():
+        return 42
+
+    async def inside():
+        return ch._sync(value(), 1.0)
+    assert asyncio.run(inside()) == 42
+
+
+@pytest.mark.parametrize("make, expect", [
+    (lambda d: d / "missing.ipynb", "no such file"),
+    (lambda d: d, "is a directory"),
+    (lambda d: (d / "notes.ipynb").write_text("not json") and d / "notes.ipynb", "not a Jupyter notebook"),
+    (lambda d: nbformat.write(nbformat.v4.new_notebook(), d / "empty.ipynb") or d / "empty.ipynb",
+     "not a labkit course notebook"),
+], ids=["missing", "directory", "not-json", "not-course"])
+def test_bad_input_is_a_clear_error(tmp_path, make, expect):
+    r = labkit_check(str(make(tmp_path)), timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert expect in r.stderr and "hint:" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_help_documents_exit_codes_and_reading_rule():
+    r = subprocess.run([sys.executable, "-m", "labkit", "check", "--help"], capture_output=True, text=True)
+    assert "0 every check passed, 1 some check failed, 2" in r.stdout
+    assert "without outputs is first executed" in r.stdout
+
+
+# -- against a real guest ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def check_vm():
+    from conftest import require_image
+    from labkit import image
+    for k in image.KERNELS:
+        require_image(k)
+    vm = VM(VM_NAME, persistent=True)
+    vm.start()
+    try:
+        yield vm
+    finally:
+        for name in (VM_NAME, f"{VM_NAME}-other"):      # notebook 6 boots the other kernel as NAME-other
+            VM(name, persistent=True).stop()
+
+
+def _assert_json_shape(data: dict, paths: list[Path]) -> None:
+    assert set(data) == {"notebooks", "score", "max", "passed"}
+    assert [Path(n["path"]).name for n in data["notebooks"]] == [p.name for p in paths]
+    for n in data["notebooks"]:
+        assert set(n) == {"path", "notebook", "executed", "cell_errors", "score", "max", "checks"}
+        for c in n["checks"]:
+            assert set(c) == {"id", "title", "points", "max", "passed", "message"}
+            assert c["points"] in (0, c["max"]) and c["message"]
+        assert n["score"] == sum(c["points"] for c in n["checks"])
+    assert data["max"] == sum(e.points for e in EXERCISES)
+    assert data["score"] == sum(n["score"] for n in data["notebooks"])
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(2400)
+def test_blank_notebooks_score_zero(check_vm, tmp_path, artifacts):
+    copies = []
+    for p in NOTEBOOKS:      # copies, so nothing can touch the committed notebooks
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+        copies.append(tmp_path / p.name)
+    t0 = time.monotonic()
+    r = labkit_check("--json", *map(str, copies))
+    (artifacts / "check-blank.seconds").write_text(f"{time.monotonic() - t0:.1f}\n")
+    assert r.returncode == 1, r.stderr[-3000:]
+    data = json.loads(r.stdout)
+    (artifacts / "check-blank.json").write_text(r.stdout)
+    _assert_json_shape(data, copies)
+    assert data["score"] == 0 and not data["passed"]
+    for n in data["notebooks"]:
+        assert n["executed"] and not n["cell_errors"], n
+        for c in n["checks"]:
+            assert not c["passed"] and "not answered yet" in c["message"], c
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(2400)
+def test_reference_solutions_score_full_marks(check_vm, tmp_path, artifacts):
+    copies = []
+    for p in NOTEBOOKS:
+        nb = nbformat.read(p, as_version=4)
+        assert fill(nb), p.name
+        nbformat.write(nb, tmp_path / p.name)
+        copies.append(tmp_path / p.name)
+    t0 = time.monotonic()
+    r = labkit_check(*map(str, copies))        # the text report first ...
+    (artifacts / "check-solutions.seconds").write_text(f"{time.monotonic() - t0:.1f}\n")
+    (artifacts / "check-solutions.txt").write_text(r.stdout + r.stderr)
+    total = sum(e.points for e in EXERCISES)
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
+    assert f"Score: {total}/{total}" in r.stdout
+    assert "FAIL" not in r.stdout and "note: cell" not in r.stdout   # no cell raised
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1200)
+def test_graded_from_saved_outputs_without_rerun(check_vm, tmp_path):
+    """A notebook saved with outputs is graded from them: an answered
+    notebook-1 exercise passes, and the file is not modified."""
+    src = next(p for p in NOTEBOOKS if p.name.startswith("01-"))
+    nb = nbformat.read(src, as_version=4)
+    fill(nb)
+    lab = Lab(check_vm)
+    lab.prepare_pmem()
+    mode = next(ns.mode for ns in lab.namespaces() if ns.chardev)
+    for cell in nb.cells:       # what JupyterLab saves after the learner ran the exercise cells
+        ex = grading.exercise_id(cell)
+        if ex:
+            value = mode if ex == "ex1.1" else lab.namespaces()[0].size // 2**20
+            cell.outputs = [nbformat.v4.new_output("display_data", data={
+                grading.MIME: grading.answer_payload(ex, value), "text/plain": "recorded"})]
+            cell.execution_count = 1
+    path = tmp_path / src.name
+    nbformat.write(nb, path)
+    before = path.read_bytes()
+    r = labkit_check("--json", str(path), timeout=600)
+    data = json.loads(r.stdout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert data["notebooks"][0]["executed"] is False and data["passed"]
+    assert path.read_bytes() == before
+
+
+@pytest.mark.integration
+def test_vmpin_kb_of_a_held_registration(check_vm):
+    lab = Lab(check_vm)
+    lab.setup_rdma()
+    held = lab.hold_pin("rdma", "anon", size=2 * 2**20)
+    try:
+        assert held.ok
+        assert lab.vmpin_kb(held.pid) == 2048        # the live guest, as FACTS.md measured
+    finally:
+        held.release()
+    assert lab.vmpin_kb(held.pid) is None            # the holder has exited
