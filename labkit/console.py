@@ -78,7 +78,8 @@ class ConsoleChannel:
             except pexpect.TIMEOUT as exc:
                 raise GuestTimeout("the guest to boot (readiness marker on the console)", timeout,
                                    seen + (self.child.before or "")) from exc
-            except pexpect.EOF as exc:
+            except (pexpect.EOF, OSError) as exc:
+                # EOF or ECONNRESET: QEMU exited (e.g. it could not bind the SSH port) or crashed.
                 raise LaunchError("QEMU closed the console before the guest was ready "
                                   "(it exited or crashed)", output=seen + (self.child.before or "")) from exc
             line = self.child.after.rstrip("\r\n")
