@@ -49,7 +49,7 @@ BOOT_TIMEOUT = {"tcg": 120.0, "kvm": 60.0}
 MIN_FREE_MB = 256          # room for the disk overlay's growth and the logs
 # A command that prints nothing for PROBE_AFTER s has the guest's sshd probed;
 # HUNG_AFTER s of unanswered probes (with QEMU reporting running CPUs) is a hang.
-PROBE_AFTER, HUNG_AFTER = 5.0, 10.0
+PROBE_AFTER, HUNG_AFTER = 5.0, 15.0
 
 
 class VMState(enum.Enum):

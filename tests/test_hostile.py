@@ -157,10 +157,11 @@ def _non_utf8_literal(vm: VM, n: int) -> str:
 
 
 def _upload_literal(vm: VM, n: int) -> str:
-    path = "/tmp/up" + inj(n)["semi"].replace("\n", "")
+    path = "/tmp/up" + inj(n)["semi"]            # a directory "/tmp/up; touch /tmp", taken literally
+    vm.run(["mkdir", "-p", path.rsplit("/", 1)[0]], check=True)
     vm.ssh.upload(b"x", path)
     assert vm.run(["cat", path]).stdout == "x"
-    vm.run(["rm", "-f", path], check=True)
+    vm.run(["rm", "-rf", "/tmp/up; touch "], check=True)
     return "literal"
 
 
