@@ -58,6 +58,12 @@ class ConsoleChannel:
                 s.close()
                 last = exc
                 time.sleep(0.05)
+        qemu_log = self.path.parent / "qemu.log"
+        if qemu_log.exists() and qemu_log.stat().st_size:
+            # The socket was made but nobody listens: QEMU exited during
+            # start-up (e.g. it could not bind the SSH port); say why.
+            raise LaunchError(f"cannot connect to the serial console at {self.path}: {last}; QEMU exited",
+                              output=qemu_log.read_text(errors="replace"))
         raise ChannelError(f"cannot connect to the serial console at {self.path}: {last}")
 
     def expect(self, patterns: list[str], timeout: float) -> int:

@@ -602,6 +602,14 @@ class VM:
                 self.status() is VMState.DEAD:
             raise self._death_error() from exc
         status = self._qmp_status()
+        if status is None:
+            # QMP silent and the connection gone: QEMU may be exiting right now
+            # (its sockets close before the process is reaped), e.g. after a panic.
+            deadline = Deadline(3.0)
+            while not deadline.expired:
+                if not self._qemu_alive():
+                    raise self._death_error() from exc
+                time.sleep(0.05)
         if status not in (None, "running"):
             raise self._hung_error(status, getattr(exc, "seconds", 0.0)) from exc
         if status == "running" and isinstance(exc, ChannelError) and self._ssh is not None \
