@@ -233,6 +233,17 @@ def cmd_vm_console(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    """argparse type for a TCP port the learner's browser will use."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1024 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range (use 1024..65535)")
+    return port
+
+
 def _command(words: list[str]) -> list[str]:
     return words[1:] if words[:1] == ["--"] else words
 
@@ -432,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab = sub.add_parser("lab", help="start the VM and JupyterLab on notebooks/")
     lab.add_argument("--name", default="default")
     lab.add_argument("--kernel", choices=kernels, default=image.DEFAULT_KERNEL)
-    lab.add_argument("--port", type=int, default=8888)
+    lab.add_argument("--port", type=_port, default=8888)
     lab.add_argument("--no-browser", action="store_true")
     lab.set_defaults(func=cmd_lab)
     return p

@@ -15,7 +15,7 @@ ACCELS = ("kvm", "tcg")
 
 def check_name(name: str) -> str:
     """VM names become directory names and QEMU ids: keep them boring."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):   # fullmatch: no trailing newline
         raise ConfigError(f"invalid VM name {name!r}",
                           hint="use 1-32 characters: lower-case letters, digits, '-' and '_', "
                                "starting with a letter or digit")

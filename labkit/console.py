@@ -58,6 +58,12 @@ class ConsoleChannel:
                 s.close()
                 last = exc
                 time.sleep(0.05)
+        qemu_log = self.path.parent / "qemu.log"
+        if qemu_log.exists() and qemu_log.stat().st_size:
+            # The socket was made but nobody listens: QEMU exited during
+            # start-up (e.g. it could not bind the SSH port); say why.
+            raise LaunchError(f"cannot connect to the serial console at {self.path}: {last}; QEMU exited",
+                              output=qemu_log.read_text(errors="replace"))
         raise ChannelError(f"cannot connect to the serial console at {self.path}: {last}")
 
     def expect(self, patterns: list[str], timeout: float) -> int:
@@ -78,7 +84,8 @@ class ConsoleChannel:
             except pexpect.TIMEOUT as exc:
                 raise GuestTimeout("the guest to boot (readiness marker on the console)", timeout,
                                    seen + (self.child.before or "")) from exc
-            except pexpect.EOF as exc:
+            except (pexpect.EOF, OSError) as exc:
+                # EOF or ECONNRESET: QEMU exited (e.g. it could not bind the SSH port) or crashed.
                 raise LaunchError("QEMU closed the console before the guest was ready "
                                   "(it exited or crashed)", output=seen + (self.child.before or "")) from exc
             line = self.child.after.rstrip("\r\n")

@@ -84,13 +84,34 @@ class GuestTimeout(LabError):
         self.output = output
 
 
-class GuestPanic(LabError):
+class GuestDied(LabError):
+    """QEMU went away under the lab (killed, crashed, or the guest kernel panicked)."""
+
+    def __init__(self, message: str, pid: int = 0, console_tail: str = "") -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.console_tail = console_tail
+        self.hint = ("start it again: `labkit vm start` (or vm.start() / vm.reset() from Python); "
+                     "its disk and persistent memory are kept")
+
+
+class GuestPanic(GuestDied):
     """The guest kernel panicked; the console log around it is kept."""
 
-    def __init__(self, console_tail: str) -> None:
-        super().__init__("the guest kernel panicked\n--- console ---\n" + console_tail.strip()[-3000:])
-        self.console_tail = console_tail
-        self.hint = "restart the VM (`labkit vm stop` then `labkit vm start`)"
+    def __init__(self, console_tail: str, pid: int = 0) -> None:
+        super().__init__("the guest kernel panicked\n--- console ---\n" + console_tail.strip()[-3000:], pid,
+                         console_tail)
+
+
+class StateDirError(LabError):
+    """The VM's state directory cannot be written (read-only, full, no permission)."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        super().__init__(f"the VM state directory {path} {problem}")
+        self.path = path
+        self.problem = problem
+        self.hint = ("free some space there, or point LABKIT_STATE_DIR to a writable directory "
+                     "with room for the VM's disk and persistent memory")
 
 
 class CommandFailed(LabError):
@@ -107,6 +128,37 @@ class CommandFailed(LabError):
 
 class ChannelError(LabError):
     """The SSH, console or QMP channel to the guest broke or could not be opened."""
+
+
+class SSHDropped(ChannelError):
+    """The SSH connection closed under a running command (sshd restarted, guest
+    network reset); the guest itself is alive and the next command reconnects."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__(f"the SSH connection to the guest dropped while running {command!r} "
+                         "(sshd in the guest was killed or restarted); the command's outcome is unknown")
+        self.command = command
+        self.hint = "run the command again: the next command reconnects"
+
+
+class GuestHung(GuestTimeout):
+    """The guest stopped answering while QEMU still runs: its CPUs are paused
+    (QMP ``stop``, an I/O error) or something in the guest starves sshd."""
+
+    def __init__(self, reason: str, seconds: float, qmp_status: str = "") -> None:
+        LabError.__init__(self, f"the guest stopped responding ({seconds:.1f} s without an answer): {reason}")
+        self.what = reason
+        self.seconds = seconds
+        self.output = ""
+        self.reason = reason
+        self.qmp_status = qmp_status
+        if qmp_status == "paused":
+            self.hint = "resume it with vm.qmp.command('cont'), or restart it with vm.reset() / `labkit vm stop`"
+        elif qmp_status == "io-error":
+            self.hint = ("free space on the disk that holds the VM's state directory, then restart the VM "
+                         "(`labkit vm stop`, `labkit vm start`)")
+        else:
+            self.hint = "restart the VM: vm.reset() or `labkit vm stop` then `labkit vm start`"
 
 
 class HostKeyMismatch(ChannelError):
@@ -130,10 +182,13 @@ class StateError(LabError):
 
 
 class VMInUse(LabError):
-    """Another process holds the VM's lock."""
+    """Another process holds the VM's lifecycle lock (it is starting, stopping
+    or resetting the VM)."""
 
-    def __init__(self, name: str, pid: int) -> None:
-        super().__init__(f"VM {name!r} is in use by PID {pid}")
+    def __init__(self, name: str, pid: int, waited: float = 0.0) -> None:
+        super().__init__(f"VM {name!r} is in use by PID {pid}, which is starting, stopping or resetting it "
+                         f"(waited {waited:.0f} s for it to finish)")
         self.name = name
         self.pid = pid
-        self.hint = "stop that process or use another --name"
+        self.waited = waited
+        self.hint = "wait for that process, stop it, or use another --name"

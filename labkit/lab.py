@@ -45,7 +45,7 @@ SHORT_CASES = [(mech, mem, "shared") for mech in ("rdma", "v4l2", "io_uring", "o
 
 def choose(value: str, choices: tuple[str, ...], what: str) -> str:
     """``value`` if it is one of ``choices``, else a ConfigError listing them."""
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ConfigError(f"unknown {what} {value!r}", hint=f"choose one of: {', '.join(choices)}")
     return value
 
@@ -53,12 +53,39 @@ def choose(value: str, choices: tuple[str, ...], what: str) -> str:
 def check_mount_options(options: str) -> str:
     """Mount options from a closed vocabulary (no shell or mount-helper tricks)."""
     if not isinstance(options, str) or len(options) > 200:
-        raise ConfigError("mount options must be a short string such as 'dax' or 'dax=always'")
+        raise ConfigError("mount options must be a short string such as 'dax' or 'dax=always'",
+                          hint="use a comma-separated list of: " + ", ".join(sorted(ALLOWED_MOUNT_OPTIONS)))
     for opt in filter(None, options.split(",")):
         if not MOUNT_OPTION_RE.match(opt) or opt not in ALLOWED_MOUNT_OPTIONS:
             raise ConfigError(f"mount option {opt!r} is not allowed",
                               hint="use a comma-separated list of: " + ", ".join(sorted(ALLOWED_MOUNT_OPTIONS)))
     return options
+
+
+def check_text(value: object, pattern: str, what: str, hint: str, max_len: int = 64) -> str:
+    """``value`` if it is a short str matching ``pattern`` in full (``re.match``
+    with ``$`` would let a trailing newline through), else a ConfigError."""
+    if not isinstance(value, str) or len(value) > max_len or not re.fullmatch(pattern, value):
+        shown = value if not isinstance(value, str) or len(value) <= 80 else value[:77] + "..."
+        raise ConfigError(f"invalid {what} {shown!r}", hint=hint)
+    return value
+
+
+def check_seconds(value: object, what: str, limit: float) -> float:
+    """A number of seconds in 0..limit (no strings, NaN or infinities)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= limit:
+        raise ConfigError(f"{what} {value!r} s is out of range", hint=f"use a number of seconds in 0..{limit:g}")
+    return float(value)
+
+
+MOUNTPOINT_RE = r"/mnt/[a-zA-Z0-9_-]{1,48}"
+DEVICE_RE = r"/dev/(pmem\d{1,3}|dax\d{1,3}\.\d{1,3})"
+NAMESPACE_RE = r"namespace\d{1,3}\.\d{1,3}"
+BLOCK_SIZES = (1024, 2048, 4096)
+
+
+def check_mountpoint(mp: object) -> str:
+    return check_text(mp, MOUNTPOINT_RE, "mount point", "use /mnt/NAME (1-48 letters, digits, - and _)")
 
 
 def check_size(size: int, limit: int = MAX_PIN_BYTES) -> int:
@@ -241,8 +268,7 @@ class Lab:
     def set_mode(self, namespace: str, mode: str) -> Namespace:
         """Reconfigure a namespace (its data is lost, as with ndctl)."""
         choose(mode, NS_MODES, "namespace mode")
-        if not re.match(r"^namespace\d+\.\d+$", namespace):
-            raise ConfigError(f"invalid namespace name {namespace!r}", hint="names look like namespace0.0")
+        check_text(namespace, NAMESPACE_RE, "namespace name", "names look like namespace0.0")
         r = self.sh(f"ndctl create-namespace -f -e {shlex.quote(namespace)} -m {mode}", check=False)
         if r.rc != 0:
             raise CommandFailed(r.command, r.rc, r.stdout, explain_ndctl(r.stderr))
@@ -277,6 +303,9 @@ class Lab:
         """Make a filesystem. Refuses to overwrite one that exists unless ``force``."""
         choose(fs, FILESYSTEMS, "filesystem")
         self._check_device(device)
+        if block_size is not None and (isinstance(block_size, bool) or block_size not in BLOCK_SIZES):
+            raise ConfigError(f"block size {block_size!r} is not supported",
+                              hint="use 4096 (what DAX needs), 2048 or 1024, or None for mkfs's choice")
         if not force:
             have = self.sh(f"blkid -o value -s TYPE {shlex.quote(device)} || true").stdout.strip()
             if have:
@@ -289,21 +318,18 @@ class Lab:
 
     @staticmethod
     def _check_device(device: str) -> None:
-        if not re.match(r"^/dev/(pmem\d+|dax\d+\.\d+)$", device):
-            raise ConfigError(f"invalid device {device!r}", hint="use /dev/pmemN (fsdax) or /dev/daxN.M")
+        check_text(device, DEVICE_RE, "device", "use /dev/pmemN (fsdax) or /dev/daxN.M")
 
     def mount(self, fs: str, device: str, mountpoint: str | None = None, options: str = "dax") -> MountResult:
         choose(fs, FILESYSTEMS, "filesystem")
         self._check_device(device)
         check_mount_options(options)
-        mp = mountpoint or f"{MOUNT_ROOT}/fsdax-{fs}"
-        if not re.match(r"^/mnt/[a-zA-Z0-9_-]+$", mp):
-            raise ConfigError(f"invalid mount point {mp!r}", hint="use /mnt/NAME (letters, digits, - and _)")
+        mp = check_mountpoint(f"{MOUNT_ROOT}/fsdax-{fs}" if mountpoint is None else mountpoint)
         q = shlex.quote
         script = (f"mkdir -p {q(mp)} && mountpoint -q {q(mp)} && umount {q(mp)}; "
                   f"mount -t {fs} -o {q(options)} {q(device)} {q(mp)}")
         r, _, log, _ = self.observe(script)
-        mounts = self.sh(f"grep ' {mp} ' /proc/mounts || true").stdout.strip()
+        mounts = self.sh(f"grep {shlex.quote(' ' + mp + ' ')} /proc/mounts || true").stdout.strip()
         return MountResult(fs=fs, device=device, mountpoint=mp, options=options, ok=r.rc == 0,
                            dax_active=self._dax_active(mp) if r.rc == 0 else False,
                            experimental_warning=any(EXPERIMENTAL in ln for ln in log),
@@ -322,8 +348,7 @@ class Lab:
         return r.stdout.strip() == "1"
 
     def umount(self, mountpoint: str) -> None:
-        if not re.match(r"^/mnt/[a-zA-Z0-9_-]+$", mountpoint):
-            raise ConfigError(f"invalid mount point {mountpoint!r}")
+        check_mountpoint(mountpoint)
         self.sh(f"umount {shlex.quote(mountpoint)}", check=False)
 
     def prepare_mounts(self, options: str = "dax") -> list[MountResult]:
@@ -371,8 +396,7 @@ class Lab:
         choose(memory, MEMORY_KINDS, "memory kind")
         choose(mapping, MAPPINGS, "mapping")
         check_size(size)
-        if not 0 <= float(hold) <= 600:
-            raise ConfigError(f"hold time {hold!r} s is out of range", hint="use 0..600 seconds")
+        check_seconds(hold, "hold time", 600)
         args = [mechanism, *self.memory_args(memory, mechanism, roles), "--mapping", mapping]
         if mechanism != "v4l2":
             args += ["--size", str(size)]
@@ -428,7 +452,7 @@ class Lab:
                     roles: dict[str, Namespace] | None = None) -> PinResult:
         """Queue USERPTR buffers in ``memory`` and let vivid write ``frames``
         frames into them: the device writing pinned user memory."""
-        if not isinstance(frames, int) or not 1 <= frames <= 100:
+        if not isinstance(frames, int) or isinstance(frames, bool) or not 1 <= frames <= 100:
             raise ConfigError(f"frame count {frames!r} is out of range", hint="use 1..100 frames")
         argv = self._probe_argv("v4l2", memory, "shared", 2 * 2**20, 0.0, roles) + ["--stream", str(frames)]
         return self._observed_probe(argv, "v4l2", memory, "shared", timeout=60 + 10 * frames)
@@ -468,6 +492,7 @@ class Lab:
 
     def truncate_wait(self, fs: str = "xfs", hold: float = 3.0) -> TruncateWait:
         choose(fs, FILESYSTEMS, "filesystem")
+        hold = check_seconds(hold, "hold time", 20)
         self._ensure_probe()
         args = ["python3", PROBE_PATH, "truncate-wait", "--path", f"{MOUNT_ROOT}/fsdax-{fs}/truncate.dat",
                 "--hold", str(float(hold)), "--timeout", "30"]

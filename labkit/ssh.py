@@ -7,11 +7,13 @@ Kernel messages never appear here: they go to the serial console.
 from __future__ import annotations
 
 import io
+import logging
 import shlex
 import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +21,15 @@ from typing import BinaryIO
 
 import paramiko
 
-from .errors import ChannelError, CommandFailed, GuestTimeout, HostKeyMismatch
+from .errors import ChannelError, CommandFailed, GuestTimeout, HostKeyMismatch, SSHDropped
 from .timeout import Deadline
+
+# paramiko logs a traceback for every refused connection attempt (sshd still
+# starting or restarting) through logging's last-resort handler; the lab
+# reports those failures itself, with a clear message.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+
+RUN_TAG = "LC_LABKIT_RUN"
 
 
 @dataclass(frozen=True)
@@ -115,27 +124,51 @@ class SSHChannel:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def open_channel(self, command: str, timeout: float = 10.0) -> paramiko.Channel:
+    def open_channel(self, command: str, timeout: float = 10.0,
+                     env: dict[str, str] | None = None) -> paramiko.Channel:
         """Start ``command`` on a new session channel; the caller reads and closes it."""
         try:
             chan = self.client.get_transport().open_session(timeout=timeout)
-            chan.exec_command(command)
+            if env:
+                chan.update_environment(env)
+            # surrogateescape: bytes that are not UTF-8 (from argv or a file
+            # name) reach the guest as the same bytes instead of a traceback.
+            chan.exec_command(command.encode("utf-8", "surrogateescape"))
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise ChannelError(f"could not start guest command over SSH: {exc}") from exc
         return chan
 
+    def responsive(self, timeout: float = 5.0) -> bool:
+        """True if the guest's sshd answers a new session within ``timeout``
+        (a stopped or starved guest cannot)."""
+        try:
+            chan = self.client.get_transport().open_session(timeout=timeout)
+        except (ChannelError, paramiko.SSHException, OSError, EOFError):
+            return False
+        chan.close()
+        return True
+
     def run(self, cmd: str | Sequence[str], timeout: float = 60.0, check: bool = False,
             stdin: bytes | str | None = None,
             on_stdout: Callable[[str], None] | None = None,
-            on_stderr: Callable[[str], None] | None = None) -> CommandResult:
+            on_stderr: Callable[[str], None] | None = None,
+            watchdog: Callable[[float], None] | None = None) -> CommandResult:
         """Run ``cmd`` and wait at most ``timeout`` seconds for it.
 
         ``on_stdout``/``on_stderr`` receive text as it arrives (streaming).
+        ``watchdog(quiet_seconds)`` is called about once a second while no
+        output arrives; it raises to end the wait early (dead or hung guest).
+        On KeyboardInterrupt the guest command is sent SIGINT and its channel
+        closed, so the connection stays usable.
         """
         command = quote_command(cmd)
         deadline = Deadline(timeout)
-        chan = self.open_channel(command, timeout=min(10.0, timeout))
+        # The guest's sshd accepts LC_* variables: the tag finds this command's
+        # processes again if it has to be interrupted.
+        tag = uuid.uuid4().hex
+        chan = self.open_channel(command, timeout=min(10.0, timeout), env={RUN_TAG: tag})
         out, err = io.BytesIO(), io.BytesIO()
+        last_data = last_watch = time.monotonic()
         try:
             if stdin is not None:
                 chan.sendall(stdin.encode() if isinstance(stdin, str) else stdin)
@@ -162,18 +195,43 @@ class SSHChannel:
                 if deadline.expired:
                     raise GuestTimeout(f"guest command {command!r}", timeout,
                                        out.getvalue().decode(errors="replace"))
+                now = time.monotonic()
+                if progressed:
+                    last_data = now
+                elif watchdog is not None and now - last_watch >= 1.0:
+                    watchdog(now - last_data)
+                    last_watch = time.monotonic()
                 if not progressed:
                     time.sleep(0.005)
             rc = chan.recv_exit_status() if chan.exit_status_ready() else -1
         except socket.timeout as exc:
             raise GuestTimeout(f"guest command {command!r}", timeout) from exc
+        except KeyboardInterrupt:
+            chan.close()
+            self.interrupt_tagged(tag)
+            raise
         finally:
             chan.close()
         if rc == -1:
-            raise ChannelError(f"SSH connection lost while running {command!r}")
+            raise SSHDropped(command)
         result = CommandResult(command, rc, out.getvalue().decode(errors="replace"),
                                err.getvalue().decode(errors="replace"), deadline.elapsed)
         return result.check() if check else result
+
+    def interrupt_tagged(self, tag: str, timeout: float = 5.0) -> None:
+        """SIGINT (then SIGKILL) every guest process started by the command
+        tagged ``tag``, as Ctrl-C would in a terminal. (The SSH "signal"
+        request would be simpler, but the guest's sshd refuses it.)"""
+        script = (f"pids=$(grep -lz '^{RUN_TAG}={tag}$' /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3); "
+                  "[ -n \"$pids\" ] || exit 0; kill -INT $pids 2>/dev/null; sleep 0.5; "
+                  "kill -KILL $pids 2>/dev/null; exit 0")
+        try:
+            chan = self.open_channel(quote_command(["sh", "-c", script]), timeout=timeout)
+            chan.settimeout(timeout)
+            chan.recv_exit_status()
+            chan.close()
+        except (ChannelError, OSError, EOFError, paramiko.SSHException, socket.timeout):
+            pass    # best effort: the connection may be what was interrupted
 
     def run_passthrough(self, cmd: str | Sequence[str], stdin: BinaryIO | None = None,
                         stdout: BinaryIO | None = None, stderr: BinaryIO | None = None,

@@ -13,6 +13,7 @@ is found through the pidfile and reaped on the next start.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import enum
 import fcntl
@@ -23,8 +24,10 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,8 +37,8 @@ from . import paths, snapshot
 from .accel import AccelChoice, choose_accel
 from .config import Nvdimm, VMConfig, check_name
 from .console import BootInfo, ConsoleChannel
-from .errors import (ChannelError, ConfigError, GuestPanic, GuestTimeout, HostKeyMismatch, LabError,
-                     LaunchError, StateError, VMInUse)
+from .errors import (ChannelError, ConfigError, GuestDied, GuestHung, GuestPanic, GuestTimeout, HostKeyMismatch,
+                     LabError, LaunchError, StateDirError, StateError, VMInUse)
 from .image import DEFAULT_KERNEL, Image, load_image
 from .keys import ensure_client_key
 from .qemu import build_qemu_argv
@@ -44,6 +47,10 @@ from .ssh import CommandResult, SSHChannel
 from .timeout import Deadline
 
 BOOT_TIMEOUT = {"tcg": 120.0, "kvm": 60.0}
+MIN_FREE_MB = 256          # room for the disk overlay's growth and the logs
+# A command that prints nothing for PROBE_AFTER s has the guest's sshd probed;
+# HUNG_AFTER s of unanswered probes (with QEMU reporting running CPUs) is a hang.
+PROBE_AFTER, HUNG_AFTER = 5.0, 15.0
 
 
 class VMState(enum.Enum):
@@ -125,8 +132,29 @@ def pid_is_our_qemu(pid: int, state_dir: Path) -> bool:
 
 
 def _set_pdeathsig() -> None:   # runs in the child between fork and exec
+    # The kernel sends the signal when the *thread* that forked dies, not the
+    # process: a VM started from a short-lived thread would be killed when the
+    # thread ends. Only forks from the main thread use it; the others are
+    # killed at interpreter exit (_kill_throwaways).
+    # (After the fork Python renames the forking thread "main", so compare
+    # with the real main thread's id, taken at import: pthread_self() is kept.)
+    if threading.get_ident() != _MAIN_THREAD:
+        return
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+
+
+_MAIN_THREAD = threading.main_thread().ident
+_THROWAWAY: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_throwaways() -> None:
+    for vm in list(_THROWAWAY):
+        try:
+            vm._kill()
+        except Exception:   # interpreter shutdown: do what can be done
+            pass
 
 
 class VM:
@@ -138,6 +166,12 @@ class VM:
                  boot_timeout: float | None = None, warm: bool = True, tcg_cache_mb: int | None = None,
                  on_console_line: Callable[[str], None] | None = None) -> None:
         self.name = check_name(name)
+        # Validate before anything is created on disk.
+        if not isinstance(memory_mb, int) or isinstance(memory_mb, bool) or not 256 <= memory_mb <= 65536:
+            raise ConfigError(f"guest memory {memory_mb!r} MiB is out of range", hint="use 256..65536")
+        if any(not isinstance(n, int) or isinstance(n, bool) for n in nvdimms):
+            raise ConfigError(f"NVDIMM sizes {nvdimms!r} must be whole MiB", hint="e.g. nvdimms=(512, 512, 512)")
+        self.nvdimms = tuple(Nvdimm(n) for n in nvdimms)
         self.kernel = kernel
         self.persistent = persistent
         self._tmpdir = None
@@ -146,8 +180,12 @@ class VM:
             state_dir = Path(self._tmpdir)
         self.state_dir = Path(state_dir or paths.state_root() / "vms" / name).absolute()
         self.memory_mb = memory_mb
+        self.lock_timeout = 30.0     # how long start/stop wait for another process's start/stop
+        self._unanswered_since: float | None = None
+        self._last_probe = 0.0
+        if not persistent:
+            _THROWAWAY.add(self)
         self.smp = smp or min(2, os.cpu_count() or 1)
-        self.nvdimms = tuple(Nvdimm(int(n)) for n in nvdimms)
         self._accel_forced = accel
         self.boot_timeout = boot_timeout
         self.on_console_line = on_console_line
@@ -191,11 +229,16 @@ class VM:
             raise StateError(self.state, " or ".join(str(s) for s in states), self.name)
 
     @contextmanager
-    def _lock(self, timeout: float = 30.0):
-        """Serialise start/stop of one VM between processes."""
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-        deadline = Deadline(timeout)
+    def _lock(self, timeout: float | None = None):
+        """Serialise lifecycle changes (start, stop, reset, delete) of one VM
+        between processes. Commands do not take it: any number of processes
+        may attach and run commands at the same time."""
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StateDirError(self.state_dir, f"cannot be written ({exc.strerror})") from exc
+        deadline = Deadline(self.lock_timeout if timeout is None else timeout)
         try:
             while True:
                 try:
@@ -203,8 +246,9 @@ class VM:
                     break
                 except BlockingIOError:
                     if deadline.expired:
-                        holder = os.read(fd, 32).decode().strip() or "?"
-                        raise VMInUse(self.name, int(holder) if holder.isdigit() else -1) from None
+                        holder = os.pread(fd, 32, 0).decode().strip() or "?"
+                        raise VMInUse(self.name, int(holder) if holder.isdigit() else -1,
+                                      deadline.elapsed) from None
                     time.sleep(0.1)
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
@@ -244,6 +288,7 @@ class VM:
     def start(self) -> VM:
         """Boot the guest and open its channels; return when SSH works."""
         self._require(VMState.STOPPED, VMState.DEAD)
+        self._check_state_dir()
         with self._lock():
             current = self.status()
             if current is VMState.RUNNING:
@@ -263,6 +308,25 @@ class VM:
         self.state = VMState.RUNNING
         return self
 
+    def _check_state_dir(self) -> None:
+        """Refuse to start with a state dir that cannot be written or is
+        nearly full: a clear error now instead of a QEMU that dies later."""
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            probe = self.state_dir / ".write-test"
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 65536)
+                f.flush()
+                os.fsync(f.fileno())
+            probe.unlink()
+            st = os.statvfs(self.state_dir)
+        except OSError as exc:
+            raise StateDirError(self.state_dir, f"cannot be written ({exc.strerror})") from exc
+        free_mb = st.f_bavail * st.f_frsize // 2**20
+        if free_mb < MIN_FREE_MB:
+            raise StateDirError(self.state_dir, f"has only {free_mb} MiB free; the VM needs at least "
+                                                f"{MIN_FREE_MB} MiB for its disk overlay and logs")
+
     def _reap_stale(self) -> None:
         """Kill a QEMU left behind by a crashed owner and clear stale files."""
         info = VMInfo.load(self.info_path)
@@ -275,6 +339,10 @@ class VM:
                 time.sleep(0.05)
         for f in ("qemu.pid", "qmp.sock", "console.sock"):
             (self.state_dir / f).unlink(missing_ok=True)
+        # The next boot starts console.log afresh: keep the last one (it may
+        # hold a kernel panic the learner has not read yet).
+        if self.console_log.exists() and self.console_log.stat().st_size:
+            self.console_log.replace(self.state_dir / "console.prev.log")
 
     def _prepare_disks(self, image: Image, info: VMInfo) -> None:
         base_sha = image.manifest["artifacts"]["root.ext4"]["sha256"]
@@ -327,6 +395,15 @@ class VM:
             try:
                 self._warm_start(snap, info, pubkey, timeout)
                 return
+            except HostKeyMismatch as exc:
+                # Our own snapshot's guest is not the one it recorded: never
+                # talk to it. Throw the snapshot away; the next start makes one.
+                self._kill()
+                self._close_channels()
+                snapshot.discard(snap.path)
+                exc.hint = ("the warm-start snapshot in the cache was not the guest it claimed to be and has "
+                            "been discarded; start the VM again to make a new one")
+                raise
             except (LaunchError, GuestTimeout, ChannelError) as exc:
                 # A snapshot that does not come back is thrown away, never retried.
                 info.warm_error = str(exc).splitlines()[0]
@@ -460,6 +537,10 @@ class VM:
             self._qmp = QMPChannel(cfg.qmp_socket).connect(timeout=5)
             phase("qemu start")
             snapshot.restore(self._qmp, snap, timeout=deadline.remaining)
+            # QEMU's monitor serves one client at a time: do not keep it from
+            # other processes (a `labkit vm reset` in a terminal, a watchdog).
+            self._qmp.close()
+            self._qmp = None
             phase("restore")
             self.boot = BootInfo(snap.meta["kernel_release"], 0.0, snap.host_key)
             info.kernel_release = snap.meta["kernel_release"]
@@ -566,22 +647,138 @@ class VM:
         return ConsoleChannel(self.state_dir / "console.sock").connect()
 
     def run(self, cmd: str | Sequence[str], timeout: float = 60.0, check: bool = False,
-            stdin: bytes | str | None = None) -> CommandResult:
-        """Run a guest command over SSH. A list is quoted word by word."""
+            stdin: bytes | str | None = None, on_stdout: Callable[[str], None] | None = None,
+            on_stderr: Callable[[str], None] | None = None) -> CommandResult:
+        """Run a guest command over SSH. A list is quoted word by word.
+
+        A dead QEMU raises GuestDied (GuestPanic after a kernel panic) at once;
+        a guest that stops answering during the command raises GuestHung
+        (paused CPUs within ~2 s, a starved sshd within ~PROBE_AFTER+HUNG_AFTER s)
+        instead of waiting for ``timeout``."""
+        self._check_alive()
+        self._unanswered_since = None
         try:
-            return self.ssh.run(cmd, timeout=timeout, check=check, stdin=stdin)
+            return self.ssh.run(cmd, timeout=timeout, check=check, stdin=stdin, on_stdout=on_stdout,
+                                on_stderr=on_stderr, watchdog=self._watchdog)
+        except GuestHung:
+            raise
         except (ChannelError, GuestTimeout) as exc:
             self._explain_failure(exc)
             raise
 
+    # -- fault detection -----------------------------------------------------
+    def _qemu_alive(self) -> bool:
+        if self._proc is not None:
+            self._proc.poll()       # reap our own child so it does not linger as a zombie
+        return pid_is_our_qemu(self._read_pid() or (self.info.pid if self.info else 0), self.state_dir)
+
+    def _check_alive(self) -> None:
+        """GuestDied/GuestPanic if QEMU is gone; adopt a restart done by another process."""
+        if self.state is not VMState.RUNNING:
+            return
+        if not self._qemu_alive():
+            raise self._death_error()
+        info = VMInfo.load(self.info_path)
+        if self.info and info and info.state == "running" and info.pid != self.info.pid:
+            # Another process restarted this VM (e.g. `labkit vm reset`): follow it.
+            if self._ssh is not None:
+                self._ssh.close()
+            self.info = info
+            self.boot = BootInfo(info.kernel_release, info.guest_uptime_s, tuple(info.host_key))
+            self._ssh = SSHChannel(info.ssh_port, self.key_path, tuple(info.host_key))
+
+    def _death_error(self) -> GuestDied:
+        """What happened to a QEMU that is gone: a panic (with the console text
+        around it) or a kill/crash (with the exit status when it was our child)."""
+        pid = (self.info.pid if self.info else 0) or self._read_pid()
+        self.state = VMState.DEAD
+        self._close_channels_quietly()
+        text = self.console_log.read_text(errors="replace") if self.console_log.exists() else ""
+        at = text.rfind("Kernel panic")
+        if at >= 0:
+            return GuestPanic(text[max(0, at - 2500):at + 2500], pid)
+        how = "killed or crashed"
+        rc = self._proc.returncode if self._proc is not None else None
+        if rc is not None and rc < 0:
+            how = f"killed by {signal.Signals(-rc).name}"
+        elif rc is not None:
+            how = f"exited with status {rc}"
+        qlog = self.qemu_log.read_text(errors="replace").strip()[-1000:] if self.qemu_log.exists() else ""
+        return GuestDied(f"QEMU (PID {pid}) of VM {self.name!r} is no longer running ({how}); the guest is gone"
+                         + (f"\n--- qemu.log ---\n{qlog}" if qlog else ""), pid, text[-3000:])
+
+    def _close_channels_quietly(self) -> None:
+        try:
+            self._close_channels()
+        except Exception:   # closing sockets of a dead QEMU must not hide why it died
+            pass
+
+    def _qmp_status(self, timeout: float = 2.0) -> str | None:
+        """QEMU's run state ('running', 'paused', 'io-error', …), or None if QMP
+        does not answer. A short-lived connection unless this VM holds one:
+        the monitor serves one client at a time and other processes may need it."""
+        try:
+            if self._qmp is not None:
+                return self._qmp.status()
+            with QMPChannel(self.state_dir / "qmp.sock").connect(timeout=timeout) as q:
+                return q.status()
+        except LabError:
+            return None
+
+    def _hung_error(self, status: str, seconds: float) -> GuestHung | GuestPanic:
+        if status == "paused":
+            return GuestHung("QEMU reports the guest's CPUs are paused (QMP status 'paused', e.g. after a "
+                             "QMP 'stop')", seconds, status)
+        if status == "io-error":
+            return GuestHung("QEMU paused the guest after a disk write failed (QMP status 'io-error'): the "
+                             f"disk holding {self.state_dir} is probably full", seconds, status)
+        if status == "guest-panicked":
+            return GuestPanic(self.console_log.read_text(errors="replace")[-5000:], self._read_pid())
+        return GuestHung(f"QEMU reports its state as {status!r}", seconds, status)
+
+    def _watchdog(self, quiet: float) -> None:
+        """Called while a command is silent: end the wait early when QEMU died,
+        the CPUs are paused, or sshd stopped answering although the CPUs run."""
+        if not self._qemu_alive():
+            raise self._death_error()
+        status = self._qmp_status()
+        if status not in (None, "running"):
+            raise self._hung_error(status, quiet)
+        now = time.monotonic()
+        if quiet < PROBE_AFTER or self._ssh is None or now - self._last_probe < 3.0:
+            return
+        self._last_probe = now
+        if self._ssh.responsive(timeout=5.0):
+            self._unanswered_since = None
+            return
+        if self._unanswered_since is None:
+            self._unanswered_since = now
+        elif time.monotonic() - self._unanswered_since >= HUNG_AFTER:
+            raise GuestHung(f"QEMU reports the CPUs running, but the guest's sshd has not answered for "
+                            f"{time.monotonic() - self._unanswered_since:.0f} s: something in the guest "
+                            "(a busy loop at real-time priority, a kernel hang) starves it", quiet, "running")
+
     def _explain_failure(self, exc: LabError) -> None:
-        """If the guest died under a command, say so (panic or QEMU exit)."""
-        if self.status() is VMState.DEAD or not pid_alive(self._read_pid()):
-            text = self.console_log.read_text(errors="replace") if self.console_log.exists() else ""
-            if "Kernel panic" in text:
-                raise GuestPanic(text[text.rfind("Kernel panic") - 2000:]) from exc
-            raise LaunchError("QEMU is no longer running (killed or crashed)",
-                              output=self.qemu_log.read_text(errors="replace")) from exc
+        """After a channel error or timeout: say what really happened to the
+        guest (QEMU gone, kernel panic, CPUs paused, sshd starved), if anything."""
+        if self.state is VMState.RUNNING and self._qemu_alive() is False or \
+                self.status() is VMState.DEAD:
+            raise self._death_error() from exc
+        status = self._qmp_status()
+        if status is None:
+            # QMP silent and the connection gone: QEMU may be exiting right now
+            # (its sockets close before the process is reaped), e.g. after a panic.
+            deadline = Deadline(3.0)
+            while not deadline.expired:
+                if not self._qemu_alive():
+                    raise self._death_error() from exc
+                time.sleep(0.05)
+        if status not in (None, "running"):
+            raise self._hung_error(status, getattr(exc, "seconds", 0.0)) from exc
+        if status == "running" and isinstance(exc, ChannelError) and self._ssh is not None \
+                and self._ssh.is_open and not self._ssh.responsive(timeout=5.0):
+            raise GuestHung("QEMU reports the CPUs running, but the guest's sshd does not answer: "
+                            "something in the guest starves it", 5.0, "running") from exc
 
     # -- stop --------------------------------------------------------------
     def stop(self, timeout: float = 15.0) -> None:
