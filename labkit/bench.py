@@ -30,18 +30,22 @@ LABELS = {
     "matrix_s": ("pin matrix, warm guest, lab prepared", "s"),
     "qemu_rss_mb": ("QEMU resident memory after matrix", "MB"),
     "qemu_rss_peak_mb": ("QEMU peak resident memory", "MB"),
+    "qemu_rss_anon_mb": ("  of which anonymous (guest RAM, TCG cache)", "MB"),
+    "qemu_rss_file_mb": ("  of which file-backed (NVDIMM pages, binaries)", "MB"),
 }
 
 
-def _rss_mb(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) of a process in MB, from /proc."""
+def _rss_mb(pid: int) -> dict[str, float]:
+    """VmRSS, VmHWM, RssAnon, RssFile (+RssShmem) of a process in MB, from /proc."""
     vals = {}
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
             key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
                 vals[key] = int(rest.split()[0]) / 1024
-    return round(vals["VmRSS"], 1), round(vals["VmHWM"], 1)
+    return {"qemu_rss_mb": round(vals["VmRSS"], 1), "qemu_rss_peak_mb": round(vals["VmHWM"], 1),
+            "qemu_rss_anon_mb": round(vals["RssAnon"], 1),
+            "qemu_rss_file_mb": round(vals["RssFile"] + vals.get("RssShmem", 0), 1)}
 
 
 def machine() -> dict[str, Any]:
@@ -102,9 +106,8 @@ def run(kernel: str, runs: int = 3, matrix: bool = True,
                 t = time.monotonic()
                 Lab(vm).matrix()
                 raw["matrix_s"].append(time.monotonic() - t)
-            rss, hwm = _rss_mb(vm.info.pid)
-            raw["qemu_rss_mb"].append(rss)
-            raw["qemu_rss_peak_mb"].append(hwm)
+            for k, v in _rss_mb(vm.info.pid).items():
+                raw[k].append(v)
         finally:
             vm.finish()
     med = {k: round(statistics.median(v), 3 if k.endswith("_s") else 1) for k, v in raw.items() if v}
