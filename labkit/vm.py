@@ -232,7 +232,11 @@ class VM:
     def _lock(self, timeout: float | None = None):
         """Serialise lifecycle changes (start, stop, reset, delete) of one VM
         between processes. Commands do not take it: any number of processes
-        may attach and run commands at the same time."""
+        may attach and run commands at the same time. Re-entrant within this
+        VM object, so a reset holds it across its stop and start."""
+        if getattr(self, "_lock_held", False):
+            yield
+            return
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -252,7 +256,11 @@ class VM:
                     time.sleep(0.1)
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
-            yield
+            self._lock_held = True
+            try:
+                yield
+            finally:
+                self._lock_held = False
         finally:
             os.close(fd)
 
@@ -809,10 +817,11 @@ class VM:
 
         The persistent memory is *kept* (the restored guest finds it as it
         was); ``pmem=True`` is the explicit request to erase it as well."""
-        self.stop(timeout=min(5.0, timeout))
-        if pmem:
-            self.erase_pmem()
-        return self.start()
+        with self._lock():     # one lifecycle change: no other process slips in between
+            self.stop(timeout=min(5.0, timeout))
+            if pmem:
+                self.erase_pmem()
+            return self.start()
 
     def erase_pmem(self) -> None:
         """Zero the VM's persistent memory (only while stopped; explicit only)."""
