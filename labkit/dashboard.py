@@ -44,7 +44,6 @@ import ipywidgets as widgets
 
 from .errors import GuestTimeout, LabError, StateError
 from .observe import KernelLog, LogLine, PinCounters, PinSample, classify
-from .timeout import Deadline
 
 # --------------------------------------------------------------------------
 # Plain models

@@ -25,7 +25,6 @@ through the serial console before SSH is used.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import json
@@ -44,7 +43,7 @@ from .errors import ChannelError, GuestTimeout, LaunchError
 from .image import Image
 from .qemu import build_qemu_argv
 from .qmp import QMPChannel
-from .timeout import Deadline
+from .timeout import Deadline, flock_before
 
 FORMAT = 1
 
@@ -176,17 +175,9 @@ def creation_lock(key: str, timeout: float = 300.0):
     root = snapshots_dir()
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(root / f".{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    deadline = Deadline(timeout)
     try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if deadline.expired:
-                    raise GuestTimeout("another process to finish creating the warm-start snapshot",
-                                       timeout) from None
-                time.sleep(0.2)
+        if not flock_before(fd, Deadline(timeout), poll=0.2):
+            raise GuestTimeout("another process to finish creating the warm-start snapshot", timeout)
         yield
     finally:
         os.close(fd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import time
 from dataclasses import dataclass, field
 
@@ -29,3 +30,16 @@ class Deadline:
     @property
     def expired(self) -> bool:
         return self.elapsed >= self.seconds
+
+
+def flock_before(fd: int, deadline: Deadline, poll: float = 0.1) -> bool:
+    """Take an exclusive flock on ``fd``, retrying until ``deadline``; False if
+    another holder kept it that long (flock itself has no timeout)."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if deadline.expired:
+                return False
+            time.sleep(poll)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import atexit
 import ctypes
 import enum
-import fcntl
 import json
 import os
 import shutil
@@ -26,7 +25,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -44,7 +42,7 @@ from .keys import ensure_client_key
 from .qemu import build_qemu_argv
 from .qmp import QMPChannel
 from .ssh import CommandResult, SSHChannel
-from .timeout import Deadline
+from .timeout import Deadline, flock_before
 
 BOOT_TIMEOUT = {"tcg": 120.0, "kvm": 60.0}
 MIN_FREE_MB = 256          # room for the disk overlay's growth and the logs
@@ -206,6 +204,7 @@ class VM:
         self._ssh: SSHChannel | None = None
         self._qmp: QMPChannel | None = None
         self._console: ConsoleChannel | None = None
+        self._lock_held = False
 
     # -- files -------------------------------------------------------------
     @property
@@ -234,7 +233,7 @@ class VM:
         between processes. Commands do not take it: any number of processes
         may attach and run commands at the same time. Re-entrant within this
         VM object, so a reset holds it across its stop and start."""
-        if getattr(self, "_lock_held", False):
+        if self._lock_held:
             yield
             return
         try:
@@ -244,16 +243,9 @@ class VM:
             raise StateDirError(self.state_dir, f"cannot be written ({exc.strerror})") from exc
         deadline = Deadline(self.lock_timeout if timeout is None else timeout)
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if deadline.expired:
-                        holder = os.pread(fd, 32, 0).decode().strip() or "?"
-                        raise VMInUse(self.name, int(holder) if holder.isdigit() else -1,
-                                      deadline.elapsed) from None
-                    time.sleep(0.1)
+            if not flock_before(fd, deadline):
+                holder = os.pread(fd, 32, 0).decode().strip() or "?"
+                raise VMInUse(self.name, int(holder) if holder.isdigit() else -1, deadline.elapsed)
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             self._lock_held = True
@@ -360,12 +352,18 @@ class VM:
             overlay.unlink(missing_ok=True)
             (self.state_dir / "host_key").unlink(missing_ok=True)
             info.host_key = []
-            r = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
-                                str(image.root), str(overlay)], capture_output=True, text=True)
-            if r.returncode != 0:
-                raise LaunchError("qemu-img could not create the disk overlay",
-                                  ["qemu-img", "create", str(overlay)], r.returncode, r.stderr)
+            self._create_overlay(image.root, "raw")
             info.base_sha256 = base_sha
+
+    def _create_overlay(self, backing: Path, backing_format: str) -> None:
+        """A new root.qcow2 over a read-only ``backing`` disk."""
+        overlay = self.state_dir / "root.qcow2"
+        overlay.unlink(missing_ok=True)
+        r = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", backing_format, "-b",
+                            str(backing), str(overlay)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise LaunchError("qemu-img could not create the disk overlay",
+                              ["qemu-img", "create", str(overlay)], r.returncode, r.stderr)
 
     def _prepare_pmem(self, info: VMInfo) -> None:
         """Create missing pmem files (sparse); never resize or erase existing ones."""
@@ -523,13 +521,7 @@ class VM:
         def phase(name: str) -> None:
             phases[name] = round(time.monotonic() - t0 - sum(phases.values()), 3)
 
-        overlay = self.state_dir / "root.qcow2"
-        overlay.unlink(missing_ok=True)
-        r = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
-                            str(snap.disk), str(overlay)], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise LaunchError("qemu-img could not create the disk overlay",
-                              ["qemu-img", "create", str(overlay)], r.returncode, r.stderr)
+        self._create_overlay(snap.disk, "qcow2")
         info.base_sha256 = "snapshot:" + snap.key   # a later cold boot starts the disk afresh
         info.host_key = list(snap.host_key)         # the snapshot's guest identity, from our own cache
         phase("disk overlay")

@@ -12,7 +12,6 @@ import json
 import mmap
 import os
 import signal
-import time
 
 import pytest
 
