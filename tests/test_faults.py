@@ -315,9 +315,18 @@ print(json.dumps({"ok": r.ok, "pid": os.getpid()}))
 """
 
 CHILD_RESET = r"""
+import sys
 from labkit.vm import VM
 vm = VM.attach("faults")
-print("resetting", flush=True)
+start = vm.start
+
+def start_when_told():
+    # Between reset's stop and its start: the guest is down, the lock must still be held.
+    print("stopped", flush=True)
+    assert sys.stdin.readline().strip() == "go"
+    return start()
+
+vm.start = start_when_told
 vm.reset()
 print("reset", vm.run("echo ok").stdout.strip(), flush=True)
 """
@@ -332,19 +341,25 @@ def test_two_processes_attach_and_lifecycle_lock(fvm):
              for _ in range(2)]
     outs = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
     assert all(o["ok"] for o in outs)
-    resetter = subprocess.Popen([sys.executable, "-c", CHILD_RESET], stdout=subprocess.PIPE, text=True)
+    resetter = subprocess.Popen([sys.executable, "-c", CHILD_RESET], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
     try:
-        assert resetter.stdout.readline().strip() == "resetting"
-        time.sleep(0.3)             # the child's reset holds the lock across its stop and start (>1 s)
+        # The child pauses inside its reset, after the stop and before the start:
+        # no timing guess decides whether the lock is held.
+        assert resetter.stdout.readline().strip() == "stopped"
         other = VM("faults", persistent=True)
         other.lock_timeout = 0.5
         t0 = time.monotonic()
         with pytest.raises(VMInUse) as e:
-            other.stop()
+            other.start()
         detected = time.monotonic() - t0
         assert e.value.pid == resetter.pid and f"in use by PID {resetter.pid}" in str(e.value)
+        resetter.stdin.write("go\n")
+        resetter.stdin.flush()
         assert resetter.stdout.readline().strip() == "reset ok"
     finally:
+        if resetter.poll() is None and not resetter.stdin.closed:
+            resetter.stdin.close()
         resetter.wait(timeout=300)
     # This process's VM object follows the restart made by the other process.
     ok = vm.run("echo followed").stdout == "followed\n"
