@@ -522,6 +522,20 @@ class Lab:
         triples (e.g. ``SHORT_CASES``, so a notebook can compare two kernels in
         seconds); ``truncate=False`` skips the truncate demonstration."""
         say = progress or (lambda s: None)
+        if cases is None:
+            cases = [(mech, mem, mapping) for mech in MECHANISMS for mem in MEMORY_KINDS for mapping in MAPPINGS
+                     if mapping == "shared" or (mech == "rdma" and mem in ("anon", "fsdax-xfs", "fsdax-ext4"))]
+        cases = list(cases)
+        for case in cases:             # all checked before the guest is touched
+            if not isinstance(case, (tuple, list)) or len(case) != 3:
+                raise ConfigError(f"each matrix case must be a (mechanism, memory, mapping) triple, "
+                                  f"not {case!r}; e.g. ('rdma', 'fsdax-xfs', 'shared')")
+            mech, mem, mapping = case
+            choose(mech, MECHANISMS, "pin mechanism")
+            choose(mem, MEMORY_KINDS, "memory kind")
+            choose(mapping, MAPPINGS, "mapping")
+        if not cases:
+            raise ConfigError("no matrix cases given; pass None for all of them, or e.g. labkit.lab.SHORT_CASES")
         t0 = time.monotonic()
         say("preparing persistent memory and DAX mounts")
         mounts = self.prepare_mounts()
@@ -529,13 +543,6 @@ class Lab:
         say("bringing up soft-RoCE and vivid")
         self.setup_rdma()
         self.setup_vivid()
-        if cases is None:
-            cases = [(mech, mem, mapping) for mech in MECHANISMS for mem in MEMORY_KINDS for mapping in MAPPINGS
-                     if mapping == "shared" or (mech == "rdma" and mem in ("anon", "fsdax-xfs", "fsdax-ext4"))]
-        for mech, mem, mapping in cases:
-            choose(mech, MECHANISMS, "pin mechanism")
-            choose(mem, MEMORY_KINDS, "memory kind")
-            choose(mapping, MAPPINGS, "mapping")
         say(f"{len(cases)} pin attempts: {', '.join(MECHANISMS)} x {', '.join(MEMORY_KINDS)}")
         pins = self.pin_many(cases, roles=roles)
         tw = None

@@ -236,10 +236,12 @@ class SSHChannel:
     def run_passthrough(self, cmd: str | Sequence[str], stdin: BinaryIO | None = None,
                         stdout: BinaryIO | None = None, stderr: BinaryIO | None = None,
                         timeout: float | None = None) -> int:
-        """Like ``ssh host cmd``: stream stdin/stdout/stderr, return the exit code."""
+        """Like ``ssh host cmd``: stream stdin/stdout/stderr, return the exit code.
+        Ctrl-C (KeyboardInterrupt) interrupts the guest command too, as in ``run``."""
         stdout = stdout or sys.stdout.buffer
         stderr = stderr or sys.stderr.buffer
-        chan = self.open_channel(quote_command(cmd), timeout=10.0)
+        tag = uuid.uuid4().hex
+        chan = self.open_channel(quote_command(cmd), timeout=10.0, env={RUN_TAG: tag})
         deadline = Deadline(timeout) if timeout else None
 
         def feed() -> None:
@@ -276,6 +278,10 @@ class SSHChannel:
                     raise GuestTimeout("guest command", deadline.seconds)
                 if not busy:
                     time.sleep(0.005)
+        except KeyboardInterrupt:
+            chan.close()
+            self.interrupt_tagged(tag)
+            raise
         finally:
             chan.close()
 

@@ -279,6 +279,29 @@ def test_keyboard_interrupt_leaves_the_guest_usable(fvm):
     record("KeyboardInterrupt during a long vm.run (guest command interrupted too)", detected, None, ok)
 
 
+@pytest.mark.parametrize("how", [["run", "--name", "faults"], ["vm", "ssh", "--name", "faults"]])
+def test_ctrl_c_of_the_cli_interrupts_the_guest_command(fvm, how):
+    """Ctrl-C on `labkit run` / `labkit vm ssh` ends the guest command too."""
+    vm = running(fvm)
+    p = subprocess.Popen(LABKIT + how + ["--", "sh", "-c", "echo started; exec sleep 61"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "started"
+        assert vm.run("pgrep -x -f 'sleep 61'").rc == 0          # it runs in the guest now
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+        detected = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130 and "interrupted" in err, (out, err)
+    assert vm.run("pgrep -x -f 'sleep 61' || echo none").stdout == "none\n"
+    assert detected < BOUND
+    record(f"Ctrl-C of `labkit {' '.join(how[:-2])}` during a guest command", detected, None,
+           vm.run("echo usable").stdout == "usable\n")
+
+
 CHILD_CONNECT = r"""
 import json, os, sys, time
 import labkit

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from labkit.lab import Lab
+from labkit.lab import SHORT_CASES, Lab, compare_matrices
 
 pytestmark = pytest.mark.integration
 
@@ -99,6 +99,21 @@ def test_matrix_cli_json(guest):
     assert pins[("rdma", "fsdax-xfs", "shared")]["errno"] == 95
     assert pins[("rdma", "anon", "shared")]["ok"]
     assert {"blocked", "seconds", "where"} <= set(m["truncate_wait"])
+
+
+def test_short_matrix_measures_exactly_the_cases_asked(lab):
+    """``Lab.matrix(cases=SHORT_CASES, truncate=False)``: what notebook 06
+    compares across kernels."""
+    steps: list[str] = []
+    m = lab.matrix(progress=steps.append, cases=SHORT_CASES, truncate=False)
+    assert m["kernel"] == lab.vm.boot.kernel_release and m["truncate_wait"] is None
+    assert [(p["mechanism"], p["memory"], p["mapping"]) for p in m["pins"]] == SHORT_CASES
+    pins = {(p["mechanism"], p["memory"]): p for p in m["pins"]}
+    assert pins[("rdma", "fsdax-xfs")]["errno"] == 95 and pins[("rdma", "devdax")]["ok"]
+    assert pins[("odirect", "fsdax-xfs")]["ok"]
+    assert steps[0].startswith("preparing") and any("12 pin attempts" in s for s in steps)
+    text = compare_matrices(m, m)
+    assert "differs" not in text and len(text.splitlines()) == 3 + len(SHORT_CASES)
 
 
 def test_pitfall_ext4_small_blocks_refuse_dax(lab):

@@ -7,8 +7,8 @@ import pytest
 
 from labkit.errors import ConfigError
 from labkit.fakes import FakeVM
-from labkit.lab import (Lab, check_mount_options, explain_mount, log_after_marker, parse_ndctl,
-                        parse_sections, refusal_lines)
+from labkit.lab import (KPROBE, SHORT_CASES, Lab, PinResult, check_mount_options, compare_matrices, explain_mount,
+                        log_after_marker, parse_ndctl, parse_sections, refusal_lines)
 
 NDCTL = json.dumps([
     {"dev": "region1", "size": 536870912, "namespaces": [
@@ -97,3 +97,60 @@ def test_mkfs_refuses_to_erase_existing_filesystem():
 def test_explanations():
     assert "-b 4096" in explain_mount(["EXT4-fs (pmem1): unsupported blocksize for DAX"])
     assert "fsdax" in explain_mount(["EXT4-fs (pmem0): DAX unsupported by block device."])
+
+
+@pytest.mark.parametrize("cases, says", [
+    ([("rdma", "hugetlb", "shared")], "memory kind"),
+    ([("rdma", "anon", "shared"), ("dma", "anon", "shared")], "pin mechanism"),
+    ([("rdma", "anon", "both")], "mapping"),
+    ([("rdma", "anon")], "triple"),
+    (["rdma"], "triple"),
+    ([], "no matrix cases"),
+])
+def test_matrix_cases_checked_before_the_guest_is_touched(cases, says):
+    vm = FakeVM()
+    with pytest.raises(ConfigError) as e:
+        Lab(vm).matrix(cases=cases)
+    assert says in str(e.value)
+    assert vm.ssh.commands == []
+
+
+def test_short_cases_are_valid_triples():
+    assert len(SHORT_CASES) == len(set(SHORT_CASES)) == 12
+    assert {c[2] for c in SHORT_CASES} == {"shared"}
+
+
+def pin(mech, mem, ok, errno=None, errname=None, vmpin=None, foll=None, trace=()):
+    return PinResult(mech, mem, "shared", ok, errno, errname, vmpin, foll, [], list(trace))
+
+
+def test_pin_summary_says_answer_counters_and_where_refused():
+    ok = pin("rdma", "anon", True, vmpin=1024, foll=0).summary()
+    assert ok.split() == ["rdma", "anon", "ok", "VmPin", "+1024", "kB", "nr_foll_pin_acquired", "+0"]
+    no = pin("v4l2", "fsdax-xfs", False, 95, "EOPNOTSUPP",
+             trace=[f"{KPROBE}: (check_vma_flags+0x0/0x90) <- __get_user_pages"]).summary()
+    assert no.split()[:8] == ["v4l2", "fsdax-xfs", "EOPNOTSUPP", "(95)", "VmPin", "-", "nr_foll_pin_acquired", "-"]
+    assert no.endswith("refused in: (check_vma_flags+0x0/0x90) <- __get_user_pages")
+    assert pin("odirect", "devdax", False, 14, None).summary().split()[2:4] == ["errno", "(14)"]
+
+
+def matrix(kernel, pins, warned=()):
+    return {"kernel": kernel, "mounts": [{"fs": fs, "experimental_warning": True} for fs in warned],
+            "pins": [{"mechanism": p.mechanism, "memory": p.memory, "mapping": p.mapping, "ok": p.ok,
+                      "errno": p.errno, "errname": p.errname, "foll_pin_delta": p.foll_pin_delta} for p in pins]}
+
+
+def test_compare_matrices_marks_only_rows_that_differ():
+    a = matrix("6.1.0-x", [pin("rdma", "fsdax-xfs", False, 95, "EOPNOTSUPP"),
+                           pin("v4l2", "anon", True, foll=4),
+                           pin("odirect", "devdax", True, foll=1)], warned=("xfs", "ext4"))
+    b = matrix("6.12.0-y", [pin("rdma", "fsdax-xfs", False, 95, "EOPNOTSUPP"),
+                            pin("v4l2", "anon", True, foll=0)])
+    lines = compare_matrices(a, b).splitlines()
+    assert lines[0] == "6.1.0-x: EXPERIMENTAL warning from xfs, ext4"
+    assert lines[1] == "6.12.0-y: EXPERIMENTAL warning from no filesystem"
+    rows = {tuple(line.split()[:2]): line for line in lines[3:]}
+    assert "differs" not in rows[("rdma", "fsdax-xfs")]
+    assert rows[("rdma", "fsdax-xfs")].count("EOPNOTSUPP (95)") == 2
+    assert rows[("v4l2", "anon")].endswith("<- differs")        # foll_pin went from +4 to +0
+    assert rows[("odirect", "devdax")].endswith("| not measured")
