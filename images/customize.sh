@@ -49,6 +49,7 @@ step "building initramfs"
 #    makes its own on first boot, and the host pins it).
 install -m 0755 "$recipe/guest/labkit-init" "$root/sbin/labkit-init"
 install -m 0644 "$recipe/guest/sshd_config" "$root/etc/ssh/sshd_config"
+install -D -m 0644 "$recipe/guest/fstab" "$root/etc/labkit/fstab"
 rm -f "$root"/etc/ssh/ssh_host_*
 mkdir -p "$root/root/.ssh" "$root/lab"
 chmod 0700 "$root/root/.ssh"
