@@ -41,11 +41,16 @@ class FakeSSH:
 
 
 class FakeVM:
-    """Enough of ``labkit.VM`` for the lab layer: ``run``, ``ssh``, ``accel``."""
+    """Enough of ``labkit.VM`` for the lab layer: ``run``, ``ssh``, ``accel``, ``describe``."""
 
-    def __init__(self, rules: list[tuple[str, str, int]] | None = None) -> None:
+    def __init__(self, rules: list[tuple[str, str, int]] | None = None, kernel: str = "6.1") -> None:
         self.ssh = FakeSSH(rules or [])
         self.accel = AccelChoice("tcg", "fake")
+        self.name = "fake"
+        self.kernel = kernel
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kernel": self.kernel, "state": "running"}
 
     def run(self, cmd, timeout: float = 60.0, check: bool = False, stdin=None) -> CommandResult:
         return self.ssh.run(cmd, timeout=timeout, check=check, stdin=stdin)

@@ -43,6 +43,21 @@ SHORT_CASES = [(mech, mem, "shared") for mech in ("rdma", "v4l2", "io_uring", "o
                for mem in ("anon", "fsdax-xfs", "devdax")]
 
 
+def check_cases(cases) -> list[tuple[str, str, str]]:
+    """``cases`` as a list of valid (mechanism, memory, mapping) triples, else a ConfigError."""
+    out = []
+    for case in cases:
+        if not isinstance(case, (tuple, list)) or len(case) != 3:
+            raise ConfigError(f"each matrix case must be a (mechanism, memory, mapping) triple, "
+                              f"not {case!r}; e.g. ('rdma', 'fsdax-xfs', 'shared')")
+        mech, mem, mapping = case
+        out.append((choose(mech, MECHANISMS, "pin mechanism"), choose(mem, MEMORY_KINDS, "memory kind"),
+                    choose(mapping, MAPPINGS, "mapping")))
+    if not out:
+        raise ConfigError("no matrix cases given; pass None for all of them, or e.g. labkit.lab.SHORT_CASES")
+    return out
+
+
 def choose(value: str, choices: tuple[str, ...], what: str) -> str:
     """``value`` if it is one of ``choices``, else a ConfigError listing them."""
     if not isinstance(value, str) or value not in choices:
@@ -525,17 +540,7 @@ class Lab:
         if cases is None:
             cases = [(mech, mem, mapping) for mech in MECHANISMS for mem in MEMORY_KINDS for mapping in MAPPINGS
                      if mapping == "shared" or (mech == "rdma" and mem in ("anon", "fsdax-xfs", "fsdax-ext4"))]
-        cases = list(cases)
-        for case in cases:             # all checked before the guest is touched
-            if not isinstance(case, (tuple, list)) or len(case) != 3:
-                raise ConfigError(f"each matrix case must be a (mechanism, memory, mapping) triple, "
-                                  f"not {case!r}; e.g. ('rdma', 'fsdax-xfs', 'shared')")
-            mech, mem, mapping = case
-            choose(mech, MECHANISMS, "pin mechanism")
-            choose(mem, MEMORY_KINDS, "memory kind")
-            choose(mapping, MAPPINGS, "mapping")
-        if not cases:
-            raise ConfigError("no matrix cases given; pass None for all of them, or e.g. labkit.lab.SHORT_CASES")
+        cases = check_cases(cases)     # all checked before the guest is touched
         t0 = time.monotonic()
         say("preparing persistent memory and DAX mounts")
         mounts = self.prepare_mounts()
@@ -591,6 +596,44 @@ def explain_ndctl(stderr: str) -> str:
         return stderr + ("\n  explanation: the label area left the namespace misaligned; run ndctl "
                          "disable-region, init-labels, enable-region first, or use label-less DIMMs")
     return stderr
+
+
+def matrices_on_two_kernels(lab: Lab, other_kernel: str | None = None,
+                            cases: list[tuple[str, str, str]] | None = None,
+                            truncate: bool = False) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """``lab``'s matrix and the same cases measured on a VM of another kernel
+    (``<name>-other``, started or attached), at the same time: the other VM
+    starts, prepares its persistent memory and measures in a thread while
+    ``lab`` measures. Returns ``(here, there, other_vm)``; the caller stops
+    ``other_vm`` when done. ``cases`` defaults to ``SHORT_CASES``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from . import image
+    from .vm import connect
+
+    cases = list(SHORT_CASES if cases is None else cases)
+    kernel = lab.vm.describe()["kernel"]
+    if other_kernel is None:
+        other_kernel = next(k for k in image.KERNELS if k != kernel)
+    image.check_kernel(other_kernel)
+    if other_kernel == kernel:
+        raise ConfigError(f"the other kernel must differ from this VM's ({kernel})",
+                          hint="choose one of: " + ", ".join(k for k in image.KERNELS if k != kernel))
+    check_cases(cases)                          # before anything starts
+    box: dict[str, Any] = {}
+
+    def measure_there() -> dict[str, Any]:
+        box["vm"] = connect(name=f"{lab.vm.name}-other", kernel=other_kernel)
+        return Lab(box["vm"]).matrix(cases=cases, truncate=truncate)
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labkit-other-kernel")
+    try:
+        there_f = pool.submit(measure_there)
+        here = lab.matrix(cases=cases, truncate=truncate)
+        there = there_f.result(timeout=600)
+    finally:
+        pool.shutdown(wait=False)
+    return here, there, box["vm"]
 
 
 def compare_matrices(a: dict[str, Any], b: dict[str, Any]) -> str:

@@ -8,7 +8,8 @@ import pytest
 from labkit.errors import ConfigError
 from labkit.fakes import FakeVM
 from labkit.lab import (KPROBE, SHORT_CASES, Lab, PinResult, check_mount_options, compare_matrices, explain_mount,
-                        log_after_marker, parse_ndctl, parse_sections, refusal_lines)
+                        log_after_marker, matrices_on_two_kernels, parse_ndctl, parse_sections,
+                        refusal_lines)
 
 NDCTL = json.dumps([
     {"dev": "region1", "size": 536870912, "namespaces": [
@@ -154,3 +155,18 @@ def test_compare_matrices_marks_only_rows_that_differ():
     assert rows[("rdma", "fsdax-xfs")].count("EOPNOTSUPP (95)") == 2
     assert rows[("v4l2", "anon")].endswith("<- differs")        # foll_pin went from +4 to +0
     assert rows[("odirect", "devdax")].endswith("| not measured")
+
+
+@pytest.mark.parametrize("kw, says", [
+    ({"other_kernel": "6.1"}, "must differ"),
+    ({"other_kernel": "5.10"}, "5.10"),
+    ({"cases": [("rdma", "hugetlb", "shared")]}, "memory kind"),
+])
+def test_two_kernel_comparison_checks_before_starting_anything(kw, says, monkeypatch):
+    import labkit.vm
+    monkeypatch.setattr(labkit.vm, "connect", lambda **_: pytest.fail("a VM was started"))
+    vm = FakeVM(kernel="6.1")
+    with pytest.raises(ConfigError) as e:
+        matrices_on_two_kernels(Lab(vm), **kw)
+    assert says in str(e.value)
+    assert vm.ssh.commands == []
