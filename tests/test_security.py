@@ -86,13 +86,14 @@ def test_per_vm_key_and_private_state_dir(svm):
     pub = svm.key_path.with_suffix(".pub").read_text().split()
     assert pub[0] == "ssh-ed25519" and pub[1] == key.get_base64()
     # The guest accepts exactly this VM's key: the one this QEMU passes in fw_cfg
-    # (read by sshd at each login), and no authorized_keys file at all.
+    # (sshd's only authorized-keys file, read at each login), nothing on its disk.
     auth = svm.run(["cat", "/sys/firmware/qemu_fw_cfg/by_name/opt/org.labkit/sshkey/raw"],
                    check=True).stdout.split()
     assert auth[:2] == ["ssh-ed25519", key.get_base64()] and len(auth) == 3
     conf = svm.run(["/usr/sbin/sshd", "-T"], check=True).stdout.lower().splitlines()
-    assert "authorizedkeysfile none" in conf
-    assert "authorizedkeyscommand /bin/cat /sys/firmware/qemu_fw_cfg/by_name/opt/org.labkit/sshkey/raw" in conf
+    assert "authorizedkeysfile /sys/firmware/qemu_fw_cfg/by_name/opt/org.labkit/sshkey/raw" in conf
+    assert "authorizedkeyscommand none" in conf
+    assert not [line for line in conf if line.startswith("authorizedkeysfile") and "qemu_fw_cfg" not in line]
     # Nothing in the state dir is readable by others (the dir itself is 0700 as well).
     for p in (svm.key_path, *svm.state_dir.glob("pmem*.img")):
         assert stat.S_IMODE(p.stat().st_mode) & 0o077 == 0, p
