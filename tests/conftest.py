@@ -5,6 +5,8 @@ command that builds it (a missing image is a broken setup, not a skip)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,18 @@ def require_image(kernel: str) -> image.Image:
         return image.load_image(kernel)
     except Exception as exc:   # fail loudly: the suite must boot real guests
         pytest.fail(f"image {kernel} unavailable ({exc}); run `labkit image build --kernel {kernel}`")
+
+
+@contextmanager
+def persistent_vm(name: str, kernel: str) -> Iterator[VM]:
+    """A started persistent VM (child processes can attach to it by name), stopped afterwards."""
+    require_image(kernel)
+    vm = VM(name, kernel=kernel, persistent=True)
+    vm.start()
+    try:
+        yield vm
+    finally:
+        vm.stop()
 
 
 @pytest.fixture(scope="session", params=list(image.KERNELS))

@@ -27,7 +27,7 @@ from labkit.errors import (GuestDied, GuestHung, GuestPanic, LabError, SSHDroppe
 from labkit.qmp import QMPChannel
 from labkit.vm import VM, VMInfo, VMState
 
-from conftest import ARTIFACTS, require_image
+from conftest import ARTIFACTS, persistent_vm, require_image
 
 pytestmark = pytest.mark.integration
 
@@ -55,13 +55,8 @@ def _write_figures():
 
 @pytest.fixture(scope="module")
 def fvm():
-    require_image(KERNEL)
-    vm = VM("faults", kernel=KERNEL, persistent=True)
-    vm.start()
-    try:
+    with persistent_vm("faults", KERNEL) as vm:
         yield vm
-    finally:
-        vm.stop()
 
 
 def running(vm: VM) -> VM:

@@ -21,7 +21,7 @@ from labkit.errors import ConfigError, LabError
 from labkit.lab import Lab
 from labkit.vm import VM
 
-from conftest import ARTIFACTS, require_image
+from conftest import ARTIFACTS, persistent_vm, require_image
 
 pytestmark = pytest.mark.integration
 
@@ -167,13 +167,8 @@ def _upload_literal(vm: VM, n: int) -> str:
 
 @pytest.fixture(scope="module")
 def hvm():
-    require_image(KERNEL)
-    vm = VM(NAME, kernel=KERNEL, persistent=True)
-    vm.start()
-    try:
+    with persistent_vm(NAME, KERNEL) as vm:
         yield vm
-    finally:
-        vm.stop()
         ARTIFACTS.mkdir(exist_ok=True)
         fig = {"tried": len(OUTCOMES), "refused": sum(v == "refused" for v in OUTCOMES.values()),
                "literal": sum(v == "literal" for v in OUTCOMES.values()), "rows": OUTCOMES}

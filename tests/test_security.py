@@ -25,7 +25,7 @@ from labkit.errors import HostKeyMismatch
 from labkit.ssh import SSHChannel
 from labkit.vm import VM, VMState
 
-from conftest import require_image
+from conftest import persistent_vm, require_image
 
 pytestmark = pytest.mark.integration
 
@@ -34,13 +34,8 @@ KERNEL = "6.1"
 
 @pytest.fixture(scope="module")
 def svm():
-    require_image(KERNEL)
-    vm = VM("secure", kernel=KERNEL, persistent=True)
-    vm.start()
-    try:
+    with persistent_vm("secure", KERNEL) as vm:
         yield vm
-    finally:
-        vm.stop()
 
 
 def socket_inodes(pid: int) -> set[int]:
