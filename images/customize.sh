@@ -41,7 +41,7 @@ rm -f "$root/boot/vmlinuz-$release" "$root/boot/System.map-$release"
 
 # 2. Initramfs: busybox plus exactly the modules needed to mount the root disk.
 step "building initramfs"
-"$py" -m labkit.initramfs --root "$root" --release "$release" \
+"$py" -m labkit.image.initramfs --root "$root" --release "$release" \
     --init "$recipe/initramfs-init" --output "$out/initrd.img" \
     virtio_pci virtio_blk crc32c_generic ext4
 

@@ -4,8 +4,8 @@ Start with ``labkit.VM`` (a QEMU guest with emulated NVDIMMs) or the
 ``labkit`` command line (``labkit --help``).
 """
 
-from .errors import LabError
-from .vm import VM, VMState, connect
+from labkit.errors import LabError
+from labkit.machine import VM, VMState, connect
 
 __all__ = ["VM", "VMState", "LabError", "connect"]
 __version__ = "0.1.0"

@@ -18,9 +18,10 @@ import subprocess
 import sys
 import time
 
-from . import image, paths
-from .errors import LabError, StateError
-from .vm import VM, VMState
+from labkit.image import build as image
+from labkit import paths
+from labkit.errors import LabError, StateError
+from labkit.machine.vm import VM, VMState
 
 EPILOG = "Environment: LABKIT_ACCEL=kvm|tcg forces the accelerator; LABKIT_STATE_DIR moves VM state; " \
          "LABKIT_CACHE_DIR moves the caches (warm-start snapshots); LABKIT_TCG_CACHE_MB=N trades speed " \
@@ -63,7 +64,7 @@ def _end_progress(quiet: bool) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import report, run_checks
+    from labkit.tools.doctor import report, run_checks
     text, ok = report(run_checks())
     print(text)
     return 0 if ok else 1
@@ -141,7 +142,7 @@ def cmd_vm_reset(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from labkit.tools import bench
     kernels = list(image.KERNELS) if args.kernel == "all" else [args.kernel]
     if args.runs < 1 or args.runs > 50:
         _err(f"--runs {args.runs}: use 1..50")
@@ -307,7 +308,7 @@ def format_matrix(m: dict) -> str:
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
-    from .lab import Lab
+    from labkit.lab.core import Lab
     vm = _vm_for(args)
     try:
         say = (lambda s: None) if args.json else (lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
@@ -319,7 +320,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from . import grading
+    from labkit.course import grading
     paths = args.notebooks or grading.default_notebooks()
     if not paths:
         _err("no notebooks to check: give notebook paths, e.g. labkit check notebooks/03-rdma-pins.ipynb")

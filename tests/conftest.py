@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from labkit import image
-from labkit.vm import VM
+from labkit.machine.vm import VM
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 

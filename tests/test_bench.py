@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from labkit.bench import cold_phases
+from labkit.tools.bench import cold_phases
 
 COLD = ("cold_host_s", "cold_qemu_s", "cold_kernel_s", "cold_initramfs_s", "cold_init_s", "cold_ssh_s")
 WARM = ("warm_disk_s", "warm_qemu_s", "warm_restore_s", "warm_ssh_s", "warm_nvdimm_s")
@@ -40,7 +40,7 @@ def test_bench_json_has_the_figures():
         assert sum(b["raw"][k][0] for k in COLD) == pytest.approx(b["raw"]["cold_boot_s"][0], abs=0.05)
         assert b["cold_kernel_s"] > 0 and b["cold_init_s"] > 0
     assert sum(b["raw"][k][0] for k in WARM) <= b["raw"]["warm_start_s"][0] + 0.05
-    report = subprocess.run([sys.executable, "-c", "import json, sys; from labkit.bench import format_report; "
+    report = subprocess.run([sys.executable, "-c", "import json, sys; from labkit.tools.bench import format_report; "
                              "print(format_report(json.load(sys.stdin)))"], input=r.stdout,
                             capture_output=True, text=True, timeout=60)
     assert "kernel, to /init" in report.stdout and "restore of the saved state" in report.stdout

@@ -21,7 +21,7 @@ import pytest
 from playwright.sync_api import sync_playwright
 
 from labkit.timeout import Deadline
-from labkit.vm import VM, free_port
+from labkit.machine.vm import VM, free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--no-first-run", "--disable-background-networking",

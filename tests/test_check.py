@@ -15,11 +15,11 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from labkit import grading
-from labkit.course import EXERCISES, Live, check_history, check_release
+from labkit.course import grading
+from labkit.course.exercises import EXERCISES, Live, check_history, check_release
 from labkit.lab import Lab
-from labkit.qmp import QMPChannel
-from labkit.vm import VM
+from labkit.machine.channels.qmp import QMPChannel
+from labkit.machine.vm import VM
 
 from course_solutions import SOLUTIONS, fill
 

@@ -10,14 +10,14 @@ import time
 
 import pytest
 
-from labkit import dashboard as dash
-from labkit.accel import AccelChoice
+from labkit.course import dashboard as dash
+from labkit.machine.accel import AccelChoice
 from labkit.errors import LabError, LaunchError
-from labkit.fakes import FakeVM
+from labkit.testing.fakes import FakeVM
 from labkit.lab import Lab
-from labkit.observe import LogLine
+from labkit.lab.observe import LogLine
 from labkit.timeout import Deadline
-from labkit.vm import VM
+from labkit.machine.vm import VM
 
 
 def eventually(cond, timeout: float = 10.0, what: str = "condition"):

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-import labkit.vm as vmmod
+import labkit.machine.vm as vmmod
 from labkit.errors import (GuestDied, GuestHung, GuestPanic, LabError, SSHDropped, StateDirError, VMInUse)
-from labkit.qmp import QMPChannel
-from labkit.vm import VM, VMInfo, VMState
+from labkit.machine.channels.qmp import QMPChannel
+from labkit.machine.vm import VM, VMInfo, VMState
 
 from conftest import ARTIFACTS, persistent_vm, require_image
 
@@ -241,7 +241,7 @@ def test_ssh_dropped_mid_stream(fvm):
 
 CHILD_INTERRUPT = r"""
 import json, sys, time
-from labkit.vm import VM
+from labkit.machine.vm import VM
 vm = VM.attach("faults")
 print("started", flush=True)
 t = time.monotonic()
@@ -326,7 +326,7 @@ def test_notebook_kernel_restart_reattaches(fvm):
 
 CHILD_ATTACH = r"""
 import json, os, time
-from labkit.vm import VM
+from labkit.machine.vm import VM
 vm = VM.attach("faults")
 r = vm.run("sleep 2; cat /proc/uptime")
 print(json.dumps({"ok": r.ok, "pid": os.getpid()}))
@@ -334,7 +334,7 @@ print(json.dumps({"ok": r.ok, "pid": os.getpid()}))
 
 CHILD_RESET = r"""
 import sys
-from labkit.vm import VM
+from labkit.machine.vm import VM
 vm = VM.attach("faults")
 start = vm.start
 

@@ -13,7 +13,7 @@ import pytest
 
 from labkit import image
 from labkit.errors import CommandFailed, GuestTimeout
-from labkit.vm import VM, VMInfo, VMState
+from labkit.machine.vm import VM, VMInfo, VMState
 
 pytestmark = pytest.mark.integration
 

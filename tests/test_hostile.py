@@ -19,7 +19,7 @@ import pytest
 
 from labkit.errors import ConfigError, LabError
 from labkit.lab import Lab
-from labkit.vm import VM
+from labkit.machine.vm import VM
 
 from conftest import ARTIFACTS, persistent_vm, require_image
 
@@ -237,7 +237,7 @@ def image_copy(tmp_path_factory):
     """A private, verified copy of the built 6.1 image (the real build is never
     written: its root.ext4 is only hard-linked, and only read)."""
     import shutil
-    from labkit import image as imagemod
+    from labkit.image import build as imagemod
     src = require_image(KERNEL).directory
     base = tmp_path_factory.mktemp("images-pristine")
     d = base / KERNEL
@@ -263,7 +263,7 @@ def image_copy(tmp_path_factory):
 @pytest.mark.parametrize("case", sorted(CORRUPTIONS))
 def test_corrupt_image_is_detected_with_a_rebuild_hint(case, image_copy, tmp_path, monkeypatch):
     import shutil
-    from labkit import image as imagemod
+    from labkit.image import build as imagemod
     from labkit.errors import ImageMissing
     d = tmp_path / "images" / KERNEL
     d.mkdir(parents=True)

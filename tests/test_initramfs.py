@@ -3,7 +3,7 @@
 import pytest
 
 from labkit.errors import ImageBuildError
-from labkit.initramfs import load_order, module_name
+from labkit.image.initramfs import load_order, module_name
 
 DEP = """\
 kernel/fs/ext4/ext4.ko.xz: kernel/lib/crc16.ko.xz kernel/fs/mbcache.ko.xz kernel/fs/jbd2/jbd2.ko.xz

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from labkit.errors import ConfigError
-from labkit.fakes import FakeVM
+from labkit.testing.fakes import FakeVM
 from labkit.lab import (KPROBE, SHORT_CASES, Lab, PinResult, check_mount_options, compare_matrices, explain_mount,
                         log_after_marker, matrices_on_two_kernels, parse_ndctl, parse_sections,
                         refusal_lines)
@@ -163,8 +163,8 @@ def test_compare_matrices_marks_only_rows_that_differ():
     ({"cases": [("rdma", "hugetlb", "shared")]}, "memory kind"),
 ])
 def test_two_kernel_comparison_checks_before_starting_anything(kw, says, monkeypatch):
-    import labkit.vm
-    monkeypatch.setattr(labkit.vm, "connect", lambda **_: pytest.fail("a VM was started"))
+    import labkit.machine.vm
+    monkeypatch.setattr(labkit.machine.vm, "connect", lambda **_: pytest.fail("a VM was started"))
     vm = FakeVM(kernel="6.1")
     with pytest.raises(ConfigError) as e:
         matrices_on_two_kernels(Lab(vm), **kw)

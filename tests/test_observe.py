@@ -4,7 +4,7 @@ pin held open until released."""
 import pytest
 
 from labkit.lab import Lab
-from labkit.observe import KernelLog, PinCounters, classify, parse_sample
+from labkit.lab.observe import KernelLog, PinCounters, classify, parse_sample
 
 
 def test_classify():

@@ -16,7 +16,7 @@ import signal
 import pytest
 
 from labkit.lab import Lab
-from labkit.vm import VM, VMState, pid_alive
+from labkit.machine.vm import VM, VMState, pid_alive
 
 from conftest import ARTIFACTS, require_image
 

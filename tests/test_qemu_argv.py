@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from labkit.config import Nvdimm, VMConfig, check_name
+from labkit.machine.config import Nvdimm, VMConfig, check_name
 from labkit.errors import ConfigError
-from labkit.qemu import build_qemu_argv, kernel_arg, kernel_cmdline, qemu_opt
+from labkit.machine.argv import build_qemu_argv, kernel_arg, kernel_cmdline, qemu_opt
 
 
 def cfg(**kw) -> VMConfig:

@@ -22,8 +22,8 @@ import paramiko
 import pytest
 
 from labkit.errors import HostKeyMismatch
-from labkit.ssh import SSHChannel
-from labkit.vm import VM, VMState
+from labkit.machine.channels.ssh import SSHChannel
+from labkit.machine.vm import VM, VMState
 
 from conftest import persistent_vm, require_image
 
@@ -120,7 +120,7 @@ def test_password_and_foreign_keys_are_refused(svm):
 
 
 def _other_key(svm: VM) -> Path:
-    from labkit.keys import ensure_client_key
+    from labkit.machine.channels.keys import ensure_client_key
     p = svm.state_dir.parent / "not-this-vm-key"
     p.unlink(missing_ok=True)
     p.with_suffix(".pub").unlink(missing_ok=True)

@@ -11,12 +11,12 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from labkit import snapshot
-from labkit.config import Nvdimm, VMConfig
+from labkit.machine import snapshot
+from labkit.machine.config import Nvdimm, VMConfig
 from labkit.errors import GuestTimeout
 from labkit.lab import Lab
-from labkit.ssh import SSHChannel
-from labkit.vm import VM
+from labkit.machine.channels.ssh import SSHChannel
+from labkit.machine.vm import VM
 
 from conftest import require_image
 

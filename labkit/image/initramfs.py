@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import ImageBuildError
+from labkit.errors import ImageBuildError
 
 
 def parse_modules_dep(text: str) -> dict[str, tuple[str, list[str]]]:
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         names = build(args.root, args.release, args.init, args.output, args.modules)
     except ImageBuildError as exc:
-        print(f"labkit.initramfs: {exc}", file=sys.stderr)
+        print(f"labkit.image.initramfs: {exc}", file=sys.stderr)
         return 1
     print(f"labkit-build: initramfs modules: {' '.join(names) or '(all built in)'}", file=sys.stderr)
     return 0

@@ -31,18 +31,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import paths, snapshot
-from .accel import AccelChoice, choose_accel
-from .config import Nvdimm, VMConfig, check_name
-from .console import BootInfo, ConsoleChannel
-from .errors import (ChannelError, ConfigError, GuestDied, GuestHung, GuestPanic, GuestTimeout, HostKeyMismatch,
+from labkit import paths
+from labkit.machine import snapshot
+from labkit.machine.accel import AccelChoice, choose_accel
+from labkit.machine.config import Nvdimm, VMConfig, check_name
+from labkit.machine.channels.console import BootInfo, ConsoleChannel
+from labkit.errors import (ChannelError, ConfigError, GuestDied, GuestHung, GuestPanic, GuestTimeout, HostKeyMismatch,
                      LabError, LaunchError, StateDirError, StateError, VMInUse)
-from .image import DEFAULT_KERNEL, Image, load_image
-from .keys import ensure_client_key
-from .qemu import build_qemu_argv
-from .qmp import QMPChannel
-from .ssh import CommandResult, SSHChannel
-from .timeout import Deadline, flock_before
+from labkit.image.build import DEFAULT_KERNEL, Image, load_image
+from labkit.machine.channels.keys import ensure_client_key
+from labkit.machine.argv import build_qemu_argv
+from labkit.machine.channels.qmp import QMPChannel
+from labkit.machine.channels.ssh import CommandResult, SSHChannel
+from labkit.timeout import Deadline, flock_before
 
 BOOT_TIMEOUT = {"tcg": 120.0, "kvm": 60.0}
 MIN_FREE_MB = 256          # room for the disk overlay's growth and the logs

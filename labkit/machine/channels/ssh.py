@@ -21,8 +21,8 @@ from typing import BinaryIO
 
 import paramiko
 
-from .errors import ChannelError, CommandFailed, GuestTimeout, HostKeyMismatch, SSHDropped
-from .timeout import Deadline
+from labkit.errors import ChannelError, CommandFailed, GuestTimeout, HostKeyMismatch, SSHDropped
+from labkit.timeout import Deadline
 
 # paramiko logs a traceback for every refused connection attempt (sshd still
 # starting or restarting) through logging's last-resort handler; the lab

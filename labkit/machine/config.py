@@ -1,5 +1,5 @@
 """The VM's configuration: a frozen value that fully determines QEMU's command
-line (see ``labkit.qemu.build_qemu_argv``)."""
+line (see ``labkit.machine.argv.build_qemu_argv``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .errors import ConfigError
+from labkit.errors import ConfigError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 ACCELS = ("kvm", "tcg")

@@ -37,13 +37,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import paths
-from .config import VMConfig
-from .errors import ChannelError, GuestTimeout, LaunchError
-from .image import Image
-from .qemu import build_qemu_argv
-from .qmp import QMPChannel
-from .timeout import Deadline, flock_before
+from labkit import paths
+from labkit.machine.config import VMConfig
+from labkit.errors import ChannelError, GuestTimeout, LaunchError
+from labkit.image.build import Image
+from labkit.machine.argv import build_qemu_argv
+from labkit.machine.channels.qmp import QMPChannel
+from labkit.timeout import Deadline, flock_before
 
 FORMAT = 1
 

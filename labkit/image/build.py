@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import paths
-from .errors import HostSetupError, ImageBuildError, ImageMissing
+from labkit import paths
+from labkit.errors import HostSetupError, ImageBuildError, ImageMissing
 
 SUITE = "bookworm"
 KERNELS: dict[str, str] = {
@@ -42,7 +42,7 @@ Progress = Callable[[str], None]
 
 def check_kernel(kernel: str) -> str:
     """Return ``kernel`` if it names a variant, else a ConfigError listing them."""
-    from .errors import ConfigError
+    from labkit.errors import ConfigError
 
     if kernel not in KERNELS:
         raise ConfigError(f"unknown kernel variant {kernel!r}",
@@ -55,7 +55,7 @@ def recipe_files() -> list[Path]:
     rdir = paths.recipe_dir()
     files = [p for p in sorted(rdir.rglob("*"))
              if p.is_file() and paths.images_dir() not in p.parents and "__pycache__" not in p.parts]
-    return files + [paths.PACKAGE_DIR / "initramfs.py"]
+    return files + [Path(__file__).resolve().parent / "initramfs.py"]
 
 
 def recipe_hash(kernel: str) -> str:
@@ -303,7 +303,7 @@ def build_image(kernel: str = DEFAULT_KERNEL, force: bool = False,
                     "LABKIT_MIRROR or LABKIT_APT_SOURCES can point elsewhere")
         shutil.rmtree(work, ignore_errors=True)
         raise ImageBuildError(f"mmdebstrap failed with exit code {rc}", log_tail=text, hint=hint)
-    from .vmlinux import extract
+    from labkit.image.vmlinux import extract
     pvh = extract(work / "vmlinuz", work / "vmlinux")
     say(f"  [{time.monotonic() - t0:5.1f}s] " + ("vmlinux extracted: QEMU boots it through the PVH entry"
                                                  if pvh else "no PVH entry in this kernel: booting vmlinuz"))

@@ -18,8 +18,8 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import paths
-from .timeout import Deadline
+from labkit import paths
+from labkit.timeout import Deadline
 
 PROBE_SECONDS = 6.0
 

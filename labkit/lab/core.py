@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CommandFailed, ConfigError, LabError
-from .ssh import CommandResult
+from labkit.errors import CommandFailed, ConfigError, LabError
+from labkit.machine.channels.ssh import CommandResult
 
 FILESYSTEMS = ("xfs", "ext4")
 MEMORY_KINDS = ("anon", "pagecache", "fsdax-xfs", "fsdax-ext4", "devdax")
@@ -486,7 +486,7 @@ class Lab:
                  size: int = 2 * 2**20, roles: dict[str, Namespace] | None = None):
         """Register a buffer and keep it pinned until ``.release()`` (a HeldPin),
         so a learner can watch VmPin stay up."""
-        from .observe import open_held_pin
+        from labkit.lab.observe import open_held_pin
         choose(mechanism, ("rdma",), "holdable pin mechanism")
         choose(memory, MEMORY_KINDS, "memory kind")
         choose(mapping, MAPPINGS, "mapping")
@@ -608,8 +608,8 @@ def matrices_on_two_kernels(lab: Lab, other_kernel: str | None = None,
     ``other_vm`` when done. ``cases`` defaults to ``SHORT_CASES``."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from . import image
-    from .vm import connect
+    from labkit.image import build as image
+    from labkit.machine.vm import connect
 
     cases = list(SHORT_CASES if cases is None else cases)
     kernel = lab.vm.describe()["kernel"]

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import paramiko
 
-from .errors import ChannelError, GuestTimeout, LabError
-from .timeout import Deadline
+from labkit.errors import ChannelError, GuestTimeout, LabError
+from labkit.timeout import Deadline
 
 HIGHLIGHTS = {
     "experimental": re.compile(r"DAX enabled\. Warning: EXPERIMENTAL"),

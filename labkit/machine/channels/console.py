@@ -17,8 +17,8 @@ from pathlib import Path
 import pexpect
 import pexpect.fdpexpect
 
-from .errors import ChannelError, GuestPanic, GuestTimeout, LaunchError
-from .timeout import Deadline
+from labkit.errors import ChannelError, GuestPanic, GuestTimeout, LaunchError
+from labkit.timeout import Deadline
 
 READY_RE = r"labkit: ready (\S+) uptime=(\S+)"
 HOSTKEY_RE = r"labkit: hostkey (ssh-\S+) (\S+)"

@@ -8,8 +8,10 @@ import socket
 import subprocess
 from dataclasses import dataclass
 
-from . import image, paths, snapshot
-from .accel import choose_accel
+from labkit.image import build as image
+from labkit import paths
+from labkit.machine import snapshot
+from labkit.machine.accel import choose_accel
 
 MIN_QEMU = (7, 0)
 MIN_FREE_GB = 3.0

@@ -154,7 +154,7 @@ def check_rdma_fsdax_errno(answer: Any, live: Live) -> Result:
 
 
 def check_rdma_kinds(answer: Any, live: Live) -> Result:
-    from .lab import MEMORY_KINDS
+    from labkit.lab.core import MEMORY_KINDS
     ok = {k for k in MEMORY_KINDS if live.pin("rdma", k).ok}
     got = _as_set(answer)
     return got == ok, f"you said {sorted(got)}; ibv_reg_mr just succeeded on {sorted(ok)}"
@@ -254,7 +254,7 @@ def check_capstone_mount(answer: Any, live: Live) -> Result:
 
 
 def check_pmem_longterm_kind(answer: Any, live: Live) -> Result:
-    from .lab import MEMORY_KINDS
+    from labkit.lab.core import MEMORY_KINDS
     kind = _text(answer)
     if kind not in MEMORY_KINDS or kind in ("anon", "pagecache"):
         return False, f"{answer!r} is not persistent memory; choose among fsdax-xfs, fsdax-ext4, devdax"

@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import snapshot
-from .image import load_image
-from .vm import VM
+from labkit.machine import snapshot
+from labkit.image.build import load_image
+from labkit.machine.vm import VM
 
 TARGETS = {"cold_boot_s": 6.0, "warm_start_s": 1.0, "reset_s": 1.0, "matrix_s": 15.0, "qemu_rss_mb": 400.0}
 LABELS = {
@@ -112,7 +112,7 @@ def machine() -> dict[str, Any]:
 def run(kernel: str, runs: int = 3, matrix: bool = True,
         progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure; returns medians, min/max, raw values and the machine."""
-    from .lab import Lab
+    from labkit.lab.core import Lab
 
     say = progress or (lambda s: None)
     load_image(kernel)

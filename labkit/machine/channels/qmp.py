@@ -18,7 +18,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
 
-from .errors import ChannelError
+from labkit.errors import ChannelError
 
 
 class QMPChannel:

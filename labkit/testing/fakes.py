@@ -8,8 +8,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .accel import AccelChoice
-from .ssh import CommandResult, quote_command
+from labkit.machine.accel import AccelChoice
+from labkit.machine.channels.ssh import CommandResult, quote_command
 
 Responder = Callable[[str], CommandResult | None]
 
