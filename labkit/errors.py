@@ -13,6 +13,11 @@ class LabError(Exception):
 
     hint: str = ""
 
+    def with_hint(self, hint: str) -> LabError:
+        """This error with ``hint`` (what the learner can do about it)."""
+        self.hint = hint
+        return self
+
     def __str__(self) -> str:
         msg = super().__str__()
         return f"{msg}\n  hint: {self.hint}" if self.hint else msg
@@ -128,6 +133,16 @@ class CommandFailed(LabError):
 
 class ChannelError(LabError):
     """The SSH, console or QMP channel to the guest broke or could not be opened."""
+
+
+class QMPCommandError(ChannelError):
+    """QEMU refused a QMP command; its error class and description are kept."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"QMP command {command} failed: {error_class}: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
 
 
 class SSHDropped(ChannelError):

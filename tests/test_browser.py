@@ -21,7 +21,8 @@ import pytest
 from playwright.sync_api import sync_playwright
 
 from labkit.timeout import Deadline
-from labkit.machine.vm import VM, free_port
+from labkit.machine.process import free_port
+from labkit.machine.vm import VM
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--no-first-run", "--disable-background-networking",

@@ -79,7 +79,7 @@ def test_lab_starts_jupyterlab_with_a_running_vm(tmp_path):
     import time
     import urllib.request
 
-    from labkit.machine.vm import free_port
+    from labkit.machine.process import free_port
 
     port = free_port()
     env = dict(os.environ, LABKIT_STATE_DIR=str(tmp_path))

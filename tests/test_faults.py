@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
-import labkit.machine.vm as vmmod
+import labkit.machine.boot as bootmod
+import labkit.machine.health as healthmod
+import labkit.machine.process as procmod
 from labkit.errors import (GuestDied, GuestHung, GuestPanic, LabError, SSHDropped, StateDirError, VMInUse)
 from labkit.machine.channels.qmp import QMPChannel
 from labkit.machine.vm import VM, VMInfo, VMState
@@ -108,8 +110,8 @@ def test_sigkill_of_qemu_while_idle(fvm):
     pid = vm.info.pid
     os.kill(pid, signal.SIGKILL)
     t0 = time.monotonic()
-    while vmmod.pid_alive(pid) and time.monotonic() - t0 < 5:
-        vm._proc.poll()
+    while procmod.pid_alive(pid) and time.monotonic() - t0 < 5:
+        vm.proc.poll()
         time.sleep(0.02)
     r = subprocess.run(LABKIT + ["vm", "status", "--name", "faults"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 4 and "dead" in r.stdout and "killed" in r.stdout, r.stdout + r.stderr
@@ -126,7 +128,7 @@ def test_stale_pidfile_from_a_dead_qemu_is_not_trusted(fvm):
     (PID reuse): status must say dead, start must not kill that process."""
     vm = running(fvm)
     os.kill(vm.info.pid, signal.SIGKILL)
-    vm._proc.wait(timeout=10)
+    vm.proc.wait(timeout=10)
     decoy = subprocess.Popen(["sleep", "300"])
     try:
         (vm.state_dir / "qemu.pid").write_text(f"{decoy.pid}\n")
@@ -164,7 +166,7 @@ def test_kernel_panic_after_a_command(fvm):
     vm = running(fvm)
     vm.run("nohup sh -c 'sleep 1; echo c > /proc/sysrq-trigger' >/dev/null 2>&1 &", timeout=30)
     t_inject = time.monotonic() + 1.0
-    while vm._qemu_alive() and time.monotonic() - t_inject < 30:
+    while vm.qemu_alive() and time.monotonic() - t_inject < 30:
         time.sleep(0.1)
     with pytest.raises(GuestPanic) as e:
         vm.run("true")
@@ -212,7 +214,7 @@ def test_busy_loop_starving_sshd(tmp_path):
         except GuestHung as exc:      # the loops may starve sshd before it reports the exit
             err = exc
         detected = time.monotonic() - t0
-        bound = vmmod.PROBE_AFTER + vmmod.HUNG_AFTER + 15.0
+        bound = healthmod.PROBE_AFTER + healthmod.HUNG_AFTER + 15.0
         assert detected < bound
         assert err.qmp_status == "running" and "starves" in str(err)
         vm.reset()
@@ -420,12 +422,12 @@ def test_ssh_port_taken_between_probe_and_bind(monkeypatch):
     squatter.listen(1)
     taken = squatter.getsockname()[1]
     picks: list[int] = []
-    real = vmmod.free_port
+    real = bootmod.free_port
 
     def rigged() -> int:
         picks.append(taken if not picks else real())
         return picks[-1]
-    monkeypatch.setattr(vmmod, "free_port", rigged)
+    monkeypatch.setattr(bootmod, "free_port", rigged)
     try:
         with VM("porty", kernel=KERNEL) as v:
             assert len(picks) == 2 and v.info.ssh_port == picks[1] != taken

@@ -16,7 +16,8 @@ import signal
 import pytest
 
 from labkit.lab import Lab
-from labkit.machine.vm import VM, VMState, pid_alive
+from labkit.machine.process import pid_alive
+from labkit.machine.vm import VM, VMState
 
 from conftest import ARTIFACTS, require_image
 
@@ -92,7 +93,7 @@ def test_dax_data_survives_clean_restart_and_sigkill():
         # 2. SIGKILL of QEMU, then start (which reaps the stale pidfile)
         pid = vm.info.pid
         os.kill(pid, signal.SIGKILL)
-        vm._proc.wait(timeout=10)
+        vm.proc.wait(timeout=10)
         assert not pid_alive(pid) and VM("pmemdata", persistent=True).status() is VMState.DEAD
         assert files_state(vm) == before
         assert all(host_has(pmem, n) for n in needles)

@@ -108,6 +108,3 @@ def choose_accel(qemu: str = "qemu-system-x86_64", use_cache: bool = True) -> Ac
         pass
     return choice
 
-
-def clear_cache() -> None:
-    Path(paths.cache_dir() / "accel.json").unlink(missing_ok=True)

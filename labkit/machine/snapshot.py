@@ -19,8 +19,8 @@ A snapshot is shared by all VMs with the same machine (kernel image, QEMU
 version, accelerator, memory, CPUs, NVDIMM sizes) and is identified by a
 hash of exactly those things plus this module's preparation script, so any
 change to them makes a new snapshot rather than restoring a wrong one.
-Per-VM secrets are not in it: each restore installs the VM's own SSH key
-through the serial console before SSH is used.
+Per-VM secrets are not in it: QEMU hands each VM's own public key to the
+guest through fw_cfg, and the restored guest's sshd reads it from there.
 """
 
 from __future__ import annotations
@@ -186,30 +186,79 @@ def creation_lock(key: str, timeout: float = 300.0):
 def save(qmp: QMPChannel, overlay: Path, key: str, kernel: str, meta: dict,
          timeout: float = 120.0) -> Snapshot:
     """Migrate the running guest into a new snapshot directory. The source is
-    left paused (postmigrate); the caller stops it."""
+    left paused (postmigrate); the caller stops it. Nothing is left behind
+    when it fails; a full disk is named as such."""
+    sweep_stale_tmp()
     final = snapshots_dir() / f"{kernel}-{key}"
     tmp = snapshots_dir() / f".tmp-{kernel}-{key}-{os.getpid()}"
     discard(tmp)
     tmp.mkdir(parents=True, mode=0o700)
+    try:
+        meta = _write(qmp, overlay, tmp, dict(meta, key=key, format=FORMAT, kernel=kernel), timeout)
+    except (LaunchError, GuestTimeout, ChannelError, OSError) as exc:
+        discard(tmp)
+        full = _disk_full(snapshots_dir())
+        if full:
+            raise LaunchError(full) from exc
+        raise
+    discard(final)
+    os.rename(tmp, final)
+    prune(kernel, keep=KEEP_PER_KERNEL)
+    return Snapshot(final, meta)
+
+
+def _write(qmp: QMPChannel, overlay: Path, tmp: Path, meta: dict, timeout: float) -> dict:
     state = tmp / "state.mig"
     t0 = time.monotonic()
-    qmp.command("migrate-set-capabilities",
-                capabilities=[{"capability": "x-ignore-shared", "state": True}])
+    qmp.command("migrate-set-capabilities", capabilities=CAPABILITIES)
     # exec: runs through /bin/sh; the path is ours (cache dir) and quoted.
     qmp.command("migrate", uri=f"exec:cat > {shlex.quote(str(state))}")
     wait_migration(qmp, "query-migrate", timeout)
     # Paused after migration with the disk flushed: the overlay matches RAM.
     shutil.copyfile(overlay, tmp / "disk.qcow2")
-    meta = dict(meta, key=key, format=FORMAT, kernel=kernel, created_at=time.time(),
-                save_seconds=round(time.monotonic() - t0, 2),
+    meta = dict(meta, created_at=time.time(), save_seconds=round(time.monotonic() - t0, 2),
                 state_bytes=state.stat().st_size, disk_bytes=(tmp / "disk.qcow2").stat().st_size)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     for f in tmp.iterdir():
         f.chmod(0o400)
-    discard(final)
-    os.rename(tmp, final)
-    prune(kernel, keep=KEEP_PER_KERNEL)
-    return Snapshot(final, meta)
+    return meta
+
+
+NEEDS_MB = 300     # a snapshot is about 130-150 MiB; keep room for the disk copy as well
+
+
+def free_mb(path: Path) -> int:
+    """Free MiB on the filesystem holding ``path`` (or its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize // 2**20
+
+
+def _disk_full(where: Path) -> str:
+    """A learner-readable message if ``where`` has no room for a snapshot, else ''."""
+    try:
+        free = free_mb(where)
+    except OSError:
+        return ""
+    if free >= NEEDS_MB:
+        return ""
+    return (f"disk full at {where}: {free} MiB free, a warm-start snapshot needs about {NEEDS_MB} MiB "
+            "(free some space or point LABKIT_CACHE_DIR elsewhere; the VM boots cold meanwhile)")
+
+
+def sweep_stale_tmp() -> list[Path]:
+    """Remove half-written snapshots (``.tmp-<kernel>-<key>-<pid>``) whose
+    writer is gone (killed during a save)."""
+    from labkit.machine.process import pid_alive
+
+    removed = []
+    for d in snapshots_dir().glob(".tmp-*"):
+        pid = d.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            discard(d)
+            removed.append(d)
+    return removed
 
 
 KEEP_PER_KERNEL = 3
@@ -225,37 +274,44 @@ def prune(kernel: str, keep: int) -> None:
         (snapshots_dir() / f".{old.meta.get('key')}.lock").unlink(missing_ok=True)
 
 
+CAPABILITIES = [{"capability": "x-ignore-shared", "state": True}, {"capability": "events", "state": True}]
+DONE = ("completed", "failed", "cancelled")
+
+
 def wait_migration(qmp: QMPChannel, query: str, timeout: float) -> dict:
-    """Poll ``query-migrate`` until it completes; errors name QEMU's reason."""
+    """Wait for QEMU's MIGRATION event to say the migration ended (no
+    polling); errors name QEMU's reason."""
     deadline = Deadline(timeout)
-    while True:
+    st = qmp.command(query)
+    while st.get("status") not in DONE:
+        try:
+            qmp.wait_event(("MIGRATION",), timeout=max(0.1, deadline.remaining))
+        except ChannelError as exc:
+            if deadline.expired:
+                raise GuestTimeout(f"QEMU's migration to finish (status {st.get('status')})", timeout) from exc
+            raise
         st = qmp.command(query)
-        status = st.get("status", "none")
-        if status == "completed":
-            return st
-        if status in ("failed", "cancelled"):
-            raise LaunchError(f"QEMU migration {status}: {st.get('error-desc', 'no reason given')}")
-        if deadline.expired:
-            raise GuestTimeout(f"QEMU's migration to finish (status {status})", timeout)
-        time.sleep(0.02)
+    if st["status"] != "completed":
+        raise LaunchError(f"QEMU migration {st['status']}: {st.get('error-desc', 'no reason given')}")
+    return st
 
 
 def restore(qmp: QMPChannel, snap: Snapshot, timeout: float = 60.0) -> None:
     """Feed the snapshot to a QEMU started with ``-incoming defer`` and wait
-    until the guest runs again."""
-    qmp.command("migrate-set-capabilities",
-                capabilities=[{"capability": "x-ignore-shared", "state": True}])
+    for its RESUME event (the guest runs again)."""
+    qmp.command("migrate-set-capabilities", capabilities=CAPABILITIES)
     qmp.command("migrate-incoming", uri=f"exec:cat {shlex.quote(str(snap.state_file))}")
     deadline = Deadline(timeout)
-    while True:
-        try:
-            status = qmp.status()
-        except ChannelError as exc:
-            raise LaunchError(f"QEMU stopped answering while restoring the snapshot: {exc}") from exc
-        if status == "running":
-            return
+    status = qmp.status()
+    while status != "running":
         if status not in ("inmigrate", "paused", "prelaunch", "restore-vm", "postmigrate"):
             raise LaunchError(f"restoring the snapshot left QEMU in state {status!r}")
-        if deadline.expired:
-            raise GuestTimeout("QEMU to load the warm-start snapshot", timeout)
-        time.sleep(0.01)
+        try:
+            ev = qmp.wait_event(("RESUME", "MIGRATION"), timeout=max(0.1, deadline.remaining))
+        except ChannelError as exc:
+            if deadline.expired:
+                raise GuestTimeout("QEMU to load the warm-start snapshot", timeout) from exc
+            raise LaunchError(f"QEMU stopped answering while restoring the snapshot: {exc}") from exc
+        if ev["event"] == "MIGRATION" and ev["data"].get("status") in ("failed", "cancelled"):
+            raise LaunchError(f"QEMU could not load the warm-start snapshot (migration {ev['data']['status']})")
+        status = qmp.status()

@@ -107,6 +107,12 @@ class ConsoleChannel:
                 raise LaunchError("the guest's initramfs could not mount the root disk: " + m.group(1),
                                   output=seen)
 
+    def sendline(self, text: str) -> None:
+        """Type ``text`` and Enter on the console (root's shell there)."""
+        if self.child is None:
+            raise ChannelError("console not connected")
+        self.child.sendline(text)
+
     def interact(self) -> None:
         """Hand the console to the user's terminal (Ctrl-] leaves)."""
         if self.child is None:
@@ -132,7 +138,3 @@ class ConsoleChannel:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def scan_log_for_panic(text: str) -> str | None:
-    m = re.search(PANIC_RE, text)
-    return m.group(0) if m else None

@@ -26,10 +26,3 @@ def ensure_client_key(path: Path) -> str:
     os.chmod(path, 0o600)
     return path.with_suffix(".pub").read_text().split()[1]
 
-
-def parse_host_key_line(line: str) -> tuple[str, str] | None:
-    """'labkit: hostkey ssh-ed25519 AAAA…' -> ('ssh-ed25519', 'AAAA…')."""
-    parts = line.strip().split()
-    if len(parts) >= 4 and parts[:2] == ["labkit:", "hostkey"] and parts[2].startswith("ssh-"):
-        return parts[2], parts[3]
-    return None

@@ -1,5 +1,5 @@
-"""Machine control through QMP, using the ``qemu.qmp`` package's client
-(status, graceful quit; later snapshots and migration).
+"""Machine control through QMP, using the ``qemu.qmp`` package's client:
+status, graceful quit, migration (warm-start snapshots) and QMP events.
 
 ``qemu.qmp`` is asyncio-based; this wrapper runs it on a private event loop in
 a thread of its own (so it also works where the caller's thread already runs
@@ -16,9 +16,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient, QMPError
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
-from labkit.errors import ChannelError
+from labkit.errors import ChannelError, QMPCommandError
 
 
 class QMPChannel:
@@ -30,6 +30,7 @@ class QMPChannel:
         self._thread = threading.Thread(target=self._loop.run_forever, name="labkit-qmp", daemon=True)
         self._thread.start()
         self._client: QMPClient | None = None
+        self._events: EventListener | None = None
 
     def _sync(self, coro, timeout: float):
         fut = asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, timeout=timeout), self._loop)
@@ -51,6 +52,10 @@ class QMPChannel:
             raise ChannelError(f"cannot connect to QMP at {self.path}: {exc!r} (is another client "
                                "attached, or is QEMU gone?)") from exc
         self._client = client
+        # Every event from now on is queued, so none is missed between a
+        # command and the wait for its event.
+        self._events = EventListener()
+        client.register_listener(self._events)
         return self
 
     def _make_client(self) -> QMPClient:
@@ -63,8 +68,31 @@ class QMPChannel:
             raise ChannelError("QMP is not connected")
         try:
             return self._sync(self._client.execute(name, args or None), timeout)
+        except ExecuteError as exc:
+            # QEMU answered with an error: keep its class and description.
+            raise QMPCommandError(name, exc.error_class, exc.error.desc) from exc
         except (QMPError, OSError, EOFError, asyncio.TimeoutError) as exc:
             raise ChannelError(f"QMP command {name} failed: {exc!r}") from exc
+
+    def wait_event(self, names: tuple[str, ...], timeout: float) -> dict[str, Any]:
+        """The next QMP event named one of ``names`` (``{"event": ..., "data": ...}``),
+        waiting at most ``timeout`` s; ChannelError if QEMU hangs up first."""
+        if self._client is None or self._events is None:
+            raise ChannelError("QMP is not connected")
+        events = self._events
+
+        async def next_matching() -> dict[str, Any]:
+            while True:
+                ev = await events.get()
+                if ev["event"] in names:
+                    return {"event": ev["event"], "data": dict(ev.get("data", {}))}
+
+        try:
+            return self._sync(next_matching(), timeout)
+        except asyncio.TimeoutError as exc:
+            raise ChannelError(f"no QMP event {'/'.join(names)} within {timeout:.0f} s") from exc
+        except (QMPError, OSError, EOFError) as exc:
+            raise ChannelError(f"QMP connection lost while waiting for {'/'.join(names)}: {exc!r}") from exc
 
     def status(self) -> str:
         """'running', 'paused', 'shutdown', … as QEMU reports it."""
@@ -77,6 +105,9 @@ class QMPChannel:
             pass   # QEMU may hang up before it answers
 
     def close(self) -> None:
+        if self._client is not None and self._events is not None:
+            self._client.remove_listener(self._events)
+            self._events = None
         if self._client is not None:
             try:
                 self._sync(self._client.disconnect(), 2.0)

@@ -1,0 +1,173 @@
+"""The QEMU process: spawn it, know it is ours, stop it.
+
+A PID alone is not an identity (PIDs are reused, a pidfile can be stale or
+point at anything). A process is this VM's QEMU only if it is a
+``qemu-system-*`` executable whose ``-pidfile`` argument is exactly this VM's
+pidfile and, when known, whose start time is the one recorded at launch.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import psutil
+
+from labkit.errors import LaunchError
+
+log = logging.getLogger(__name__)
+
+START_TIME_SLACK = 1.0     # psutil's create_time is derived from clock ticks since boot
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` runs and is not a zombie."""
+    if pid <= 0:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def start_time(pid: int) -> float:
+    """The process's start time (its identity beyond the PID), 0.0 if gone."""
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return 0.0
+
+
+def is_qemu_of(pid: int, pidfile: Path, started: float = 0.0) -> bool:
+    """True if ``pid`` is a live QEMU started with ``-pidfile <pidfile>``
+    (and, if ``started`` is given, started at that time)."""
+    if pid <= 0:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        argv = proc.cmdline()
+        created = proc.create_time()
+    except psutil.Error:
+        return False
+    if not argv or not os.path.basename(argv[0]).startswith("qemu-system"):
+        return False
+    try:
+        at = argv.index("-pidfile")
+    except ValueError:
+        return False
+    if at + 1 >= len(argv) or argv[at + 1] != str(pidfile):
+        return False
+    return not started or abs(created - started) <= START_TIME_SLACK
+
+
+def _set_pdeathsig() -> None:   # runs in the child between fork and exec
+    # The kernel sends the signal when the *thread* that forked dies, not the
+    # process: a VM started from a short-lived thread would be killed when the
+    # thread ends. Only forks from the main thread use it; the others are
+    # killed at interpreter exit (kill_throwaways).
+    # (After the fork Python renames the forking thread "main", so compare
+    # with the real main thread's id, taken at import: pthread_self() is kept.)
+    if threading.get_ident() != _MAIN_THREAD:
+        return
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+
+
+_MAIN_THREAD = threading.main_thread().ident
+
+
+def spawn(argv: Sequence[str], log_path: Path, die_with_parent: bool) -> subprocess.Popen[bytes]:
+    """Start QEMU in a session of its own, output to ``log_path``."""
+    log.debug("spawning %s", " ".join(argv))
+    with open(log_path, "wb") as out:
+        try:
+            return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True,
+                                    preexec_fn=_set_pdeathsig if die_with_parent else None)
+        except OSError as exc:
+            raise LaunchError(f"cannot run {argv[0]}: {exc}", argv) from exc
+
+
+def terminate(pids: Iterable[int], is_ours: Callable[[int], bool], grace: float = 2.0) -> bool:
+    """SIGTERM, then SIGKILL after ``grace`` s, every PID that ``is_ours``;
+    waits for them to go (psutil waits on the processes, no sleep loop).
+    True if something had to be killed."""
+    procs = []
+    for pid in set(pids):
+        if pid and is_ours(pid):
+            try:
+                procs.append(psutil.Process(pid))
+            except psutil.Error:
+                pass
+    if not procs:
+        return False
+    for p in procs:
+        _signal(p, signal.SIGTERM)
+    _gone, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        log.debug("QEMU %d ignored SIGTERM; SIGKILL", p.pid)
+        _signal(p, signal.SIGKILL)
+    psutil.wait_procs(alive, timeout=5.0)
+    return True
+
+
+def _signal(proc: psutil.Process, sig: int) -> None:
+    try:
+        proc.send_signal(sig)
+    except psutil.Error:
+        pass
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait until ``pid`` has exited (a zombie counts: its parent may be slow
+    to reap it); True if it did. Waits on a pidfd, no sleep loop."""
+    if not pid_alive(pid):
+        return True
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return not pid_alive(pid)
+    try:
+        readable, _, _ = select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+    return bool(readable) or not pid_alive(pid)
+
+
+class Throwaways:
+    """QEMUs that must not outlive this interpreter (throwaway VMs)."""
+
+    def __init__(self) -> None:
+        self._vms: weakref.WeakSet = weakref.WeakSet()
+        atexit.register(self.kill_all)
+
+    def add(self, vm: object) -> None:
+        self._vms.add(vm)
+
+    def kill_all(self) -> None:
+        for vm in list(self._vms):
+            try:
+                vm.kill()  # type: ignore[attr-defined]
+            except Exception:   # interpreter shutdown: do what can be done
+                pass
+
+
+THROWAWAYS = Throwaways()
