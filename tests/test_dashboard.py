@@ -411,6 +411,39 @@ def test_only_one_action_at_a_time():
     m.close()
 
 
+def test_models_drive_their_controls_too():
+    log = dash.LogPane(dash.KernelLogModel(FakeVM()))
+    log.model.set_highlights_only(True)          # from code: the checkbox follows
+    assert log.highlights_only.value is True
+    pins = dash.PinPanel(dash.PinModel(pin_vm({"line": "- 1 1\n"}), FakeLab({})))
+    pins.model.set_memory("fsdax-ext4")
+    assert pins.memory.value == "fsdax-ext4"
+    with pytest.raises(LabError, match="unknown memory kind"):
+        pins.model.memory = "floppy"             # the trait itself refuses it
+    assert pins.memory.value == "fsdax-ext4"
+    for w in (log, pins):
+        w.close()
+        w.close()                                # ipywidgets closes once more from __del__: harmless
+
+
+def test_a_broken_view_does_not_break_the_model():
+    w = dash.vm_panel(LifecycleVM(), poll_interval=None)
+    w.info = None                                # rendering now raises inside the view
+    w.model.message = "still works"              # the model's change goes through
+    assert w.model.message == "still works"
+    w.close()
+
+
+def test_worker_ends_on_close_even_from_inside_an_action():
+    m = dash.Model()
+    assert m.submit("close itself", m.close)
+    m.wait(5)
+    assert m.closed and not m.submit("after close", lambda: None)
+    worker = m._worker
+    assert worker is not None and worker.name.startswith("labkit-Model")
+    eventually(lambda: not worker.is_alive(), timeout=5, what="the worker thread to end")
+
+
 def test_action_timeout_is_reported():
     m = dash.Model()
     gate = threading.Event()

@@ -1,0 +1,122 @@
+"""What the dashboards need from a VM and from a Lab, as ``typing.Protocol``s.
+
+The models are written against these contracts, not against ``labkit.VM`` or
+``labkit.lab.Lab``, so the fakes in the tests and the real classes are checked
+by mypy against the same interface (see ``_conformance`` at the end). No
+library type (paramiko's channels) appears here: the log readers and the pin
+sampler in ``labkit.lab.observe`` open their own channels on the machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+ConsoleCallback = Callable[[str], None]
+
+
+class CommandOutput(Protocol):
+    """The result of a guest command, as far as the dashboards read it."""
+
+    @property
+    def stdout(self) -> str: ...
+
+
+class AccelInfo(Protocol):
+    """The accelerator a VM runs under and why it was chosen."""
+
+    @property
+    def accel(self) -> str: ...
+
+    @property
+    def reason(self) -> str: ...
+
+
+class GuestMachine(Protocol):
+    """Enough of a machine for the kernel log and the pin counters: guest
+    commands, plus the SSH transport that ``labkit.lab.observe`` opens its
+    streams on (opaque here: the dashboards never touch it)."""
+
+    @property
+    def ssh(self) -> object: ...
+
+    def run(self, cmd: Sequence[str], timeout: float = 60.0) -> CommandOutput: ...
+
+
+class DashboardVM(GuestMachine, Protocol):
+    """What the VM panel reads and drives: its identity, its host-side status,
+    ``describe()`` (the record in ``vm.json``) and the lifecycle actions.
+
+    ``state`` is what this VM object believes, ``status()`` what the host says
+    (the dashboards compare both through ``str()``: a ``VMState`` or its value).
+    ``on_console_line`` is called with each serial console line during a boot.
+    """
+
+    on_console_line: ConsoleCallback | None
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def kernel(self) -> str: ...
+
+    @property
+    def accel(self) -> AccelInfo | None: ...
+
+    @property
+    def state(self) -> object: ...
+
+    def status(self) -> object: ...
+
+    def describe(self) -> Mapping[str, Any]: ...
+
+    def start(self) -> object: ...
+
+    def stop(self) -> None: ...
+
+    def reset(self) -> object: ...
+
+
+class HeldPinHandle(Protocol):
+    """A pin kept open in the guest until ``release()`` (``labkit.lab.observe.HeldPin``)."""
+
+    @property
+    def info(self) -> Mapping[str, Any]: ...
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def ok(self) -> bool: ...
+
+    def release(self) -> int | None: ...
+
+
+class PinLab(Protocol):
+    """What the pin panel needs from a Lab: set-up steps and a held registration."""
+
+    def setup_rdma(self) -> object: ...
+
+    def prepare_mounts(self) -> object: ...
+
+    def prepare_pmem(self) -> object: ...
+
+    def hold_pin(self, mechanism: str, memory: str, *, size: int = ...) -> HeldPinHandle: ...
+
+
+class MatrixLab(Protocol):
+    """What the matrix table needs from a Lab: ``matrix()`` with progress messages."""
+
+    def matrix(self, progress: Callable[[str], None] | None = None) -> Mapping[str, Any]: ...
+
+
+class DashboardLab(PinLab, MatrixLab, Protocol):
+    """Everything the whole dashboard needs from a Lab."""
+
+
+if TYPE_CHECKING:   # mypy checks that the real classes keep these contracts
+    from labkit.lab import Lab
+    from labkit.machine import VM
+
+    def _conformance(vm: VM, lab: Lab) -> tuple[DashboardVM, DashboardLab]:
+        return vm, lab
