@@ -23,7 +23,7 @@ from labkit.machine.channels.console import ConsoleChannel
 from labkit.machine.channels.keys import ensure_client_key
 from labkit.machine.channels.ssh import SSHChannel
 from labkit.machine.config import VMConfig
-from labkit.machine.process import free_port, spawn, start_time
+from labkit.machine.process import free_port, is_qemu_of, spawn, start_time, terminate
 from labkit.machine.statedir import VMInfo
 from labkit.timeout import Deadline
 
@@ -41,6 +41,26 @@ class Starter:
     def __init__(self, vm: VM) -> None:
         self.vm = vm
         self.sd = vm.sd
+
+    def run(self) -> None:
+        """Reap what an earlier start left, launch, and record the VM running."""
+        self.reap_stale()
+        log.debug("starting %s (%s, warm=%s)", self.vm.name, self.vm.kernel, self.vm.warm)
+        self.launch()
+        info = self.vm.info
+        assert info is not None
+        info.state, info.starter_pid = "running", 0
+        info.save(self.sd.info)
+        log.debug("%s running (%s start, %.2f s)", self.vm.name, info.start_kind, info.boot_seconds)
+
+    def reap_stale(self) -> None:
+        """Kill a QEMU of this VM left behind by a crashed owner; clear stale files."""
+        info = self.sd.load_info()
+        if terminate([self.sd.read_pid(), info.pid if info else 0],
+                     lambda pid: is_qemu_of(pid, self.sd.pidfile), grace=0.5):
+            log.debug("reaped a stale QEMU of %s", self.vm.name)
+        self.sd.clear_sockets()
+        self.sd.keep_last_console_log()
 
     def launch(self) -> None:
         vm = self.vm

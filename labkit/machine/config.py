@@ -3,7 +3,9 @@ line (see ``labkit.machine.argv.build_qemu_argv``)."""
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -102,3 +104,21 @@ class VMConfig:
 
     def with_(self, **changes) -> VMConfig:
         return replace(self, **changes)
+
+
+def check_sizes(memory_mb: object, nvdimms: Sequence[object]) -> tuple[Nvdimm, ...]:
+    if not isinstance(memory_mb, int) or isinstance(memory_mb, bool) or not 256 <= memory_mb <= 65536:
+        raise ConfigError(f"guest memory {memory_mb!r} MiB is out of range", hint="use 256..65536")
+    if any(not isinstance(n, int) or isinstance(n, bool) for n in nvdimms):
+        raise ConfigError(f"NVDIMM sizes {nvdimms!r} must be whole MiB", hint="e.g. nvdimms=(512, 512, 512)")
+    return tuple(Nvdimm(n) for n in nvdimms)  # type: ignore[arg-type]
+
+
+def tcg_cache_mb_from_env(given: int | None) -> int | None:
+    env = os.environ.get("LABKIT_TCG_CACHE_MB", "")
+    if given is not None or not env:
+        return given
+    if not env.isdigit():
+        raise ConfigError(f"LABKIT_TCG_CACHE_MB={env!r} is not a number of MiB",
+                          hint="e.g. LABKIT_TCG_CACHE_MB=128, or unset it for QEMU's default")
+    return int(env)

@@ -167,6 +167,12 @@ class StateDir:
     def load_info(self) -> VMInfo | None:
         return VMInfo.load(self.info)
 
+    def record_stopped(self) -> None:
+        info = self.load_info()
+        if info is not None:
+            info.state, info.pid, info.starter_pid = "stopped", 0, 0
+            info.save(self.info)
+
     def read_pid(self) -> int:
         """The PID QEMU wrote to its pidfile, 0 if none."""
         try:

@@ -17,7 +17,6 @@ its pidfile (and its identity checked) and reaped on the next start.
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import shutil
@@ -36,44 +35,14 @@ from labkit.machine.boot import Starter
 from labkit.machine.channels.console import BootInfo, ConsoleChannel
 from labkit.machine.channels.qmp import QMPChannel
 from labkit.machine.channels.ssh import CommandResult, SSHChannel
-from labkit.machine.config import Nvdimm, check_name
+from labkit.machine.config import check_name, check_sizes, tcg_cache_mb_from_env
 from labkit.machine.locks import LifecycleLock
+from labkit.machine.state import VMState, describe, recorded_state
 from labkit.machine.statedir import StateDir, VMInfo, sweep_stale_throwaways
+from labkit.machine.shutdown import polite_quit
 from labkit.machine.watch import Watch
 
 log = logging.getLogger(__name__)
-
-
-class VMState(enum.Enum):
-    """Lifecycle of a VM as seen from the host."""
-
-    STOPPED = "stopped"      # no QEMU; state dir may hold a disk and pmem files
-    STARTING = "starting"    # a start is in progress (in this or another process)
-    RUNNING = "running"
-    STOPPING = "stopping"
-    DEAD = "dead"            # QEMU went away without being stopped (crash, kill, panic)
-    INCOMPLETE = "incomplete"  # QEMU runs, but the start that launched it was interrupted
-
-    def __str__(self) -> str:
-        return self.value
-
-
-def _check_sizes(memory_mb: object, nvdimms: Sequence[object]) -> tuple[Nvdimm, ...]:
-    if not isinstance(memory_mb, int) or isinstance(memory_mb, bool) or not 256 <= memory_mb <= 65536:
-        raise ConfigError(f"guest memory {memory_mb!r} MiB is out of range", hint="use 256..65536")
-    if any(not isinstance(n, int) or isinstance(n, bool) for n in nvdimms):
-        raise ConfigError(f"NVDIMM sizes {nvdimms!r} must be whole MiB", hint="e.g. nvdimms=(512, 512, 512)")
-    return tuple(Nvdimm(n) for n in nvdimms)  # type: ignore[arg-type]
-
-
-def _tcg_cache_mb(given: int | None) -> int | None:
-    env = os.environ.get("LABKIT_TCG_CACHE_MB", "")
-    if given is not None or not env:
-        return given
-    if not env.isdigit():
-        raise ConfigError(f"LABKIT_TCG_CACHE_MB={env!r} is not a number of MiB",
-                          hint="e.g. LABKIT_TCG_CACHE_MB=128, or unset it for QEMU's default")
-    return int(env)
 
 
 class VM:
@@ -85,8 +54,8 @@ class VM:
                  boot_timeout: float | None = None, warm: bool = True, tcg_cache_mb: int | None = None,
                  on_console_line: Callable[[str], None] | None = None) -> None:
         self.name = check_name(name)
-        self.nvdimms = _check_sizes(memory_mb, nvdimms)   # validated before anything is created on disk
-        self.tcg_cache_mb = _tcg_cache_mb(tcg_cache_mb)
+        self.nvdimms = check_sizes(memory_mb, nvdimms)   # validated before anything is created on disk
+        self.tcg_cache_mb = tcg_cache_mb_from_env(tcg_cache_mb)
         self.kernel, self.persistent, self.memory_mb, self.warm = kernel, persistent, memory_mb, warm
         self.smp = smp or min(2, os.cpu_count() or 1)
         self.accel_forced, self.boot_timeout, self.on_console_line = accel, boot_timeout, on_console_line
@@ -155,23 +124,11 @@ class VM:
         info = self.sd.load_info()
         pid = self.sd.read_pid() or (info.pid if info else 0)
         alive = process.is_qemu_of(pid, self.sd.pidfile, info.qemu_started if info and info.pid == pid else 0.0)
-        if info is not None and info.state == "starting":
-            if self._lock.held or self._lock.busy_elsewhere():
-                return VMState.STARTING
-            return VMState.INCOMPLETE if alive else VMState.DEAD
-        if info is not None and info.state == "running":
-            return VMState.RUNNING if alive else VMState.DEAD
-        return VMState.RUNNING if alive else VMState.STOPPED
+        starting_here = self._lock.held and self.state is VMState.STARTING
+        return recorded_state(info, alive, starting_here or self._lock.busy_elsewhere())
 
     def describe(self) -> dict[str, object]:
-        info = self.sd.load_info()
-        d: dict[str, object] = {"name": self.name, "state": str(self.status()), "state_dir": str(self.sd.path)}
-        if info:
-            d.update(kernel=info.kernel, kernel_release=info.kernel_release, accel=info.accel,
-                     accel_reason=info.accel_reason, ssh_port=info.ssh_port, pid=info.pid,
-                     boot_seconds=info.boot_seconds, nvdimm_mb=info.nvdimm_mb, start_kind=info.start_kind,
-                     snapshot=info.snapshot, warm_error=info.warm_error, phases=info.phases)
-        return d
+        return describe(self.name, self.status(), str(self.sd.path), self.sd.load_info())
 
     # -- start ---------------------------------------------------------------
     def start(self) -> VM:
@@ -185,40 +142,17 @@ class VM:
                 raise StateError("already running", "stopped", self.name)
             if current is VMState.INCOMPLETE:
                 self.progress("labkit: an earlier start of this VM was interrupted; discarding its guest")
-            self._reap_stale()
             self.state = VMState.STARTING
-            log.debug("starting %s (%s, warm=%s)", self.name, self.kernel, self.warm)
             try:
-                Starter(self).launch()
-                self._mark_running()
+                Starter(self).run()
             except BaseException:
                 self.state = VMState.DEAD
                 self.kill()
                 self.close_channels()
-                self._record_stopped()
+                self.sd.record_stopped()
                 raise
         self.state = VMState.RUNNING
         return self
-
-    def _mark_running(self) -> None:
-        assert self.info is not None
-        self.info.state, self.info.starter_pid = "running", 0
-        self.info.save(self.sd.info)
-        log.debug("%s running (%s start, %.2f s)", self.name, self.info.start_kind, self.info.boot_seconds)
-
-    def _record_stopped(self) -> None:
-        info = self.sd.load_info()
-        if info is not None:
-            info.state, info.pid, info.starter_pid = "stopped", 0, 0
-            info.save(self.sd.info)
-
-    def _reap_stale(self) -> None:
-        """Kill a QEMU of this VM left behind by a crashed owner; clear stale files."""
-        info = self.sd.load_info()
-        if process.terminate([self.sd.read_pid(), info.pid if info else 0], self._is_ours, grace=0.5):
-            log.debug("reaped a stale QEMU of %s", self.name)
-        self.sd.clear_sockets()
-        self.sd.keep_last_console_log()
 
     def _is_ours(self, pid: int) -> bool:
         return process.is_qemu_of(pid, self.sd.pidfile)
@@ -303,13 +237,14 @@ class VM:
             try:
                 if self._is_ours(pid):
                     log.debug("stopping %s: polite quit of QEMU %d", self.name, pid)
-                    self._polite_quit(timeout)
+                    polite_quit(self.ssh_channel, self._qmp or QMPChannel(self.sd.qmp_socket), timeout)
+                    self._qmp = None
                     process.wait_gone(pid, timeout)
                     log.debug("QEMU %d gone", pid)
             finally:
                 killed = self.kill()
                 self.close_channels()
-                self._record_stopped()
+                self.sd.record_stopped()
                 self.sd.clear_sockets()
                 self.state = VMState.STOPPED
             if killed:
@@ -331,21 +266,6 @@ class VM:
         if self.status() is not VMState.STOPPED and self.qemu_alive():
             raise StateError(self.status(), "stopped", self.name)
         disks.erase_pmem(self.sd)
-
-    def _polite_quit(self, timeout: float) -> None:
-        try:
-            if self.ssh_channel is not None and self.ssh_channel.is_open:
-                self.ssh_channel.run("sync", timeout=min(5.0, timeout))
-        except Exception as exc:   # noqa: BLE001 - a sync that fails must not keep the VM running
-            log.debug("sync before stop failed: %s", exc)
-        log.debug("guest synced")
-        try:
-            if self._qmp is None:
-                self._qmp = QMPChannel(self.sd.qmp_socket).connect(timeout=2.0)
-            self._qmp.quit()
-            log.debug("QMP quit sent")
-        except ChannelError as exc:
-            log.debug("QMP quit failed: %s", exc)
 
     def kill(self) -> bool:
         """Hard stop of whatever QEMU is this VM's; True if one was killed."""

@@ -58,6 +58,10 @@ class QMPChannel:
         client.register_listener(self._events)
         return self
 
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
     def _make_client(self) -> QMPClient:
         async def make() -> QMPClient:    # bound to the private loop
             return QMPClient("labkit")
