@@ -15,13 +15,14 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 
 from labkit.image import build as image
 from labkit import paths
-from labkit.errors import LabError, StateError
+from labkit.errors import ChannelError, GuestDied, GuestTimeout, LabError, StateError
 from labkit.machine.vm import VM, VMState
 
 EPILOG = "Environment: LABKIT_ACCEL=kvm|tcg forces the accelerator; LABKIT_STATE_DIR moves VM state; " \
@@ -132,8 +133,11 @@ def cmd_vm_reset(args: argparse.Namespace) -> int:
         _err(f"VM {args.name!r} does not exist; start it with `labkit vm start --name {args.name}`")
         return 2
     else:
-        info = json.loads(vm.info_path.read_text())
-        vm = VM(args.name, kernel=info.get("kernel", image.DEFAULT_KERNEL), persistent=True)
+        info = vm.sd.load_info()
+        if info is None:
+            _err(f"the record of VM {args.name!r} ({vm.info_path}) was unreadable and has been set aside; "
+                 f"resetting it with the default kernel {image.DEFAULT_KERNEL}")
+        vm = VM(args.name, kernel=info.kernel if info else image.DEFAULT_KERNEL, persistent=True)
     t = time.monotonic()
     vm.reset(pmem=args.pmem)
     print(f"VM {args.name!r} reset in {time.monotonic() - t:.1f} s ({_start_words(vm)}); persistent memory "
@@ -187,7 +191,11 @@ def cmd_vm_status(args: argparse.Namespace) -> int:
         st = d["state"]
         words = {"running": "running", "stopped": "stopped",
                  "dead": "dead (QEMU exited without being stopped: crashed or killed; see "
-                         f"{vm.console_log})"}
+                         f"{vm.console_log})",
+                 "incomplete": "incomplete (the start or reset that launched it was interrupted, so its "
+                               f"guest is not ready; `labkit vm start --name {args.name}` discards it and "
+                               "starts again, pmem kept)",
+                 "starting": "starting (another process is starting, stopping or resetting it)"}
         print(f"VM {args.name!r}: {words.get(st, st)}")
         if st == "running":
             print(f"  kernel {d.get('kernel_release')} ({d.get('kernel')}), accelerator {d.get('accel')} "
@@ -200,7 +208,10 @@ def cmd_vm_status(args: argparse.Namespace) -> int:
             if d.get("warm_error"):
                 print(f"  (the warm start failed and it booted cold: {d['warm_error']})")
         print(f"  state dir {d['state_dir']}")
-    return {"running": 0, "stopped": 3, "dead": 4}.get(d["state"], 1)
+    return STATUS_EXIT.get(str(d["state"]), 1)
+
+
+STATUS_EXIT = {"running": 0, "stopped": 3, "dead": 4, "incomplete": 5, "starting": 6}
 
 
 def cmd_vm_ssh(args: argparse.Namespace) -> int:
@@ -209,9 +220,22 @@ def cmd_vm_ssh(args: argparse.Namespace) -> int:
         cmd = _command(args.command)
         if not cmd:   # interactive: use the system ssh client with the VM's pinned key
             return _interactive_ssh(vm)
-        return vm.ssh.run_passthrough(cmd, stdin=sys.stdin.buffer)
+        return _guest_command(vm, cmd)
     finally:
         vm.close()
+
+
+GUEST_FAILED = 125   # as `docker run`: labkit itself could not run the command to its end
+
+
+def _guest_command(vm: VM, cmd: list[str]) -> int:
+    """Run ``cmd`` with the terminal's stdin/stdout; the guest command's exit
+    code, or GUEST_FAILED with the reason when the guest died or hung."""
+    try:
+        return vm.run_passthrough(cmd, stdin=sys.stdin.buffer)
+    except (GuestDied, GuestTimeout, ChannelError) as exc:
+        _err(f"the command did not finish: {exc}")
+        return GUEST_FAILED
 
 
 def _interactive_ssh(vm: VM) -> int:
@@ -257,7 +281,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     vm = _vm_for(args)
     try:
-        return vm.ssh.run_passthrough(cmd, stdin=sys.stdin.buffer)
+        return _guest_command(vm, cmd)
     finally:
         vm.finish()
 
@@ -400,10 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--pmem", action="store_true", help="also erase the persistent memory (needs --yes)")
     rs.add_argument("--yes", action="store_true", help="confirm erasing the persistent memory")
     vm_cmd("stop", cmd_vm_stop, "shut the VM down (polite, then forced)")
-    st = vm_cmd("status", cmd_vm_status, "running, stopped or dead (exit 0, 3, 4)")
+    st = vm_cmd("status", cmd_vm_status, "running, stopped, dead, incomplete or starting (exit 0, 3, 4, 5, 6)")
     st.add_argument("--json", action="store_true")
     vm_cmd("console", cmd_vm_console, "attach to the serial console (Ctrl-] leaves)")
-    sh = vm_cmd("ssh", cmd_vm_ssh, "a shell, or with -- CMD one command (exit code passed through)")
+    sh = vm_cmd("ssh", cmd_vm_ssh, "a shell, or with -- CMD one command (its exit code passed through; "
+                                   f"{GUEST_FAILED} if the guest died or hung)")
     sh.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     de = vm_cmd("delete", cmd_vm_delete, "stop the VM and erase its state (disk and pmem)")
     de.add_argument("--yes", action="store_true", help="confirm erasing the VM's persistent memory")
@@ -453,8 +478,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate_as_interrupt(signum: int, frame: object) -> None:
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so `finally` blocks stop a throwaway
+    # VM and remove its state (and key) instead of leaving them behind.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate_as_interrupt)
     if args.verbose:
         logging.basicConfig(level=logging.DEBUG, format="%(relativeCreated)7.0f ms %(name)s: %(message)s")
         for noisy in ("paramiko", "qemu.qmp", "asyncio"):
@@ -467,6 +500,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
+    except BrokenPipeError:
+        # `labkit vm status | head -1`: the reader left; that is not an error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from labkit import paths
 from labkit.errors import ChannelError, ConfigError, GuestHung, GuestTimeout, StateError
@@ -177,8 +178,12 @@ class VM:
         vm.accel = AccelChoice(info.accel, info.accel_reason)
         host_key = (info.host_key[0], info.host_key[1])
         vm.boot = BootInfo(info.kernel_release, info.guest_uptime_s, host_key)
-        vm.ssh_channel = SSHChannel(info.ssh_port, vm.sd.key, host_key).connect(timeout=timeout)
         vm.state = VMState.RUNNING
+        try:
+            vm.ssh_channel = SSHChannel(info.ssh_port, vm.sd.key, host_key).connect(timeout=timeout)
+        except (ChannelError, GuestTimeout) as exc:
+            vm.watch.explain(exc)      # paused, dead or starved: say that instead of "timed out"
+            raise
         return vm
 
     # -- channels -------------------------------------------------------------
@@ -218,6 +223,19 @@ class VM:
         try:
             return self.ssh.run(cmd, timeout=timeout, check=check, stdin=stdin, on_stdout=on_stdout,
                                 on_stderr=on_stderr, watchdog=self.watch.on_quiet)
+        except GuestHung:
+            raise
+        except (ChannelError, GuestTimeout) as exc:
+            self.watch.explain(exc)
+            raise
+
+    def run_passthrough(self, cmd: Sequence[str], stdin: BinaryIO | None = None) -> int:
+        """Like ``ssh host cmd`` with this process's stdin/stdout/stderr; the
+        same fault detection as ``run``. Returns the command's exit code."""
+        if self.state is VMState.RUNNING:
+            self.watch.begin_command()
+        try:
+            return self.ssh.run_passthrough(cmd, stdin=stdin, watchdog=self.watch.on_quiet)
         except GuestHung:
             raise
         except (ChannelError, GuestTimeout) as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import select
 import shlex
 import socket
 import sys
@@ -69,7 +70,6 @@ class SSHChannel:
         self.key_path = key_path
         self.host_key = host_key
         self._client: paramiko.SSHClient | None = None
-        self._lock = threading.Lock()
 
     def connect(self, timeout: float = 10.0) -> SSHChannel:
         """Connect, retrying until ``timeout`` while sshd is still coming up."""
@@ -148,6 +148,15 @@ class SSHChannel:
         chan.close()
         return True
 
+    def start(self, cmd: str | Sequence[str], timeout: float = 10.0) -> GuestProcess:
+        """Start ``cmd`` in the guest and return its handle (the caller closes it).
+        A list is quoted word by word; a string is a shell command on purpose."""
+        # The guest's sshd accepts LC_* variables: the tag finds this command's
+        # processes again if it has to be interrupted.
+        tag = uuid.uuid4().hex
+        command = quote_command(cmd)
+        return GuestProcess(self, command, self.open_channel(command, timeout=timeout, env={RUN_TAG: tag}), tag)
+
     def run(self, cmd: str | Sequence[str], timeout: float = 60.0, check: bool = False,
             stdin: bytes | str | None = None,
             on_stdout: Callable[[str], None] | None = None,
@@ -161,60 +170,26 @@ class SSHChannel:
         On KeyboardInterrupt the guest command is sent SIGINT and its channel
         closed, so the connection stays usable.
         """
-        command = quote_command(cmd)
         deadline = Deadline(timeout)
-        # The guest's sshd accepts LC_* variables: the tag finds this command's
-        # processes again if it has to be interrupted.
-        tag = uuid.uuid4().hex
-        chan = self.open_channel(command, timeout=min(10.0, timeout), env={RUN_TAG: tag})
         out, err = io.BytesIO(), io.BytesIO()
-        last_data = last_watch = time.monotonic()
-        try:
+
+        def to(buf: io.BytesIO, cb: Callable[[str], None] | None) -> Callable[[bytes], None]:
+            def sink(data: bytes) -> None:
+                buf.write(data)
+                if cb:
+                    cb(data.decode(errors="replace"))
+            return sink
+
+        with self.start(cmd, timeout=min(10.0, timeout)) as proc:
             if stdin is not None:
-                chan.sendall(stdin.encode() if isinstance(stdin, str) else stdin)
-            chan.shutdown_write()
-            chan.settimeout(0.1)
-            while True:
-                progressed = False
-                if chan.recv_ready():
-                    data = chan.recv(65536)
-                    out.write(data)
-                    if on_stdout:
-                        on_stdout(data.decode(errors="replace"))
-                    progressed = True
-                if chan.recv_stderr_ready():
-                    data = chan.recv_stderr(65536)
-                    err.write(data)
-                    if on_stderr:
-                        on_stderr(data.decode(errors="replace"))
-                    progressed = True
-                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-                    break
-                if chan.closed and not progressed:
-                    break
-                if deadline.expired:
-                    raise GuestTimeout(f"guest command {command!r}", timeout,
-                                       out.getvalue().decode(errors="replace"))
-                now = time.monotonic()
-                if progressed:
-                    last_data = now
-                elif watchdog is not None and now - last_watch >= 1.0:
-                    watchdog(now - last_data)
-                    last_watch = time.monotonic()
-                if not progressed:
-                    time.sleep(0.005)
-            rc = chan.recv_exit_status() if chan.exit_status_ready() else -1
-        except socket.timeout as exc:
-            raise GuestTimeout(f"guest command {command!r}", timeout) from exc
-        except KeyboardInterrupt:
-            chan.close()
-            self.interrupt_tagged(tag)
-            raise
-        finally:
-            chan.close()
-        if rc == -1:
-            raise SSHDropped(command)
-        result = CommandResult(command, rc, out.getvalue().decode(errors="replace"),
+                proc.send(stdin.encode() if isinstance(stdin, str) else stdin)
+            proc.close_stdin()
+            try:
+                rc = proc.pump(to(out, on_stdout), to(err, on_stderr), deadline, watchdog)
+            except GuestTimeout as exc:
+                exc.output = exc.output or out.getvalue().decode(errors="replace")
+                raise
+        result = CommandResult(proc.command, rc, out.getvalue().decode(errors="replace"),
                                err.getvalue().decode(errors="replace"), deadline.elapsed)
         return result.check() if check else result
 
@@ -235,55 +210,23 @@ class SSHChannel:
 
     def run_passthrough(self, cmd: str | Sequence[str], stdin: BinaryIO | None = None,
                         stdout: BinaryIO | None = None, stderr: BinaryIO | None = None,
-                        timeout: float | None = None) -> int:
+                        timeout: float | None = None,
+                        watchdog: Callable[[float], None] | None = None) -> int:
         """Like ``ssh host cmd``: stream stdin/stdout/stderr, return the exit code.
         Ctrl-C (KeyboardInterrupt) interrupts the guest command too, as in ``run``."""
-        stdout = stdout or sys.stdout.buffer
-        stderr = stderr or sys.stderr.buffer
-        tag = uuid.uuid4().hex
-        chan = self.open_channel(quote_command(cmd), timeout=10.0, env={RUN_TAG: tag})
-        deadline = Deadline(timeout) if timeout else None
+        out = stdout or sys.stdout.buffer
+        err = stderr or sys.stderr.buffer
 
-        def feed() -> None:
-            try:
-                if stdin is not None:
-                    while chunk := stdin.read1(65536) if hasattr(stdin, "read1") else stdin.read(65536):
-                        chan.sendall(chunk)
-            except (OSError, EOFError):
-                pass
-            finally:
-                try:
-                    chan.shutdown_write()
-                except (OSError, EOFError):
-                    pass
+        def to(stream: BinaryIO) -> Callable[[bytes], None]:
+            def sink(data: bytes) -> None:
+                stream.write(data)
+                stream.flush()
+            return sink
 
-        feeder = threading.Thread(target=feed, daemon=True)
-        feeder.start()
-        try:
-            while True:
-                busy = False
-                if chan.recv_ready():
-                    stdout.write(chan.recv(65536))
-                    stdout.flush()
-                    busy = True
-                if chan.recv_stderr_ready():
-                    stderr.write(chan.recv_stderr(65536))
-                    stderr.flush()
-                    busy = True
-                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-                    return chan.recv_exit_status()
-                if chan.closed and not busy:
-                    raise ChannelError("SSH connection lost while the command ran")
-                if deadline and deadline.expired:
-                    raise GuestTimeout("guest command", deadline.seconds)
-                if not busy:
-                    time.sleep(0.005)
-        except KeyboardInterrupt:
-            chan.close()
-            self.interrupt_tagged(tag)
-            raise
-        finally:
-            chan.close()
+        with self.start(cmd) as proc:
+            feeder = threading.Thread(target=proc.feed_from, args=(stdin,), daemon=True)
+            feeder.start()
+            return proc.pump(to(out), to(err), Deadline(timeout) if timeout else None, watchdog)
 
     def upload(self, data: bytes | Path, remote: str, mode: int = 0o644) -> None:
         """Write ``data`` (bytes or a local file) to ``remote`` in the guest."""
@@ -300,3 +243,102 @@ class SSHChannel:
 def _b64(blob: str) -> bytes:
     import base64
     return base64.b64decode(blob)
+
+
+class GuestProcess:
+    """A command running in the guest: its output is pumped to callbacks by
+    one loop that waits on the channel's file descriptor (``select``), never
+    by polling. No paramiko type leaves this class."""
+
+    def __init__(self, ssh: SSHChannel, command: str, chan: paramiko.Channel, tag: str) -> None:
+        self.ssh, self.command, self.tag = ssh, command, tag
+        self._chan = chan
+
+    def __enter__(self) -> GuestProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def fileno(self) -> int:
+        """Readable when output, EOF or the end of the channel arrives."""
+        return self._chan.fileno()
+
+    def send(self, data: bytes) -> None:
+        self._chan.sendall(data)
+
+    def close_stdin(self) -> None:
+        try:
+            self._chan.shutdown_write()
+        except (OSError, EOFError):
+            pass
+
+    def feed_from(self, stream: BinaryIO | None) -> None:
+        """Copy ``stream`` to the command's stdin until EOF, then close it."""
+        try:
+            if stream is not None:
+                while chunk := stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536):
+                    self._chan.sendall(chunk)
+        except (OSError, EOFError):
+            pass
+        finally:
+            self.close_stdin()
+
+    def read_available(self) -> tuple[bytes, bytes]:
+        """Whatever stdout and stderr output has arrived (without waiting)."""
+        out = self._chan.recv(65536) if self._chan.recv_ready() else b""
+        err = self._chan.recv_stderr(65536) if self._chan.recv_stderr_ready() else b""
+        return out, err
+
+    def wait_readable(self, timeout: float) -> bool:
+        readable, _, _ = select.select([self.fileno()], [], [], max(0.0, timeout))
+        return bool(readable)
+
+    @property
+    def finished(self) -> bool:
+        """The command's output has ended (EOF) or the channel is closed."""
+        return self._chan.eof_received or self._chan.closed
+
+    def exit_status(self, timeout: float) -> int | None:
+        """The exit status once it arrives within ``timeout``; None otherwise."""
+        if self._chan.status_event.wait(max(0.0, timeout)):
+            return self._chan.recv_exit_status()
+        return None
+
+    def pump(self, on_stdout: Callable[[bytes], None], on_stderr: Callable[[bytes], None],
+             deadline: Deadline | None, watchdog: Callable[[float], None] | None = None) -> int:
+        """Deliver output until the command exits; return its exit status.
+        GuestTimeout when ``deadline`` passes, SSHDropped when the connection
+        ends without one; ``watchdog(quiet_seconds)`` about once a second of silence."""
+        last_data = last_watch = time.monotonic()
+        try:
+            while True:
+                out, err = self.read_available()
+                if out:
+                    on_stdout(out)
+                if err:
+                    on_stderr(err)
+                now = time.monotonic()
+                if out or err:
+                    last_data = now
+                    continue
+                if self.finished:
+                    rc = self.exit_status(min(1.0, deadline.remaining if deadline else 1.0))
+                    if rc is not None:
+                        return rc
+                    if self._chan.closed:
+                        raise SSHDropped(self.command)
+                elif not self.wait_readable(min(1.0, deadline.remaining if deadline else 1.0)):
+                    now = time.monotonic()
+                if deadline is not None and deadline.expired:
+                    raise GuestTimeout(f"guest command {self.command!r}", deadline.seconds)
+                if watchdog is not None and now - last_watch >= 1.0 and now - last_data >= 1.0:
+                    watchdog(now - last_data)
+                    last_watch = time.monotonic()
+        except KeyboardInterrupt:
+            self.close()
+            self.ssh.interrupt_tagged(self.tag)
+            raise
+
+    def close(self) -> None:
+        self._chan.close()

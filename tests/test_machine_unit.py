@@ -1,0 +1,212 @@
+"""The machine layer without a guest: process identity, the state rule, the
+health table, vm.json records, and the sweeping of what killed processes
+left behind. Fake QEMUs are real processes whose argv[0] says qemu-system."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from labkit.errors import GuestDied, GuestHung, GuestPanic
+from labkit.machine import process, snapshot
+from labkit.machine.health import HUNG_AFTER, Evidence, diagnose
+from labkit.machine.state import VMState, recorded_state
+from labkit.machine.statedir import VMInfo, sweep_stale_throwaways
+from labkit.machine.vm import VM
+
+LABKIT = [sys.executable, "-m", "labkit"]
+
+
+def fake_qemu(pidfile: Path) -> subprocess.Popen:
+    """A process that looks like QEMU to ``ps``: argv[0] qemu-system-x86_64 and a -pidfile."""
+    p = subprocess.Popen(["qemu-system-x86_64", "-c", "import time; time.sleep(120)", "-pidfile", str(pidfile)],
+                         executable=sys.executable)
+    pidfile.parent.mkdir(parents=True, exist_ok=True)
+    pidfile.write_text(f"{p.pid}\n")
+    return p
+
+
+@pytest.fixture
+def procs():
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        p.kill()
+        p.wait()
+
+
+def test_identity_needs_qemu_and_the_exact_pidfile(tmp_path, procs):
+    c1 = fake_qemu(tmp_path / "c1" / "qemu.pid")
+    procs.append(c1)
+    assert process.is_qemu_of(c1.pid, tmp_path / "c1" / "qemu.pid")
+    # VM "c" is a prefix of "c1": its pidfile path is a substring of c1's argv, but not c1's pidfile.
+    assert not process.is_qemu_of(c1.pid, tmp_path / "c" / "qemu.pid")
+    tail = subprocess.Popen(["tail", "-f", str(tmp_path / "c1" / "qemu.pid")])
+    procs.append(tail)
+    assert not process.is_qemu_of(tail.pid, tmp_path / "c1" / "qemu.pid")   # not QEMU at all
+    started = process.start_time(c1.pid)
+    assert process.is_qemu_of(c1.pid, tmp_path / "c1" / "qemu.pid", started)
+    assert not process.is_qemu_of(c1.pid, tmp_path / "c1" / "qemu.pid", started - 100)   # PID reused
+
+
+def test_stop_never_kills_another_vms_qemu_or_a_tail(tmp_path, procs):
+    other = fake_qemu(tmp_path / "c1" / "qemu.pid")
+    procs.append(other)
+    tail = subprocess.Popen(["tail", "-f", "/dev/null", str(tmp_path / "c" / "console.log")])
+    procs.append(tail)
+    for stale in (other.pid, tail.pid):
+        vm = VM("c", persistent=True, state_dir=tmp_path / "c")
+        (tmp_path / "c").mkdir(exist_ok=True)
+        (tmp_path / "c" / "qemu.pid").write_text(f"{stale}\n")
+        VMInfo("c", "6.1", state="running", pid=stale).save(vm.info_path)
+        assert vm.status() is VMState.DEAD
+        vm.stop()
+        assert process.pid_alive(stale), "stop killed a process that is not this VM's QEMU"
+    assert other.poll() is None and tail.poll() is None
+
+
+def test_stop_kills_its_own_qemu_even_with_a_corrupt_record(tmp_path, procs):
+    mine = fake_qemu(tmp_path / "v" / "qemu.pid")
+    procs.append(mine)
+    vm = VM("v", persistent=True, state_dir=tmp_path / "v")
+    vm.info_path.write_text("[]")
+    assert vm.status() is VMState.RUNNING      # the pidfile and the process say so
+    vm.stop()
+    assert mine.wait(timeout=10) is not None
+
+
+@pytest.mark.parametrize("record", ["{}", "[]", "null", '"x"', "not json {", '{"name": "v", "kernel": 6.1}',
+                                    '{"name": "v", "kernel": "6.1", "pid": "12"}'])
+def test_corrupt_vm_json_locks_nothing_out(tmp_path, record):
+    sd = tmp_path / "vms" / "v"
+    sd.mkdir(parents=True)
+    (sd / "vm.json").write_text(record)
+    env = dict(os.environ, LABKIT_STATE_DIR=str(tmp_path))
+    for argv in (["vm", "status", "--name", "v"], ["vm", "stop", "--name", "v"],
+                 ["vm", "delete", "--name", "v", "--yes"]):
+        r = subprocess.run(LABKIT + argv, capture_output=True, text=True, env=env, timeout=60)
+        assert "Traceback" not in r.stderr, (argv, r.stderr)
+        assert r.returncode in (0, 3), (argv, r.returncode, r.stderr)
+    assert not sd.exists()
+
+
+def test_vminfo_round_trip_and_rejects_wrong_types(tmp_path):
+    info = VMInfo("v", "6.1", state="running", pid=42, host_key=["ssh-ed25519", "AAAA"], phases={"a": 0.1})
+    info.save(tmp_path / "vm.json")
+    assert VMInfo.load(tmp_path / "vm.json") == info
+    assert VMInfo.from_json({"name": "v", "kernel": "6.1", "host_key": "ssh-ed25519 AAAA"}) is None
+    assert VMInfo.from_json({"name": "v", "kernel": "6.1", "persistent": 1}) is None
+    assert VMInfo.from_json({"name": "v", "kernel": "6.1", "unknown": 1}) == VMInfo("v", "6.1")
+
+
+@pytest.mark.parametrize("state, alive, busy, expect", [
+    (None, False, False, VMState.STOPPED),
+    (None, True, False, VMState.RUNNING),
+    ("stopped", False, False, VMState.STOPPED),
+    ("running", True, False, VMState.RUNNING),
+    ("running", False, False, VMState.DEAD),
+    ("starting", True, True, VMState.STARTING),
+    ("starting", False, True, VMState.STARTING),
+    ("starting", True, False, VMState.INCOMPLETE),   # the start was interrupted: QEMU runs, guest not ready
+    ("starting", False, False, VMState.DEAD),
+])
+def test_state_rule(state, alive, busy, expect):
+    info = VMInfo("v", "6.1", state=state) if state else None
+    assert recorded_state(info, alive, busy) is expect
+
+
+PANIC_TEXT = "[ 1.0] boot\n[ 2.0] Kernel panic - not syncing: sysrq triggered crash\n[ 2.1] ---[ end"
+
+
+@pytest.mark.parametrize("ev, kind, words", [
+    (Evidence("v", qemu_alive=True, qmp_status="running"), None, ""),
+    (Evidence("v", qemu_alive=True, qmp_status=None), None, ""),
+    (Evidence("v", qemu_alive=False, exit_code=-9), GuestDied, "killed by SIGKILL"),
+    (Evidence("v", qemu_alive=False, exit_code=1, qemu_log="qemu: boom"), GuestDied, "exited with status 1"),
+    (Evidence("v", qemu_alive=False), GuestDied, "killed or crashed"),
+    (Evidence("v", qemu_alive=False, console_text=PANIC_TEXT), GuestPanic, "sysrq"),
+    (Evidence("v", qemu_alive=True, qmp_status="guest-panicked", console_text=PANIC_TEXT), GuestPanic, "sysrq"),
+    (Evidence("v", qemu_alive=True, qmp_status="paused"), GuestHung, "paused"),
+    (Evidence("v", qemu_alive=True, qmp_status="io-error", state_dir="/s"), GuestHung, "full"),
+    (Evidence("v", qemu_alive=True, qmp_status="inmigrate"), GuestHung, "interrupted"),
+    (Evidence("v", qemu_alive=True, qmp_status="postmigrate"), GuestHung, "interrupted"),
+    (Evidence("v", qemu_alive=True, qmp_status="running", sshd_silent_for=HUNG_AFTER - 1), None, ""),
+    (Evidence("v", qemu_alive=True, qmp_status="running", sshd_silent_for=HUNG_AFTER + 1), GuestHung, "starves"),
+])
+def test_diagnose_table(ev, kind, words):
+    err = diagnose(ev)
+    if kind is None:
+        assert err is None
+        return
+    assert type(err) is kind
+    assert words in str(err)
+
+
+def test_half_written_snapshots_of_dead_writers_are_swept(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_CACHE_DIR", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = snapshot.snapshots_dir() / f".tmp-6.1-abc-{dead.pid}"
+    live = snapshot.snapshots_dir() / f".tmp-6.1-abc-{os.getpid()}"
+    for d in (stale, live):
+        d.mkdir(parents=True)
+        (d / "state.mig").write_bytes(b"x" * 100)
+        (d / "state.mig").chmod(0o400)
+    assert snapshot.sweep_stale_tmp() == [stale]
+    assert not stale.exists() and live.exists()
+
+
+def test_disk_full_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(snapshot, "free_mb", lambda path: 12)
+    msg = snapshot._disk_full(tmp_path)
+    assert "disk full at" in msg and str(tmp_path) in msg and "12 MiB free" in msg
+    monkeypatch.setattr(snapshot, "free_mb", lambda path: 100000)
+    assert snapshot._disk_full(tmp_path) == ""
+
+
+def test_throwaway_state_left_by_a_killed_process_is_swept(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = tmp_path / f"labkit-run-6-1-{dead.pid}-abcd1234"
+    left.mkdir()
+    (left / "id_ed25519").write_text("secret")
+    mine = tmp_path / f"labkit-run-6-1-{os.getpid()}-abcd1234"
+    mine.mkdir()
+    other = tmp_path / "labkit-notes"
+    other.mkdir()
+    assert sweep_stale_throwaways() == [left]
+    assert mine.exists() and other.exists()
+
+
+def test_status_into_a_closed_pipe_is_quiet(tmp_path):
+    env = dict(os.environ, LABKIT_STATE_DIR=str(tmp_path))
+    r, w = os.pipe()
+    os.close(r)            # the reader is gone before labkit writes: like `| head -1` that already exited
+    try:
+        res = subprocess.run(LABKIT + ["vm", "status", "--name", "nope"], stdout=w, stderr=subprocess.PIPE,
+                             text=True, env=env, timeout=60)
+    finally:
+        os.close(w)
+    assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
+
+
+def test_wait_gone_counts_a_zombie_as_gone():
+    p = subprocess.Popen(["true"])
+    time.sleep(0.3)                      # exited, not reaped (no poll/wait yet): a zombie
+    t0 = time.monotonic()
+    assert process.wait_gone(p.pid, timeout=5.0)
+    assert time.monotonic() - t0 < 3.0
+    p.wait()
+
+
+def test_state_files_are_named_once(tmp_path):
+    vm = VM("names", persistent=True, state_dir=tmp_path)
+    assert vm.info_path == tmp_path / "vm.json" and vm.key_path == tmp_path / "id_ed25519"
+    assert json.loads(json.dumps(vm.describe()))["state"] == "stopped"
