@@ -5,6 +5,7 @@ command that builds it (a missing image is a broken setup, not a skip)."""
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,3 +65,19 @@ def guest(request):
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+def mount_tmpfs(path: Path, options: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "labkit-test", str(path)], check=True)
+
+
+def umount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def as_root():
+    if os.geteuid() != 0:
+        pytest.fail("these fault tests mount a small tmpfs as the state dir and need root "
+                    "(CI runs as root)")

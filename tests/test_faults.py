@@ -29,7 +29,7 @@ from labkit.errors import (GuestDied, GuestHung, GuestPanic, LabError, SSHDroppe
 from labkit.machine.channels.qmp import QMPChannel
 from labkit.machine.vm import VM, VMInfo, VMState
 
-from conftest import ARTIFACTS, persistent_vm, require_image
+from conftest import ARTIFACTS, mount_tmpfs, persistent_vm, require_image, umount
 
 pytestmark = pytest.mark.integration
 
@@ -437,26 +437,10 @@ def test_ssh_port_taken_between_probe_and_bind(monkeypatch):
     record("SSH port taken (start retries on another port)", None, None, True)
 
 
-def _mount_tmpfs(path: Path, options: str) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "labkit-test", str(path)], check=True)
-
-
-def _umount(path: Path) -> None:
-    subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-@pytest.fixture
-def as_root():
-    if os.geteuid() != 0:
-        pytest.fail("these fault tests mount a small tmpfs as the state dir and need root "
-                    "(CI runs as root)")
-
-
 def test_state_dir_not_writable(tmp_path, as_root):
     """Root bypasses file permissions, so 'not writable' is a read-only mount."""
     root = tmp_path / "ro"
-    _mount_tmpfs(root, "ro,size=16m")
+    mount_tmpfs(root, "ro,size=16m")
     try:
         env = dict(os.environ, LABKIT_STATE_DIR=str(root))
         t0 = time.monotonic()
@@ -473,12 +457,12 @@ def test_state_dir_not_writable(tmp_path, as_root):
             ok = v.run("echo up").stdout == "up\n"
         record("state dir not writable (read-only mount)", detected, e.value, ok)
     finally:
-        _umount(root)
+        umount(root)
 
 
 def test_state_dir_full_before_start_and_while_running(tmp_path, as_root):
     root = tmp_path / "full"
-    _mount_tmpfs(root, "size=8m")
+    mount_tmpfs(root, "size=8m")
     try:
         t0 = time.monotonic()
         with pytest.raises(StateDirError) as e:
@@ -504,4 +488,4 @@ def test_state_dir_full_before_start_and_while_running(tmp_path, as_root):
         finally:
             v.stop()
     finally:
-        _umount(root)
+        umount(root)

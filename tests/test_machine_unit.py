@@ -210,3 +210,15 @@ def test_state_files_are_named_once(tmp_path):
     vm = VM("names", persistent=True, state_dir=tmp_path)
     assert vm.info_path == tmp_path / "vm.json" and vm.key_path == tmp_path / "id_ed25519"
     assert json.loads(json.dumps(vm.describe()))["state"] == "stopped"
+
+
+@pytest.mark.parametrize("line, words", [
+    ("", "printed nothing"),
+    ("qemu-system-x86_64: ../../target/i386/kvm/kvm.c:3183: kvm_buf_set_msrs: Assertion `ret == n' failed.",
+     "crashed setting up a guest"),
+    ("qemu-system-x86_64: failed to initialize kvm: Permission denied", "could not run under it"),
+])
+def test_why_kvm_is_not_used_is_said_in_plain_words(line, words):
+    from labkit.machine.accel import kvm_failure_words
+    text = kvm_failure_words(line)
+    assert words in text and "software emulation" in text

@@ -73,7 +73,19 @@ def probe_kvm(qemu: str = "qemu-system-x86_64", seconds: float = PROBE_SECONDS) 
         return AccelChoice("tcg", f"KVM is present but a test guest hung for {seconds:.0f} s "
                                   "(nested virtualisation without vmx/svm?)")
     text = out.decode(errors="replace").strip().splitlines()
-    return AccelChoice("tcg", "KVM test guest failed: " + (text[-1] if text else "no output"))
+    return AccelChoice("tcg", kvm_failure_words(text[-1] if text else ""))
+
+
+def kvm_failure_words(last_line: str) -> str:
+    """Plain words for why a KVM test guest failed, from QEMU's last line."""
+    if not last_line:
+        return "KVM is present but a test guest under it printed nothing and stopped; using software emulation"
+    if "Assertion" in last_line or "kvm_" in last_line:
+        return ("KVM is present but QEMU crashed setting up a guest under it (usually nested virtualisation "
+                "that does not pass the CPU features through); using software emulation. QEMU said: "
+                + last_line.split(": ", 1)[-1][:160])
+    return "KVM is present but a test guest could not run under it; using software emulation. QEMU said: " \
+        + last_line[:160]
 
 
 def _cache_key(qemu: str) -> str:

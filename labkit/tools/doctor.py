@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
@@ -49,8 +50,7 @@ def run_checks(kernels: tuple[str, ...] = (image.DEFAULT_KERNEL,)) -> list[Check
                         "sudo apt-get install qemu-utils"))
     choice = choose_accel()
     checks.append(Check("accelerator", True, str(choice)))
-    checks.append(Check("mmdebstrap", shutil.which("mmdebstrap") is not None, "builds the guest image",
-                        "sudo apt-get install mmdebstrap", required=False))
+    checks.append(_builder_check())
     for k in image.KERNELS:
         status, img = image.image_status(k)
         detail = f"kernel {k}: {status}" + (f" ({img.kernel_release})" if img else "")
@@ -76,9 +76,34 @@ def run_checks(kernels: tuple[str, ...] = (image.DEFAULT_KERNEL,)) -> list[Check
                                   for k, sn in sorted(newest.items()))
                         or "no snapshot yet: the first VM start boots cold and makes one, "
                            "later starts restore it in about a second", required=False))
+    checks.append(_snapshot_space_check())
     checks.append(Check("disk", free_gb >= MIN_FREE_GB, f"{free_gb:.1f} GiB free for VM state in {state}",
                         f"free at least {MIN_FREE_GB:.0f} GiB or set LABKIT_STATE_DIR elsewhere"))
     return checks
+
+
+def _builder_check() -> Check:
+    """mmdebstrap builds the image; as a normal user it needs newuidmap (package uidmap)."""
+    if shutil.which("mmdebstrap") is None:
+        return Check("mmdebstrap", False, "not installed: cannot build the guest image",
+                     "sudo apt-get install mmdebstrap", required=False)
+    if os.geteuid() != 0 and shutil.which("newuidmap") is None:
+        return Check("mmdebstrap", False, "installed, but a build as a normal user needs newuidmap "
+                     "(user namespaces), which is missing", "sudo apt-get install uidmap", required=False)
+    mode = "as root" if os.geteuid() == 0 else "as this user (unshare mode, newuidmap present)"
+    return Check("mmdebstrap", True, f"builds the guest image {mode}", required=False)
+
+
+def _snapshot_space_check() -> Check:
+    """Room for warm-start snapshots; half-written ones of killed processes are removed first."""
+    where = snapshot.snapshots_dir()
+    swept = snapshot.sweep_stale_tmp() if where.exists() else []
+    free = snapshot.free_mb(where)
+    note = f" (removed {len(swept)} half-written snapshot(s) left by killed processes)" if swept else ""
+    return Check("snapshots", free >= snapshot.NEEDS_MB,
+                 f"{free} MiB free in {where} (a warm-start snapshot needs about {snapshot.NEEDS_MB} MiB){note}",
+                 f"free space there or set LABKIT_CACHE_DIR to a disk with {snapshot.NEEDS_MB} MiB free; "
+                 "until then every start boots cold")
 
 
 def report(checks: list[Check]) -> tuple[str, bool]:
