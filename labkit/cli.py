@@ -20,9 +20,9 @@ import subprocess
 import sys
 import time
 
-from labkit.image import build as image
 from labkit import paths
 from labkit.errors import ChannelError, GuestDied, GuestTimeout, LabError, StateError
+from labkit.image import build as image
 from labkit.machine.vm import VM, VMState
 
 EPILOG = "Environment: LABKIT_ACCEL=kvm|tcg forces the accelerator; LABKIT_STATE_DIR moves VM state; " \
@@ -109,16 +109,16 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
         vm.start()
     finally:
         _end_progress(args.quiet)
-    print(f"VM {args.name!r} running: kernel {vm.boot.kernel_release}, accelerator {vm.accel}, "
-          f"SSH-ready in {vm.info.boot_seconds:.1f} s ({_start_words(vm)})")
+    print(f"VM {args.name!r} running: kernel {vm.release}, accelerator {vm.accel}, "
+          f"SSH-ready in {vm.record.boot_seconds:.1f} s ({_start_words(vm)})")
     vm.close()
     return 0
 
 
 def _start_words(vm: VM) -> str:
-    if vm.info.start_kind == "warm":
+    if vm.record.start_kind == "warm":
         return "warm start from the snapshot"
-    return "cold boot" + (f"; warm start failed: {vm.info.warm_error}" if vm.info.warm_error else "")
+    return "cold boot" + (f"; warm start failed: {vm.record.warm_error}" if vm.record.warm_error else "")
 
 
 def cmd_vm_reset(args: argparse.Namespace) -> int:
@@ -242,8 +242,8 @@ def _interactive_ssh(vm: VM) -> int:
     if shutil.which("ssh") is None:
         raise StateError("no ssh client", "installed (apt-get install openssh-client)")
     kh = vm.state_dir / "known_hosts"
-    kh.write_text(f"[127.0.0.1]:{vm.info.ssh_port} {' '.join(vm.info.host_key)}\n")
-    return subprocess.call(["ssh", "-i", str(vm.key_path), "-p", str(vm.info.ssh_port),
+    kh.write_text(f"[127.0.0.1]:{vm.record.ssh_port} {' '.join(vm.record.host_key)}\n")
+    return subprocess.call(["ssh", "-i", str(vm.key_path), "-p", str(vm.record.ssh_port),
                             "-o", f"UserKnownHostsFile={kh}", "-o", "StrictHostKeyChecking=yes",
                             "-o", "IdentitiesOnly=yes", "root@127.0.0.1"])
 
@@ -351,7 +351,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         _err("no notebooks to check: give notebook paths, e.g. labkit check notebooks/03-rdma-pins.ipynb")
         return 2
     say = (lambda s: None) if args.json else (lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
-    results = grading.grade(paths, progress=say)
+    results = grading.grade(list(paths), progress=say)
     print(grading.dumps(results) if args.json else grading.report(results))
     return 0 if all(c.passed for r in results for c in r.checks) else 1
 
@@ -365,8 +365,8 @@ def cmd_lab(args: argparse.Namespace) -> int:
             vm.start()
         finally:
             _end_progress(False)
-        print(f"VM running: {vm.boot.kernel_release}, accelerator {vm.accel}, "
-              f"SSH-ready in {vm.info.boot_seconds:.1f} s", file=sys.stderr)
+        print(f"VM running: {vm.release}, accelerator {vm.accel}, "
+              f"SSH-ready in {vm.record.boot_seconds:.1f} s", file=sys.stderr)
         vm.close()
     else:
         print(f"VM {args.name!r} already running.", file=sys.stderr)

@@ -79,10 +79,11 @@ class LifecycleVM(FakeVM):
         self.running = True
         return self
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 15.0) -> bool:
         self.calls.append("stop")
         self.running = False
         self.stopped_outside = False
+        return False
 
     def reset(self, timeout: float = 60.0) -> LifecycleVM:
         self.calls.append("reset")

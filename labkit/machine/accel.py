@@ -16,7 +16,6 @@ import selectors
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from labkit import paths
 from labkit.timeout import Deadline

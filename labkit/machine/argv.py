@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from labkit.machine.config import VMConfig
 from labkit.errors import ConfigError
+from labkit.machine.config import VMConfig
 
 FW_CFG_SSHKEY = "opt/org.labkit/sshkey"
 

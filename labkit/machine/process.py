@@ -165,7 +165,7 @@ class Throwaways:
     def kill_all(self) -> None:
         for vm in list(self._vms):
             try:
-                vm.kill()  # type: ignore[attr-defined]
+                vm.kill()
             except Exception:   # interpreter shutdown: do what can be done
                 pass
 

@@ -38,11 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labkit import paths
-from labkit.machine.config import VMConfig
 from labkit.errors import ChannelError, GuestTimeout, LaunchError
 from labkit.image.build import Image
 from labkit.machine.argv import build_qemu_argv
 from labkit.machine.channels.qmp import QMPChannel
+from labkit.machine.config import VMConfig
 from labkit.timeout import Deadline, flock_before
 
 FORMAT = 1
@@ -73,7 +73,7 @@ PMEM_WAIT = ("date -s @{now} >/dev/null; i=0; "
              "test -e /run/labkit/pmem-ready")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def qemu_version(binary: str = "qemu-system-x86_64") -> str:
     try:
         r = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
@@ -120,7 +120,8 @@ class Snapshot:
 
     @property
     def host_key(self) -> tuple[str, str]:
-        return tuple(self.meta["host_key"])   # type: ignore[return-value]
+        key = self.meta["host_key"]
+        return (str(key[0]), str(key[1]))
 
     @property
     def key(self) -> str:

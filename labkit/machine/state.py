@@ -5,6 +5,7 @@ start in progress somewhere)."""
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 from labkit.machine.statedir import VMInfo
 
@@ -36,9 +37,9 @@ def recorded_state(info: VMInfo | None, qemu_alive: bool, start_in_progress: boo
     return VMState.RUNNING if qemu_alive else VMState.STOPPED
 
 
-def describe(name: str, state: VMState, state_dir: str, info: VMInfo | None) -> dict[str, object]:
+def describe(name: str, state: VMState, state_dir: str, info: VMInfo | None) -> dict[str, Any]:
     """What ``labkit vm status --json`` prints."""
-    d: dict[str, object] = {"name": name, "state": str(state), "state_dir": state_dir}
+    d: dict[str, Any] = {"name": name, "state": str(state), "state_dir": state_dir}
     if info:
         d.update(kernel=info.kernel, kernel_release=info.kernel_release, accel=info.accel,
                  accel_reason=info.accel_reason, ssh_port=info.ssh_port, pid=info.pid,

@@ -235,7 +235,7 @@ _THROWAWAY_RE = re.compile(r"^labkit-.+-(\d+)-[A-Za-z0-9_]{8}$")
 def sweep_stale_throwaways() -> list[Path]:
     """Remove throwaway VM state dirs (with their private keys) left in the
     temporary directory by a process that was killed; returns what was removed."""
-    from labkit.machine.process import pid_alive   # (process imports nothing from here)
+    from labkit.machine.process import pid_alive  # (process imports nothing from here)
 
     removed = []
     for d in Path(tempfile.gettempdir()).glob("labkit-*"):

@@ -25,10 +25,10 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from labkit import paths
-from labkit.errors import ChannelError, ConfigError, GuestHung, GuestTimeout, StateError
+from labkit.errors import ChannelError, GuestHung, GuestTimeout, StateError
 from labkit.image import DEFAULT_KERNEL, Image
 from labkit.machine import disks, process
 from labkit.machine.accel import AccelChoice
@@ -38,9 +38,9 @@ from labkit.machine.channels.qmp import QMPChannel
 from labkit.machine.channels.ssh import CommandResult, SSHChannel
 from labkit.machine.config import check_name, check_sizes, tcg_cache_mb_from_env
 from labkit.machine.locks import LifecycleLock
+from labkit.machine.shutdown import polite_quit
 from labkit.machine.state import VMState, describe, recorded_state
 from labkit.machine.statedir import StateDir, VMInfo, sweep_stale_throwaways
-from labkit.machine.shutdown import polite_quit
 from labkit.machine.watch import Watch
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,18 @@ class VM:
     def qemu_log(self) -> Path:
         return self.sd.qemu_log
 
+    @property
+    def record(self) -> VMInfo:
+        """What is recorded about the started or attached VM (StateError before that)."""
+        if self.info is None:
+            raise StateError(self.state, "started or attached", self.name)
+        return self.info
+
+    @property
+    def release(self) -> str:
+        """The guest kernel's release (``uname -r``) of the started or attached VM."""
+        return self.record.kernel_release
+
     def progress(self, line: str) -> None:
         if self.on_console_line:
             self.on_console_line(line)
@@ -128,7 +140,7 @@ class VM:
         starting_here = self._lock.held and self.state is VMState.STARTING
         return recorded_state(info, alive, starting_here or self._lock.busy_elsewhere())
 
-    def describe(self) -> dict[str, object]:
+    def describe(self) -> dict[str, Any]:
         return describe(self.name, self.status(), str(self.sd.path), self.sd.load_info())
 
     # -- start ---------------------------------------------------------------

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 from labkit.errors import ChannelError, GuestTimeout, HostKeyMismatch, LaunchError
 from labkit.machine import snapshot
-from labkit.machine.disks import create_overlay
 from labkit.machine.channels.console import BootInfo, ConsoleChannel
 from labkit.machine.channels.qmp import QMPChannel
 from labkit.machine.channels.ssh import SSHChannel
+from labkit.machine.disks import create_overlay
 from labkit.machine.statedir import VMInfo
 from labkit.timeout import Deadline
 

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from labkit.machine import snapshot
 from labkit.image.build import load_image
+from labkit.machine import snapshot
 from labkit.machine.vm import VM
 
 TARGETS = {"cold_boot_s": 6.0, "warm_start_s": 1.0, "reset_s": 1.0, "matrix_s": 15.0, "qemu_rss_mb": 400.0}
@@ -128,10 +128,10 @@ def run(kernel: str, runs: int = 3, matrix: bool = True,
         t = time.monotonic()
         with VM("bench-cold", kernel=kernel, warm=False) as cold:
             raw["cold_boot_s"].append(time.monotonic() - t)
-            if cold.info.phases and cold.boot:      # not timed: read the guest's own clock
+            if cold.record.phases and cold.boot:      # not timed: read the guest's own clock
                 dmesg = cold.run(["dmesg"], timeout=30, check=True).stdout
-                for k, v in cold_phases(raw["cold_boot_s"][-1], cold.info.phases["boot to ready marker"],
-                                        cold.info.phases["ssh connect"],
+                for k, v in cold_phases(raw["cold_boot_s"][-1], cold.record.phases["boot to ready marker"],
+                                        cold.record.phases["ssh connect"],
                                         cold.boot.guest_uptime_s, dmesg).items():
                     raw[k].append(v)
         say(f"run {i}/{runs}: warm start")
@@ -139,7 +139,7 @@ def run(kernel: str, runs: int = 3, matrix: bool = True,
         vm = VM("bench-warm", kernel=kernel).start()
         try:
             raw["warm_start_s"].append(time.monotonic() - t)
-            for name, v in (vm.info.phases or {}).items():
+            for name, v in (vm.record.phases or {}).items():
                 if name in WARM_PHASES:
                     raw[WARM_PHASES[name]].append(v)
             say(f"run {i}/{runs}: SSH round trips")
@@ -163,7 +163,7 @@ def run(kernel: str, runs: int = 3, matrix: bool = True,
                 t = time.monotonic()
                 Lab(vm).matrix()
                 raw["matrix_s"].append(time.monotonic() - t)
-            for k, v in _rss_mb(vm.info.pid).items():
+            for k, v in _rss_mb(vm.record.pid).items():
                 raw[k].append(v)
         finally:
             vm.finish()

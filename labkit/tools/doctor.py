@@ -9,8 +9,8 @@ import socket
 import subprocess
 from dataclasses import dataclass
 
-from labkit.image import build as image
 from labkit import paths
+from labkit.image import build as image
 from labkit.machine import snapshot
 from labkit.machine.accel import choose_accel
 
@@ -67,7 +67,7 @@ def run_checks(kernels: tuple[str, ...] = (image.DEFAULT_KERNEL,)) -> list[Check
     free_gb = shutil.disk_usage(probe).free / 2**30
     newest: dict[str, snapshot.Snapshot] = {}
     for sn in snapshot.list_snapshots():
-        k = sn.meta.get("kernel")
+        k = str(sn.meta.get("kernel"))
         if k in kernels and sn.meta.get("created_at", 0) >= newest.get(k, sn).meta.get("created_at", 0):
             newest[k] = sn
     checks.append(Check("warm start", True,

@@ -74,7 +74,7 @@ class QMPChannel:
             return self._sync(self._client.execute(name, args or None), timeout)
         except ExecuteError as exc:
             # QEMU answered with an error: keep its class and description.
-            raise QMPCommandError(name, exc.error_class, exc.error.desc) from exc
+            raise QMPCommandError(name, exc.error_class, exc.error.error.desc) from exc
         except (QMPError, OSError, EOFError, asyncio.TimeoutError) as exc:
             raise ChannelError(f"QMP command {name} failed: {exc!r}") from exc
 
@@ -89,7 +89,8 @@ class QMPChannel:
             while True:
                 ev = await events.get()
                 if ev["event"] in names:
-                    return {"event": ev["event"], "data": dict(ev.get("data", {}))}
+                    data = ev.get("data", {})
+                    return {"event": ev["event"], "data": dict(data) if isinstance(data, dict) else {}}
 
         try:
             return self._sync(next_matching(), timeout)

@@ -10,7 +10,6 @@ import io
 import logging
 import select
 import shlex
-import socket
 import sys
 import threading
 import time
@@ -205,7 +204,7 @@ class SSHChannel:
             chan.settimeout(timeout)
             chan.recv_exit_status()
             chan.close()
-        except (ChannelError, OSError, EOFError, paramiko.SSHException, socket.timeout):
+        except (TimeoutError, ChannelError, OSError, EOFError, paramiko.SSHException):
             pass    # best effort: the connection may be what was interrupted
 
     def run_passthrough(self, cmd: str | Sequence[str], stdin: BinaryIO | None = None,
@@ -324,9 +323,9 @@ class GuestProcess:
                     continue
                 if self.finished:
                     rc = self.exit_status(min(1.0, deadline.remaining if deadline else 1.0))
-                    if rc is not None:
+                    if rc is not None and rc != -1:
                         return rc
-                    if self._chan.closed:
+                    if self._chan.closed:     # no exit status: the connection ended under the command
                         raise SSHDropped(self.command)
                 elif not self.wait_readable(min(1.0, deadline.remaining if deadline else 1.0)):
                     now = time.monotonic()
