@@ -10,18 +10,27 @@ BIN := $(VENV)/bin
 APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs cpio xz-utils openssh-client chromium
 PYTEST_ARGS ?=
 
-.PHONY: lab test setup host-deps venv images clean help
+.PHONY: lab test unit lint setup host-deps venv images clean help
 
 help:
 	@echo "make lab    - set up, build the guest image, start the VM and JupyterLab"
-	@echo "make test   - set up, build the images, run the tests (unit + real guests)"
+	@echo "make test   - set up, build the images, lint, run the tests (unit + real guests)"
+	@echo "make unit   - the offline tests only (no guest), in about a minute"
+	@echo "make lint   - ruff and mypy on labkit/"
 
 lab: setup
 	$(BIN)/labkit lab
 
-test: setup
+test: setup lint
 	$(BIN)/labkit image build --kernel all
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: venv
+	$(BIN)/python -m pytest -m "not integration" -q $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check labkit
+	$(BIN)/mypy
 
 setup: host-deps venv
 	$(BIN)/labkit image build --kernel 6.1

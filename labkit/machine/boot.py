@@ -14,16 +14,17 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from labkit.errors import ChannelError, GuestTimeout, HostKeyMismatch, LaunchError
+from labkit.errors import ChannelError, GuestTimeout, HostKeyMismatch, LaunchError, StateError
 from labkit.image import load_image
 from labkit.machine import disks, snapshot, warm
 from labkit.machine.accel import AccelChoice, choose_accel
 from labkit.machine.argv import build_qemu_argv
-from labkit.machine.channels.console import ConsoleChannel
+from labkit.machine.channels.console import BootInfo, ConsoleChannel
 from labkit.machine.channels.keys import ensure_client_key
 from labkit.machine.channels.ssh import SSHChannel
 from labkit.machine.config import VMConfig
 from labkit.machine.process import free_port, is_qemu_of, spawn, start_time, terminate
+from labkit.machine.state import VMState
 from labkit.machine.statedir import VMInfo
 from labkit.timeout import Deadline
 
@@ -188,4 +189,28 @@ class Starter:
         log.debug("snapshot %s discarded: %s", snap.path, exc)
 
 
-WARM_FAILURES = (LaunchError, GuestTimeout, ChannelError, OSError)
+
+def attach_running(vm: VM, timeout: float) -> None:
+    """Make ``vm`` (a fresh object) the handle of its running guest: read its
+    record, check its key, connect SSH; StateError if it is not ready."""
+    st = vm.status()
+    if st is VMState.INCOMPLETE:
+        raise StateError("incomplete (the start that launched it was interrupted, so its guest is not ready)",
+                         "running", vm.name).with_hint(
+            f"`labkit vm start --name {vm.name}` discards it and starts the VM again (pmem is kept)")
+    info = vm.sd.load_info()
+    if st is not VMState.RUNNING or info is None:
+        raise StateError(st, "running", vm.name)
+    if not vm.sd.key.exists():
+        raise StateError("missing its SSH key", "running with its key", vm.name).with_hint(
+            f"{vm.sd.key} was removed; `labkit vm reset --name {vm.name}` makes a new one")
+    vm.info, vm.kernel = info, info.kernel
+    vm.accel = AccelChoice(info.accel, info.accel_reason)
+    host_key = (info.host_key[0], info.host_key[1])
+    vm.boot = BootInfo(info.kernel_release, info.guest_uptime_s, host_key)
+    vm.state = VMState.RUNNING
+    try:
+        vm.ssh_channel = SSHChannel(info.ssh_port, vm.sd.key, host_key).connect(timeout=timeout)
+    except (ChannelError, GuestTimeout) as exc:
+        vm.watch.explain(exc)      # paused, dead or starved: say that instead of "timed out"
+        raise

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from labkit import paths
-from labkit.errors import ChannelError, GuestHung, GuestTimeout, StateError
+from labkit.errors import StateError
 from labkit.image import DEFAULT_KERNEL, Image
 from labkit.machine import disks, process
 from labkit.machine.accel import AccelChoice
-from labkit.machine.boot import Starter
+from labkit.machine.boot import Starter, attach_running
 from labkit.machine.channels.console import BootInfo, ConsoleChannel
 from labkit.machine.channels.qmp import QMPChannel
 from labkit.machine.channels.ssh import CommandResult, SSHChannel
@@ -174,28 +174,7 @@ class VM:
     def attach(cls, name: str = "default", state_dir: Path | None = None, timeout: float = 10.0) -> VM:
         """Connect to a persistent VM started by another process."""
         vm = cls(name, persistent=True, state_dir=state_dir)
-        st = vm.status()
-        if st is VMState.INCOMPLETE:
-            raise StateError("incomplete (the start that launched it was interrupted, so its guest is not "
-                             "ready)", "running", name).with_hint(
-                f"`labkit vm start --name {name}` discards it and starts the VM again (pmem is kept)")
-        if st is not VMState.RUNNING:
-            raise StateError(st, "running", name)
-        info = vm.sd.load_info()
-        assert info is not None
-        if not vm.sd.key.exists():
-            raise StateError("missing its SSH key", "running with its key", name).with_hint(
-                f"{vm.sd.key} was removed; `labkit vm reset --name {name}` makes a new one")
-        vm.info, vm.kernel = info, info.kernel
-        vm.accel = AccelChoice(info.accel, info.accel_reason)
-        host_key = (info.host_key[0], info.host_key[1])
-        vm.boot = BootInfo(info.kernel_release, info.guest_uptime_s, host_key)
-        vm.state = VMState.RUNNING
-        try:
-            vm.ssh_channel = SSHChannel(info.ssh_port, vm.sd.key, host_key).connect(timeout=timeout)
-        except (ChannelError, GuestTimeout) as exc:
-            vm.watch.explain(exc)      # paused, dead or starved: say that instead of "timed out"
-            raise
+        attach_running(vm, timeout)
         return vm
 
     # -- channels -------------------------------------------------------------
@@ -230,29 +209,15 @@ class VM:
         A dead QEMU raises GuestDied (GuestPanic after a kernel panic) at once;
         a guest that stops answering during the command raises GuestHung
         instead of waiting for ``timeout``."""
-        if self.state is VMState.RUNNING:
-            self.watch.begin_command()
-        try:
+        with self.watch.command():
             return self.ssh.run(cmd, timeout=timeout, check=check, stdin=stdin, on_stdout=on_stdout,
                                 on_stderr=on_stderr, watchdog=self.watch.on_quiet)
-        except GuestHung:
-            raise
-        except (ChannelError, GuestTimeout) as exc:
-            self.watch.explain(exc)
-            raise
 
     def run_passthrough(self, cmd: Sequence[str], stdin: BinaryIO | None = None) -> int:
         """Like ``ssh host cmd`` with this process's stdin/stdout/stderr; the
         same fault detection as ``run``. Returns the command's exit code."""
-        if self.state is VMState.RUNNING:
-            self.watch.begin_command()
-        try:
+        with self.watch.command():
             return self.ssh.run_passthrough(cmd, stdin=stdin, watchdog=self.watch.on_quiet)
-        except GuestHung:
-            raise
-        except (ChannelError, GuestTimeout) as exc:
-            self.watch.explain(exc)
-            raise
 
     # -- stop ------------------------------------------------------------------
     def stop(self, timeout: float = 15.0) -> bool:

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from labkit.errors import ChannelError, GuestDied, GuestHung, LabError
+from labkit.errors import ChannelError, GuestDied, GuestHung, GuestTimeout, LabError
 from labkit.machine.channels.console import BootInfo
 from labkit.machine.channels.qmp import QMPChannel
 from labkit.machine.channels.ssh import SSHChannel
 from labkit.machine.health import PROBE_AFTER, Evidence, diagnose, died
+from labkit.machine.state import VMState
 
 if TYPE_CHECKING:
     from labkit.machine.vm import VM
@@ -51,6 +54,20 @@ class Watch:
                 return q.status()
         except LabError:
             return None
+
+    @contextmanager
+    def command(self) -> Iterator[None]:
+        """Around a guest command: check the guest first; turn a channel error
+        or timeout into what really happened (QEMU gone, panic, paused, starved)."""
+        if self.vm.state is VMState.RUNNING:
+            self.begin_command()
+        try:
+            yield
+        except GuestHung:
+            raise
+        except (ChannelError, GuestTimeout) as exc:
+            self.explain(exc)
+            raise
 
     def begin_command(self) -> None:
         """Before a command: GuestDied if QEMU is gone; follow a restart done
