@@ -6,6 +6,7 @@ reason instead of a timeout."""
 from __future__ import annotations
 
 import logging
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +44,11 @@ class Watch:
 
     def death(self) -> GuestDied:
         """The VM's QEMU is gone: mark it dead, close its channels, say why."""
+        if self.vm.proc is not None:
+            try:   # our own child: collect its exit status (it may have just become a zombie)
+                self.vm.proc.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                pass
         self.vm.mark_dead()
         return died(self.evidence(alive=False))
 
