@@ -9,18 +9,20 @@ command output, and every wait is bounded.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shlex
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import paramiko
-
 from labkit.errors import ChannelError, GuestTimeout, LabError
+from labkit.lab.protocols import Machine, Stream
 from labkit.timeout import Deadline
+
+log = logging.getLogger(__name__)
 
 HIGHLIGHTS = {
     "experimental": re.compile(r"DAX enabled\. Warning: EXPERIMENTAL"),
@@ -51,11 +53,11 @@ class KernelLog:
     ``on_line`` callbacks run on the reader thread for each new line.
     """
 
-    def __init__(self, vm, maxlen: int = 2000) -> None:
+    def __init__(self, vm: Machine, maxlen: int = 2000) -> None:
         self.vm = vm
         self.lines: deque[LogLine] = deque(maxlen=maxlen)
         self.callbacks: list[Callable[[LogLine], None]] = []
-        self._chan: paramiko.Channel | None = None
+        self._chan: Stream | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -156,7 +158,7 @@ def parse_sample(text: str, t: float) -> PinSample:
 class PinCounters:
     """VmPin of a process and the system's FOLL_PIN counters, sampled over time."""
 
-    def __init__(self, vm, pid: int | None = None, maxlen: int = 600) -> None:
+    def __init__(self, vm: Machine, pid: int | None = None, maxlen: int = 600) -> None:
         self.vm = vm
         self.pid = pid
         self.samples: deque[PinSample] = deque(maxlen=maxlen)
@@ -196,7 +198,7 @@ class PinCounters:
 class HeldPin:
     """A pin kept open in the guest by a pinprobe process until ``release()``."""
 
-    def __init__(self, chan: paramiko.Channel, info: dict) -> None:
+    def __init__(self, chan: Stream, info: dict) -> None:
         self._chan = chan
         self.info = info
         self.pid: int | None = info.get("pid")
@@ -227,10 +229,12 @@ class HeldPin:
         self.release()
 
 
-def open_held_pin(vm, command: str, timeout: float = 60.0) -> HeldPin:
-    """Start ``command`` (a pinprobe invocation with ``--hold -1``) and wait for
-    its JSON line, which it prints while the pin is held."""
-    chan = vm.ssh.open_channel(command, timeout=10.0)
+def open_held_pin(vm: Machine, command: Sequence[str] | str, timeout: float = 60.0) -> HeldPin:
+    """Start ``command`` (a pinprobe argument list with ``--hold -1``) and wait
+    for its JSON line, which it prints while the pin is held."""
+    line = command if isinstance(command, str) else shlex.join(command)
+    log.debug("holding a pin: %s", line)
+    chan = vm.ssh.open_channel(line, timeout=10.0)
     deadline = Deadline(timeout)
     out = b""
     while not deadline.expired:
