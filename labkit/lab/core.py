@@ -2,5 +2,5 @@
 come from ``labkit.lab`` (``from labkit.lab import Lab``); this keeps
 ``from labkit.lab.core import Lab`` working for code not yet moved."""
 
-from labkit.lab import *  # noqa: F401,F403
-from labkit.lab import Lab, __all__  # noqa: F401
+from labkit.lab import *
+from labkit.lab import __all__  # noqa: F401  (re-exported)

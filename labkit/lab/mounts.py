@@ -12,8 +12,14 @@ from labkit.lab.pmem import Pmem
 from labkit.lab.protocols import Machine
 from labkit.lab.results import MountInfo, MountResult
 from labkit.lab.tracing import Tracer
-from labkit.lab.validate import (check_block_size, check_device, check_mount_options, check_mountpoint,
-                                 check_mountpoint_for, choose)
+from labkit.lab.validate import (
+    check_block_size,
+    check_device,
+    check_mount_options,
+    check_mountpoint,
+    check_mountpoint_for,
+    choose,
+)
 from labkit.lab.vocab import FILESYSTEMS, fsdax_kind, mountpoint_for
 from labkit.machine.channels.ssh import CommandResult
 

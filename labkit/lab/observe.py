@@ -78,10 +78,12 @@ class KernelLog:
         return self
 
     def _read(self) -> None:
+        chan = self._chan
+        assert chan is not None      # start() opened it before starting this thread
         buf = b""
         while not self._stop.is_set():
             try:
-                data = self._chan.recv(4096)
+                data = chan.recv(4096)
             except TimeoutError:
                 continue
             except (OSError, EOFError):
@@ -99,8 +101,8 @@ class KernelLog:
                 for fn in list(self.callbacks):
                     try:
                         fn(line)
-                    except Exception:   # a broken view must not kill the reader
-                        pass
+                    except Exception:
+                        log.debug("kernel log callback failed", exc_info=True)
 
     def wait_for(self, pattern: str, timeout: float = 10.0) -> LogLine:
         """Block until a line matching ``pattern`` arrives (bounded)."""
@@ -123,7 +125,7 @@ class KernelLog:
         if self._thread is not None:
             self._thread.join(timeout=2.0)
 
-    def __enter__(self) -> KernelLog:
+    def __enter__(self) -> KernelLog:  # noqa: PYI034
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -222,7 +224,7 @@ class HeldPin:
         finally:
             self._chan.close()
 
-    def __enter__(self) -> HeldPin:
+    def __enter__(self) -> HeldPin:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:

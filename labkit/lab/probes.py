@@ -15,14 +15,23 @@ import logging
 import re
 from typing import TYPE_CHECKING
 
-from labkit.errors import LabError
+from labkit.errors import ConfigError, LabError
 from labkit.lab.helper import GuestHelper, answer, last_json
 from labkit.lab.pmem import Namespace, Pmem
 from labkit.lab.protocols import Machine
 from labkit.lab.results import Observation, PinResult, TruncateWait
 from labkit.lab.tracing import Tracer, refusal_lines
-from labkit.lab.validate import (Case, check_case, check_cases, check_count, check_pid, check_roles, check_seconds,
-                                 check_size, choose)
+from labkit.lab.validate import (
+    Case,
+    check_case,
+    check_cases,
+    check_count,
+    check_pid,
+    check_roles,
+    check_seconds,
+    check_size,
+    choose,
+)
 from labkit.lab.vocab import FILESYSTEMS, MAPPINGS, MEMORY_KINDS, fs_of_kind, fsdax_kind, mountpoint_for
 
 if TYPE_CHECKING:
@@ -32,6 +41,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SIZE = 2 * 2**20
 ODIRECT_SOURCE = "/root/odirect-src.dat"
+# Constant scripts (no values pasted in): soft-RoCE on eth0, and vivid with its nodes present.
+RDMA_SETUP = ("modprobe rdma_rxe && (test -e /sys/class/infiniband/rxe0 || "
+              "rdma link add rxe0 type rxe netdev eth0) && rdma link show rxe0/1")
+VIVID_SETUP = ("modprobe vivid && for i in $(seq 50); do ls /dev/video* >/dev/null 2>&1 && break; "
+               "sleep 0.1; done; ls /dev/video*")
 
 
 def pin_result(case: Case, data: dict | None, kernel_log: list[str], trace: list[str],
@@ -51,16 +65,14 @@ class Probes:
     # -- set-up of the pinning devices -------------------------------------
     def setup_rdma(self) -> str:
         """Soft-RoCE on the guest NIC; returns the RDMA device name."""
-        r = self.vm.run(["sh", "-c", "modprobe rdma_rxe && (test -e /sys/class/infiniband/rxe0 || "
-                         "rdma link add rxe0 type rxe netdev eth0) && rdma link show rxe0/1"])
+        r = self.vm.run(["sh", "-c", RDMA_SETUP])
         if r.rc != 0:
             raise LabError("soft-RoCE (rdma_rxe) could not be set up on eth0: " + (r.stderr or r.stdout).strip())
         return "rxe0"
 
     def setup_vivid(self) -> None:
         """The vivid V4L2 test driver loaded and its nodes present."""
-        r = self.vm.run(["sh", "-c", "modprobe vivid && for i in $(seq 50); do ls /dev/video* >/dev/null 2>&1 "
-                         "&& break; sleep 0.1; done; ls /dev/video*"])
+        r = self.vm.run(["sh", "-c", VIVID_SETUP])
         if r.rc != 0:
             raise LabError("the vivid V4L2 test driver could not be loaded: " + (r.stderr or r.stdout).strip())
 
@@ -80,7 +92,7 @@ class Probes:
                     *self.dax_target_args(fs, roles)]
         ns = (roles or self.pmem.roles or self.pmem.prepare())["devdax"]
         if not ns.chardev:
-            raise LabError(f"namespace {ns.dev} is in mode {ns.mode} and has no device-dax node",
+            raise ConfigError(f"namespace {ns.dev} is in mode {ns.mode} and has no device-dax node",
                            hint="lab.prepare_pmem() puts it back in devdax mode")
         return ["--memory", "devdax", "--path", f"/dev/{ns.chardev}"]
 

@@ -139,7 +139,7 @@ def check_pid(pid: object) -> int:
 
 def check_roles(roles: object) -> dict[str, Any] | None:
     """``roles`` as returned by ``Lab.prepare_pmem()`` (or None), else a ConfigError."""
-    from labkit.lab.pmem import Namespace   # here, not at the top: pmem imports this module
+    from labkit.lab.pmem import Namespace  # here, not at the top: pmem imports this module
     if roles is None:
         return None
     hint = "pass what lab.prepare_pmem() returned, or leave roles out"

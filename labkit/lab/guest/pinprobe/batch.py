@@ -78,7 +78,7 @@ def _child(argv: list[str], rfd: int, wfd: int) -> None:
         code = main(argv) or 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
-    except BaseException:
+    except BaseException:    # noqa: BLE001  (anything: the child must exit, never return)
         code = 1
     finally:
         sys.stdout.flush()

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
     except SetupError as e:
         fail(str(e), 2, command=args.command)
-    except Exception as e:  # a bug in the probe, not a kernel answer
+    except Exception as e:  # noqa: BLE001  (a bug in the probe, not a kernel answer: reported as JSON)
         traceback.print_exc()
         fail(f"internal error: {type(e).__name__}: {e}", 1, command=args.command)
     if result:

@@ -28,8 +28,24 @@ libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 libc.syscall.restype = ctypes.c_long
 MAP_FAILED = ctypes.c_void_p(-1).value
 
-__all__ = ["PAGE", "MIB2", "DEFAULT_SIZE", "MAX_HOLD_SECONDS", "libc", "MAP_FAILED", "SetupError", "iovec",
-           "emit", "fail", "errname", "log", "base_result", "set_error", "round_up", "last_errno"]
+__all__ = [
+    "DEFAULT_SIZE",
+    "MAP_FAILED",
+    "MAX_HOLD_SECONDS",
+    "MIB2",
+    "PAGE",
+    "SetupError",
+    "base_result",
+    "emit",
+    "errname",
+    "fail",
+    "iovec",
+    "last_errno",
+    "libc",
+    "log",
+    "round_up",
+    "set_error",
+]
 
 
 class SetupError(Exception):

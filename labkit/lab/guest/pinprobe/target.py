@@ -144,9 +144,9 @@ def cmd_mount(args: Any) -> dict[str, Any]:
     except OSError as e:
         raise SetupError(f"cannot create {mp}: {e}") from e
     if mount_of(mp)["mountpoint"] == os.path.realpath(mp):
-        subprocess.run(["umount", mp], capture_output=True, timeout=60)
+        subprocess.run(["umount", mp], capture_output=True, timeout=60, check=False)
     r = subprocess.run(["mount", "-t", args.fs, "-o", args.options, args.device, mp],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, check=False)
     ok = r.returncode == 0
     return {"ok": ok, "mount_error": "" if ok else (r.stderr or r.stdout).strip(),
             "mount": describe(mp) if ok else {}}
