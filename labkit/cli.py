@@ -19,6 +19,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from labkit import paths
 from labkit.errors import ChannelError, GuestDied, GuestTimeout, LabError, StateError
@@ -303,8 +305,9 @@ def _vm_for(args: argparse.Namespace) -> VM:
     return vm
 
 
-def format_matrix(m: dict) -> str:
+def format_matrix(m: Mapping[str, Any]) -> str:
     """The matrix as a readable table."""
+    from labkit.lab.vocab import result_cell
     lines = [f"kernel {m['kernel']}   accelerator {m['accel']}   measured in {m['seconds']} s", "",
              "DAX mounts"]
     for mt in m["mounts"]:
@@ -317,7 +320,7 @@ def format_matrix(m: dict) -> str:
               f"  {'mechanism':9s} {'memory':11s} {'mapping':8s} {'result':14s} {'VmPin kB':>9s} "
               f"{'foll_pin':>9s}  refusal traced"]
     for p in m["pins"]:
-        res = "ok" if p["ok"] else f"{p['errname'] or '?'} ({p['errno']})"
+        res = result_cell(p["ok"], p["errno"], p["errname"])
         vp = "-" if p["vmpin_kb_delta"] is None else f"{p['vmpin_kb_delta']:+d}"
         fp = "-" if p["foll_pin_delta"] is None else f"{p['foll_pin_delta']:+d}"
         tr = p["trace"][0].split("check_vma_flags", 1)[-1].strip(" )") if p["trace"] else ""
@@ -333,14 +336,14 @@ def format_matrix(m: dict) -> str:
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
-    from labkit.lab.core import Lab
+    from labkit.lab import Lab
     vm = _vm_for(args)
     try:
         say = (lambda s: None) if args.json else (lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
         m = Lab(vm).matrix(progress=say)
     finally:
         vm.finish()
-    print(json.dumps(m, indent=2) if args.json else format_matrix(m))
+    print(json.dumps(m.to_dict(), indent=2) if args.json else format_matrix(m))
     return 0
 
 

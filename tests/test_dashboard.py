@@ -17,7 +17,7 @@ from labkit.testing.fakes import FakeVM
 from labkit.lab import Lab
 from labkit.lab.observe import LogLine
 from labkit.timeout import Deadline
-from labkit.machine.vm import VM
+from labkit.machine.vm import VM, VMState
 
 
 def eventually(cond, timeout: float = 10.0, what: str = "condition"):
@@ -43,29 +43,23 @@ BOOT_LINES = ["[    0.000000] Linux version 6.1.0-99-amd64 (debian-kernel@lists.
 
 
 class LifecycleVM(FakeVM):
-    """FakeVM plus start/stop/reset/describe/status; start feeds console lines."""
+    """FakeVM (whose start/stop/reset/status keep the real VM's signatures and
+    VMState values) whose start feeds console lines and may fail."""
 
     def __init__(self, running: bool = True, fail_start: Exception | None = None) -> None:
         super().__init__([(r"uname -r", "6.1.0-99-amd64\n", 0)])
-        self.name = "fake"
-        self.kernel = "6.1"
         self.accel = AccelChoice("tcg", "no KVM in this fake")
         self.on_console_line = None
-        self.running = running
+        self.state = VMState.RUNNING if running else VMState.STOPPED
         self.fail_start = fail_start
-        self.calls: list[str] = []
-
-    @property
-    def state(self) -> str:          # what this VM object believes
-        return "running" if self.running else "stopped"
-
-    def status(self) -> str:         # what the host says (vm.json and /proc)
-        return "stopped" if self.stopped_outside else self.state
 
     stopped_outside = False
 
+    def status(self) -> VMState:     # what the host says (vm.json and /proc)
+        return VMState.STOPPED if self.stopped_outside else self.state
+
     def describe(self) -> dict:
-        return {"name": self.name, "state": self.status(), "kernel": self.kernel,
+        return {"name": self.name, "state": str(self.status()), "kernel": self.kernel,
                 "kernel_release": "6.1.0-99-amd64", "accel": "tcg", "accel_reason": "no KVM in this fake",
                 "boot_seconds": 0.2}
 
@@ -76,19 +70,13 @@ class LifecycleVM(FakeVM):
                 self.on_console_line(line)
         if self.fail_start:
             raise self.fail_start
-        self.running = True
+        self.state = VMState.RUNNING
         return self
 
     def stop(self, timeout: float = 15.0) -> bool:
-        self.calls.append("stop")
-        self.running = False
+        super().stop(timeout)
         self.stopped_outside = False
         return False
-
-    def reset(self, timeout: float = 60.0) -> LifecycleVM:
-        self.calls.append("reset")
-        self.running = False
-        return self.start()
 
 
 class FakeHeld:

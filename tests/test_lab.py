@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from labkit.errors import ConfigError, LabError
 from labkit.lab import SHORT_CASES, Lab, compare_matrices
 
 pytestmark = pytest.mark.integration
@@ -161,3 +162,37 @@ def test_reset_and_prepare_again(lab):
     for fs in ("xfs", "ext4"):
         lab.mkfs(fs, "/dev/" + roles[f"fsdax-{fs}"].blockdev, force=True)
     assert [(m.fs, m.dax_active) for m in lab.prepare_mounts()] == [("xfs", True), ("ext4", True)]
+
+
+def test_no_result_from_the_wrong_memory_when_the_dax_mount_is_gone(lab):
+    """Issue 11 item 5: after umount the file would be on the root disk; with
+    ext4 mounted where the lab reads xfs it would be ext4. The guest helper
+    refuses both instead of reporting ok or a truncate that did not block."""
+    lab.umount("/mnt/fsdax-xfs")
+    try:
+        with pytest.raises(LabError, match="not a mount point"):
+            lab.pin("rdma", "fsdax-xfs")
+        with pytest.raises(LabError, match="not a mount point"):
+            lab.pin_many([("rdma", "fsdax-xfs", "shared")])
+        with pytest.raises(LabError, match="not a mount point"):
+            lab.truncate_wait("xfs", hold=0.5)
+        assert lab.sh("ls /mnt/fsdax-xfs").stdout.strip() == ""      # nothing created on the root disk
+        with pytest.raises(ConfigError, match="fsdax-xfs"):
+            lab.mount("ext4", "/dev/" + lab.prepare_pmem()["fsdax-ext4"].blockdev, "/mnt/fsdax-xfs")
+        ext4_dev = "/dev/" + lab.prepare_pmem()["fsdax-ext4"].blockdev
+        lab.sh(f"mount -t ext4 -o dax {ext4_dev} /mnt/fsdax-xfs")   # behind the lab's back
+        with pytest.raises(LabError, match="holds ext4"):
+            lab.pin("io_uring", "fsdax-xfs")
+        with pytest.raises(LabError, match="holds ext4"):
+            lab.truncate_wait("xfs", hold=0.5)
+    finally:
+        lab.umount("/mnt/fsdax-xfs")
+        assert [(m.fs, m.dax_active) for m in lab.prepare_mounts()] == [("xfs", True), ("ext4", True)]
+    r = lab.pin("rdma", "fsdax-xfs")
+    assert not r.ok and r.errno == 95, r
+
+
+def test_mount_info_reads_the_live_mount(lab):
+    info = lab.mount_info("/mnt/fsdax-xfs")
+    assert info.is_mountpoint and info.fs == "xfs" and info.dax_active and info.device.startswith("/dev/pmem")
+    assert not lab.mount_info("/mnt/nothing-here").is_mountpoint

@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from labkit.errors import ConfigError
+from labkit.errors import ConfigError, LabError
 from labkit.testing.fakes import FakeVM
-from labkit.lab import (KPROBE, SHORT_CASES, Lab, PinResult, check_mount_options, compare_matrices, explain_mount,
+from labkit.lab import (KPROBE, PROBE_PATH, SHORT_CASES, Lab, PinResult, check_mount_options, compare_matrices,
+                        explain_mount,
                         log_after_marker, matrices_on_two_kernels, parse_ndctl, parse_sections,
                         refusal_lines)
 
@@ -170,3 +171,116 @@ def test_two_kernel_comparison_checks_before_starting_anything(kw, says, monkeyp
         matrices_on_two_kernels(Lab(vm), **kw)
     assert says in str(e.value)
     assert vm.ssh.commands == []
+
+
+# -- issue 11 item 5: the lab never measures the wrong memory -------------------
+
+def test_mount_refuses_another_filesystems_mount_point():
+    """ext4 on /mnt/fsdax-xfs would make every later "fsdax-xfs" row come from ext4."""
+    vm = FakeVM()
+    with pytest.raises(ConfigError, match="fsdax-xfs") as e:
+        Lab(vm).mount("ext4", "/dev/pmem1", "/mnt/fsdax-xfs")
+    assert "xfs" in str(e.value) and vm.ssh.commands == []
+
+
+def _helper_args(vm: FakeVM, sub: str) -> list[str]:
+    import shlex
+    for cmd in vm.ssh.commands:
+        words = shlex.split(cmd)
+        if PROBE_PATH in words and sub in words:
+            return words[words.index(PROBE_PATH) + 1:]
+    raise AssertionError(f"no {sub} helper command in {vm.ssh.commands}")
+
+
+def test_fsdax_pins_and_truncate_tell_the_helper_which_dax_mount_to_expect():
+    vm = FakeVM([(r"ndctl list", NDCTL, 0)])
+    lab = Lab(vm)
+    with pytest.raises(LabError):      # the fake helper answers nothing
+        lab.pin("rdma", "fsdax-ext4")
+    args = _helper_args(vm, "rdma")
+    assert args[args.index("--path") + 1] == "/mnt/fsdax-ext4/pin-rdma.dat"
+    assert args[args.index("--dax-fs") + 1] == "ext4" and args[args.index("--dax-device") + 1] == "/dev/pmem1"
+    with pytest.raises(LabError):
+        lab.truncate_wait("xfs")
+    args = _helper_args(vm, "truncate-wait")
+    assert args[args.index("--dax-fs") + 1] == "xfs"
+    assert "--dax-device" not in args      # namespace0.0 is raw here: no fsdax device to expect
+
+
+# -- issue 11 item 10: pin_many and roles give the lab's clear error ------------
+
+@pytest.mark.parametrize("cases, says", [
+    ([("rdma", "anon")], "triple"),
+    (["rdma"], "triple"),
+    ("rdma", "list of"),
+    (42, "list of"),
+    ([("rdma", "hugetlb", "shared")], "memory kind"),
+    ([("rdma", "anon", "shared"), None], "triple"),
+])
+def test_pin_many_checks_cases_before_the_guest_is_touched(cases, says):
+    vm = FakeVM()
+    with pytest.raises(ConfigError) as e:
+        Lab(vm).pin_many(cases)
+    assert says in str(e.value)
+    assert vm.ssh.commands == []
+
+
+@pytest.mark.parametrize("roles", [{"devdax": "str"}, {"devdax": None}, "roles", {"hugetlb": None}])
+def test_pin_roles_must_be_what_prepare_pmem_returned(roles):
+    vm = FakeVM()
+    with pytest.raises(ConfigError) as e:
+        Lab(vm).pin("rdma", "devdax", roles=roles)
+    assert "prepare_pmem" in str(e.value) or "pmem role" in str(e.value)
+    assert vm.ssh.commands == []
+
+
+# -- typed results -------------------------------------------------------------
+
+def test_matrix_result_is_typed_and_keeps_the_json_shape():
+    import json as _json
+
+    from labkit.lab import MatrixResult, MountResult, TruncateWait
+    p = pin("rdma", "anon", True, vmpin=2048, foll=0)
+    m = MatrixResult(kernel="6.1.0-x", accel="tcg",
+                     mounts=[MountResult("xfs", "/dev/pmem0", "/mnt/fsdax-xfs", "dax", True, True, True, ["l"])],
+                     pins=[p], truncate_wait=TruncateWait("xfs", True, 1.0, ["xfs_break_dax_layouts"], True),
+                     seconds=3.0)
+    d = _json.loads(_json.dumps(m.to_dict()))
+    assert list(d) == ["kernel", "accel", "mounts", "pins", "truncate_wait", "seconds"]
+    assert list(d["mounts"][0]) == ["fs", "dax_active", "experimental_warning", "kernel_log", "ok", "options",
+                                    "error"]
+    assert list(d["pins"][0]) == ["mechanism", "memory", "mapping", "ok", "errno", "errname", "vmpin_kb_delta",
+                                  "foll_pin_delta", "kernel_log", "trace"]
+    assert list(d["truncate_wait"]) == ["fs", "blocked", "seconds", "where", "completed"]
+    assert m["pins"][0]["vmpin_kb_delta"] == 2048 and m.pins[0] is p and dict(m) == d
+    assert "differs" not in compare_matrices(m, d)
+
+
+def test_observation_collects_output_log_and_refusals():
+    from labkit.lab import Observation
+
+    class MarkerVM(FakeVM):
+        def run(self, cmd, timeout=60.0, check=False, stdin=None):
+            r = super().run(cmd, timeout=timeout, check=check, stdin=stdin)
+            if "@@" not in r.command:
+                return r
+            m = list(cmd)[4]      # sh -c SCRIPT sh MARKER argv...
+            out = (f"@@{m} out\nhello\n@@{m} err\n@@{m} rc\n3\n@@{m} log\n[1] old\n[2] labkit-mark {m}\n"
+                   f"[3] rxe: Unable to pin\n@@{m} trace\n p: ({KPROBE}) check_vma_flags ret=-95\n")
+            return type(r)(r.command, 0, out, "", 0.1)
+
+    vm = MarkerVM()
+    obs = Lab(vm).observe(["echo", "$(id)"])
+    assert isinstance(obs, Observation) and obs.result.rc == 3 and obs.result.stdout == "hello"
+    assert obs.kernel_log == ["[3] rxe: Unable to pin"] and obs.trace and "ret=-95" in obs.trace[0]
+    assert "'$(id)'" in vm.ssh.commands[-1]       # the argument list is quoted, never pasted into the script
+
+
+def test_fake_vm_keeps_the_real_vms_contract():
+    from labkit.lab import ControlledMachine
+    from labkit.machine.vm import VMState
+    vm = FakeVM()
+    assert isinstance(vm, ControlledMachine)
+    assert vm.status() is VMState.RUNNING
+    vm.reset(pmem=False, timeout=5.0)
+    assert vm.calls == ["reset", "start"] and vm.status() is VMState.RUNNING

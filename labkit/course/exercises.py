@@ -19,6 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from labkit.errors import ConfigError
+from labkit.lab.vocab import MECHANISMS, MEMORY_KINDS, PMEM_ROLES, result_cell
+
 Result = tuple[bool, str]
 
 
@@ -91,7 +94,7 @@ def _text(value: Any) -> str:
 
 def _errno_matches(answer: Any, res) -> Result:
     """An errno answer may be the name (EOPNOTSUPP), the number (95) or 'ok'."""
-    live = "ok" if res.ok else f"{res.errname} ({res.errno})"
+    live = result_cell(res.ok, res.errno, res.errname)
     if res.ok:
         good = _text(answer) in ("ok", "0", "none", "success")
     elif isinstance(answer, int) and not isinstance(answer, bool):
@@ -154,7 +157,6 @@ def check_rdma_fsdax_errno(answer: Any, live: Live) -> Result:
 
 
 def check_rdma_kinds(answer: Any, live: Live) -> Result:
-    from labkit.lab.core import MEMORY_KINDS
     ok = {k for k in MEMORY_KINDS if live.pin("rdma", k).ok}
     got = _as_set(answer)
     return got == ok, f"you said {sorted(got)}; ibv_reg_mr just succeeded on {sorted(ok)}"
@@ -184,14 +186,11 @@ def check_v4l2_fsdax(answer: Any, live: Live) -> Result:
     return _errno_matches(answer, live.pin("v4l2", "fsdax-xfs"))
 
 
-MECHANISM_NAMES = ("rdma", "v4l2", "odirect", "io_uring")
-
-
 def check_classify(answer: Any, live: Live) -> Result:
     if not isinstance(answer, dict):
         return False, "give a dict such as {'rdma': 'long-term', ...} with all four mechanisms"
     wrong, evidence = [], []
-    for mech in MECHANISM_NAMES:
+    for mech in MECHANISMS:
         refused = not live.pin(mech, "fsdax-xfs").ok and live.pin(mech, "anon").ok
         truth = "long-term" if refused else "transient"
         evidence.append(f"{mech}: {'refused on fs-dax' if refused else 'allowed on fs-dax'}")
@@ -241,25 +240,23 @@ def check_history(answer: Any, live: Live) -> Result:
 
 def check_capstone_mount(answer: Any, live: Live) -> Result:
     mp = str(answer).strip()
-    import re
-    if not re.match(r"^/mnt/[a-zA-Z0-9_-]+$", mp):
+    try:
+        info = live.lab.mount_info(mp)
+    except ConfigError:
         return False, f"{answer!r} is not a mount point under /mnt"
-    line = live.lab.sh(f"grep ' {mp} ' /proc/mounts || true").stdout.strip()
-    if not line:
+    if not info.is_mountpoint:
         return False, f"nothing is mounted on {mp} in the guest right now"
-    fs = line.split()[2]
-    dax = live.lab._dax_active(mp)
-    good = fs == "xfs" and dax
-    return good, f"{mp} holds {fs} and a new file there is {'DAX' if dax else 'not DAX'} (statx STATX_ATTR_DAX)"
+    good = info.fs == "xfs" and info.dax_active
+    return good, (f"{mp} holds {info.fs} and a new file there is {'DAX' if info.dax_active else 'not DAX'} "
+                  "(statx STATX_ATTR_DAX)")
 
 
 def check_pmem_longterm_kind(answer: Any, live: Live) -> Result:
-    from labkit.lab.core import MEMORY_KINDS
     kind = _text(answer)
-    if kind not in MEMORY_KINDS or kind in ("anon", "pagecache"):
-        return False, f"{answer!r} is not persistent memory; choose among fsdax-xfs, fsdax-ext4, devdax"
+    if kind not in MEMORY_KINDS or kind not in PMEM_ROLES:
+        return False, f"{answer!r} is not persistent memory; choose among {', '.join(PMEM_ROLES)}"
     res = live.pin("rdma", kind)
-    return res.ok, f"ibv_reg_mr on {kind}: " + ("ok" if res.ok else f"{res.errname} ({res.errno})")
+    return res.ok, f"ibv_reg_mr on {kind}: " + result_cell(res.ok, res.errno, res.errname)
 
 
 def check_iouring_ext4(answer: Any, live: Live) -> Result:
@@ -277,7 +274,7 @@ def check_odirect_ext4(answer: Any, live: Live) -> Result:
     if not isinstance(answer, bool):
         return False, "answer True or False"
     return answer == res.ok, (f"you said {answer}; the O_DIRECT read into fs-dax (ext4) memory: "
-                              + ("ok" if res.ok else f"{res.errname} ({res.errno})"))
+                              + result_cell(res.ok, res.errno, res.errname))
 
 
 EXERCISES: tuple[Exercise, ...] = (
@@ -288,13 +285,13 @@ EXERCISES: tuple[Exercise, ...] = (
     Exercise("ex2.2", "02", 1, "the block size ext4 needs for DAX", check_block_size),
     Exercise("ex3.1", "03", 2, "RDMA on fs-dax: the errno", check_rdma_fsdax_errno, (("rdma", "fsdax-xfs"),)),
     Exercise("ex3.2", "03", 2, "memory kinds RDMA can register", check_rdma_kinds,
-             tuple(("rdma", k) for k in ("anon", "pagecache", "fsdax-xfs", "fsdax-ext4", "devdax"))),
+             tuple(("rdma", k) for k in MEMORY_KINDS)),
     Exercise("ex3.3", "03", 1, "the kernel function that refuses", check_refusing_function, (("rdma", "fsdax-xfs"),)),
     Exercise("ex4.1", "04", 2, "pages pinned by one USERPTR buffer", check_v4l2_pages, (("v4l2", "anon"),)),
     Exercise("ex4.2", "04", 1, "VmPin change for V4L2", check_v4l2_vmpin, (("v4l2", "anon"),)),
     Exercise("ex4.3", "04", 1, "V4L2 USERPTR on fs-dax: the errno", check_v4l2_fsdax, (("v4l2", "fsdax-xfs"),)),
     Exercise("ex5.1", "05", 2, "long-term or transient", check_classify,
-             tuple((m, k) for m in MECHANISM_NAMES for k in ("anon", "fsdax-xfs"))),
+             tuple((m, k) for m in MECHANISMS for k in ("anon", "fsdax-xfs"))),
     Exercise("ex5.2", "05", 1, "does O_DIRECT use FOLL_PIN here", check_odirect_follpin, (("odirect", "fsdax-xfs"),)),
     Exercise("ex6.1", "06", 2, "where truncate waits (xfs)", check_truncate_xfs),
     Exercise("ex6.2", "06", 2, "the history in versions", check_history, guest=False),

@@ -205,7 +205,7 @@ class NotebookResult:
 
 def _connect_lab():
     import labkit
-    from labkit.lab.core import Lab
+    from labkit.lab import Lab
     return Lab(labkit.connect())
 
 

@@ -7,8 +7,8 @@ mount the root disk, ``vmlinux`` extracts the uncompressed kernel.
 
 from labkit.image.build import (
     ARTIFACTS,
-    KERNELS,
     DEFAULT_KERNEL,
+    KERNELS,
     Image,
     apt_sources,
     build_image,

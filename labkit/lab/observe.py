@@ -9,18 +9,20 @@ command output, and every wait is bounded.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shlex
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import paramiko
-
 from labkit.errors import ChannelError, GuestTimeout, LabError
+from labkit.lab.protocols import Machine, Stream
 from labkit.timeout import Deadline
+
+log = logging.getLogger(__name__)
 
 HIGHLIGHTS = {
     "experimental": re.compile(r"DAX enabled\. Warning: EXPERIMENTAL"),
@@ -51,11 +53,11 @@ class KernelLog:
     ``on_line`` callbacks run on the reader thread for each new line.
     """
 
-    def __init__(self, vm, maxlen: int = 2000) -> None:
+    def __init__(self, vm: Machine, maxlen: int = 2000) -> None:
         self.vm = vm
         self.lines: deque[LogLine] = deque(maxlen=maxlen)
         self.callbacks: list[Callable[[LogLine], None]] = []
-        self._chan: paramiko.Channel | None = None
+        self._chan: Stream | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -68,24 +70,27 @@ class KernelLog:
         return f"sh -c {shlex.quote(cmd)}"
 
     def start(self, since_now: bool = True) -> KernelLog:
-        self._chan = self.vm.ssh.open_channel(self.command(since_now), timeout=10.0)
-        self._chan.settimeout(0.5)
+        self._chan = self.vm.ssh.start(self.command(since_now), timeout=10.0)
         self._stop.clear()
         self._thread = threading.Thread(target=self._read, name="labkit-kernel-log", daemon=True)
         self._thread.start()
         return self
 
     def _read(self) -> None:
+        chan = self._chan
+        assert chan is not None      # start() opened it before starting this thread
         buf = b""
         while not self._stop.is_set():
             try:
-                data = self._chan.recv(4096)
-            except TimeoutError:
-                continue
-            except (OSError, EOFError):
+                if not chan.wait_readable(0.5):
+                    continue
+                data, _err = chan.read_available()
+            except (OSError, EOFError, ValueError):   # closed under us by stop()
                 break
             if not data:
-                break
+                if chan.finished:
+                    break
+                continue
             buf += data
             *complete, buf = buf.split(b"\n")
             for raw in complete:
@@ -97,8 +102,8 @@ class KernelLog:
                 for fn in list(self.callbacks):
                     try:
                         fn(line)
-                    except Exception:   # a broken view must not kill the reader
-                        pass
+                    except Exception:
+                        log.debug("kernel log callback failed", exc_info=True)
 
     def wait_for(self, pattern: str, timeout: float = 10.0) -> LogLine:
         """Block until a line matching ``pattern`` arrives (bounded)."""
@@ -121,7 +126,7 @@ class KernelLog:
         if self._thread is not None:
             self._thread.join(timeout=2.0)
 
-    def __enter__(self) -> KernelLog:
+    def __enter__(self) -> KernelLog:  # noqa: PYI034
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -156,7 +161,7 @@ def parse_sample(text: str, t: float) -> PinSample:
 class PinCounters:
     """VmPin of a process and the system's FOLL_PIN counters, sampled over time."""
 
-    def __init__(self, vm, pid: int | None = None, maxlen: int = 600) -> None:
+    def __init__(self, vm: Machine, pid: int | None = None, maxlen: int = 600) -> None:
         self.vm = vm
         self.pid = pid
         self.samples: deque[PinSample] = deque(maxlen=maxlen)
@@ -196,7 +201,7 @@ class PinCounters:
 class HeldPin:
     """A pin kept open in the guest by a pinprobe process until ``release()``."""
 
-    def __init__(self, chan: paramiko.Channel, info: dict) -> None:
+    def __init__(self, chan: Stream, info: dict) -> None:
         self._chan = chan
         self.info = info
         self.pid: int | None = info.get("pid")
@@ -211,43 +216,42 @@ class HeldPin:
         if self.released:
             return None
         self.released = True
-        deadline = Deadline(timeout)
         try:
-            self._chan.shutdown_write()
-            while not self._chan.exit_status_ready() and not deadline.expired:
-                time.sleep(0.05)
-            return self._chan.recv_exit_status() if self._chan.exit_status_ready() else None
+            self._chan.close_stdin()
+            return self._chan.exit_status(timeout)
         finally:
             self._chan.close()
 
-    def __enter__(self) -> HeldPin:
+    def __enter__(self) -> HeldPin:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
 
 
-def open_held_pin(vm, command: str, timeout: float = 60.0) -> HeldPin:
-    """Start ``command`` (a pinprobe invocation with ``--hold -1``) and wait for
-    its JSON line, which it prints while the pin is held."""
-    chan = vm.ssh.open_channel(command, timeout=10.0)
+def open_held_pin(vm: Machine, command: Sequence[str] | str, timeout: float = 60.0) -> HeldPin:
+    """Start ``command`` (a pinprobe argument list with ``--hold -1``) and wait
+    for its JSON line, which it prints while the pin is held."""
+    line = command if isinstance(command, str) else shlex.join(command)
+    log.debug("holding a pin: %s", line)
+    chan = vm.ssh.start(line, timeout=10.0)
     deadline = Deadline(timeout)
-    out = b""
+    out, err = b"", b""
     while not deadline.expired:
-        if chan.recv_ready():
-            out += chan.recv(65536)
-            for line in out.decode(errors="replace").splitlines():
-                if line.startswith("{") and line.rstrip().endswith("}"):
-                    info = json.loads(line)
-                    if "error" in info:
-                        chan.close()
-                        raise LabError(f"holding a pin failed: {info['error']}")
-                    return HeldPin(chan, info)
-        elif chan.exit_status_ready():
-            err = chan.recv_stderr(65536).decode(errors="replace") if chan.recv_stderr_ready() else ""
+        data, more_err = chan.read_available()
+        out, err = out + data, err + more_err
+        for text in out.decode(errors="replace").splitlines():
+            if text.startswith("{") and text.rstrip().endswith("}"):
+                info = json.loads(text)
+                if "error" in info:
+                    chan.close()
+                    raise LabError(f"holding a pin failed: {info['error']}")
+                return HeldPin(chan, info)
+        if chan.finished and not data and not more_err:
             chan.close()
-            raise ChannelError(f"the pin holder exited early: {err.strip() or out.decode(errors='replace')}")
-        else:
-            time.sleep(0.05)
+            why = err.decode(errors="replace").strip() or out.decode(errors="replace")
+            raise ChannelError(f"the pin holder exited early: {why}")
+        if not data and not more_err:
+            chan.wait_readable(min(0.5, deadline.remaining))
     chan.close()
     raise GuestTimeout("the pin holder to report", timeout)

@@ -112,7 +112,7 @@ def machine() -> dict[str, Any]:
 def run(kernel: str, runs: int = 3, matrix: bool = True,
         progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure; returns medians, min/max, raw values and the machine."""
-    from labkit.lab.core import Lab
+    from labkit.lab import Lab
 
     say = progress or (lambda s: None)
     load_image(kernel)

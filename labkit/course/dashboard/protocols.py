@@ -9,8 +9,10 @@ sampler in ``labkit.lab.observe`` open their own channels on the machine.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
+
+from labkit.lab.protocols import ControlledMachine, Machine
 
 ConsoleCallback = Callable[[str], None]
 
@@ -32,49 +34,16 @@ class AccelInfo(Protocol):
     def reason(self) -> str: ...
 
 
-class GuestMachine(Protocol):
-    """Enough of a machine for the kernel log and the pin counters: guest
-    commands, plus the SSH transport that ``labkit.lab.observe`` opens its
-    streams on (opaque here: the dashboards never touch it)."""
-
-    @property
-    def ssh(self) -> object: ...
-
-    def run(self, cmd: Sequence[str], timeout: float = 60.0) -> CommandOutput: ...
+# The kernel log and the pin counters need a machine as the lab layer defines it.
+GuestMachine = Machine
 
 
-class DashboardVM(GuestMachine, Protocol):
-    """What the VM panel reads and drives: its identity, its host-side status,
-    ``describe()`` (the record in ``vm.json``) and the lifecycle actions.
-
-    ``state`` is what this VM object believes, ``status()`` what the host says
-    (the dashboards compare both through ``str()``: a ``VMState`` or its value).
-    ``on_console_line`` is called with each serial console line during a boot.
-    """
+class DashboardVM(ControlledMachine, Protocol):
+    """What the VM panel reads and drives: the lab layer's controllable machine
+    (identity, ``status()``, ``describe()``, start/stop/reset), plus
+    ``on_console_line``, called with each serial console line during a boot."""
 
     on_console_line: ConsoleCallback | None
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def kernel(self) -> str: ...
-
-    @property
-    def accel(self) -> AccelInfo | None: ...
-
-    @property
-    def state(self) -> object: ...
-
-    def status(self) -> object: ...
-
-    def describe(self) -> Mapping[str, Any]: ...
-
-    def start(self) -> object: ...
-
-    def stop(self, timeout: float = ...) -> bool: ...
-
-    def reset(self) -> object: ...
 
 
 class HeldPinHandle(Protocol):

@@ -1,0 +1,129 @@
+"""What the lab measured, as plain dataclasses: a mount, a pin attempt, a
+truncate that waits, and the kernel log and tracing around a guest command."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from labkit.lab.vocab import result_cell
+from labkit.machine.channels.ssh import CommandResult
+
+KPROBE = "labkit_cvf"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """A guest command and what the kernel said while it ran: the log lines
+    after the command's marker and the check_vma_flags refusals traced."""
+
+    result: CommandResult
+    marker: str
+    kernel_log: list[str]
+    trace: list[str]
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    """The mount that holds a path in the guest (/proc/self/mountinfo), and
+    whether a new file there is DAX (statx STATX_ATTR_DAX)."""
+
+    path: str
+    mountpoint: str
+    fs: str
+    device: str
+    options: str
+    dax_active: bool
+    proc_mounts: str = ""
+
+    @property
+    def is_mountpoint(self) -> bool:
+        """True if ``path`` itself is the mount point (not a directory on another mount)."""
+        return self.path.rstrip("/") == self.mountpoint.rstrip("/") or self.path == self.mountpoint
+
+    @classmethod
+    def from_probe(cls, d: dict[str, Any]) -> MountInfo:
+        return cls(path=str(d.get("path", "")), mountpoint=str(d.get("mountpoint", "")), fs=str(d.get("fs", "")),
+                   device=str(d.get("device", "")), options=str(d.get("options", "")),
+                   dax_active=bool(d.get("dax_active")), proc_mounts=str(d.get("proc_mounts", "")))
+
+
+@dataclass
+class MountResult:
+    """What a DAX mount really did."""
+
+    fs: str
+    device: str
+    mountpoint: str
+    options: str
+    ok: bool
+    dax_active: bool
+    experimental_warning: bool
+    kernel_log: list[str]
+    error: str = ""
+    proc_mounts: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields ``labkit matrix --json`` reports for a mount."""
+        return {"fs": self.fs, "dax_active": self.dax_active, "experimental_warning": self.experimental_warning,
+                "kernel_log": self.kernel_log, "ok": self.ok, "options": self.options, "error": self.error}
+
+
+@dataclass
+class PinResult:
+    """One pin attempt: the kernel's answer and what it did to the counters."""
+
+    mechanism: str
+    memory: str
+    mapping: str
+    ok: bool
+    errno: int | None
+    errname: str | None
+    vmpin_kb_delta: int | None
+    foll_pin_delta: int | None
+    kernel_log: list[str]
+    trace: list[str]
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cell(self) -> str:
+        """"ok" or "ERRNAME (n)"."""
+        return result_cell(self.ok, self.errno, self.errname)
+
+    def summary(self) -> str:
+        """One line for a learner: the kernel's answer and what it did to the counters."""
+        vp = "-" if self.vmpin_kb_delta is None else f"{self.vmpin_kb_delta:+d} kB"
+        fp = "-" if self.foll_pin_delta is None else f"{self.foll_pin_delta:+d}"
+        why = f"   refused in: {self.trace[0].split(KPROBE + ':', 1)[-1].strip()}" if self.trace else ""
+        return (f"{self.mechanism:8s} {self.memory:10s} {self.cell:16s} VmPin {vp:>9s}  "
+                f"nr_foll_pin_acquired {fp:>5s}{why}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields ``labkit matrix --json`` reports for a pin (all but ``detail``)."""
+        return {k: v for k, v in asdict(self).items() if k != "detail"}
+
+    @classmethod
+    def from_probe(cls, case: tuple[str, str, str], data: dict[str, Any], kernel_log: list[str],
+                   trace: list[str]) -> PinResult:
+        """A result from the guest helper's JSON answer for ``case``."""
+        mechanism, memory, mapping = case
+        return cls(mechanism=mechanism, memory=memory, mapping=mapping, ok=bool(data.get("ok")),
+                   errno=data.get("errno"), errname=data.get("errname"),
+                   vmpin_kb_delta=data.get("vmpin_kb_delta"), foll_pin_delta=data.get("foll_pin_acquired_delta"),
+                   kernel_log=kernel_log, trace=trace, detail=data)
+
+
+@dataclass
+class TruncateWait:
+    """A truncate of a mapped fs-dax file while one of its pages is referenced."""
+
+    fs: str
+    blocked: bool
+    seconds: float | None
+    where: list[str]
+    completed: bool
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fs": self.fs, "blocked": self.blocked, "seconds": self.seconds, "where": self.where,
+                "completed": self.completed}

@@ -1,0 +1,66 @@
+"""The lab's vocabulary, defined once: memory kinds, pin mechanisms, mappings,
+filesystems, where each fs-dax kind is mounted, and the "ok / ERRNAME (n)"
+cell that every table, summary and check prints.
+
+Standard library only and no imports from labkit: this module is also packed
+into the guest helper (``labkit.lab.guest.bundle``), so the guest and the host
+use the same names.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+FILESYSTEMS = ("xfs", "ext4")
+MEMORY_KINDS = ("anon", "pagecache", "fsdax-xfs", "fsdax-ext4", "devdax")
+MECHANISMS = ("rdma", "v4l2", "odirect", "io_uring")
+MAPPINGS = ("shared", "private")
+NS_MODES = ("fsdax", "devdax", "raw", "sector")
+
+# The namespace role of each kind of persistent memory (``Lab.prepare_pmem``):
+# region 0 -> fsdax for XFS, region 1 -> fsdax for ext4, region 2 -> devdax.
+PMEM_ROLES = {"fsdax-xfs": "fsdax", "fsdax-ext4": "fsdax", "devdax": "devdax"}
+
+MOUNT_ROOT = "/mnt"
+
+# A few pin attempts that tell the story (long-term vs transient, fs-dax vs
+# device-dax) for comparing kernels quickly; ``Lab.matrix(cases=SHORT_CASES)``.
+SHORT_CASES = [(mech, mem, "shared") for mech in ("rdma", "v4l2", "io_uring", "odirect")
+               for mem in ("anon", "fsdax-xfs", "devdax")]
+
+# Every case ``Lab.matrix()`` measures by default: all shared mappings, and
+# private ones where they teach something (RDMA on anon and fs-dax).
+ALL_CASES = [(mech, mem, mapping) for mech in MECHANISMS for mem in MEMORY_KINDS for mapping in MAPPINGS
+             if mapping == "shared" or (mech == "rdma" and mem in ("anon", "fsdax-xfs", "fsdax-ext4"))]
+
+
+def fsdax_kind(fs: str) -> str:
+    """The memory kind of a DAX file on ``fs`` ("xfs" -> "fsdax-xfs")."""
+    return f"fsdax-{fs}"
+
+
+def fs_of_kind(memory: str) -> str | None:
+    """The filesystem of an fs-dax memory kind, None for the other kinds."""
+    return memory[len("fsdax-"):] if memory.startswith("fsdax-") else None
+
+
+def mountpoint_for(fs: str) -> str:
+    """Where the lab mounts its DAX filesystem ``fs``."""
+    return f"{MOUNT_ROOT}/{fsdax_kind(fs)}"
+
+
+# errno.errorcode picks one name for aliased values; use the names the kernel
+# sources use for the errors learners will look up (95 is ENOTSUP == EOPNOTSUPP).
+PREFERRED_ERRNAMES = {_errno.EOPNOTSUPP: "EOPNOTSUPP", _errno.EAGAIN: "EAGAIN", _errno.EDEADLK: "EDEADLK"}
+
+
+def errname(err: int | None) -> str | None:
+    """The symbolic name of errno ``err`` as the kernel sources spell it."""
+    if err is None:
+        return None
+    return PREFERRED_ERRNAMES.get(err) or _errno.errorcode.get(err, f"E{err}")
+
+
+def result_cell(ok: bool, errno: int | None, name: str | None) -> str:
+    """The kernel's answer to one attempt: "ok" or "ERRNAME (n)"."""
+    return "ok" if ok else f"{name or 'errno'} ({errno})"
