@@ -21,8 +21,16 @@ SOLUTIONS = {
     "ex5.2": ('odirect = next(r for r in results if (r.mechanism, r.memory) == ("odirect", "fsdax-xfs"))\n'
               'answer = bool(odirect.foll_pin_delta)\nrecord("ex5.2", answer)'),
     "ex6.1": 'answer = tw.where[0]\nrecord("ex6.1", answer)',
-    "ex6.2": ('answer = {"get_user_pages_longterm": "4.15", "FOLL_LONGTERM": "5.2", "FOLL_PIN": "5.6", '
-              '"check_vma_flags": "5.11"}\nrecord("ex6.2", answer)'),
+    "ex6.2": ('answer = ["get_user_pages_longterm", "FOLL_LONGTERM", "FOLL_PIN", "check_vma_flags"]\n'
+              'record("ex6.2", answer)'),
+    # code: the learner's probe, judged by the kernel
+    "ex3.4": 'answer = "r:mine check_vma_flags ret=$retval:s32"\nrecord("ex3.4", answer)',
+    # predictions: completion only
+    **{ex: f'answer = "my prediction, written before the measurement"\nrecord("{ex}", answer)'
+       for ex in ("ex2.0", "ex3.0", "ex4.0", "ex5.0", "ex6.0")},
+    # explanations: recorded for the instructor (rubric in instructor/rubrics.md)
+    **{ex: f'answer = "A model answer is in the instructor rubric; this text is long enough."\nrecord("{ex}", answer)'
+       for ex in ("ex1.3", "ex3.5", "ex5.3", "ex6.3", "ex6.4")},
     "ex7.1": ('lab.mount("xfs", "/dev/" + roles["fsdax-xfs"].blockdev, "/mnt/capstone", options="dax")\n'
               'answer = "/mnt/capstone"\nrecord("ex7.1", answer)'),
     "ex7.2": ('tried = lab.pin_many([("rdma", k, "shared") for k in ("fsdax-xfs", "fsdax-ext4", "devdax")])\n'

@@ -78,7 +78,7 @@ def test_checks_compare_with_what_the_lab_reports():
     live = Live(_FakeLab())
     assert check_release("6.1.0-56-amd64", live)[0]
     ok, msg = check_release("6.12.1", live)
-    assert not ok and "6.1.0-56-amd64" in msg
+    assert not ok and "6.1.0-56-amd64" not in msg          # feedback never shows the expected value
     assert not check_history({"FOLL_PIN": "5.6"}, live)[0]
 
 

@@ -1,41 +1,66 @@
-"""The course's auto-checked exercises: what each asks, its points, and the
-check that grades a learner's answer.
+"""The course's exercises: what each asks, its kind, difficulty, points,
+staged hints, and the check that judges a learner's answer.
 
-A check compares the learner's answer with what the *live* guest does now
-(it measures again; nothing here remembers an errno or a pin count), except
-for questions about kernel history, whose key is the kernel's git history.
-Checks receive a :class:`Live` object that measures lazily and caches, so a
-whole notebook is graded with a handful of guest round trips, and a blank
-answer never touches the guest.
+Kinds (points are counted per kind in the instructor report):
+
+* ``value``      – a measured value; auto-checked against the live guest.
+* ``code``       – code the learner writes; it runs in the guest and the
+  *kernel's answer* is judged, not the text.
+* ``prediction`` – written down before a measurement; completion is recorded,
+  correctness is not graded.
+* ``explain``    – free text; recorded for manual grading with the rubric in
+  ``instructor/rubrics.md`` (outside the package).
+
+Feedback says right or wrong and, when wrong, the first hint. It never shows
+the expected value or the live measurement (the notebook cells show those to
+a learner who measures). Checks receive a :class:`Live` that measures lazily
+and caches, so a notebook is graded with a handful of guest round trips and a
+blank answer never touches the guest.
 
 The reference solutions are not here: they live with the tests
-(tests/course_solutions.py), so the package a learner imports does not hand
-them the answers.
+(tests/course_solutions.py).
 """
 
 from __future__ import annotations
 
+import errno as _errno
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from labkit.errors import ConfigError
-from labkit.lab.vocab import MECHANISMS, MEMORY_KINDS, PMEM_ROLES, result_cell
+from labkit.lab.vocab import MECHANISMS, MEMORY_KINDS
 
 Result = tuple[bool, str]
+KINDS = ("value", "code", "prediction", "explain")
+DIFFICULTIES = ("intro", "core", "stretch")
+RIGHT = "right"
 
 
 @dataclass(frozen=True)
 class Exercise:
-    """One auto-checked exercise: ``id`` is the tag of its notebook cell."""
+    """One exercise: ``id`` is the tag of its notebook cell."""
 
     id: str
     notebook: str            # the notebook's number prefix, "00" ... "07"
-    points: int
+    points: int              # auto-graded points (0 for explain: those are graded by hand)
     title: str
     check: Callable[[Any, Live], Result]
+    kind: str = "value"
+    difficulty: str = "core"
+    hints: tuple[str, ...] = ()
     needs: tuple[tuple[str, str], ...] = ()     # (mechanism, memory) pins the check looks at
     guest: bool = True                          # False: graded from the answer alone
+    manual_points: int = 0                      # explain: points an instructor awards with the rubric
+
+    def feedback(self, ok: bool, why: str = "") -> str:
+        """What a learner sees: right/wrong, and when wrong a reason that
+        gives nothing away plus the first hint."""
+        if ok:
+            return RIGHT
+        hint = f" Hint 1/{len(self.hints)}: {self.hints[0]}" if self.hints else ""
+        return f"not right{': ' + why if why else ''}.{hint} (more: labkit.course.hint({self.id!r}))"
 
 
 @dataclass
@@ -63,16 +88,16 @@ class Live:
             return True
         self._once("ready", setup)
 
-    def pin(self, mechanism: str, memory: str):
-        """The live result of one pin attempt; every attempt the graded checks
-        need is measured in one batch the first time any is asked for."""
-        key = f"pin:{mechanism}:{memory}"
+    def pin(self, mechanism: str, memory: str, mapping: str = "shared"):
+        """The live result of one pin attempt; every shared-mapping attempt the
+        graded checks need is measured in one batch the first time any is asked for."""
+        key = f"pin:{mechanism}:{memory}:{mapping}"
         if key not in self._cache:
             self.ready()
-            cases = sorted(self.wanted | {(mechanism, memory)})
-            cases = [c for c in cases if f"pin:{c[0]}:{c[1]}" not in self._cache]
-            for (mech, mem), res in zip(cases, self.lab.pin_many([(m, k, "shared") for m, k in cases])):
-                self._cache[f"pin:{mech}:{mem}"] = res
+            cases = sorted({(m, k, "shared") for m, k in self.wanted} | {(mechanism, memory, mapping)})
+            cases = [c for c in cases if f"pin:{c[0]}:{c[1]}:{c[2]}" not in self._cache]
+            for (mech, mem, mp), res in zip(cases, self.lab.pin_many(cases)):
+                self._cache[f"pin:{mech}:{mem}:{mp}"] = res
         return self._cache[key]
 
     def truncate(self, fs: str):
@@ -85,71 +110,125 @@ class Live:
     def namespaces(self) -> list:
         return self._once("namespaces", lambda: (self.lab.prepare_pmem(), self.lab.namespaces())[1])
 
+    def learner_probe(self, definition: str):
+        """Run a learner's kretprobe definition around one refused and one
+        allowed registration (see :func:`judge_probe`)."""
+        self.ready()
+        return self._once(f"probe:{definition}", lambda: run_learner_probe(self.lab, definition))
 
-# -- answer helpers ----------------------------------------------------------
+
+# -- answer parsing (one tested place) -------------------------------------------
 
 def _text(value: Any) -> str:
     return str(value).strip().lower()
 
 
+def errno_number(answer: Any) -> int | None:
+    """95, -95, "95", "EOPNOTSUPP", "-EOPNOTSUPP", "errno.ENOTSUP" -> 95;
+    anything else (a substring of a name, a description) -> None."""
+    if isinstance(answer, bool):
+        return None
+    if isinstance(answer, int):
+        return abs(answer)
+    if not isinstance(answer, str):
+        return None
+    s = answer.strip().lstrip("-").strip()
+    if s.startswith("errno."):
+        s = s[len("errno."):]
+    if re.fullmatch(r"\d{1,4}", s):
+        return int(s)
+    if re.fullmatch(r"E[A-Z0-9]+", s.upper()) and s == s.upper() or re.fullmatch(r"e[a-z0-9]+", s):
+        value = getattr(_errno, s.upper(), None)
+        return value if isinstance(value, int) else None
+    return None
+
+
+def _is_ok_word(answer: Any) -> bool:
+    return isinstance(answer, (str, int)) and not isinstance(answer, bool) and _text(answer) in (
+        "ok", "0", "success", "succeeds", "allowed")
+
+
 def _errno_matches(answer: Any, res) -> Result:
-    """An errno answer may be the name (EOPNOTSUPP), the number (95) or 'ok'."""
-    live = result_cell(res.ok, res.errno, res.errname)
+    """Right if the answer names the kernel's answer: 'ok' for success, or the
+    errno by name (any alias) or number."""
     if res.ok:
-        good = _text(answer) in ("ok", "0", "none", "success")
-    elif isinstance(answer, int) and not isinstance(answer, bool):
-        good = abs(answer) == res.errno
-    else:
-        good = _text(answer).lstrip("-") in (str(res.errname).lower(), str(res.errno))
-    return good, f"you said {answer!r}; the live kernel answered {live}"
+        return _is_ok_word(answer), ""
+    got = errno_number(answer)
+    if got is None:
+        return False, "give an errno name such as \"EPERM\" or its number"
+    return got == res.errno, ""
 
 
-def _as_set(value: Any) -> set[str]:
+def _as_set(value: Any) -> set[str] | None:
+    """A list/tuple/set of names, or a comma/space separated string; None if
+    it is not a collection of names (a blank string is not)."""
     if isinstance(value, str):
-        value = [v for v in value.replace(",", " ").split()]
+        if not value.strip():
+            return None
+        value = value.replace(",", " ").split()
     if not isinstance(value, (list, tuple, set, frozenset)):
-        return {"<not a list>"}
+        return None
+    if not all(isinstance(v, str) for v in value):
+        return None
     return {_text(v) for v in value}
 
 
 def _int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
     try:
-        return int(value) if not isinstance(value, bool) else None
+        return int(str(value).strip())
     except (TypeError, ValueError):
         return None
 
 
-# -- the checks --------------------------------------------------------------
+def _name(value: Any) -> str:
+    """A C identifier from an answer: 'check_vma_flags()' / 'mm/gup.c:check_vma_flags' -> 'check_vma_flags'."""
+    s = _text(value)
+    s = s.split(":")[-1].strip()
+    return re.sub(r"\(\s*\)$", "", s).strip()
+
+
+def probed_function(trace_line: str) -> str | None:
+    """The function a kretprobe line reports: '(check_vma_flags+0x0/0xc0 <- ...)' -> 'check_vma_flags'."""
+    m = re.search(r"\((\w+)(?:\+0x[0-9a-f]+/0x[0-9a-f]+)?\s+<-", trace_line)
+    return m.group(1) if m else None
+
+
+# -- checks: values ----------------------------------------------------------------
 
 def check_release(answer: Any, live: Live) -> Result:
-    release = live.sh("uname -r")
-    return _text(answer) == release.lower(), f"you said {answer!r}; the guest reports {release!r}"
+    return isinstance(answer, str) and answer.strip() == live.sh("uname -r"), ""
 
 
 def check_chardev_mode(answer: Any, live: Live) -> Result:
-    modes = sorted({ns.mode for ns in live.namespaces() if ns.chardev})
-    return _text(answer) in modes, f"you said {answer!r}; the namespaces with a character device are in mode {modes}"
+    modes = {ns.mode for ns in live.namespaces() if ns.chardev}
+    return isinstance(answer, str) and _text(answer) in modes, ""
 
 
 def check_fsdax_size(answer: Any, live: Live) -> Result:
-    ns = live.namespaces()[0]
-    mib = ns.size / 2**20
-    got = _int(answer)
-    good = got is not None and abs(got - mib) <= 1
-    return good, (f"you said {answer!r} MiB; ndctl reports {ns.dev} ({ns.mode}) as {ns.size} bytes = {mib:.1f} MiB"
-                  + ("" if good else " (an integer number of MiB, within 1)"))
+    got = _int(answer) if not isinstance(answer, float) else int(answer)
+    if got is None:
+        return False, "give a whole number of MiB"
+    ns = next(n for n in live.namespaces() if n.mode == "fsdax")
+    return abs(got - ns.size / 2**20) <= 1, ""
 
 
 def check_experimental(answer: Any, live: Live) -> Result:
-    warned = {m.fs for m in live.mounts() if m.experimental_warning}
     got = _as_set(answer)
-    return got == warned, (f"you said {sorted(got)}; mounting both again just now, the EXPERIMENTAL warning came "
-                           f"from {sorted(warned) or 'no filesystem'}")
+    if got is None:
+        return False, "give a list of filesystem names, [] for none"
+    return got == {m.fs for m in live.mounts() if m.experimental_warning}, ""
 
 
 def check_block_size(answer: Any, live: Live) -> Result:
-    page = int(live.sh("getconf PAGESIZE"))
-    return _int(answer) == page, f"you said {answer!r}; ext4 DAX needs the page size, which is {page} bytes here"
+    got = _int(answer)
+    if got is None and isinstance(answer, str):
+        m = re.fullmatch(r"\s*(\d+)\s*(k|kb|kib)\s*", answer.lower())
+        got = int(m.group(1)) * 1024 if m else None
+    return got == int(live.sh("getconf PAGESIZE")), ""
 
 
 def check_rdma_fsdax_errno(answer: Any, live: Live) -> Result:
@@ -157,65 +236,63 @@ def check_rdma_fsdax_errno(answer: Any, live: Live) -> Result:
 
 
 def check_rdma_kinds(answer: Any, live: Live) -> Result:
-    ok = {k for k in MEMORY_KINDS if live.pin("rdma", k).ok}
     got = _as_set(answer)
-    return got == ok, f"you said {sorted(got)}; ibv_reg_mr just succeeded on {sorted(ok)}"
+    if got is None:
+        return False, "give a list of memory kinds"
+    return got == {k for k in MEMORY_KINDS if live.pin("rdma", k).ok}, ""
 
 
 def check_refusing_function(answer: Any, live: Live) -> Result:
     res = live.pin("rdma", "fsdax-xfs")
-    name = _text(answer).strip("() ")
-    traced = " ".join(res.trace)
-    good = bool(name) and not res.ok and bool(res.trace) and name in traced.lower() and name != "labkit_cvf"
-    return good, (f"you said {answer!r}; the kretprobe traced: {res.trace[0] if res.trace else 'no refusal'}")
+    refusers = {probed_function(t) for t in res.trace} - {None}
+    name = _name(answer)
+    return bool(name) and not res.ok and name in refusers, ""
 
 
 def check_v4l2_pages(answer: Any, live: Live) -> Result:
-    res = live.pin("v4l2", "anon")
-    return _int(answer) == res.foll_pin_delta, \
-        f"you said {answer!r}; nr_foll_pin_acquired rose by {res.foll_pin_delta} for one USERPTR QBUF just now"
+    got = _int(answer)
+    return got is not None and got == live.pin("v4l2", "anon").foll_pin_delta, ""
 
 
 def check_v4l2_vmpin(answer: Any, live: Live) -> Result:
-    res = live.pin("v4l2", "anon")
-    return _int(answer) == res.vmpin_kb_delta, \
-        f"you said {answer!r} kB; VmPin of the process changed by {res.vmpin_kb_delta} kB just now"
+    got = _int(answer)
+    return got is not None and got == live.pin("v4l2", "anon").vmpin_kb_delta, ""
 
 
 def check_v4l2_fsdax(answer: Any, live: Live) -> Result:
     return _errno_matches(answer, live.pin("v4l2", "fsdax-xfs"))
 
 
+
+
 def check_classify(answer: Any, live: Live) -> Result:
-    if not isinstance(answer, dict):
-        return False, "give a dict such as {'rdma': 'long-term', ...} with all four mechanisms"
-    wrong, evidence = [], []
+    if not isinstance(answer, dict) or set(answer) != set(MECHANISMS):
+        return False, "give a dict with exactly the four mechanisms as keys"
     for mech in MECHANISMS:
         refused = not live.pin(mech, "fsdax-xfs").ok and live.pin(mech, "anon").ok
         truth = "long-term" if refused else "transient"
-        evidence.append(f"{mech}: {'refused on fs-dax' if refused else 'allowed on fs-dax'}")
-        if _text(answer.get(mech, "")).replace("_", "-").replace(" ", "-") != truth:
-            wrong.append(mech)
-    msg = "; ".join(evidence)
-    return not wrong, (f"all four right ({msg})" if not wrong else f"not right for {', '.join(wrong)} ({msg})")
+        if _text(answer[mech]).replace("_", "-").replace(" ", "-") != truth:
+            return False, ""
+    return True, ""
+
+
+def _bool_answer(answer: Any) -> bool | None:
+    return answer if isinstance(answer, bool) else None
 
 
 def check_odirect_follpin(answer: Any, live: Live) -> Result:
-    res = live.pin("odirect", "fsdax-xfs")
-    used = bool(res.foll_pin_delta)
-    if not isinstance(answer, bool):
+    got = _bool_answer(answer)
+    if got is None:
         return False, "answer True or False"
-    return answer == used, (f"you said {answer}; nr_foll_pin_acquired changed by {res.foll_pin_delta} during an "
-                            f"O_DIRECT read into fs-dax memory just now")
+    return got == bool(live.pin("odirect", "fsdax-xfs").foll_pin_delta), ""
 
 
 def _where_matches(answer: Any, tw) -> Result:
-    name = _text(answer).strip("() ")
-    good = tw.blocked and bool(name) and name in [w.lower() for w in tw.where] and "break" in name
-    where = tw.where[0] if tw.where else "?"
-    return good, (f"you said {answer!r}; truncate on {tw.fs} " +
-                  (f"waited {tw.seconds:.1f} s in {where} (called from {', '.join(tw.where[1:3])})" if tw.blocked
-                   else "did not block just now"))
+    """A function on the truncating thread's stack that breaks the layouts
+    (exact name, not a substring)."""
+    name = _name(answer)
+    frames = [w.split("+")[0].lower() for w in tw.where]
+    return tw.blocked and name in frames and "break" in name and "layout" in name, ""
 
 
 def check_truncate_xfs(answer: Any, live: Live) -> Result:
@@ -226,37 +303,39 @@ def check_truncate_ext4(answer: Any, live: Live) -> Result:
     return _where_matches(answer, live.truncate("ext4"))
 
 
-# Kernel history, from the kernel's git history (not a live measurement).
-HISTORY = {"get_user_pages_longterm": "4.15", "FOLL_LONGTERM": "5.2", "FOLL_PIN": "5.6", "check_vma_flags": "5.11"}
+# The order of the four steps, from the kernel's history (labkit.course.facts).
+HISTORY_ORDER = ("get_user_pages_longterm", "foll_longterm", "foll_pin", "check_vma_flags")
 
 
 def check_history(answer: Any, live: Live) -> Result:
-    if not isinstance(answer, dict):
-        return False, "give a dict such as {'FOLL_PIN': '5.x', ...} for all four names"
-    wrong = [k for k, v in HISTORY.items() if str(answer.get(k, "")).strip().lstrip("v") != v]
-    return not wrong, ("all four versions right" if not wrong else
-                       f"not right for {', '.join(wrong)} (hint: the notebook's history section)")
+    if not isinstance(answer, (list, tuple)) or len(answer) != len(HISTORY_ORDER):
+        return False, "give a list of the four names, oldest first"
+    return tuple(_name(a) for a in answer) == HISTORY_ORDER, ""
+
+
+LAB_MOUNTS = ("/mnt/fsdax-xfs", "/mnt/fsdax-ext4", "/mnt/raw-try")
 
 
 def check_capstone_mount(answer: Any, live: Live) -> Result:
-    mp = str(answer).strip()
+    mp = str(answer).strip().rstrip("/") if isinstance(answer, str) else ""
+    if not re.fullmatch(r"/mnt/[a-zA-Z0-9_-]{1,48}", mp):
+        return False, "give a mount point under /mnt"
+    if mp in LAB_MOUNTS:
+        return False, "that is one of the lab's own mounts, not a second one of yours"
     try:
         info = live.lab.mount_info(mp)
     except ConfigError:
-        return False, f"{answer!r} is not a mount point under /mnt"
+        return False, "give a mount point under /mnt"
     if not info.is_mountpoint:
-        return False, f"nothing is mounted on {mp} in the guest right now"
-    good = info.fs == "xfs" and info.dax_active
-    return good, (f"{mp} holds {info.fs} and a new file there is {'DAX' if info.dax_active else 'not DAX'} "
-                  "(statx STATX_ATTR_DAX)")
+        return False, "nothing is mounted there in the guest right now"
+    return info.fs == "xfs" and info.dax_active, ""
 
 
 def check_pmem_longterm_kind(answer: Any, live: Live) -> Result:
-    kind = _text(answer)
-    if kind not in MEMORY_KINDS or kind not in PMEM_ROLES:
-        return False, f"{answer!r} is not persistent memory; choose among {', '.join(PMEM_ROLES)}"
-    res = live.pin("rdma", kind)
-    return res.ok, f"ibv_reg_mr on {kind}: " + result_cell(res.ok, res.errno, res.errname)
+    kind = _text(answer) if isinstance(answer, str) else ""
+    if kind not in ("fsdax-xfs", "fsdax-ext4", "devdax"):
+        return False, "choose among fsdax-xfs, fsdax-ext4, devdax"
+    return live.pin("rdma", kind).ok, ""
 
 
 def check_iouring_ext4(answer: Any, live: Live) -> Result:
@@ -264,45 +343,218 @@ def check_iouring_ext4(answer: Any, live: Live) -> Result:
 
 
 def check_capstone_vmpin(answer: Any, live: Live) -> Result:
+    got = _int(answer)
+    if got is None:
+        return False, "give a whole number of kB"
     res = live._once("pin4m", lambda: live.lab.pin("rdma", "anon", size=4 * 2**20))
-    return _int(answer) == res.vmpin_kb_delta, \
-        f"you said {answer!r} kB; a 4 MiB registration raised VmPin by {res.vmpin_kb_delta} kB just now"
+    return got == res.vmpin_kb_delta, ""
 
 
 def check_odirect_ext4(answer: Any, live: Live) -> Result:
-    res = live.pin("odirect", "fsdax-ext4")
-    if not isinstance(answer, bool):
+    got = _bool_answer(answer)
+    if got is None:
         return False, "answer True or False"
-    return answer == res.ok, (f"you said {answer}; the O_DIRECT read into fs-dax (ext4) memory: "
-                              + result_cell(res.ok, res.errno, res.errname))
+    return got == live.pin("odirect", "fsdax-ext4").ok, ""
+
+
+# -- checks: code the kernel judges -------------------------------------------------
+
+PROBE_GROUP = "labkit_learner"
+_PROBE_RE = re.compile(r"^\s*r(?:\d{1,4})?(?::(?:[A-Za-z_]\w{0,31}/)?[A-Za-z_]\w{0,31})?\s+"
+                       r"(?P<symbol>[A-Za-z_][\w.]{0,63})(?:\+0)?"
+                       r"(?P<args>(?:\s+(?:[A-Za-z_]\w{0,31}=)?\$retval(?::(?:[su](?:8|16|32|64)|x(?:8|16|32|64)))?){1,4})"
+                       r"\s*$")
+
+
+def parse_probe(definition: Any) -> tuple[str, list[str]] | None:
+    """A learner's kretprobe line -> (symbol, fetch args), or None when it is
+    not a return probe fetching ``$retval``. Only that shape is accepted, so
+    nothing else the learner types reaches the guest's tracefs; the event is
+    always created under the course's own group and name."""
+    if not isinstance(definition, str) or "\n" in definition:
+        return None
+    m = _PROBE_RE.match(definition)
+    if not m:
+        return None
+    args = m.group("args").split()
+    return m.group("symbol"), [f"v{i}={a.split('=')[-1]}" for i, a in enumerate(args)]
+
+
+def _signed(value: int) -> int:
+    for bits in (32, 64):
+        if 2 ** (bits - 1) <= value < 2 ** bits:
+            return value - 2 ** bits
+    return value
+
+
+def probe_values(trace: str) -> list[int]:
+    """The fetched values of the course's event in a tracefs ``trace`` text,
+    each read as a signed number (s32, u32, x64 ... print it differently)."""
+    out = []
+    for line in trace.splitlines():
+        if f"{PROBE_GROUP}:" not in line and " ex_probe:" not in line:
+            continue
+        for raw in re.findall(r"\bv\d=(\S+)", line):
+            try:
+                out.append(_signed(int(raw, 0)))
+            except ValueError:
+                pass
+    return out
+
+
+@dataclass
+class ProbeRun:
+    accepted: bool
+    problem: str = ""
+    refused_values: list[int] = field(default_factory=list)   # during the fs-dax registration
+    allowed_values: list[int] = field(default_factory=list)   # during the anonymous one
+    refused_errno: int | None = None
+
+
+def run_learner_probe(lab, definition: str) -> ProbeRun:
+    """Install the learner's probe (as labkit_learner/ex_probe), register
+    fs-dax memory (the kernel refuses) and anonymous memory (it allows),
+    collect what the probe recorded during each, and remove the probe."""
+    parsed = parse_probe(definition)
+    if parsed is None:
+        return ProbeRun(False, "not a return probe of the form  r[:NAME] FUNCTION $retval[:TYPE]")
+    symbol, args = parsed
+    event = f"r:{PROBE_GROUP}/ex_probe {symbol} {' '.join(args)}"
+    tr = "/sys/kernel/tracing"
+    add = lab.sh(f"cd {tr} && (echo '-:{PROBE_GROUP}/ex_probe' >> kprobe_events) 2>/dev/null; "
+                 f"echo '{event}' >> kprobe_events && echo 1 > events/{PROBE_GROUP}/ex_probe/enable",
+                 check=False)
+    if add.rc != 0:
+        return ProbeRun(False, "the kernel did not accept that probe (is the function probe-able?)")
+    try:
+        runs = {}
+        for memory in ("fsdax-xfs", "anon"):
+            res = lab.pin("rdma", memory)
+            trace = lab.sh(f"cat {tr}/trace", check=False).stdout
+            runs[memory] = (res, probe_values(trace))
+    finally:
+        lab.sh(f"cd {tr} && echo 0 > events/{PROBE_GROUP}/ex_probe/enable; "
+               f"echo '-:{PROBE_GROUP}/ex_probe' >> kprobe_events", check=False)
+    refused, allowed = runs["fsdax-xfs"], runs["anon"]
+    return ProbeRun(True, "", refused[1], allowed[1], None if refused[0].ok else refused[0].errno)
+
+
+def check_probe(answer: Any, live: Live) -> Result:
+    """Right when the learner's probe, during the refused fs-dax registration,
+    recorded the kernel's errno as a negative return value, and did not record
+    it during the allowed anonymous registration."""
+    if parse_probe(answer) is None:
+        return False, "write one return probe line:  r FUNCTION $retval:s32"
+    run = live.learner_probe(answer)
+    if not run.accepted:
+        return False, run.problem
+    if run.refused_errno is None:
+        return False, "the fs-dax registration was not refused just now"
+    bad = -run.refused_errno
+    if bad not in run.refused_values:
+        return False, "your probe did not catch the refusal"
+    if bad in run.allowed_values:
+        return False, "your probe also fires with that error when nothing is refused"
+    return True, ""
+
+
+# -- checks: predictions and explanations ---------------------------------------------
+
+def check_prediction(answer: Any, live: Live) -> Result:
+    """Completion only: any non-empty prediction counts."""
+    filled = (isinstance(answer, str) and len(answer.strip()) >= 2) or \
+        (isinstance(answer, (dict, list, tuple)) and bool(answer)) or isinstance(answer, (int, float))
+    return bool(filled), "" if filled else "write your prediction down"
+
+
+def check_explain(answer: Any, live: Live) -> Result:
+    """Recorded for the instructor: a few words at least; graded by hand."""
+    ok = isinstance(answer, str) and len(answer.split()) >= 5
+    return ok, "" if ok else "write a few sentences"
+
+
+# -- the exercise list ---------------------------------------------------------------
+
+def _hints(*h: str) -> tuple[str, ...]:
+    return h
 
 
 EXERCISES: tuple[Exercise, ...] = (
-    Exercise("ex0.1", "00", 1, "the guest's kernel release", check_release),
-    Exercise("ex1.1", "01", 1, "the namespace mode with a character device", check_chardev_mode),
-    Exercise("ex1.2", "01", 2, "usable size of the fsdax namespace", check_fsdax_size),
-    Exercise("ex2.1", "02", 2, "which filesystems print the EXPERIMENTAL warning", check_experimental),
-    Exercise("ex2.2", "02", 1, "the block size ext4 needs for DAX", check_block_size),
-    Exercise("ex3.1", "03", 2, "RDMA on fs-dax: the errno", check_rdma_fsdax_errno, (("rdma", "fsdax-xfs"),)),
-    Exercise("ex3.2", "03", 2, "memory kinds RDMA can register", check_rdma_kinds,
-             tuple(("rdma", k) for k in MEMORY_KINDS)),
-    Exercise("ex3.3", "03", 1, "the kernel function that refuses", check_refusing_function, (("rdma", "fsdax-xfs"),)),
-    Exercise("ex4.1", "04", 2, "pages pinned by one USERPTR buffer", check_v4l2_pages, (("v4l2", "anon"),)),
-    Exercise("ex4.2", "04", 1, "VmPin change for V4L2", check_v4l2_vmpin, (("v4l2", "anon"),)),
-    Exercise("ex4.3", "04", 1, "V4L2 USERPTR on fs-dax: the errno", check_v4l2_fsdax, (("v4l2", "fsdax-xfs"),)),
+    Exercise("ex0.1", "00", 1, "the guest's kernel release", check_release, difficulty="intro",
+             hints=_hints("the guest reports it itself: run uname -r in it",
+                          "exactly as printed, including the Debian suffix")),
+    Exercise("ex1.1", "01", 1, "the namespace mode with a character device", check_chardev_mode, difficulty="intro",
+             hints=_hints("which mode has no block device and no filesystem?", "look at the device names ndctl shows")),
+    Exercise("ex1.2", "01", 1, "usable size of the fsdax namespace", check_fsdax_size, difficulty="intro",
+             hints=_hints("not the DIMM's size: the namespace's, as ndctl reports it", "bytes / 2**20")),
+    Exercise("ex1.3", "01", 0, "why raw mode cannot do DAX", check_explain, kind="explain", manual_points=2,
+             guest=False, hints=_hints("what does every page the kernel hands to a device need?")),
+    Exercise("ex2.0", "02", 1, "prediction: which filesystems warn", check_prediction, kind="prediction",
+             guest=False),
+    Exercise("ex2.1", "02", 1, "which filesystems print the EXPERIMENTAL warning", check_experimental,
+             hints=_hints("the kernel log of your own mounts answers it", "a list, possibly empty")),
+    Exercise("ex2.2", "02", 1, "the block size ext4 needs for DAX", check_block_size, difficulty="intro",
+             hints=_hints("a DAX mapping maps one file block per page-table entry", "getconf PAGESIZE")),
+    Exercise("ex3.0", "03", 1, "prediction: RDMA on five memory kinds", check_prediction, kind="prediction",
+             guest=False),
+    Exercise("ex3.1", "03", 1, "RDMA on fs-dax: the errno", check_rdma_fsdax_errno,
+             needs=(("rdma", "fsdax-xfs"),),
+             hints=_hints("look at the fs-dax XFS row of the table", "a name like EPERM or its number")),
+    Exercise("ex3.2", "03", 1, "memory kinds RDMA can register", check_rdma_kinds,
+             needs=tuple(("rdma", k) for k in ("anon", "pagecache", "fsdax-xfs", "fsdax-ext4", "devdax")),
+             hints=_hints("every kind whose registration returned ok", "device-dax is persistent memory too")),
+    Exercise("ex3.3", "03", 1, "the kernel function that refuses", check_refusing_function, needs=(("rdma", "fsdax-xfs"),),
+             hints=_hints("the traced line names the function whose return was probed",
+                          "just the function's name, not its caller")),
+    Exercise("ex3.4", "03", 4, "write a kretprobe that catches the refusal", check_probe, kind="code",
+             difficulty="stretch",
+             hints=_hints("a return probe is  r FUNCTION $retval:s32  (Documentation/trace/kprobetrace.rst)",
+                          "which function returns -EOPNOTSUPP when the VMA is fs-dax?",
+                          "probe check_vma_flags, or a caller that returns its error")),
+    Exercise("ex3.5", "03", 0, "why EOPNOTSUPP and not EPERM", check_explain, kind="explain", manual_points=3,
+             guest=False, hints=_hints("is the caller forbidden something, or is the operation unsupported "
+                                       "for this kind of memory?")),
+    Exercise("ex4.0", "04", 1, "prediction: pages pinned by one buffer", check_prediction, kind="prediction",
+             guest=False),
+    Exercise("ex4.1", "04", 1, "pages pinned by one USERPTR buffer", check_v4l2_pages, needs=(("v4l2", "anon"),),
+             hints=_hints("nr_foll_pin_acquired counts pages", "a partly used page is pinned whole")),
+    Exercise("ex4.2", "04", 1, "VmPin change for V4L2", check_v4l2_vmpin, needs=(("v4l2", "anon"),),
+             hints=_hints("VmPin is accounted by the driver, not by GUP", "read the VmPin column")),
+    Exercise("ex4.3", "04", 1, "V4L2 USERPTR on fs-dax: the errno", check_v4l2_fsdax, needs=(("v4l2", "fsdax-xfs"),),
+             hints=_hints("the fs-dax row of the V4L2 table", "a name or a number")),
+    Exercise("ex5.0", "05", 1, "prediction: transient pins on fs-dax", check_prediction, kind="prediction",
+             guest=False),
     Exercise("ex5.1", "05", 2, "long-term or transient", check_classify,
-             tuple((m, k) for m in MECHANISMS for k in ("anon", "fsdax-xfs"))),
-    Exercise("ex5.2", "05", 1, "does O_DIRECT use FOLL_PIN here", check_odirect_follpin, (("odirect", "fsdax-xfs"),)),
-    Exercise("ex6.1", "06", 2, "where truncate waits (xfs)", check_truncate_xfs),
-    Exercise("ex6.2", "06", 2, "the history in versions", check_history, guest=False),
-    Exercise("ex7.1", "07", 2, "a DAX mount of your own", check_capstone_mount),
-    Exercise("ex7.2", "07", 2, "persistent memory that may be pinned long-term", check_pmem_longterm_kind,
-             (("rdma", "devdax"),)),
-    Exercise("ex7.3", "07", 2, "io_uring fixed buffers on fs-dax (ext4)", check_iouring_ext4,
-             (("io_uring", "fsdax-ext4"),)),
-    Exercise("ex7.4", "07", 2, "VmPin of a 4 MiB registration", check_capstone_vmpin),
-    Exercise("ex7.5", "07", 2, "where truncate waits (ext4)", check_truncate_ext4),
-    Exercise("ex7.6", "07", 2, "O_DIRECT into fs-dax (ext4)", check_odirect_ext4, (("odirect", "fsdax-ext4"),)),
+             needs=tuple((m, k) for m in MECHANISMS for k in ("anon", "fsdax-xfs")),
+             hints=_hints("refused on fs-dax but allowed on anonymous memory means the caller asked for FOLL_LONGTERM",
+                          "all four keys: rdma, v4l2, odirect, io_uring")),
+    Exercise("ex5.2", "05", 1, "does O_DIRECT use FOLL_PIN here", check_odirect_follpin, needs=(("odirect", "fsdax-xfs"),),
+             hints=_hints("did the nr_foll_pin_acquired column move for O_DIRECT?",)),
+    Exercise("ex5.3", "05", 0, "why a transient pin is acceptable", check_explain, kind="explain", manual_points=3,
+             guest=False, hints=_hints("who decides when it ends, and how long can that take?")),
+    Exercise("ex6.0", "06", 1, "prediction: does truncate wait", check_prediction, kind="prediction", guest=False),
+    Exercise("ex6.1", "06", 1, "where truncate waits (xfs)", check_truncate_xfs,
+             hints=_hints("read the waiting thread's stack", "the XFS function that breaks the layouts")),
+    Exercise("ex6.2", "06", 2, "the history in order", check_history, difficulty="core", guest=False,
+             hints=_hints("the history table above", "oldest first: a function, a flag, a new kind of pin, "
+                                                      "then where the check lives")),
+    Exercise("ex6.3", "06", 0, "why device-dax is exempt", check_explain, kind="explain", manual_points=3,
+             guest=False, hints=_hints("what operation makes a filesystem wait for a page?")),
+    Exercise("ex6.4", "06", 0, "the deliberate -stable regression", check_explain, kind="explain",
+             manual_points=3, guest=False,
+             hints=_hints("what did tagging the patches for -stable break, on purpose, and for whom?")),
+    Exercise("ex7.1", "07", 2, "a DAX mount of your own", check_capstone_mount, difficulty="stretch",
+             hints=_hints("lab.mount(fs, device, mountpoint, options=...)", "a new mount point, with DAX on")),
+    Exercise("ex7.2", "07", 1, "persistent memory that may be pinned long-term", check_pmem_longterm_kind,
+             needs=(("rdma", "devdax"),), hints=_hints("try the registration on each persistent kind",)),
+    Exercise("ex7.3", "07", 1, "io_uring fixed buffers on fs-dax (ext4)", check_iouring_ext4,
+             needs=(("io_uring", "fsdax-ext4"),), hints=_hints("measure io_uring on fsdax-ext4 itself",)),
+    Exercise("ex7.4", "07", 2, "VmPin of a 4 MiB registration", check_capstone_vmpin, difficulty="stretch",
+             hints=_hints("read VmPin while the registration is held, then release it",)),
+    Exercise("ex7.5", "07", 1, "where truncate waits (ext4)", check_truncate_ext4,
+             hints=_hints("run the truncate demonstration on ext4 and read the stack",)),
+    Exercise("ex7.6", "07", 1, "O_DIRECT into fs-dax (ext4)", check_odirect_ext4, needs=(("odirect", "fsdax-ext4"),),
+             hints=_hints("measure it: lab.pin('odirect', ...)",)),
 )
 
 BY_ID = {e.id: e for e in EXERCISES}
@@ -311,3 +563,25 @@ BY_ID = {e.id: e for e in EXERCISES}
 def for_notebook(number: str) -> list[Exercise]:
     """The exercises of notebook ``number`` ("00" ... "07"), in order."""
     return [e for e in EXERCISES if e.notebook == number]
+
+
+_revealed: dict[str, int] = {}
+
+
+def hint(exercise_id: str) -> str:
+    """The next hint of an exercise (staged: each call reveals one more)."""
+    ex = BY_ID[exercise_id]
+    if not ex.hints:
+        return f"{exercise_id}: no hints for this one"
+    n = min(_revealed.get(exercise_id, 0) + 1, len(ex.hints))
+    _revealed[exercise_id] = n
+    return "\n".join(f"{exercise_id} hint {i + 1}/{len(ex.hints)}: {h}" for i, h in enumerate(ex.hints[:n]))
+
+
+def points_by_kind(notebook: str | None = None) -> dict[str, int]:
+    """Auto points per kind (explain: the manual points), for the instructor report."""
+    out = {k: 0 for k in KINDS}
+    for e in EXERCISES:
+        if notebook is None or e.notebook == notebook:
+            out[e.kind] += e.manual_points if e.kind == "explain" else e.points
+    return out

@@ -251,15 +251,29 @@ def grade(paths: list[str | os.PathLike], lab=None, execute_blank: bool = True,
                     live = Live(lab or _connect_lab())
                     live.wanted = {n for e in BY_ID.values() for n in e.needs
                                    if given_or_none(loaded, e.id)}
-                try:
-                    ok, msg = ex.check(ans["value"], live)
-                except LabError:
-                    raise
-                except Exception as exc:   # a malformed answer must fail its check, not the grader
-                    ok, msg = False, f"could not grade the answer {ans['value']!r}: {type(exc).__name__}: {exc}"
-                res.checks.append(CheckResult(ex.id, ex.title, ex.points if ok else 0, ex.points, ok, msg))
+                res.checks.append(judge(ex, ans["value"], live))
         results.append(res)
     return results
+
+
+def judge(ex, value, live) -> CheckResult:
+    """One exercise's result. The message says right or wrong (with the first
+    hint), never the expected value; explanations are recorded for the
+    instructor, predictions for completion."""
+    try:
+        ok, why = ex.check(value, live)
+    except LabError:
+        raise
+    except Exception as exc:   # a malformed answer must fail its check, not the grader
+        ok, why = False, f"that answer could not be read ({type(exc).__name__})"
+    if ex.kind == "explain":
+        msg = (f"recorded for your instructor (graded by hand, {ex.manual_points} points)" if ok
+               else ex.feedback(False, why))
+    elif ex.kind == "prediction":
+        msg = "prediction recorded (completion counts, not correctness)" if ok else ex.feedback(False, why)
+    else:
+        msg = ex.feedback(ok, why)
+    return CheckResult(ex.id, ex.title, ex.points if ok else 0, ex.points, ok, msg)
 
 
 def given_or_none(loaded, ex_id: str) -> bool:

@@ -1,0 +1,160 @@
+"""The course's fact table: every kernel-history claim the notebooks make,
+with the commit that made it true (12 hex digits), the first release that
+contains it, and the notebooks that use it.
+
+How each entry was checked (2026-12, with the stored public-text search over
+kernel mailing-list archives, mirrored commit pages and kernel sources; never
+from memory):
+
+* ``commit_evidence`` says where the commit id and its subject were seen
+  together (a ``Fixes:`` tag, a maintainer's list of merged commits, a
+  mirrored commit page).
+* ``release_evidence`` says why the release is the first one containing it.
+  Where no source could be found, ``release`` is ``None``: the notebooks may
+  cite the commit but must not state a version for it (tests/test_facts.py
+  enforces that every version in the notebooks' prose is a verified release
+  in this table).
+
+Measured behaviour (errnos, pin counts, warnings) is *not* in this table: the
+lab measures it live on the guest, and the notebooks compare with
+``uname -r`` instead of stating versions for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Fact:
+    key: str
+    claim: str
+    commit: str | None          # 12 hex digits, or None for a fact that is not one commit
+    subject: str                # the commit's subject line (or the source's title)
+    release: str | None         # first release containing it ("4.15"), None if not verified
+    notebooks: tuple[str, ...]
+    commit_evidence: str
+    release_evidence: str = ""
+
+
+COVER_LETTER = ("[PATCH v2 0/4] introduce get_user_pages_longterm() (Dan Williams, 2017-11-14, "
+                "lkml.org/lkml/2017/11/14/569); v3 'Rebased on v4.15-rc1', summary unchanged")
+
+FACTS: tuple[Fact, ...] = (
+    Fact("gup-longterm",
+         "get_user_pages_longterm(): a separate GUP entry point for callers that keep pages indefinitely; "
+         "it refuses VMAs for which vma_is_fsdax() is true (-EOPNOTSUPP). Each caller opted in by calling it.",
+         "2bb6d2837083", "mm: introduce get_user_pages_longterm", "4.15", ("03", "04", "06", "07"),
+         "Fixes: 2bb6d2837083 (\"mm: introduce get_user_pages_longterm\") in Dan Williams' S_ISCHR fix "
+         "(linux-mm, 2018-02); the commit page on a raspberrypi/linux mirror quotes the series text",
+         "the v3 series was rebased on v4.15-rc1 and tagged for -stable (cover letter), i.e. merged as a "
+         "fix during the v4.15-rc cycle"),
+    Fact("cover-letter",
+         "The v4.15 cover letter: long-term references are untenable for fs-dax; waiting for idle DAX pages "
+         "before truncate/hole-punch reuses blocks is 'saved for a later patch series'; long-term DAX "
+         "registration would need a future 'map with lease'; tagged for -stable to 'purposely break' "
+         "long-term registrations of fs-dax, one reason the EXPERIMENTAL mount warning is kept; "
+         "device-dax does not suffer the same constraints (no file space management such as hole-punch).",
+         None, "introduce get_user_pages_longterm() (cover letter)", "4.15", ("03", "05", "06"),
+         COVER_LETTER, "same series as 2bb6d2837083"),
+    Fact("get-vaddr-frames-fsdax",
+         "get_vaddr_frames() (the frame_vector helper videobuf2 uses for USERPTR) got its own "
+         "vma_is_fsdax() refusal in the same v4.15 series.",
+         None, "mm: fail get_vaddr_frames() for filesystem-dax mappings", "4.15", ("04",),
+         "patch 2/4 of the v2/v3 series (cover letter: 'Add a new patch for the get_vaddr_frames() case, this "
+         "impacts users like V4L2'); v3 adds a comment for that check at Jan Kara's request",
+         "same series as 2bb6d2837083"),
+    Fact("videobuf-dma-sg-fsdax",
+         "The older videobuf (videobuf-dma-sg) switched to get_user_pages_longterm() in the v4.15 series.",
+         None, "[media] v4l2: disable filesystem-dax mapping support", "4.15", ("04",),
+         "listed in the v1 cover letter (lkml.iu.edu 1711.0/04916) with drivers/media/v4l2-core/videobuf-dma-sg.c",
+         "same series as 2bb6d2837083"),
+    Fact("ib-umem-fsdax",
+         "RDMA's ib_umem_get() switched to get_user_pages_longterm() in the v4.15 series.",
+         None, "IB/core: disable memory registration of filesystem-dax vmas", "4.15", ("03",),
+         "listed in the v1 cover letter with drivers/infiniband/core/umem.c", "same series as 2bb6d2837083"),
+    Fact("foll-longterm",
+         "get_user_pages_longterm() becomes a flag, FOLL_LONGTERM, accepted by the ordinary GUP calls; the "
+         "separate function is removed.",
+         "932f4a630a69", "mm/gup: replace get_user_pages_longterm() with FOLL_LONGTERM", None, ("06",),
+         "Fixes: 932f4a630a69 (\"mm/gup: replace get_user_pages_longterm() with FOLL_LONGTERM\") in Vlastimil "
+         "Babka's reply to a 2019 mm/gup.c fix; the series was posted for 5.1 in March 2019",
+         ""),
+    Fact("foll-pin",
+         "pin_user_pages*() and FOLL_PIN: pins are counted apart from ordinary references "
+         "(nr_foll_pin_* in /proc/vmstat).",
+         "eddb1c228f79", "mm/gup: introduce pin_user_pages*() and FOLL_PIN", "5.6", ("04", "05", "06"),
+         "Fixes: eddb1c228f79 (\"mm/gup: introduce pin_user_pages*() and FOLL_PIN\") (Vitaly Kuznetsov, 2020-05)",
+         "NVIDIA's open driver conftest: 'pin_user_pages() was added by commit eddb1c228f79 ... in v5.6'"),
+    Fact("videobuf-pin",
+         "videobuf-dma-sg (the old videobuf) converted to pin_user_pages() in the FOLL_PIN series.",
+         "1f815afcfca7", "media/v4l2-core: pin_user_pages (FOLL_PIN) and put_user_page() conversion", None,
+         ("04",),
+         "listed with eddb1c228f79 in a list of the merged FOLL_PIN series commits", ""),
+    Fact("frame-vector-longterm",
+         "get_vaddr_frames() itself takes FOLL_LONGTERM (Daniel Vetter's series, which also moved "
+         "frame_vector into the media subsystem); until then videobuf2's refusal was get_vaddr_frames()' "
+         "own vma_is_fsdax() test.",
+         None, "mm/frame-vector: Use FOLL_LONGTERM", None, ("04",),
+         "patch 05 of 'follow_pfn and other iomap races' v2-v5 (Oct-Nov 2020), next to 'media: videobuf2: Move "
+         "frame_vector into media subsystem'; the merged commit id was not found", ""),
+    Fact("check-vma-flags-fsdax",
+         "The fs-dax test moves into check_vma_flags(), the per-VMA check every GUP walk already ran: "
+         "FOLL_LONGTERM && vma_is_fsdax(vma) -> -EOPNOTSUPP (check_vma_flags() itself is older; it existed "
+         "for the VM_READ/VM_WRITE permission checks).",
+         "52650c8b466b", "mm/gup: remove the vma allocation from gup_longterm_locked()", None,
+         ("03", "06", "07"),
+         "mm tree revlists (akpm) list 52650c8b466bac39 with this subject; NVIDIA's driver names it as the "
+         "commit that ended the vmas array allocation for FOLL_LONGTERM", ""),
+    Fact("xfs-break-dax-layouts",
+         "XFS waits for DAX pages to go idle before truncate/hole-punch frees blocks: xfs_break_dax_layouts().",
+         "d6dc57e251a4", "xfs, dax: introduce xfs_break_dax_layouts()", None, ("06", "07"),
+         "Dan Williams lists 'd6dc57e251a4 xfs, dax: introduce xfs_break_dax_layouts()' among the merged "
+         "break-layouts commits (with 5fac7408d828 'mm, fs, dax: handle layout changes to pinned dax "
+         "mappings'); series v9-v11 posted April-May 2018", ""),
+    Fact("ext4-break-layouts",
+         "ext4 does the same wait: ext4_break_layouts().",
+         "430657b6be89", "ext4: handle layout changes to pinned DAX mappings", None, ("06", "07"),
+         "same list of merged commits; xfstests generic/503 is its regression test", ""),
+    Fact("longterm-file-write",
+         "Writable FOLL_LONGTERM pins of file-backed shared mappings that need dirty tracking (page cache) "
+         "are refused (the GUP-fast half is a6e79df92e4a).",
+         "8ac268436e6d", "mm/gup: disallow FOLL_LONGTERM GUP-nonfast writing to file-backed mappings", "6.5",
+         ("03",),
+         "cited by id and subject in KVM SEV and guest_memfd threads; the akpm/mm mm-stable revlist of "
+         "2023-06-10 has 8ac268436e6d52f3",
+         "in mm-stable on 2023-06-10 (kernel.org post-receive mail) and 'from May 2023' (its author): "
+         "mm-stable at that date is the queue for the v6.5 merge window"),
+    Fact("iouring-gup-file-check",
+         "io_uring stops checking for file-backed VMAs itself and leaves the decision to GUP.",
+         "34ed8d0dcd69", "io_uring: rsrc: delegate VMA file-backed check to GUP", None, ("05",),
+         "in the same akpm/mm mm-stable revlist (2023-06-10) as 8ac268436e6d", ""),
+    Fact("rxe-odp",
+         "soft-RoCE (rxe) accepts On-Demand-Paging registrations.",
+         "d03fb5c6599e", "RDMA/rxe: Allow registering MRs for On-Demand Paging", None, ("03", "06"),
+         "mirrored commit page (infradead nvme.git), patch of 2024-12-20 by Daisuke Matsuda", ""),
+    Fact("lab-kernel-6.1", "The lab's default guest kernel image.", None, "labkit.image.KERNELS", "6.1",
+         ("00", "06", "07"), "the lab builds and boots it; notebooks print the live uname -r",
+         "Debian bookworm's linux-image-amd64"),
+    Fact("lab-kernel-6.12", "The lab's second guest kernel image.", None, "labkit.image.KERNELS", "6.12",
+         ("00", "06", "07"), "the lab builds and boots it; notebooks print the live uname -r",
+         "Debian bookworm-security's linux-image-6.12-amd64"),
+)
+
+BY_KEY = {f.key: f for f in FACTS}
+
+
+def verified_releases() -> set[str]:
+    """Releases the notebooks may state (each backed by an entry with evidence)."""
+    return {f.release for f in FACTS if f.release}
+
+
+def commits() -> set[str]:
+    return {f.commit for f in FACTS if f.commit}
+
+
+def cite(key: str) -> str:
+    """A short citation for prose: ``subject (commit, vX.Y)``."""
+    f = BY_KEY[key]
+    parts = [p for p in (f.commit, f"v{f.release}" if f.release else None) if p]
+    return f"\"{f.subject}\"" + (f" ({', '.join(parts)})" if parts else "")

@@ -1,0 +1,257 @@
+"""Adversarial answers for every auto-checked exercise: each check fails on a
+blank, on substrings of the right answer, on the lab's own values and on the
+right errno for the wrong memory kind, and passes on every correct form (a
+name or a number, ENOTSUP as well as EOPNOTSUPP, a computed value as well as
+a typed one). The guest is a fake that answers like the 6.1 lab guest; no
+feedback may contain the expected value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from labkit.course import grading
+from labkit.course.exercises import (BY_ID, EXERCISES, KINDS, Live, errno_number, parse_probe,
+                                     points_by_kind, probe_values)
+from labkit.lab import MountResult, Namespace, PinResult, TruncateWait
+from labkit.lab.results import MountInfo
+
+RELEASE = "6.1.0-56-amd64"
+TRACE = "python3-123 [000] d.... 1.0: labkit_cvf: (check_vma_flags+0x0/0xc0 <- __get_user_pages+0x1a/0x500) ret=-95"
+
+
+def pin(mech, mem, ok, errno=None, foll=0, vmpin=0, trace=()):
+    return PinResult(mech, mem, "shared", ok, errno, {95: "EOPNOTSUPP", 14: "EFAULT"}.get(errno), vmpin, foll,
+                     [], list(trace))
+
+
+PINS = {
+    ("rdma", "anon"): pin("rdma", "anon", True, vmpin=2048, foll=512),
+    ("rdma", "pagecache"): pin("rdma", "pagecache", True, vmpin=2048, foll=512),
+    ("rdma", "fsdax-xfs"): pin("rdma", "fsdax-xfs", False, 95, trace=[TRACE]),
+    ("rdma", "fsdax-ext4"): pin("rdma", "fsdax-ext4", False, 95, trace=[TRACE]),
+    ("rdma", "devdax"): pin("rdma", "devdax", True, vmpin=2048),
+    ("v4l2", "anon"): pin("v4l2", "anon", True, foll=113),
+    ("v4l2", "fsdax-xfs"): pin("v4l2", "fsdax-xfs", False, 95, trace=[TRACE]),
+    ("odirect", "anon"): pin("odirect", "anon", True),
+    ("odirect", "fsdax-xfs"): pin("odirect", "fsdax-xfs", True),
+    ("odirect", "fsdax-ext4"): pin("odirect", "fsdax-ext4", True),
+    ("io_uring", "anon"): pin("io_uring", "anon", True, foll=512),
+    ("io_uring", "fsdax-xfs"): pin("io_uring", "fsdax-xfs", False, 95, trace=[TRACE]),
+    ("io_uring", "fsdax-ext4"): pin("io_uring", "fsdax-ext4", False, 95, trace=[TRACE]),
+    ("io_uring", "devdax"): pin("io_uring", "devdax", False, 14),      # a different refusal, different errno
+}
+STACK = ["xfs_break_dax_layouts+0x80/0x120", "xfs_break_layouts+0x50/0x90", "xfs_vn_setattr+0x60/0x100"]
+EXT4_STACK = ["ext4_break_layouts+0x90/0x120", "ext4_setattr+0x2a0/0x9a0", "notify_change+0x1f0/0x4a0"]
+
+
+@dataclass
+class _R:
+    stdout: str
+    rc: int = 0
+    stderr: str = ""
+
+
+@dataclass
+class FakeLab:
+    """Answers like the lab's Lab on a 6.1 guest; records what it was asked."""
+
+    mounted: dict = field(default_factory=lambda: {"/mnt/fsdax-xfs": "xfs", "/mnt/capstone": "xfs",
+                                                    "/mnt/plain": "xfs"})
+    kprobes: list = field(default_factory=list)
+    trace: str = ""
+
+    def sh(self, script, check=True, timeout=60):
+        if script == "uname -r":
+            return _R(RELEASE + "\n")
+        if script == "getconf PAGESIZE":
+            return _R("4096\n")
+        if script.startswith("grep ' "):
+            mp = script.split("'")[1].strip()
+            fs = self.mounted.get(mp)
+            return _R(f"/dev/pmem0 {mp} {fs} rw 0 0" if fs else "")
+        if "kprobe_events" in script and "echo 'r:" in script:
+            self.kprobes.append(script.split("echo '")[2].split("'")[0])
+            return _R("", rc=0 if "nonexistent_fn" not in script else 1)
+        if script.startswith("cat /sys/kernel/tracing/trace"):
+            return _R(self.trace)
+        return _R("")
+
+    def mount_info(self, mp):
+        """Like Lab.mount_info: the mount holding ``mp`` (the root fs when nothing is mounted there)."""
+        fs = self.mounted.get(mp)
+        if fs is None:
+            return MountInfo(mp, "/", "ext4", "/dev/vda", "rw", False)
+        return MountInfo(mp, mp, fs, "/dev/pmem0", "rw", mp != "/mnt/plain")
+
+    def prepare_pmem(self):
+        return {}
+
+    def namespaces(self):
+        return [Namespace("namespace0.0", "region0", "fsdax", 520093696, blockdev="pmem0", map="dev"),
+                Namespace("namespace1.0", "region1", "fsdax", 520093696, blockdev="pmem1", map="dev"),
+                Namespace("namespace2.0", "region2", "devdax", 520093696, chardev="dax2.0", map="dev")]
+
+    def prepare_mounts(self):
+        return [MountResult("xfs", "/dev/pmem0", "/mnt/fsdax-xfs", "dax", True, True, True, []),
+                MountResult("ext4", "/dev/pmem1", "/mnt/fsdax-ext4", "dax", True, True, False, [])]
+
+    def setup_rdma(self):
+        return "rxe0"
+
+    def setup_vivid(self):
+        return None
+
+    def pin_many(self, cases):
+        return [PINS[(m, k)] for m, k, _ in cases]
+
+    def pin(self, mech, mem, size=2 * 2**20, **_):
+        if size != 2 * 2**20:
+            return pin(mech, mem, True, vmpin=size // 1024)
+        if self.kprobes:       # the learner's probe fires on the refusal only, like check_vma_flags would
+            symbol = self.kprobes[-1].split()[1]
+            fires = symbol in ("check_vma_flags", "__get_user_pages") and not PINS[(mech, mem)].ok
+            ret = "-95" if fires else "0"
+            kind = "s32" if ":s32" in self.kprobes[-1] else "x64"
+            if kind == "x64" and fires:
+                ret = hex(2**64 - 95)
+            self.trace = (f"p-1 [0] 1.0: ex_probe: ({symbol}+0x0/0x10 <- x+0x1/0x2) v0={ret}"
+                          if symbol not in ("do_nothing",) else "")
+        return PINS[(mech, mem)]
+
+    def truncate_wait(self, fs):
+        return TruncateWait(fs, True, 3.0, STACK if fs == "xfs" else EXT4_STACK, True)
+
+
+def live():
+    return Live(FakeLab())
+
+
+# exercise id -> (answers that must pass, answers that must fail)
+CASES = {
+    "ex0.1": ([RELEASE, f" {RELEASE}\n"], ["", "6.1", "6.1.0", "6.1.0-56", "6.12.1+deb12-amd64", 6.1, None]),
+    "ex1.1": (["devdax", "DevDax", " devdax "], ["", "dax", "fsdax", "raw", "/dev/dax2.0", ["devdax"]]),
+    "ex1.2": ([496, "496", 496.0, 520093696 // 2**20, 520093696 / 2**20], ["", 512, 536870912, "496 MiB?", 0, True]),
+    "ex2.1": ([["xfs"], "xfs", ("XFS",), {"xfs"}], ["", [], ["ext4"], ["xfs", "ext4"], "x", [1], {"xfs": 1}]),
+    "ex2.2": ([4096, "4096", "4k", "4 KiB", 4 * 1024], ["", 1024, 2048, "4", 409, "4096 bytes please", True]),
+    "ex3.1": (["EOPNOTSUPP", "ENOTSUP", "eopnotsupp", 95, -95, "95", "-EOPNOTSUPP", "errno.ENOTSUP"],
+              ["", "EOPNOTSU", "OPNOTSUPP", "EPERM", "EFAULT", 14, "ok", 0, "Operation not supported", True]),
+    "ex3.2": ([["anon", "pagecache", "devdax"], "anon pagecache devdax", ("devdax", "anon", "pagecache")],
+              ["", [], ["anon"], ["anon", "devdax"], ["anon", "pagecache", "devdax", "fsdax-xfs"], "anon,page"]),
+    "ex3.3": (["check_vma_flags", "check_vma_flags()", "mm/gup.c:check_vma_flags", "CHECK_VMA_FLAGS"],
+              ["", "check", "vma", "check_vma", "labkit_cvf", "__get_user_pages", "gup", "flags"]),
+    "ex3.4": (["r check_vma_flags $retval:s32", "r:myprobe check_vma_flags ret=$retval:s32",
+               "r check_vma_flags $retval", "r:grp/ev __get_user_pages rc=$retval:s64"],
+              ["", "p check_vma_flags", "check_vma_flags", "r do_nothing $retval", "r ib_umem_get $retval:s32",
+               "r nonexistent_fn $retval", "r check_vma_flags $retval; echo 1 > /proc/sys/kernel/panic",
+               "r check_vma_flags $arg1", "r check_vma_flags\n$retval"]),
+    "ex4.1": ([113, "113", 460800 // 4096 + 1], ["", 112, 460800 / 4096, 512, 0, "113 pages"]),
+    "ex4.2": ([0, "0"], ["", 2048, 460, None, False]),
+    "ex4.3": (["EOPNOTSUPP", "ENOTSUP", 95], ["", "EFAULT", "ok", "EOPNOTSUP", 22]),
+    "ex5.1": ([{"rdma": "long-term", "v4l2": "long_term", "odirect": "transient", "io_uring": "Long Term"}],
+              ["", {"rdma": "long-term"}, {"rdma": "long-term", "v4l2": "long-term", "odirect": "long-term",
+                                           "io_uring": "long-term"},
+               {"rdma": "long-term", "v4l2": "long-term", "odirect": "transient", "io_uring": "long-term",
+                "extra": "x"}, "rdma long-term"]),
+    "ex5.2": ([False], ["", "False", 0, None, True]),
+    "ex6.1": (["xfs_break_dax_layouts", "xfs_break_layouts", "xfs_break_dax_layouts()"],
+              ["", "break", "xfs_break", "layouts", "xfs_vn_setattr", "ext4_break_layouts",
+               "xfs_break_dax_layouts+0x80/0x120x"]),
+    "ex6.2": ([["get_user_pages_longterm", "FOLL_LONGTERM", "FOLL_PIN", "check_vma_flags"],
+               ("get_user_pages_longterm()", "foll_longterm", "FOLL_PIN", "check_vma_flags()")],
+              ["", {"get_user_pages_longterm": "4.15"}, ["FOLL_LONGTERM", "get_user_pages_longterm", "FOLL_PIN",
+                                                         "check_vma_flags"], ["get_user_pages_longterm"]]),
+    "ex7.1": (["/mnt/capstone", "/mnt/capstone/"], ["", "/mnt/fsdax-xfs", "/mnt/fsdax-ext4", "/mnt", "/mnt/plain",
+                                                   "/mnt/nothere", "/mnt/capstone; rm -rf /", "capstone"]),
+    "ex7.2": (["devdax", "DEVDAX"], ["", "fsdax-xfs", "fsdax-ext4", "anon", "pagecache", "dax"]),
+    "ex7.3": (["EOPNOTSUPP", "ENOTSUP", 95, "95"], ["", "EFAULT", 14, "ok", "EOPNOTSUP"]),   # EFAULT: devdax's errno
+    "ex7.4": ([4096, "4096"], ["", 2048, 4, 4194304, "4 MiB"]),
+    "ex7.5": (["ext4_break_layouts"], ["", "break", "ext4_break", "xfs_break_dax_layouts", "ext4_setattr"]),
+    "ex7.6": ([True], ["", "True", 1, False]),
+}
+PREDICTIONS = [e.id for e in EXERCISES if e.kind == "prediction"]
+EXPLAINS = [e.id for e in EXERCISES if e.kind == "explain"]
+
+
+def test_every_auto_checked_exercise_has_adversarial_cases():
+    assert set(CASES) == {e.id for e in EXERCISES if e.kind in ("value", "code")}
+
+
+@pytest.mark.parametrize("ex_id", sorted(CASES))
+def test_correct_forms_pass(ex_id):
+    ex = BY_ID[ex_id]
+    for answer in CASES[ex_id][0]:
+        r = grading.judge(ex, answer, live())
+        assert r.passed and r.points == ex.points and r.message == "right", (answer, r)
+
+
+@pytest.mark.parametrize("ex_id", sorted(CASES))
+def test_wrong_answers_fail_without_giving_the_answer_away(ex_id):
+    ex = BY_ID[ex_id]
+    secrets = [str(a) for a in CASES[ex_id][0]] + ["2048", "113", "95", RELEASE, "check_vma_flags",
+                                                  "break_dax_layouts", "ext4_break_layouts", "/mnt/capstone"]
+    # the answer-format sentence (shown for a malformed answer, whatever the truth) may list the options
+    shape = grading.judge(ex, object(), live()).message.lower()
+    for answer in CASES[ex_id][1]:
+        r = grading.judge(ex, answer, live())
+        assert not r.passed and r.points == 0, (answer, r)
+        assert "not right" in r.message
+        for s in secrets:
+            if s and s.lower() not in str(answer).lower() and s.lower() not in shape:
+                assert s.lower() not in r.message.lower(), (answer, s, r.message)
+
+
+@pytest.mark.parametrize("ex_id", PREDICTIONS)
+def test_predictions_count_completion_not_correctness(ex_id):
+    ex = BY_ID[ex_id]
+    for answer in ("I expect both to fail", {"rdma": "ok"}, 113):
+        assert grading.judge(ex, answer, None).passed
+    for answer in ("", " ", [], {}):
+        assert not grading.judge(ex, answer, None).passed
+
+
+@pytest.mark.parametrize("ex_id", EXPLAINS)
+def test_explanations_are_recorded_for_manual_grading(ex_id):
+    ex = BY_ID[ex_id]
+    assert ex.points == 0 and ex.manual_points > 0
+    r = grading.judge(ex, "Because the filesystem must be able to reuse its blocks.", None)
+    assert r.passed and r.max == 0 and "graded by hand" in r.message
+    assert not grading.judge(ex, "dunno", None).passed
+
+
+def test_every_exercise_has_kind_difficulty_and_hints():
+    for e in EXERCISES:
+        assert e.kind in KINDS and e.difficulty in ("intro", "core", "stretch")
+        assert e.kind in ("prediction",) or e.hints, e.id
+
+
+def test_staged_hints():
+    from labkit.course import hint
+    first = hint("ex3.4")
+    second = hint("ex3.4")
+    assert first.count("hint") == 1 and second.count("hint") == 2 and second.startswith(first)
+
+
+def test_errno_aliases():
+    assert errno_number("ENOTSUP") == errno_number("EOPNOTSUPP") == 95
+    assert errno_number("EOPNOTSU") is None and errno_number(True) is None and errno_number("eOpNoTsUpP") is None
+
+
+def test_probe_parser_admits_only_return_probes_of_retval():
+    assert parse_probe("r check_vma_flags $retval:s32") == ("check_vma_flags", ["v0=$retval:s32"])
+    for bad in ("p:x check_vma_flags", "r check_vma_flags $retval > /etc/x", "r check_vma_flags '$retval'",
+                "-:kprobes/labkit_cvf", "r check_vma_flags +0(%di):string", 42, None):
+        assert parse_probe(bad) is None, bad
+
+
+def test_probe_values_read_every_print_type():
+    line = "x-1 [0] 1.0: ex_probe: (check_vma_flags+0x0/0xc0 <- __get_user_pages+0x1/0x2) v0={}"
+    for text in ("-95", "4294967201", "0xffffffffffffffa1", "0xffffffa1"):
+        assert probe_values(line.format(text)) == [-95], text
+
+
+def test_points_by_kind_cover_every_notebook():
+    total = points_by_kind()
+    assert total["code"] >= 4 and total["explain"] > 0 and total["prediction"] > 0
+    assert sum(points_by_kind(f"{n:02d}")["value"] for n in range(8)) == total["value"]
