@@ -226,7 +226,7 @@ def grade(paths: list[str | os.PathLike], lab=None, execute_blank: bool = True,
         loaded.append((Path(p), nb, number, exercises, tagged))
     live = None
     results = []
-    for path, nb, number, exercises, tagged in loaded:
+    for path, nb, number, exercises, _tagged in loaded:
         res = NotebookResult(str(path), number, executed=False)
         if execute_blank and not has_outputs(nb):
             say(f"{path.name}: no outputs, executing it headless against the lab VM")
