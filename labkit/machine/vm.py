@@ -38,7 +38,7 @@ from labkit.machine.config import Nvdimm, VMConfig, check_name
 from labkit.machine.channels.console import BootInfo, ConsoleChannel
 from labkit.errors import (ChannelError, ConfigError, GuestDied, GuestHung, GuestPanic, GuestTimeout, HostKeyMismatch,
                      LabError, LaunchError, StateDirError, StateError, VMInUse)
-from labkit.image.build import DEFAULT_KERNEL, Image, load_image
+from labkit.image.build import DEFAULT_KERNEL, Image, ensure_image
 from labkit.machine.channels.keys import ensure_client_key
 from labkit.machine.argv import build_qemu_argv
 from labkit.machine.channels.qmp import QMPChannel
@@ -387,7 +387,9 @@ class VM:
     def _launch(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.state_dir, 0o700)
-        self.image = load_image(self.kernel)
+        # A kernel whose image was never built is built now, with progress
+        # lines (LABKIT_AUTO_BUILD=0 refuses, as the test suite does).
+        self.image = ensure_image(self.kernel)
         self.accel = AccelChoice(self._accel_forced, "requested") if self._accel_forced else choose_accel()
         info = VMInfo.load(self.info_path) or VMInfo(self.name, self.kernel)
         if info.kernel != self.kernel and (self.state_dir / "root.qcow2").exists():

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from labkit.machine import snapshot
-from labkit.image.build import load_image
+from labkit.image.build import ensure_image
 from labkit.machine.vm import VM
 
 TARGETS = {"cold_boot_s": 6.0, "warm_start_s": 1.0, "reset_s": 1.0, "matrix_s": 15.0, "qemu_rss_mb": 400.0}
@@ -115,7 +115,7 @@ def run(kernel: str, runs: int = 3, matrix: bool = True,
     from labkit.lab.core import Lab
 
     say = progress or (lambda s: None)
-    load_image(kernel)
+    ensure_image(kernel)
     raw: dict[str, list[float]] = {k: [] for k in LABELS}
     accel = None
     release = None
