@@ -242,6 +242,7 @@ def test_corrupt_image_is_not_rebuilt_behind_the_learners_back(tmp_path, monkeyp
 
 def test_zstd_payload_is_found_after_a_false_magic_and_before_trailing_code():
     import zstandard
+
     from labkit.image.vmlinux import decompress_payload
     elf = b"\x7fELF\x02" + bytes(300)
     blob = (b"MZ setup code \x28\xb5\x2f\xfd not a frame" + zstandard.ZstdCompressor(level=19).compress(elf)

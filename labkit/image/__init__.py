@@ -23,6 +23,6 @@ from labkit.image.build import (
 from labkit.image.kernels import DEFAULT_KERNEL, KERNELS, KernelVariant, check_kernel, variant
 from labkit.image.sources import apt_sources
 
-__all__ = ["ARTIFACTS", "KERNELS", "DEFAULT_KERNEL", "Image", "KernelVariant", "apt_sources", "build_image",
+__all__ = ["ARTIFACTS", "DEFAULT_KERNEL", "KERNELS", "Image", "KernelVariant", "apt_sources", "build_image",
            "check_kernel", "ensure_image", "image_dir", "image_status", "list_images", "load_image",
            "mmdebstrap_argv", "recipe_hash", "sha256_file", "variant"]

@@ -27,9 +27,11 @@ from pathlib import Path
 
 from labkit import paths
 from labkit.errors import HostSetupError, ImageBuildError, ImageMissing
+
 # The kernel table and check_kernel are re-exported: callers use image.build.KERNELS.
-from labkit.image.kernels import DEFAULT_KERNEL, KERNELS, KernelVariant, check_kernel, variant  # noqa: F401
+from labkit.image.kernels import DEFAULT_KERNEL, KERNELS, KernelVariant, check_kernel, variant
 from labkit.image.sources import apt_sources, needed_suites
+
 ARTIFACTS = ("vmlinuz", "initrd.img", "root.ext4")
 STRIP = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*",
          "/usr/share/lintian/*", "/usr/share/linda/*")
@@ -197,7 +199,7 @@ def build_image(kernel: str = DEFAULT_KERNEL, force: bool = False,
     say = progress or _stderr
     with _build_lock(kernel, say):
         status, img = image_status(kernel)
-        if status == "ok" and not force:
+        if status == "ok" and img is not None and not force:
             say(f"image {kernel}: up to date ({img.kernel_release}), not rebuilding")
             return img
         for tool, pkg in (("mmdebstrap", "mmdebstrap"), ("mke2fs", "e2fsprogs"), ("cpio", "cpio"),

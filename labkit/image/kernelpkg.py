@@ -15,7 +15,6 @@ selection is a pure function over a ``depends`` lookup so it is unit-tested.
 from __future__ import annotations
 
 import argparse
-import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -70,7 +69,7 @@ def chroot_depends(root: Path, suite: str = "") -> Depends:
 
     def depends(pkg: str) -> list[str]:
         r = subprocess.run(["chroot", str(root), "apt-cache", *opts, "depends", "--important", pkg],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, check=False)
         if r.returncode != 0:
             raise ImageBuildError(f"apt-cache depends {pkg} failed: {r.stderr.strip()}")
         return parse_depends(r.stdout)
