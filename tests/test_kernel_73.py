@@ -47,3 +47,39 @@ def test_rxe_and_vivid_load(guest73):
                "rdma link show rxe0/1 && for i in $(seq 50); do ls /dev/video* >/dev/null 2>&1 && break; "
                "sleep 0.1; done; ls /dev/video*", check=True, timeout=60)
     assert "netdev eth0" in r.stdout and "ACTIVE" in r.stdout and "/dev/video" in r.stdout
+
+
+def check_three_kernel_matrix(out: dict) -> None:
+    """What `labkit matrix --kernel all --json` must show, kernel by kernel."""
+    from labkit import image
+    assert list(out["kernels"]) == list(image.KERNELS)
+    for k, m in out["kernels"].items():
+        assert image.KERNELS[k].release_matches(m["kernel"]), (k, m["kernel"])
+    pins = {k: {(p["mechanism"], p["memory"], p["mapping"]): p for p in m["pins"]} for k, m in out["kernels"].items()}
+    warned = {k: {mt["fs"] for mt in m["mounts"] if mt["experimental_warning"]} for k, m in out["kernels"].items()}
+    # XFS dropped its EXPERIMENTAL DAX message in v6.8 (ext4 in v5.17)
+    assert warned == {"6.1": {"xfs"}, "6.12": set(), "7.3": set()}
+    for k in out["kernels"]:
+        p = pins[k][("rdma", "fsdax-xfs", "shared")]
+        assert (p["ok"], p["errno"]) == (False, 95) and p["trace"], (k, p)
+    # v6.5 (8ac268436e6d): writable long-term pins of a dirty-tracked file mapping are refused with EFAULT
+    got = {k: pins[k][("rdma", "pagecache", "shared")]["errno"] for k in out["kernels"]}
+    assert got == {"6.1": None, "6.12": 14, "7.3": 14}, got
+    rows = {d["row"]: d for d in out["differences"]}
+    assert "result" in rows["rdma pagecache shared"]["fields"]
+    assert "EXPERIMENTAL" in rows["mount xfs -o dax"]["fields"]
+    assert "rdma fsdax-xfs shared" not in rows
+
+
+@pytest.mark.timeout(1200)
+def test_matrix_of_all_kernels_side_by_side():
+    import json
+    import subprocess
+    import sys
+    from labkit import image
+    for k in image.KERNELS:
+        require_image(k)
+    r = subprocess.run([sys.executable, "-m", "labkit", "matrix", "--kernel", "all", "--json", "--name", "none"],
+                       capture_output=True, text=True, timeout=1100)
+    assert r.returncode == 0, r.stderr
+    check_three_kernel_matrix(json.loads(r.stdout))

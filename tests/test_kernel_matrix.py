@@ -19,7 +19,7 @@ def _matrix(release, pins, warning=False, blocked=True):
             "mounts": [{"fs": "xfs", "options": "dax", "ok": True, "dax_active": True,
                         "experimental_warning": warning, "kernel_log": [], "error": ""}],
             "pins": pins,
-            "truncate_wait": {"fs": "xfs", "blocked": blocked, "seconds": 1.0, "where": ["xfs_break_layouts"],
+            "truncate_wait": {"fs": "xfs", "blocked": blocked, "seconds": 1.0, "where": ["xfs_break_dax_layouts", "xfs_break_layouts", "xfs_vn_setattr"],
                               "completed": True}}
 
 
@@ -47,6 +47,7 @@ def test_side_by_side_has_a_column_per_kernel_and_marks_differences():
     same = next(ln for ln in lines if ln.startswith("rdma fsdax-xfs"))
     assert "differs" not in same and same.count("EOPNOTSUPP (95) [cvf]") == 2
     assert "2 of 5 rows differ" in text
+    assert "blocked in xfs_break_dax_layouts <- xfs_break_layouts |" in text
 
 
 def test_a_case_measured_on_one_kernel_only_is_shown_not_compared():

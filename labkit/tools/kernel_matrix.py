@@ -52,7 +52,8 @@ def _mount_cells(mt: dict) -> dict[str, str]:
 def _truncate_cells(tw: dict | None) -> dict[str, str]:
     if tw is None:
         return {"truncate": "not measured"}
-    where = ", ".join(tw.get("where") or []) or "?"
+    # the two innermost frames say where it waits (and are what changed in v6.15)
+    where = " <- ".join((tw.get("where") or ["?"])[:2])
     return {"truncate": f"blocked in {where}" if tw.get("blocked") else "not blocked"}
 
 
