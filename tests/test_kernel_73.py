@@ -4,9 +4,14 @@ rdma_rxe and vivid modules (7.x ships them in the split linux-modules package)."
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 from conftest import require_image
 
+from labkit import image
 from labkit.machine.vm import VM
 
 pytestmark = pytest.mark.integration
@@ -51,7 +56,6 @@ def test_rxe_and_vivid_load(guest73):
 
 def check_three_kernel_matrix(out: dict) -> None:
     """What `labkit matrix --kernel all --json` must show, kernel by kernel."""
-    from labkit import image
     assert list(out["kernels"]) == list(image.KERNELS)
     for k, m in out["kernels"].items():
         assert image.KERNELS[k].release_matches(m["kernel"]), (k, m["kernel"])
@@ -73,10 +77,6 @@ def check_three_kernel_matrix(out: dict) -> None:
 
 @pytest.mark.timeout(1200)
 def test_matrix_of_all_kernels_side_by_side():
-    import json
-    import subprocess
-    import sys
-    from labkit import image
     for k in image.KERNELS:
         require_image(k)
     r = subprocess.run([sys.executable, "-m", "labkit", "matrix", "--kernel", "all", "--json", "--name", "none"],
