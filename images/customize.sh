@@ -14,36 +14,43 @@ py="${LABKIT_PYTHON:-python3}"
 
 step() { echo "labkit-build: $*" >&2; }
 
-# 1. Kernel: follow metapackages to the real image package, then unpack it
-#    without dpkg so no initramfs-tools hook runs (we build our own initramfs).
-step "resolving $kpkg"
-pkg="$kpkg"
-for _ in 1 2 3 4; do
-    dep=$(chroot "$root" apt-cache depends --important "$pkg" \
-          | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }')
-    [ -n "$dep" ] || break
-    pkg="$dep"
+# 1. Kernel: follow metapackages to the real image package with the mirror's
+#    metadata (7.x splits it into image/base/binary/modules packages), then
+#    unpack them without dpkg so no initramfs-tools hook runs (we build our
+#    own initramfs).
+ksuite="${LABKIT_KERNEL_SUITE:-}"
+aptopt=""
+[ -z "$ksuite" ] || aptopt="-o APT::Default-Release=$ksuite"
+step "resolving $kpkg${ksuite:+ from $ksuite}"
+debs=$("$py" -m labkit.image.kernelpkg --root "$root" ${ksuite:+--suite "$ksuite"} "$kpkg")
+pkg=""
+for p in $debs; do
+    step "downloading $p"
+    chroot "$root" sh -c "cd /tmp && apt-get -q -o APT::Sandbox::User=root $aptopt download '$p'" >&2
+    deb=$(ls "$root"/tmp/"$p"_*.deb)
+    # Keep merged-/usr symlinks (/lib -> usr/lib) intact while unpacking.
+    dpkg-deb --fsys-tarfile "$deb" | tar -x --keep-directory-symlink -C "$root"
+    if [ -z "$pkg" ]; then pkg="$p"; kver=$(dpkg-deb --field "$deb" Version); fi
+    rm -f "$deb"
 done
-step "downloading $pkg"
-chroot "$root" sh -c "cd /tmp && apt-get -q -o APT::Sandbox::User=root download '$pkg'" >&2
-deb=$(ls "$root"/tmp/"$pkg"_*.deb)
-# Keep merged-/usr symlinks (/lib -> usr/lib) intact while unpacking.
-dpkg-deb --fsys-tarfile "$deb" | tar -x --keep-directory-symlink -C "$root"
-kver=$(dpkg-deb --field "$deb" Version)
-rm -f "$deb"
 release=$(ls "$root/lib/modules" | head -n 1)
 step "kernel $release ($pkg $kver)"
 chroot "$root" depmod "$release"
 printf '%s\t%s\n' "$pkg" "$kver" > "$out/kernel-package.tsv"
 printf '%s\n' "$release" > "$out/kernel-release"
-cp "$root/boot/vmlinuz-$release" "$out/vmlinuz"
-rm -f "$root/boot/vmlinuz-$release" "$root/boot/System.map-$release"
+# 6.x ships /boot/vmlinuz-<release>; 7.x ships the modules directory's vmlinuz
+# (its postinst, which never runs here, would copy it to /boot).
+for f in "$root/boot/vmlinuz-$release" "$root/lib/modules/$release/vmlinuz"; do
+    if [ -f "$f" ]; then cp "$f" "$out/vmlinuz"; break; fi
+done
+[ -f "$out/vmlinuz" ] || { echo "E: no vmlinuz in $debs" >&2; exit 1; }
+rm -f "$root/boot/vmlinuz-$release" "$root/boot/System.map-$release" "$root/lib/modules/$release/vmlinuz"
 
-# 2. Initramfs: busybox plus exactly the modules needed to mount the root disk.
+# 2. Initramfs: busybox plus exactly the modules needed to mount the root disk
+#    (the list is labkit.image.initramfs.ROOT_MODULES).
 step "building initramfs"
 "$py" -m labkit.image.initramfs --root "$root" --release "$release" \
-    --init "$recipe/initramfs-init" --output "$out/initrd.img" \
-    virtio_pci virtio_blk crc32c_generic ext4
+    --init "$recipe/initramfs-init" --output "$out/initrd.img"
 
 # 3. The labkit guest: init, SSH server configuration, no host keys (each VM
 #    makes its own on first boot, and the host pins it).

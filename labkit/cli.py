@@ -106,7 +106,7 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
         d = vm.describe()
         print(f"VM {args.name!r} is already running ({d.get('kernel_release')}, {d.get('accel')})")
         return 0
-    image.load_image(args.kernel)
+    image.ensure_image(args.kernel)
     try:
         vm.start()
     finally:
@@ -279,7 +279,7 @@ def _command(words: list[str]) -> list[str]:
 def cmd_run(args: argparse.Namespace) -> int:
     cmd = _command(args.command)
     if not cmd:
-        _err("no command given; usage: labkit run [--kernel 6.1|6.12] -- CMD ARGS...")
+        _err(f"no command given; usage: labkit run [--kernel {'|'.join(image.KERNELS)}] -- CMD ARGS...")
         return 2
     vm = _vm_for(args)
     try:
@@ -288,15 +288,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         vm.finish()
 
 
-def _vm_for(args: argparse.Namespace) -> VM:
-    """The running persistent VM if it has the requested kernel, else a throwaway one (booted)."""
+def _vm_for(args: argparse.Namespace, kernel: str | None = None, quiet: bool = False) -> VM:
+    """The running persistent VM if it has the requested kernel, else a throwaway one (booted;
+    its image is built first if it never was)."""
+    kernel = kernel or args.kernel
     existing = VM(args.name, persistent=True)
-    if existing.status() is VMState.RUNNING and (args.kernel is None
-                                                 or existing.describe().get("kernel") == args.kernel):
+    if existing.status() is VMState.RUNNING and (kernel is None
+                                                 or existing.describe().get("kernel") == kernel):
         return VM.attach(args.name)
-    kernel = args.kernel or image.DEFAULT_KERNEL
-    image.load_image(kernel)
-    quiet = getattr(args, "quiet", False) or not sys.stderr.isatty()
+    kernel = kernel or image.DEFAULT_KERNEL
+    image.ensure_image(kernel)
+    quiet = quiet or getattr(args, "quiet", False) or not sys.stderr.isatty()
     vm = VM(f"{args.cmd}-{kernel.replace('.', '-')}", kernel=kernel, on_console_line=_boot_progress(quiet))
     try:
         vm.start()
@@ -336,15 +338,33 @@ def format_matrix(m: Mapping[str, Any]) -> str:
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
+    from labkit.tools import kernel_matrix
+    if args.kernel != "all":
+        m = _one_matrix(args, args.kernel, prefix="")
+        print(json.dumps(m, indent=2) if args.json else format_matrix(m))
+        return 0
+    kernels = list(image.KERNELS)
+    for k in kernels:        # build missing images one after the other, before any guest starts
+        image.ensure_image(k)
+    matrices = kernel_matrix.measure(kernels, lambda k: _one_matrix(args, k, prefix=f"[{k}] ", quiet=True),
+                                     jobs=args.jobs)
+    if args.json:
+        print(json.dumps(kernel_matrix.as_json(matrices), indent=2))
+    else:
+        print(kernel_matrix.side_by_side(matrices))
+    return 0
+
+
+def _one_matrix(args: argparse.Namespace, kernel: str | None, prefix: str, quiet: bool = False) -> dict:
     from labkit.lab import Lab
-    vm = _vm_for(args)
+    say = (lambda s: None) if args.json else (lambda s: print(f"  ... {prefix}{s}", file=sys.stderr, flush=True))
+    if prefix:
+        say("starting the guest")
+    vm = _vm_for(args, kernel, quiet=quiet)
     try:
-        say = (lambda s: None) if args.json else (lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
-        m = Lab(vm).matrix(progress=say)
+        return Lab(vm).matrix(progress=say).to_dict()
     finally:
         vm.finish()
-    print(json.dumps(m.to_dict(), indent=2) if args.json else format_matrix(m))
-    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -360,7 +380,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    image.load_image(args.kernel)
+    image.ensure_image(args.kernel)
     vm = VM(args.name, kernel=args.kernel, persistent=True, on_console_line=_boot_progress(False))
     if vm.status() is not VMState.RUNNING:
         print(f"Starting the lab VM {args.name!r} (kernel {args.kernel}) ...", file=sys.stderr)
@@ -445,8 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     mx = sub.add_parser("matrix", help="measure every DAX mount and pin mechanism x memory kind")
-    mx.add_argument("--kernel", choices=kernels, default=None,
-                    help=f"kernel variant (default: the running VM's, else {image.DEFAULT_KERNEL})")
+    mx.add_argument("--kernel", choices=kernels + ["all"], default=None,
+                    help=f"kernel variant, or all of them side by side with the differences marked "
+                         f"(default: the running VM's, else {image.DEFAULT_KERNEL})")
+    mx.add_argument("--jobs", type=int, default=2, help="with --kernel all: guests at a time (default 2)")
     mx.add_argument("--name", default="default", help="use this persistent VM if it is running")
     mx.add_argument("--json", action="store_true", help="machine-readable output")
     mx.add_argument("--quiet", action="store_true", help="no boot progress")

@@ -21,9 +21,11 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 @pytest.fixture(scope="session", autouse=True)
 def _private_state(tmp_path_factory):
     """Tests never touch the user's own VMs or caches (warm-start snapshots
-    included: the suite makes its own, once per kernel)."""
+    included: the suite makes its own, once per kernel), and never build an
+    image on demand (a missing image is a broken setup: `make test` builds them)."""
     root = tmp_path_factory.mktemp("labkit-state")
-    old = {k: os.environ.get(k) for k in ("LABKIT_STATE_DIR", "LABKIT_CACHE_DIR")}
+    old = {k: os.environ.get(k) for k in ("LABKIT_STATE_DIR", "LABKIT_CACHE_DIR", "LABKIT_AUTO_BUILD")}
+    os.environ["LABKIT_AUTO_BUILD"] = "0"
     os.environ["LABKIT_STATE_DIR"] = str(root)
     os.environ["LABKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("labkit-cache"))
     yield root

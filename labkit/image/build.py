@@ -1,8 +1,8 @@
 """Guest images: build them from Debian packages with mmdebstrap, describe them
 with a manifest, and check them before a VM uses them.
 
-One image per kernel variant (``6.1``: bookworm's ``linux-image-amd64``;
-``6.12``: ``linux-image-6.12-amd64`` from bookworm-security). An image is a
+One image per kernel variant (the table in ``labkit.image.kernels``: 6.1 and
+6.12 on bookworm, 7.3 on trixie with trixie-backports' kernel). An image is a
 directory with ``vmlinuz``, ``initrd.img``, ``root.ext4`` and ``manifest.json``.
 It is rebuilt only when the recipe (the files of ``images/`` plus the
 initramfs builder) changes, and it is written to a temporary directory first
@@ -11,6 +11,7 @@ so a failed build never replaces a working image.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -27,12 +28,10 @@ from pathlib import Path
 from labkit import paths
 from labkit.errors import HostSetupError, ImageBuildError, ImageMissing
 
-SUITE = "bookworm"
-KERNELS: dict[str, str] = {
-    "6.1": "linux-image-amd64",
-    "6.12": "linux-image-6.12-amd64",
-}
-DEFAULT_KERNEL = "6.1"
+# The kernel table and check_kernel are re-exported: callers use image.build.KERNELS.
+from labkit.image.kernels import DEFAULT_KERNEL, KERNELS, KernelVariant, check_kernel, variant
+from labkit.image.sources import apt_sources, needed_suites
+
 ARTIFACTS = ("vmlinuz", "initrd.img", "root.ext4")
 STRIP = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*",
          "/usr/share/lintian/*", "/usr/share/linda/*")
@@ -40,27 +39,18 @@ STRIP = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/shar
 Progress = Callable[[str], None]
 
 
-def check_kernel(kernel: str) -> str:
-    """Return ``kernel`` if it names a variant, else a ConfigError listing them."""
-    from labkit.errors import ConfigError
-
-    if kernel not in KERNELS:
-        raise ConfigError(f"unknown kernel variant {kernel!r}",
-                          hint="choose one of: " + ", ".join(KERNELS))
-    return kernel
-
-
 def recipe_files() -> list[Path]:
     """Everything whose change must trigger a rebuild."""
     rdir = paths.recipe_dir()
     files = [p for p in sorted(rdir.rglob("*"))
              if p.is_file() and paths.images_dir() not in p.parents and "__pycache__" not in p.parts]
-    return files + [Path(__file__).resolve().parent / "initramfs.py"]
+    here = Path(__file__).resolve().parent
+    return files + [here / "initramfs.py", here / "kernelpkg.py"]
 
 
 def recipe_hash(kernel: str) -> str:
     h = hashlib.sha256()
-    h.update(f"suite={SUITE} kernel={kernel} package={KERNELS[kernel]}\n".encode())
+    h.update(f"{variant(kernel).recipe_key()}\n".encode())
     base = paths.PROJECT_DIR
     for f in recipe_files():
         try:
@@ -173,56 +163,6 @@ def image_status(kernel: str) -> tuple[str, Image | None]:
 
 # -- building ----------------------------------------------------------------
 
-def apt_sources(build_dir: Path) -> list[str]:
-    """MIRROR arguments for mmdebstrap, from the user's override or the host's
-    own apt configuration (never a hard-coded host)."""
-    if os.environ.get("LABKIT_APT_SOURCES"):
-        src = Path(os.environ["LABKIT_APT_SOURCES"])
-        if not src.is_file():
-            raise HostSetupError(f"LABKIT_APT_SOURCES={src} is not a file",
-                                 hint="point it to an apt sources.list or deb822 .sources file")
-        return [str(src)]
-    if os.environ.get("LABKIT_MIRROR"):
-        uri = os.environ["LABKIT_MIRROR"]
-        return [f"deb {uri} {SUITE} main", f"deb {uri} {SUITE}-updates main"]
-    osr = _os_release()
-    if osr.get("ID") != "debian":
-        raise HostSetupError(
-            f"this host is {osr.get('PRETTY_NAME', 'not Debian')}: its apt sources are not Debian's",
-            hint="set LABKIT_MIRROR to a Debian mirror URI, or LABKIT_APT_SOURCES to a sources file "
-                 "with bookworm, bookworm-updates and bookworm-security")
-    codename = osr.get("VERSION_CODENAME", SUITE)
-    found = []
-    candidates = [Path("/etc/apt/sources.list")] + sorted(Path("/etc/apt/sources.list.d").glob("*"))
-    for i, f in enumerate(candidates):
-        if not f.is_file() or f.suffix not in (".list", ".sources"):
-            continue
-        text = f.read_text()
-        if "debian" not in text or not any(
-                ln.strip() and not ln.lstrip().startswith("#") for ln in text.splitlines()):
-            continue
-        if codename != SUITE:
-            text = re.sub(rf"\b{re.escape(codename)}\b", SUITE, text)
-        out = build_dir / f"apt-{i:02d}{f.suffix}"
-        out.write_text(text)
-        found.append(str(out))
-    if not found:
-        raise HostSetupError("no Debian apt sources found in /etc/apt",
-                             hint="set LABKIT_MIRROR to a Debian mirror URI")
-    return found
-
-
-def _os_release() -> dict[str, str]:
-    out: dict[str, str] = {}
-    try:
-        for line in Path("/etc/os-release").read_text().splitlines():
-            k, _, v = line.partition("=")
-            out[k] = v.strip().strip('"')
-    except OSError:
-        pass
-    return out
-
-
 def mmdebstrap_argv(kernel: str, packages: list[str], mirrors: list[str], mode: str) -> list[str]:
     """The mmdebstrap command line (pure)."""
     argv = ["mmdebstrap", f"--mode={mode}", "--variant=apt", "--format=null",
@@ -232,7 +172,7 @@ def mmdebstrap_argv(kernel: str, packages: list[str], mirrors: list[str], mode: 
     for pattern in STRIP:
         argv.append(f"--dpkgopt=path-exclude={pattern}")
     argv.append("--dpkgopt=path-include=/usr/share/doc/*/copyright")
-    return argv + [SUITE, "/dev/null", *mirrors]
+    return argv + [variant(kernel).suite, "/dev/null", *mirrors]
 
 
 def read_packages(path: Path) -> list[str]:
@@ -252,34 +192,91 @@ def build_image(kernel: str = DEFAULT_KERNEL, force: bool = False,
     """Build (or reuse) the image for ``kernel``; return it.
 
     Progress lines go to ``progress`` (default: stderr). The full log is kept in
-    ``images/build/<kernel>.log``.
+    ``images/build/<kernel>.log``. One build per kernel at a time: a second
+    caller waits for the first and then finds the image up to date.
     """
     check_kernel(kernel)
-    say = progress or (lambda line: print(line, file=sys.stderr, flush=True))
-    rhash = recipe_hash(kernel)
-    status, img = image_status(kernel)
-    if status == "ok" and not force:
-        say(f"image {kernel}: up to date ({img.kernel_release}), not rebuilding")
-        return img
-    for tool, pkg in (("mmdebstrap", "mmdebstrap"), ("mke2fs", "e2fsprogs"), ("cpio", "cpio"),
-                      ("dpkg-deb", "dpkg"), ("apt-get", "apt")):
-        _require(tool, pkg)
-    if status == "stale":
-        say(f"image {kernel}: recipe changed, rebuilding")
+    say = progress or _stderr
+    with _build_lock(kernel, say):
+        status, img = image_status(kernel)
+        if status == "ok" and img is not None and not force:
+            say(f"image {kernel}: up to date ({img.kernel_release}), not rebuilding")
+            return img
+        for tool, pkg in (("mmdebstrap", "mmdebstrap"), ("mke2fs", "e2fsprogs"), ("cpio", "cpio"),
+                          ("dpkg-deb", "dpkg"), ("apt-get", "apt")):
+            _require(tool, pkg)
+        if status == "stale":
+            say(f"image {kernel}: recipe changed, rebuilding")
+        return _build(kernel, say)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class _build_lock:
+    """An exclusive flock on ``images/build/.<kernel>.lock`` for one build."""
+
+    def __init__(self, kernel: str, say: Progress) -> None:
+        self.path = paths.images_dir() / f".{kernel}.lock"
+        self.say = say
+
+    def __enter__(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.say(f"image {self.path.stem[1:]}: another build of it is running; waiting for it")
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)       # closing drops the lock
+
+
+def _build(kernel: str, say: Progress) -> Image:
+    v = variant(kernel)
     final = image_dir(kernel)
     work = final.parent / f".{kernel}.building"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    log_path = final.parent / f"{kernel}.log"
     mode = "root" if os.geteuid() == 0 else "unshare"
     packages = read_packages(paths.recipe_dir() / "packages.txt")
-    argv = mmdebstrap_argv(kernel, packages, apt_sources(work), mode)
-    env = dict(os.environ, LABKIT_OUT=str(work), LABKIT_RECIPE=str(paths.recipe_dir()),
-               LABKIT_KERNEL_PACKAGE=KERNELS[kernel], LABKIT_PYTHON=sys.executable,
-               PYTHONPATH=str(paths.PROJECT_DIR) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    say(f"image {kernel}: building with mmdebstrap ({mode} mode, {len(packages)} packages + "
-        f"{KERNELS[kernel]}); log: {log_path}")
+    argv = mmdebstrap_argv(kernel, packages, apt_sources(v, work), mode)
+    say(f"image {kernel}: building with mmdebstrap ({mode} mode, {v.suite}, {len(packages)} packages + "
+        f"{v.package}{' from ' + v.package_suite if v.package_suite else ''}); log: {final.parent}/{kernel}.log")
     t0 = time.monotonic()
+    try:
+        _run_mmdebstrap(kernel, argv, _build_env(v, work), work, say, t0)
+        release = (work / "kernel-release").read_text().strip()
+        if not v.release_matches(release):
+            raise ImageBuildError(f"{v.package} resolved to kernel {release}, not a {kernel} kernel",
+                                  hint=f"the mirror moved on: add a row for {release.split('+')[0]} to "
+                                       "labkit/image/kernels.py, or pin the package there")
+        from labkit.image.vmlinux import extract
+        pvh = extract(work / "vmlinuz", work / "vmlinux")
+        say(f"  [{time.monotonic() - t0:5.1f}s] " + ("vmlinux extracted: QEMU boots it through the PVH entry"
+                                                     if pvh else "no PVH entry in this kernel: booting vmlinuz"))
+        manifest = _write_manifest(kernel, work, recipe_hash(kernel), time.monotonic() - t0, mode)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    _replace(final, work)
+    say(f"image {kernel}: built {manifest['kernel_release']} in {time.monotonic() - t0:.0f} s "
+        f"(root image {manifest['artifacts']['root.ext4']['bytes'] / 2**20:.0f} MiB)")
+    return load_image(kernel)
+
+
+def _build_env(v: KernelVariant, work: Path) -> dict[str, str]:
+    return dict(os.environ, LABKIT_OUT=str(work), LABKIT_RECIPE=str(paths.recipe_dir()),
+                LABKIT_KERNEL_PACKAGE=v.package, LABKIT_KERNEL_SUITE=v.package_suite,
+                LABKIT_PYTHON=sys.executable,
+                PYTHONPATH=str(paths.PROJECT_DIR) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def _run_mmdebstrap(kernel: str, argv: list[str], env: dict[str, str], work: Path, say: Progress,
+                    t0: float) -> None:
+    log_path = work.parent / f"{kernel}.log"
     tail: list[str] = []
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(argv) + "\n")
@@ -297,26 +294,47 @@ def build_image(kernel: str = DEFAULT_KERNEL, force: bool = False,
         text = "\n".join(tail)
         hint = f"see {log_path}"
         if re.search(r"Unable to locate package|has no installation candidate|Failed to fetch|"
-                     r"Temporary failure resolving|Could not resolve", text):
+                     r"Temporary failure resolving|Could not resolve|Unable to find a source", text):
             hint = ("a package could not be fetched: check that `apt-get update` works on this host "
-                    "and that its sources include bookworm (and bookworm-security for 6.12); "
+                    f"and that the mirror serves {needed_suites(variant(kernel))}; "
                     "LABKIT_MIRROR or LABKIT_APT_SOURCES can point elsewhere")
-        shutil.rmtree(work, ignore_errors=True)
         raise ImageBuildError(f"mmdebstrap failed with exit code {rc}", log_tail=text, hint=hint)
-    from labkit.image.vmlinux import extract
-    pvh = extract(work / "vmlinuz", work / "vmlinux")
-    say(f"  [{time.monotonic() - t0:5.1f}s] " + ("vmlinux extracted: QEMU boots it through the PVH entry"
-                                                 if pvh else "no PVH entry in this kernel: booting vmlinuz"))
-    manifest = _write_manifest(kernel, work, rhash, time.monotonic() - t0, mode)
-    old = final.parent / f".{kernel}.old"
+
+
+def _replace(final: Path, work: Path) -> None:
+    """Swap the new image in; the old one goes only once the new one is in place."""
+    old = final.parent / f".{final.name}.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
     work.rename(final)
     shutil.rmtree(old, ignore_errors=True)
-    say(f"image {kernel}: built {manifest['kernel_release']} in {time.monotonic() - t0:.0f} s "
-        f"(root image {manifest['artifacts']['root.ext4']['bytes'] / 2**20:.0f} MiB)")
-    return load_image(kernel)
+
+
+def auto_build_allowed() -> bool:
+    """Whether a missing image may be built on demand (``LABKIT_AUTO_BUILD=0`` refuses)."""
+    return os.environ.get("LABKIT_AUTO_BUILD", "1").strip().lower() not in ("0", "no", "false", "off")
+
+
+def ensure_image(kernel: str, build: bool | None = None, progress: Progress | None = None) -> Image:
+    """The image for ``kernel``, built now (with progress lines) if it was
+    never built. ``build=False``, or ``LABKIT_AUTO_BUILD=0`` when ``build`` is
+    None, refuses with ImageMissing instead. A corrupt image is never rebuilt
+    behind the learner's back: that stays an ImageMissing with its hint."""
+    try:
+        return load_image(kernel)
+    except ImageMissing as exc:
+        allowed = auto_build_allowed() if build is None else build
+        if not (allowed and _never_built(exc)):
+            raise
+    say = progress or _stderr
+    say(f"image {kernel}: not built yet; building it now (about a minute; "
+        f"`labkit image build --kernel {kernel}` does the same)")
+    return build_image(kernel, progress=say)
+
+
+def _never_built(exc: ImageMissing) -> bool:
+    return exc.reason.startswith("not built")
 
 
 def _progress_line(line: str) -> str:
@@ -336,26 +354,27 @@ def _write_manifest(kernel: str, d: Path, rhash: str, seconds: float, mode: str)
         name, _, ver = ln.partition("\t")
         packages[name] = ver
     kpkg, _, kver = (d / "kernel-package.tsv").read_text().strip().partition("\t")
+    artifacts = {name: {"sha256": sha256_file(d / name), "bytes": (d / name).stat().st_size}
+                 for name in ARTIFACTS + ("vmlinux",) if (d / name).exists()}
     manifest = {
         "kernel": kernel,
         "kernel_release": (d / "kernel-release").read_text().strip(),
-        "kernel_package": {"name": kpkg, "version": kver, "requested": KERNELS[kernel]},
-        "suite": SUITE,
+        "kernel_package": {"name": kpkg, "version": kver, "requested": KERNELS[kernel].package},
+        "suite": KERNELS[kernel].suite,
         "recipe_hash": rhash,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "build_seconds": round(seconds, 1),
         "build_mode": mode,
         "host": platform.node(),
-        "artifacts": {name: {"sha256": sha256_file(d / name), "bytes": (d / name).stat().st_size}
-                      for name in ARTIFACTS + ("vmlinux",) if (d / name).exists()},
+        "artifacts": artifacts,
         "packages": packages,
     }
-    for f in ("packages.tsv", "kernel-package.tsv", "kernel-release"):
-        (d / f).unlink()
-    for f in d.glob("apt-*"):
-        f.unlink()
+    for name in ("packages.tsv", "kernel-package.tsv", "kernel-release"):
+        (d / name).unlink()
+    for leftover in d.glob("apt-*"):
+        leftover.unlink()
     (d / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    for name in manifest["artifacts"]:
+    for name in artifacts:
         (d / name).chmod(0o444)      # VMs write to their own overlays, never here
     return manifest
 

@@ -21,6 +21,13 @@ from pathlib import Path
 
 from labkit.errors import ImageBuildError
 
+# What mounts the root disk, in load order. A trailing '?' marks a module that
+# is loaded when the kernel has it as a module and skipped when it does not:
+# 6.x's ext4 asks the crypto API for crc32c at mount time (nothing in the
+# initramfs could modprobe it then), while 7.x computes crc32c in the built-in
+# CRC library and has no crc32c_generic at all.
+ROOT_MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic?", "ext4")
+
 
 def parse_modules_dep(text: str) -> dict[str, tuple[str, list[str]]]:
     """Map module name -> (relative path, [dependency paths]) from modules.dep."""
@@ -45,7 +52,7 @@ def load_order(dep_text: str, builtin_text: str, wanted: list[str]) -> list[str]
     """Paths of the modules to insmod, dependencies first, each once.
 
     Names that are built into the kernel (modules.builtin) need no loading;
-    an unknown name is an error naming it.
+    an unknown name is an error naming it, unless it ends in '?' (optional).
     """
     table = parse_modules_dep(dep_text)
     builtin = {module_name(p) for p in builtin_text.split()}
@@ -65,8 +72,9 @@ def load_order(dep_text: str, builtin_text: str, wanted: list[str]) -> list[str]
         order.append(path)
 
     for raw in wanted:
-        name = raw.replace("-", "_")
-        if name in builtin:
+        optional = raw.endswith("?")
+        name = raw.removesuffix("?").replace("-", "_")
+        if name in builtin or (optional and name not in table):
             continue
         if name not in table:
             raise ImageBuildError(f"kernel module {raw!r} is neither built in nor in modules.dep")
@@ -122,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--release", required=True, help="kernel release (uname -r)")
     ap.add_argument("--init", type=Path, required=True, help="init script for the initramfs")
     ap.add_argument("--output", type=Path, required=True)
-    ap.add_argument("modules", nargs="+", help="modules needed to mount the root disk")
+    ap.add_argument("modules", nargs="*", default=list(ROOT_MODULES),
+                    help="modules needed to mount the root disk ('name?': only if it exists; "
+                         f"default: {' '.join(ROOT_MODULES)})")
     args = ap.parse_args(argv)
     try:
         names = build(args.root, args.release, args.init, args.output, args.modules)

@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 from labkit.errors import ChannelError, GuestTimeout, HostKeyMismatch, LaunchError, StateError
-from labkit.image import load_image
+from labkit.image import ensure_image
 from labkit.machine import disks, snapshot, warm
 from labkit.machine.accel import AccelChoice, choose_accel
 from labkit.machine.argv import build_qemu_argv
@@ -66,7 +66,9 @@ class Starter:
     def launch(self) -> None:
         vm = self.vm
         self.sd.create()
-        vm.image = load_image(vm.kernel)
+        # A kernel whose image was never built is built now, with progress
+        # (LABKIT_AUTO_BUILD=0 refuses, as the test suite does).
+        vm.image = ensure_image(vm.kernel, progress=vm.progress if vm.on_console_line else None)
         vm.accel = AccelChoice(vm.accel_forced, "requested") if vm.accel_forced else choose_accel()
         info = self.sd.load_info() or VMInfo(vm.name, vm.kernel)
         if info.kernel != vm.kernel and self.sd.overlay.exists():

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from labkit.image.build import load_image
+from labkit.image.build import ensure_image
 from labkit.machine import snapshot
 from labkit.machine.vm import VM
 
@@ -115,7 +115,7 @@ def run(kernel: str, runs: int = 3, matrix: bool = True,
     from labkit.lab import Lab
 
     say = progress or (lambda s: None)
-    load_image(kernel)
+    ensure_image(kernel)
     raw: dict[str, list[float]] = {k: [] for k in LABELS}
     accel = None
     release = None

@@ -51,9 +51,11 @@ def run_checks(kernels: tuple[str, ...] = (image.DEFAULT_KERNEL,)) -> list[Check
     choice = choose_accel()
     checks.append(Check("accelerator", True, str(choice)))
     checks.append(_builder_check())
-    for k in image.KERNELS:
+    for k, v in image.KERNELS.items():
         status, img = image.image_status(k)
-        detail = f"kernel {k}: {status}" + (f" ({img.kernel_release})" if img else "")
+        detail = f"kernel {k} ({v.suite}): {status}" + (f" ({img.kernel_release})" if img else "")
+        if status == "missing" and k not in kernels:
+            detail += "; built on first use (about a minute)"
         fix = f"labkit image build --kernel {k}" + (" --force" if status == "corrupt" else "")
         checks.append(Check(f"image {k}", status == "ok", detail, fix, required=k in kernels))
     try:

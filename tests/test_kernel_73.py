@@ -1,0 +1,85 @@
+"""Integration: the 7.3 image (trixie userland, trixie-backports kernel) boots
+and has what the lab needs: its own kernel, the NVDIMMs through nfit, and the
+rdma_rxe and vivid modules (7.x ships them in the split linux-modules package)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import require_image
+
+from labkit import image
+from labkit.machine.vm import VM
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def guest73():
+    img = require_image("7.3")
+    # Cold: a warm start restores a guest that already loaded rxe and vivid.
+    with VM("test-k73", kernel="7.3", warm=False) as vm:
+        yield vm, img
+
+
+def test_runs_the_7_3_kernel_on_trixie(guest73):
+    vm, img = guest73
+    release = vm.run("uname -r", check=True).stdout.strip()
+    assert release.startswith("7.3") and release == img.kernel_release
+    assert img.manifest["suite"] == "trixie"
+    assert img.manifest["kernel_package"]["name"] == f"linux-image-{release}"
+    assert "VERSION_CODENAME=trixie" in vm.run("cat /etc/os-release", check=True).stdout
+
+
+def test_nvdimms_are_present_through_nfit(guest73):
+    vm, _ = guest73
+    r = vm.run("modprobe nfit && ls /sys/bus/nd/devices && ndctl list -R", check=True, timeout=60)
+    assert "ndbus" in r.stdout and "region" in r.stdout
+    assert "nfit " in vm.run("cat /proc/modules", check=True).stdout     # ACPI_NFIT=m on 7.3
+
+
+def test_rxe_and_vivid_load(guest73):
+    vm, _ = guest73
+    assert vm.info.start_kind == "cold"
+    vm.run("modprobe rdma_rxe && modprobe vivid", check=True, timeout=60)
+    mods = vm.run("cat /proc/modules", check=True).stdout
+    assert "rdma_rxe " in mods and "vivid " in mods
+    # one rxe device per netdev: add it unless something in the guest already did
+    r = vm.run("test -e /sys/class/infiniband/rxe0 || rdma link add rxe0 type rxe netdev eth0; "
+               "rdma link show rxe0/1 && for i in $(seq 50); do ls /dev/video* >/dev/null 2>&1 && break; "
+               "sleep 0.1; done; ls /dev/video*", check=True, timeout=60)
+    assert "netdev eth0" in r.stdout and "ACTIVE" in r.stdout and "/dev/video" in r.stdout
+
+
+def check_three_kernel_matrix(out: dict) -> None:
+    """What `labkit matrix --kernel all --json` must show, kernel by kernel."""
+    assert list(out["kernels"]) == list(image.KERNELS)
+    for k, m in out["kernels"].items():
+        assert image.KERNELS[k].release_matches(m["kernel"]), (k, m["kernel"])
+    pins = {k: {(p["mechanism"], p["memory"], p["mapping"]): p for p in m["pins"]} for k, m in out["kernels"].items()}
+    warned = {k: {mt["fs"] for mt in m["mounts"] if mt["experimental_warning"]} for k, m in out["kernels"].items()}
+    # XFS dropped its EXPERIMENTAL DAX message in v6.8 (ext4 in v5.17)
+    assert warned == {"6.1": {"xfs"}, "6.12": set(), "7.3": set()}
+    for k in out["kernels"]:
+        p = pins[k][("rdma", "fsdax-xfs", "shared")]
+        assert (p["ok"], p["errno"]) == (False, 95) and p["trace"], (k, p)
+    # v6.5 (8ac268436e6d): writable long-term pins of a dirty-tracked file mapping are refused with EFAULT
+    got = {k: pins[k][("rdma", "pagecache", "shared")]["errno"] for k in out["kernels"]}
+    assert got == {"6.1": None, "6.12": 14, "7.3": 14}, got
+    rows = {d["row"]: d for d in out["differences"]}
+    assert "result" in rows["rdma pagecache shared"]["fields"]
+    assert "EXPERIMENTAL" in rows["mount xfs -o dax"]["fields"]
+    assert "rdma fsdax-xfs shared" not in rows
+
+
+@pytest.mark.timeout(1200)
+def test_matrix_of_all_kernels_side_by_side():
+    for k in image.KERNELS:
+        require_image(k)
+    r = subprocess.run([sys.executable, "-m", "labkit", "matrix", "--kernel", "all", "--json", "--name", "none"],
+                       capture_output=True, text=True, timeout=1100)
+    assert r.returncode == 0, r.stderr
+    check_three_kernel_matrix(json.loads(r.stdout))
