@@ -1,4 +1,4 @@
-"""The ``labkit`` command line.
+"""labkit: see the kernel refuse long-term page pins on DAX, live.
 
     labkit doctor                       can this host run the lab?
     labkit image build|list             the guest images
@@ -19,12 +19,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
 from typing import Any
 
 from labkit import paths
 from labkit.errors import ChannelError, GuestDied, GuestTimeout, LabError, StateError
 from labkit.image import build as image
+from labkit.lab.report import format_matrix
 from labkit.machine.vm import VM, VMState
 
 EPILOG = "Environment: LABKIT_ACCEL=kvm|tcg forces the accelerator; LABKIT_STATE_DIR moves VM state; " \
@@ -307,36 +307,6 @@ def _vm_for(args: argparse.Namespace, kernel: str | None = None, quiet: bool = F
     return vm
 
 
-def format_matrix(m: Mapping[str, Any]) -> str:
-    """The matrix as a readable table."""
-    from labkit.lab.vocab import result_cell
-    lines = [f"kernel {m['kernel']}   accelerator {m['accel']}   measured in {m['seconds']} s", "",
-             "DAX mounts"]
-    for mt in m["mounts"]:
-        warn = "yes" if mt["experimental_warning"] else "no"
-        lines.append(f"  {mt['fs']:5s} -o {mt['options']:10s} mounted={'yes' if mt['ok'] else 'NO'}  "
-                     f"dax_active={'yes' if mt['dax_active'] else 'no'}  EXPERIMENTAL warning={warn}")
-        for ln in mt["kernel_log"]:
-            lines.append(f"        {ln}")
-    lines += ["", "Pins (ok, or the errno the kernel returned)",
-              f"  {'mechanism':9s} {'memory':11s} {'mapping':8s} {'result':14s} {'VmPin kB':>9s} "
-              f"{'foll_pin':>9s}  refusal traced"]
-    for p in m["pins"]:
-        res = result_cell(p["ok"], p["errno"], p["errname"])
-        vp = "-" if p["vmpin_kb_delta"] is None else f"{p['vmpin_kb_delta']:+d}"
-        fp = "-" if p["foll_pin_delta"] is None else f"{p['foll_pin_delta']:+d}"
-        tr = p["trace"][0].split("check_vma_flags", 1)[-1].strip(" )") if p["trace"] else ""
-        lines.append(f"  {p['mechanism']:9s} {p['memory']:11s} {p['mapping']:8s} {res:14s} {vp:>9s} {fp:>9s}  "
-                     + (f"<- check_vma_flags {tr}" if tr else ""))
-        for ln in p["kernel_log"]:
-            lines.append(f"        {ln}")
-    tw = m["truncate_wait"]
-    lines += ["", f"truncate of a mapped fs-dax file ({tw['fs']}) while a page is referenced: "
-              + (f"blocked for {tw['seconds']:.1f} s in {', '.join(tw['where']) or '?'}" if tw["blocked"]
-                 else f"not blocked (took {tw['seconds']} s)")]
-    return "\n".join(lines)
-
-
 def cmd_matrix(args: argparse.Namespace) -> int:
     from labkit.tools import kernel_matrix
     if args.kernel != "all":
@@ -411,11 +381,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true",
                    help="log each lifecycle step (start, boot phases, stop) to stderr")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    kernels = list(image.KERNELS)
-
     d = sub.add_parser("doctor", help="check that this host can run the lab")
     d.set_defaults(func=cmd_doctor)
+    _add_image(sub)
+    _add_vm(sub)
+    _add_measuring(sub)
+    _add_course(sub)
+    return p
 
+
+def _add_image(sub: Any) -> None:
+    kernels = list(image.KERNELS)
     im = sub.add_parser("image", help="build or list guest images").add_subparsers(dest="sub", required=True,
                                                                                    metavar="ACTION")
     b = im.add_parser("build", help="build the guest image (skipped when up to date)")
@@ -427,10 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_image_list)
 
+
+def _add_vm(sub: Any) -> None:
+    kernels = list(image.KERNELS)
     vm = sub.add_parser("vm", help="a persistent lab VM").add_subparsers(dest="sub", required=True,
                                                                         metavar="ACTION")
 
-    def vm_cmd(name: str, func, help: str, kernel: bool = False) -> argparse.ArgumentParser:
+    def vm_cmd(name: str, func: Any, help: str, kernel: bool = False) -> argparse.ArgumentParser:
         sp = vm.add_parser(name, help=help)
         sp.add_argument("--name", default="default", help="VM name (default %(default)s)")
         if kernel:
@@ -438,7 +417,6 @@ def build_parser() -> argparse.ArgumentParser:
                             help="kernel variant (default %(default)s)")
         sp.set_defaults(func=func)
         return sp
-
     s = vm_cmd("start", cmd_vm_start, "boot the VM and leave it running", kernel=True)
     s.add_argument("--quiet", action="store_true", help="no boot progress")
     s.add_argument("--cold", action="store_true",
@@ -456,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     de = vm_cmd("delete", cmd_vm_delete, "stop the VM and erase its state (disk and pmem)")
     de.add_argument("--yes", action="store_true", help="confirm erasing the VM's persistent memory")
 
+
+def _add_measuring(sub: Any) -> None:
+    kernels = list(image.KERNELS)
     r = sub.add_parser("run", help="run one command in the guest (boots a throwaway VM if none is running)")
     r.add_argument("--kernel", choices=kernels, default=None,
                    help=f"kernel variant (default: the running VM's, else {image.DEFAULT_KERNEL})")
@@ -488,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--no-matrix", action="store_true", help="skip the pin matrix (much quicker)")
     bn.set_defaults(func=cmd_bench)
 
+
+def _add_course(sub: Any) -> None:
+    kernels = list(image.KERNELS)
     ck = sub.add_parser("check", help="grade the exercises of course notebooks against the live guest",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=CHECK_EPILOG)
     ck.add_argument("notebooks", nargs="*", metavar="NOTEBOOK", help="notebook files (default: all of notebooks/)")
@@ -500,7 +484,6 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--port", type=_port, default=8888)
     lab.add_argument("--no-browser", action="store_true")
     lab.set_defaults(func=cmd_lab)
-    return p
 
 
 def _terminate_as_interrupt(signum: int, frame: object) -> None:
