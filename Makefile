@@ -5,12 +5,14 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Host packages: QEMU and its image tool, the image recipe's tools, ssh client, and Debian's
+# Host packages: QEMU and its image tool, the image recipe's tools (uidmap lets a normal user
+# build the image in mmdebstrap's unshare mode), the ssh client. The tests also need Debian's
 # chromium (the browser test drives it with Playwright; no browser is ever downloaded).
-APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs cpio xz-utils openssh-client chromium
+APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs cpio xz-utils openssh-client uidmap
+TEST_APT_PACKAGES := chromium
 PYTEST_ARGS ?=
 
-.PHONY: lab test unit lint setup host-deps venv images clean help
+.PHONY: lab test unit lint setup host-deps test-deps venv images clean help
 
 help:
 	@echo "make lab    - set up, build the guest image, start the VM and JupyterLab"
@@ -21,7 +23,7 @@ help:
 lab: setup
 	$(BIN)/labkit lab
 
-test: setup lint
+test: setup test-deps lint
 	$(BIN)/labkit image build --kernel all
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -53,6 +55,9 @@ endef
 
 host-deps:
 	$(call apt_install,$(APT_PACKAGES))
+
+test-deps:
+	$(call apt_install,$(TEST_APT_PACKAGES))
 
 venv: $(VENV)/.installed
 

@@ -82,6 +82,16 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_image_verify(args: argparse.Namespace) -> int:
+    kernels = [k for k, _s, img in image.list_images() if img] if args.kernel == "all" else [args.kernel]
+    for k in kernels:
+        t = time.monotonic()
+        img = image.verify_image(k)
+        print(f"{k}: {len(img.manifest.get('artifacts', {}))} files match the manifest's sha256 "
+              f"({time.monotonic() - t:.1f} s)")
+    return 0
+
+
 def cmd_image_list(args: argparse.Namespace) -> int:
     rows = []
     for kernel, status, img in image.list_images():
@@ -399,6 +409,10 @@ def _add_image(sub: Any) -> None:
                    help="kernel variant (default %(default)s)")
     b.add_argument("--force", action="store_true", help="rebuild even if up to date")
     b.set_defaults(func=cmd_image_build)
+    vf = im.add_parser("verify", help="hash every file of an image against its manifest now")
+    vf.add_argument("--kernel", choices=kernels + ["all"], default="all",
+                    help="kernel variant (default: every built image)")
+    vf.set_defaults(func=cmd_image_verify)
     ls = im.add_parser("list", help="show the built images")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_image_list)

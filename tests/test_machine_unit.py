@@ -222,3 +222,44 @@ def test_why_kvm_is_not_used_is_said_in_plain_words(line, words):
     from labkit.machine.accel import kvm_failure_words
     text = kvm_failure_words(line)
     assert words in text and "software emulation" in text
+
+
+def _fake_image(root: Path, kernel: str = "6.1") -> Path:
+    from labkit.image.build import ARTIFACTS, sha256_file
+    d = root / kernel
+    d.mkdir(parents=True)
+    for name in ARTIFACTS:
+        (d / name).write_bytes(name.encode() * 1000)
+    arts = {n: {"sha256": sha256_file(d / n), "bytes": (d / n).stat().st_size} for n in ARTIFACTS}
+    (d / "manifest.json").write_text(json.dumps({"kernel_release": "6.1.0-test", "artifacts": arts}))
+    return d
+
+
+def test_an_image_changed_in_place_with_its_mtime_restored_is_caught(tmp_path, monkeypatch):
+    from labkit.errors import ImageMissing
+    from labkit.image import load_image
+    monkeypatch.setenv("LABKIT_IMAGES_DIR", str(tmp_path))
+    d = _fake_image(tmp_path)
+    load_image("6.1")                                    # hashes once and remembers
+    root = d / "root.ext4"
+    st = root.stat()
+    with open(root, "r+b") as f:                         # one byte, same size
+        f.seek(100)
+        f.write(b"X")
+    os.utime(root, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime put back, as `touch -d` would
+    with pytest.raises(ImageMissing) as e:
+        load_image("6.1")
+    assert "root.ext4 is corrupt" in str(e.value)
+    env = dict(os.environ, LABKIT_IMAGES_DIR=str(tmp_path))
+    r = subprocess.run(LABKIT + ["image", "verify", "--kernel", "6.1"], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 2 and "corrupt" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_image_verify_hashes_even_when_the_stamp_matches(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_IMAGES_DIR", str(tmp_path))
+    _fake_image(tmp_path)
+    env = dict(os.environ, LABKIT_IMAGES_DIR=str(tmp_path))
+    r = subprocess.run(LABKIT + ["image", "verify", "--kernel", "6.1"], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 0 and "3 files match" in r.stdout, r.stdout + r.stderr

@@ -19,10 +19,11 @@ from labkit.image.build import (
     mmdebstrap_argv,
     recipe_hash,
     sha256_file,
+    verify_image,
 )
 from labkit.image.kernels import DEFAULT_KERNEL, KERNELS, KernelVariant, check_kernel, variant
 from labkit.image.sources import apt_sources
 
 __all__ = ["ARTIFACTS", "DEFAULT_KERNEL", "KERNELS", "Image", "KernelVariant", "apt_sources", "build_image",
            "check_kernel", "ensure_image", "image_dir", "image_status", "list_images", "load_image",
-           "mmdebstrap_argv", "recipe_hash", "sha256_file", "variant"]
+           "mmdebstrap_argv", "recipe_hash", "sha256_file", "variant", "verify_image"]

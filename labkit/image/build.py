@@ -104,6 +104,14 @@ def image_dir(kernel: str) -> Path:
     return paths.images_dir() / kernel
 
 
+def verify_image(kernel: str) -> Image:
+    """Hash every artifact of ``kernel``'s image against its manifest now
+    (``labkit image verify``); ImageMissing if anything differs."""
+    img = load_image(kernel, verify=False)
+    _verify_checksums(kernel, img.directory, img.manifest, force=True)
+    return img
+
+
 def load_image(kernel: str, verify: bool = True) -> Image:
     """The built image for ``kernel``; ImageMissing (with a rebuild hint) if it
     is absent, stale, or its files do not match the manifest's sha256."""
@@ -124,15 +132,17 @@ def load_image(kernel: str, verify: bool = True) -> Image:
     return Image(kernel, d, manifest)
 
 
-def _verify_checksums(kernel: str, d: Path, manifest: dict) -> None:
+def _verify_checksums(kernel: str, d: Path, manifest: dict, force: bool = False) -> None:
     # Hashing the root image takes a second or two, so remember which file
-    # states (size, mtime) were already verified.
+    # states were already verified: size, mtime *and ctime*. A write changes
+    # ctime and nobody can set it back (touch -d restores mtime only), so a
+    # file changed in place is hashed again at its next use.
     stamp_file = d / ".verified"
     names = list(manifest.get("artifacts", {})) or list(ARTIFACTS)
-    stamps = {name: [(d / name).stat().st_size, (d / name).stat().st_mtime_ns] for name in names
-              if (d / name).exists()}
+    stamps = {name: [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+              for name in names if (d / name).exists() for st in [(d / name).stat()]}
     try:
-        if json.loads(stamp_file.read_text()) == stamps:
+        if not force and json.loads(stamp_file.read_text()) == stamps:
             return
     except (OSError, json.JSONDecodeError):
         pass
@@ -278,7 +288,7 @@ def _run_mmdebstrap(kernel: str, argv: list[str], env: dict[str, str], work: Pat
                     t0: float) -> None:
     log_path = work.parent / f"{kernel}.log"
     tail: list[str] = []
-    with open(log_path, "w") as log:
+    with open(log_path, "w", buffering=1) as log:     # line-buffered: a killed build leaves its log
         log.write("$ " + " ".join(argv) + "\n")
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace", cwd=work)
