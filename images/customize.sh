@@ -34,6 +34,7 @@ rm -f "$deb"
 release=$(ls "$root/lib/modules" | head -n 1)
 step "kernel $release ($pkg $kver)"
 chroot "$root" depmod "$release"
+sh "$recipe/build-modules.sh" "$root" "$release"
 printf '%s\t%s\n' "$pkg" "$kver" > "$out/kernel-package.tsv"
 printf '%s\n' "$release" > "$out/kernel-release"
 cp "$root/boot/vmlinuz-$release" "$out/vmlinuz"
