@@ -133,7 +133,7 @@ def test_stale_write_reports_corruption_and_warnings():
                        helper_log=[[warn], []])
     r = cf.stale_mr_write(g)
     assert r.corrupted and r.warnings == [warn]
-    assert "8192 bytes rewritten" in r.verdict()
+    assert "8192 bytes differ" in r.verdict()
     assert "10" in r.blocks_table() and "B reuses" in r.blocks_table()
     same = cf.stale_mr_write(g)
     assert not same.corrupted and "unchanged" in same.verdict()

@@ -280,6 +280,13 @@ def check_odirect_ext4(answer: Any, live: Live) -> Result:
                               + ("ok" if res.ok else f"{res.errname} ({res.errno})"))
 
 
+def check_counterfactual_target(answer: Any, live: Live) -> Result:
+    name = _text(answer).removesuffix("()")
+    return name == "check_vma_flags", ("right: the module's kretprobe changes check_vma_flags()'s -EOPNOTSUPP"
+                                       if name == "check_vma_flags" else
+                                       f"{answer!r} is not it (hint: the module's source, struct kretprobe)")
+
+
 EXERCISES: tuple[Exercise, ...] = (
     Exercise("ex0.1", "00", 1, "the guest's kernel release", check_release),
     Exercise("ex1.1", "01", 1, "the namespace mode with a character device", check_chardev_mode),
@@ -306,6 +313,8 @@ EXERCISES: tuple[Exercise, ...] = (
     Exercise("ex7.4", "07", 2, "VmPin of a 4 MiB registration", check_capstone_vmpin),
     Exercise("ex7.5", "07", 2, "where truncate waits (ext4)", check_truncate_ext4),
     Exercise("ex7.6", "07", 2, "O_DIRECT into fs-dax (ext4)", check_odirect_ext4, (("odirect", "fsdax-ext4"),)),
+    Exercise("ex8.1", "08", 1, "the function whose answer module 1 changes", check_counterfactual_target,
+             guest=False),
 )
 
 BY_ID = {e.id: e for e in EXERCISES}

@@ -453,8 +453,10 @@ class StaleWrite:
             return "the RDMA WRITE did not complete in time: " + json.dumps(wc)
         if self.corrupted:
             a, b = self.changed_ranges[0]
-            return (f"the victim file changed: {self.changed_bytes} bytes rewritten (first range {a}..{b}), "
-                    f"sha256 {self.sha256_before[:12]}… -> {self.sha256_after[:12]}…; "
+            found = self.detail.get("written_bytes_found")
+            exact = "" if found is None else f"; {found} of them are exactly the bytes the device wrote"
+            return (f"the victim file changed: {self.changed_bytes} bytes differ (first range {a}..{b}), "
+                    f"sha256 {self.sha256_before[:12]}… -> {self.sha256_after[:12]}…{exact}; "
                     f"its owner never wrote them")
         return (f"the RDMA WRITE completed (status {wc.get('wc_status')}) but the victim file is unchanged "
                 f"(sha256 {str(self.sha256_before)[:12]}…): the device write did not reach B's blocks")

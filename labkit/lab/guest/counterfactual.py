@@ -435,6 +435,10 @@ def cmd_stale_write(args: argparse.Namespace) -> dict[str, Any]:
     with open(args.victim, "rb") as f:
         after = f.read()
     n, ranges = changed_ranges(before, after)
+    # Where B sits on A's old blocks, are B's bytes now exactly what the device wrote through A's MR?
+    r["written_bytes_found"] = sum(x["length"] for x in ov
+                                   if after[x["victim_offset"]:x["victim_offset"] + x["length"]]
+                                   == bytes(src[x["mr_offset"]:x["mr_offset"] + x["length"]]))
     r.update(victim_sha256_after=hashlib.sha256(after).hexdigest(), changed_bytes=n, changed_ranges=ranges,
              changed_sample=after[ranges[0][0]:ranges[0][0] + 32].decode("ascii", "replace") if ranges else "",
              stage="written")
