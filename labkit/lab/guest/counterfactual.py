@@ -44,6 +44,7 @@ FS_IOC_FIEMAP = 0xC020660B
 FIEMAP_FLAG_SYNC = 1
 FIEMAP_MAX_EXTENTS = 256
 PATTERN = b"LABKIT stale-MR RDMA WRITE "
+VICTIM_BYTE = ord("v")      # B's own data; not in PATTERN, so every byte the device writes shows as changed
 
 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
@@ -377,7 +378,7 @@ def _grow_until_reuse(path: str, freed: list[dict[str, int]], chunk: int, limit:
     size, ext, ov = 0, [], []
     try:
         while size < limit:
-            fill(fd, size, chunk, 0x42)
+            fill(fd, size, chunk, VICTIM_BYTE)
             size += chunk
             ext = fiemap(fd)
             ov = overlap(freed, ext)
