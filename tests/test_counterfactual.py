@@ -31,10 +31,12 @@ def lab():
 
 
 @pytest.fixture(scope="module")
-def figures(artifacts):
+def figures():
+    from conftest import ARTIFACTS
     out: dict = {}
     yield out
-    (artifacts / f"counterfactual-{KERNEL}.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / f"counterfactual-{KERNEL}.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
 
 
 def _keep(figures, key, result):
