@@ -24,7 +24,7 @@ mkdir -p "$tmp/debs" "$tmp/src"
 # 1. The headers package and the headers/kbuild packages it depends on.
 headers="linux-headers-$release"
 pkgs="$headers $(chroot "$root" apt-cache depends --important "$headers" 2>/dev/null \
-      | awk '$1 == "Depends:" && $2 ~ /^linux-(headers|kbuild)-/ { print $2 }')"
+      | awk '$1 == "Depends:" && $2 ~ /^linux-(headers|kbuild)-/ { printf " %s", $2 }')"
 step "modules: fetching $pkgs"
 if ! chroot "$root" sh -c "cd /tmp/labkit-modules/debs && apt-get -q -o APT::Sandbox::User=root download $pkgs" >&2; then
     step "modules: $headers is not available: no lab modules for $release"
