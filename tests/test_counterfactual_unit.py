@@ -37,6 +37,7 @@ def test_missing_symbol_is_shown_and_nothing_stays_loaded():
     assert "cannot probe check_vma_flags" in str(err) and err.kernel_log
     assert "does not apply here" in err.hint
     assert g.modules == []          # the first module was unloaded again
+    assert [ln.split()[0] for ln in cf.modified(g)] == ["no-longterm-check"]   # it did run, the refused one did not
 
 
 def test_module_absent_from_image_hints_rebuild():

@@ -242,9 +242,10 @@ class Counterfactual:
     def _load(self, name: str) -> Switch:
         mod = MODULES[name]
         q = shlex.quote
-        # The marker is written before the load: even a load that crashes the guest leaves it modified.
+        # The marker is written before the load (even a load that crashes the guest leaves it marked
+        # modified) and taken back when the kernel refused the module.
         o = observe(self.lab, f"mkdir -p /run/labkit && echo {q(name + ' ' + mod)} $(date +%s) >> {MARKER_PATH} "
-                              f"&& modprobe {q(mod)} 2>&1")
+                              f"&& modprobe {q(mod)} 2>&1 || {{ rc=$?; sed -i '$ d' {MARKER_PATH}; exit $rc; }}")
         sw = Switch(name, mod, "load", o.rc == 0, o.stdout.strip(), o.kernel_log, o.taint)
         log.debug("load %s: rc=%s taint=%s log=%s", mod, o.rc, o.taint, o.kernel_log)
         if not sw.ok:

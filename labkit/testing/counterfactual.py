@@ -61,6 +61,8 @@ class FakeKernelGuest:
             mod = re.search(r"modprobe (\w+)", inner).group(1)
             name = re.search(r"echo '?([\w-]+) ", inner).group(1)
             self.marker.append(f"{name} {mod} 1")
+            if mod in self.absent or mod in self.missing_symbol:
+                self.marker.pop()       # the helper takes the line back when modprobe fails
             if mod in self.absent:
                 return 1, f"modprobe: FATAL: Module {mod} not found in directory /lib/modules/x", []
             if mod in self.missing_symbol:
