@@ -36,6 +36,7 @@ done
 release=$(ls "$root/lib/modules" | head -n 1)
 step "kernel $release ($pkg $kver)"
 chroot "$root" depmod "$release"
+sh "$recipe/build-modules.sh" "$root" "$release"
 printf '%s\t%s\n' "$pkg" "$kver" > "$out/kernel-package.tsv"
 printf '%s\n' "$release" > "$out/kernel-release"
 # 6.x ships /boot/vmlinuz-<release>; 7.x ships the modules directory's vmlinuz

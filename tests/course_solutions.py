@@ -40,6 +40,7 @@ SOLUTIONS = {
               'held.release()\nrecord("ex7.4", answer)'),
     "ex7.5": 'answer = lab.truncate_wait("ext4").where[0]\nrecord("ex7.5", answer)',
     "ex7.6": 'answer = lab.pin("odirect", "fsdax-ext4").ok\nrecord("ex7.6", answer)',
+    "ex8.1": 'answer = "check_vma_flags"\nrecord("ex8.1", answer)',
 }
 
 

@@ -169,6 +169,8 @@ CASES = {
     "ex7.4": ([4096, "4096"], ["", 2048, 4, 4194304, "4 MiB"]),
     "ex7.5": (["ext4_break_layouts"], ["", "break", "ext4_break", "xfs_break_dax_layouts", "ext4_setattr"]),
     "ex7.6": ([True], ["", "True", 1, False]),
+    "ex8.1": (["check_vma_flags", "check_vma_flags()", " Check_VMA_Flags "],
+              ["", "vma_flags", "check_vma", "dax_layout_busy_page", "get_user_pages_longterm", 0, ["check_vma_flags"]]),
 }
 PREDICTIONS = [e.id for e in EXERCISES if e.kind == "prediction"]
 EXPLAINS = [e.id for e in EXERCISES if e.kind == "explain"]
@@ -254,4 +256,4 @@ def test_probe_values_read_every_print_type():
 def test_points_by_kind_cover_every_notebook():
     total = points_by_kind()
     assert total["code"] >= 4 and total["explain"] > 0 and total["prediction"] > 0
-    assert sum(points_by_kind(f"{n:02d}")["value"] for n in range(8)) == total["value"]
+    assert sum(points_by_kind(f"{n:02d}")["value"] for n in range(10)) == total["value"]

@@ -20,7 +20,7 @@ VM_NAME = "test-nb"
 
 def test_there_are_notebooks():
     names = [p.name[:3] for p in NOTEBOOKS]
-    assert names == [f"{i:02d}-" for i in range(8)], names
+    assert names == [f"{i:02d}-" for i in range(9)], names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

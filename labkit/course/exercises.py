@@ -479,6 +479,11 @@ def _hints(*h: str) -> tuple[str, ...]:
     return h
 
 
+def check_counterfactual_target(answer: Any, live: Live) -> Result:
+    name = _text(answer).removesuffix("()") if isinstance(answer, str) else ""
+    return name == "check_vma_flags", ""
+
+
 EXERCISES: tuple[Exercise, ...] = (
     Exercise("ex0.1", "00", 1, "the guest's kernel release", check_release, difficulty="intro",
              hints=_hints("the guest reports it itself: run uname -r in it",
@@ -555,6 +560,8 @@ EXERCISES: tuple[Exercise, ...] = (
              hints=_hints("run the truncate demonstration on ext4 and read the stack",)),
     Exercise("ex7.6", "07", 1, "O_DIRECT into fs-dax (ext4)", check_odirect_ext4, needs=(("odirect", "fsdax-ext4"),),
              hints=_hints("measure it: lab.pin('odirect', ...)",)),
+    Exercise("ex8.1", "08", 1, "the function whose answer module 1 changes", check_counterfactual_target,
+             guest=False, hints=_hints("the module's kretprobe names it", "the function that refuses in notebook 3")),
 )
 
 BY_ID = {e.id: e for e in EXERCISES}

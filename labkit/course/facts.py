@@ -60,8 +60,10 @@ FACTS: tuple[Fact, ...] = (
     Fact("get-vaddr-frames-fsdax",
          "get_vaddr_frames() (the frame_vector helper videobuf2 uses for USERPTR) got its own "
          "vma_is_fsdax() refusal in the same v4.15 series.",
-         None, "mm: fail get_vaddr_frames() for filesystem-dax mappings", "4.15", ("04",),
-         "patch 2/4 of the v2/v3 series (cover letter: 'Add a new patch for the get_vaddr_frames() case, this "
+         "b7f0554a56f2", "mm: fail get_vaddr_frames() for filesystem-dax mappings", "4.15", ("04", "08"),
+         "Fixes: b7f0554a56f2 (\"mm: fail get_vaddr_frames() for filesystem-dax mappings\") in Christophe "
+         "JAILLET's semaphore fix (2017-12, acked by Michal Hocko) and in Daniel Vetter's FOLL_LONGTERM "
+         "thread; patch 2/4 of the v2/v3 series (cover letter: 'Add a new patch for the get_vaddr_frames() case, this "
          "impacts users like V4L2'); v3 adds a comment for that check at Jan Kara's request",
          "same series as 2bb6d2837083"),
     Fact("videobuf-dma-sg-fsdax",
@@ -106,15 +108,20 @@ FACTS: tuple[Fact, ...] = (
          ("03", "06", "07"),
          "mm tree revlists (akpm) list 52650c8b466bac39 with this subject; NVIDIA's driver names it as the "
          "commit that ended the vmas array allocation for FOLL_LONGTERM", ""),
+    Fact("dax-layout-busy-page",
+         "dax_layout_busy_page(): find a DAX page that is still referenced before a filesystem frees its blocks.",
+         "5fac7408d828", "mm, fs, dax: handle layout changes to pinned dax mappings", None, ("08",),
+         "commit page 5fac7408d828719db6d3fdba63e3c3726a6d1ee5 (Dan Williams, 2018-03-09) on a mirror; listed "
+         "with d6dc57e251a4 among the merged break-layouts commits", ""),
     Fact("xfs-break-dax-layouts",
          "XFS waits for DAX pages to go idle before truncate/hole-punch frees blocks: xfs_break_dax_layouts().",
-         "d6dc57e251a4", "xfs, dax: introduce xfs_break_dax_layouts()", None, ("06", "07"),
+         "d6dc57e251a4", "xfs, dax: introduce xfs_break_dax_layouts()", None, ("06", "07", "08"),
          "Dan Williams lists 'd6dc57e251a4 xfs, dax: introduce xfs_break_dax_layouts()' among the merged "
          "break-layouts commits (with 5fac7408d828 'mm, fs, dax: handle layout changes to pinned dax "
          "mappings'); series v9-v11 posted April-May 2018", ""),
     Fact("ext4-break-layouts",
          "ext4 does the same wait: ext4_break_layouts().",
-         "430657b6be89", "ext4: handle layout changes to pinned DAX mappings", None, ("06", "07"),
+         "430657b6be89", "ext4: handle layout changes to pinned DAX mappings", None, ("06", "07", "08"),
          "same list of merged commits; xfstests generic/503 is its regression test", ""),
     Fact("longterm-file-write",
          "Writable FOLL_LONGTERM pins of file-backed shared mappings that need dirty tracking (page cache) "
