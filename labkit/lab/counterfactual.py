@@ -457,7 +457,7 @@ class StaleWrite:
             found = self.detail.get("written_bytes_found")
             exact = "" if found is None else f"; {found} of them are exactly the bytes the device wrote"
             return (f"the victim file changed: {self.changed_bytes} bytes differ (first range {a}..{b}), "
-                    f"sha256 {(self.sha256_before or "?")[:12]}… -> {(self.sha256_after or "?")[:12]}…{exact}; "
+                    f"sha256 {(self.sha256_before or '?')[:12]}… -> {(self.sha256_after or '?')[:12]}…{exact}; "
                     f"its owner never wrote them")
         return (f"the RDMA WRITE completed (status {wc.get('wc_status')}) but the victim file is unchanged "
                 f"(sha256 {str(self.sha256_before)[:12]}…): the device write did not reach B's blocks")
