@@ -112,61 +112,79 @@ def machine() -> dict[str, Any]:
 def run(kernel: str, runs: int = 3, matrix: bool = True,
         progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure; returns medians, min/max, raw values and the machine."""
-    from labkit.lab import Lab
-
     say = progress or (lambda s: None)
     ensure_image(kernel)
     raw: dict[str, list[float]] = {k: [] for k in LABELS}
-    accel = None
-    release = None
     say(f"making sure the warm-start snapshot for {kernel} exists (not timed)")
     with VM("bench-prime", kernel=kernel) as vm:
         accel = vm.accel.accel if vm.accel else None
         release = vm.boot.kernel_release if vm.boot else None
     for i in range(1, runs + 1):
-        say(f"run {i}/{runs}: cold boot")
-        t = time.monotonic()
-        with VM("bench-cold", kernel=kernel, warm=False) as cold:
-            raw["cold_boot_s"].append(time.monotonic() - t)
-            if cold.record.phases and cold.boot:      # not timed: read the guest's own clock
-                dmesg = cold.run(["dmesg"], timeout=30, check=True).stdout
-                for k, v in cold_phases(raw["cold_boot_s"][-1], cold.record.phases["boot to ready marker"],
-                                        cold.record.phases["ssh connect"],
-                                        cold.boot.guest_uptime_s, dmesg).items():
-                    raw[k].append(v)
-        say(f"run {i}/{runs}: warm start")
-        t = time.monotonic()
-        vm = VM("bench-warm", kernel=kernel).start()
-        try:
-            raw["warm_start_s"].append(time.monotonic() - t)
-            for name, v in (vm.record.phases or {}).items():
-                if name in WARM_PHASES:
-                    raw[WARM_PHASES[name]].append(v)
-            say(f"run {i}/{runs}: SSH round trips")
-            rtts = []
-            for _ in range(20):
-                t = time.monotonic()
-                vm.run("true", timeout=10, check=True)
-                rtts.append(time.monotonic() - t)
-            raw["ssh_rtt_ms"].append(statistics.median(rtts) * 1000)
-            if matrix:
-                say(f"run {i}/{runs}: pin matrix on fresh persistent memory")
-                t = time.monotonic()
-                Lab(vm).matrix()
-                raw["matrix_first_s"].append(time.monotonic() - t)
-            say(f"run {i}/{runs}: reset (persistent memory kept)")
-            t = time.monotonic()
-            vm.reset()
-            raw["reset_s"].append(time.monotonic() - t)
-            if matrix:
-                say(f"run {i}/{runs}: pin matrix on the reset guest (namespaces and filesystems kept)")
-                t = time.monotonic()
-                Lab(vm).matrix()
-                raw["matrix_s"].append(time.monotonic() - t)
-            for k, v in _rss_mb(vm.record.pid).items():
+        step = (lambda what, i=i: say(f"run {i}/{runs}: {what}"))
+        _cold_run(kernel, raw, step)
+        _warm_run(kernel, raw, matrix, step)
+    return _summary(raw, kernel, runs, accel, release)
+
+
+def _cold_run(kernel: str, raw: dict[str, list[float]], step: Callable[[str], None]) -> None:
+    """One cold boot to SSH-ready, and where its seconds went."""
+    step("cold boot")
+    t = time.monotonic()
+    with VM("bench-cold", kernel=kernel, warm=False) as cold:
+        raw["cold_boot_s"].append(time.monotonic() - t)
+        if cold.record.phases and cold.boot:      # not timed: read the guest's own clock
+            dmesg = cold.run(["dmesg"], timeout=30, check=True).stdout
+            for k, v in cold_phases(raw["cold_boot_s"][-1], cold.record.phases["boot to ready marker"],
+                                    cold.record.phases["ssh connect"], cold.boot.guest_uptime_s, dmesg).items():
                 raw[k].append(v)
-        finally:
-            vm.finish()
+
+
+def _warm_run(kernel: str, raw: dict[str, list[float]], matrix: bool, step: Callable[[str], None]) -> None:
+    """A warm start, SSH round trips, the matrix, a reset, the matrix again, QEMU's memory."""
+    step("warm start")
+    t = time.monotonic()
+    vm = VM("bench-warm", kernel=kernel).start()
+    try:
+        raw["warm_start_s"].append(time.monotonic() - t)
+        for name, v in (vm.record.phases or {}).items():
+            if name in WARM_PHASES:
+                raw[WARM_PHASES[name]].append(v)
+        step("SSH round trips")
+        raw["ssh_rtt_ms"].append(_ssh_rtt_ms(vm))
+        if matrix:
+            step("pin matrix on fresh persistent memory")
+            raw["matrix_first_s"].append(_timed_matrix(vm))
+        step("reset (persistent memory kept)")
+        t = time.monotonic()
+        vm.reset()
+        raw["reset_s"].append(time.monotonic() - t)
+        if matrix:
+            step("pin matrix on the reset guest (namespaces and filesystems kept)")
+            raw["matrix_s"].append(_timed_matrix(vm))
+        for k, v in _rss_mb(vm.record.pid).items():
+            raw[k].append(v)
+    finally:
+        vm.finish()
+
+
+def _ssh_rtt_ms(vm: VM, n: int = 20) -> float:
+    rtts = []
+    for _ in range(n):
+        t = time.monotonic()
+        vm.run("true", timeout=10, check=True)
+        rtts.append(time.monotonic() - t)
+    return statistics.median(rtts) * 1000
+
+
+def _timed_matrix(vm: VM) -> float:
+    from labkit.lab import Lab
+    t = time.monotonic()
+    Lab(vm).matrix()
+    return time.monotonic() - t
+
+
+def _summary(raw: dict[str, list[float]], kernel: str, runs: int, accel: str | None,
+             release: str | None) -> dict[str, Any]:
     med = {k: round(statistics.median(v), 3 if k.endswith("_s") else 1) for k, v in raw.items() if v}
     out: dict[str, Any] = dict(med)
     out.update(
