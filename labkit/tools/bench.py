@@ -9,6 +9,7 @@ next to the targets; the targets are figures to compare, not pass/fail.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -120,10 +121,14 @@ def run(kernel: str, runs: int = 3, matrix: bool = True,
         accel = vm.accel.accel if vm.accel else None
         release = vm.boot.kernel_release if vm.boot else None
     for i in range(1, runs + 1):
-        step = (lambda what, i=i: say(f"run {i}/{runs}: {what}"))
+        step = functools.partial(_say_run, say, f"run {i}/{runs}")
         _cold_run(kernel, raw, step)
         _warm_run(kernel, raw, matrix, step)
     return _summary(raw, kernel, runs, accel, release)
+
+
+def _say_run(say: Callable[[str], None], prefix: str, what: str) -> None:
+    say(f"{prefix}: {what}")
 
 
 def _cold_run(kernel: str, raw: dict[str, list[float]], step: Callable[[str], None]) -> None:
