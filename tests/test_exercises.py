@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from labkit.course import grading
-from labkit.course.exercises import (BY_ID, EXERCISES, KINDS, Live, errno_number, parse_probe,
-                                     points_by_kind, probe_values)
+from labkit.course.answers import errno_number
+from labkit.course.exercises import BY_ID, EXERCISES, KINDS, Live, points_by_kind
+from labkit.course.probe_exercise import parse_probe, probe_values
 from labkit.lab import MountResult, Namespace, PinResult, TruncateWait
 from labkit.lab.results import MountInfo
 
@@ -71,10 +72,18 @@ class FakeLab:
             mp = script.split("'")[1].strip()
             fs = self.mounted.get(mp)
             return _R(f"/dev/pmem0 {mp} {fs} rw 0 0" if fs else "")
-        if "kprobe_events" in script and "echo 'r:" in script:
-            self.kprobes.append(script.split("echo '")[2].split("'")[0])
-            return _R("", rc=0 if "nonexistent_fn" not in script else 1)
-        if script.startswith("cat /sys/kernel/tracing/trace"):
+        return _R("")
+
+    @property
+    def vm(self):
+        return self
+
+    def run(self, argv, timeout=60, check=False):
+        """The guest commands the code exercise sends (argument lists, like the real VM's run)."""
+        if argv[:2] == ["sh", "-c"] and argv[3] == "install":
+            self.kprobes.append(argv[4])
+            return _R("", rc=0 if "nonexistent_fn" not in argv[4] else 1)
+        if argv == ["cat", "/sys/kernel/tracing/trace"]:
             return _R(self.trace)
         return _R("")
 

@@ -23,12 +23,24 @@ The reference solutions are not here: they live with the tests
 
 from __future__ import annotations
 
-import errno as _errno
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from labkit.course.answers import (
+    _as_set,
+    _bool_answer,
+    _errno_matches,
+    _int,
+    _name,
+    _text,
+    probed_function,
+)
+from labkit.course.probe_exercise import (
+    check_probe,
+    run_learner_probe,
+)
 from labkit.errors import ConfigError
 from labkit.lab.vocab import MECHANISMS, MEMORY_KINDS
 
@@ -117,86 +129,6 @@ class Live:
         return self._once(f"probe:{definition}", lambda: run_learner_probe(self.lab, definition))
 
 
-# -- answer parsing (one tested place) -------------------------------------------
-
-def _text(value: Any) -> str:
-    return str(value).strip().lower()
-
-
-def errno_number(answer: Any) -> int | None:
-    """95, -95, "95", "EOPNOTSUPP", "-EOPNOTSUPP", "errno.ENOTSUP" -> 95;
-    anything else (a substring of a name, a description) -> None."""
-    if isinstance(answer, bool):
-        return None
-    if isinstance(answer, int):
-        return abs(answer)
-    if not isinstance(answer, str):
-        return None
-    s = answer.strip().lstrip("-").strip()
-    if s.startswith("errno."):
-        s = s[len("errno."):]
-    if re.fullmatch(r"\d{1,4}", s):
-        return int(s)
-    if re.fullmatch(r"E[A-Z0-9]+", s.upper()) and s == s.upper() or re.fullmatch(r"e[a-z0-9]+", s):
-        value = getattr(_errno, s.upper(), None)
-        return value if isinstance(value, int) else None
-    return None
-
-
-def _is_ok_word(answer: Any) -> bool:
-    return isinstance(answer, (str, int)) and not isinstance(answer, bool) and _text(answer) in (
-        "ok", "0", "success", "succeeds", "allowed")
-
-
-def _errno_matches(answer: Any, res) -> Result:
-    """Right if the answer names the kernel's answer: 'ok' for success, or the
-    errno by name (any alias) or number."""
-    if res.ok:
-        return _is_ok_word(answer), ""
-    got = errno_number(answer)
-    if got is None:
-        return False, "give an errno name such as \"EPERM\" or its number"
-    return got == res.errno, ""
-
-
-def _as_set(value: Any) -> set[str] | None:
-    """A list/tuple/set of names, or a comma/space separated string; None if
-    it is not a collection of names (a blank string is not)."""
-    if isinstance(value, str):
-        if not value.strip():
-            return None
-        value = value.replace(",", " ").split()
-    if not isinstance(value, (list, tuple, set, frozenset)):
-        return None
-    if not all(isinstance(v, str) for v in value):
-        return None
-    return {_text(v) for v in value}
-
-
-def _int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else None
-    try:
-        return int(str(value).strip())
-    except (TypeError, ValueError):
-        return None
-
-
-def _name(value: Any) -> str:
-    """A C identifier from an answer: 'check_vma_flags()' / 'mm/gup.c:check_vma_flags' -> 'check_vma_flags'."""
-    s = _text(value)
-    s = s.split(":")[-1].strip()
-    return re.sub(r"\(\s*\)$", "", s).strip()
-
-
-def probed_function(trace_line: str) -> str | None:
-    """The function a kretprobe line reports: '(check_vma_flags+0x0/0xc0 <- ...)' -> 'check_vma_flags'."""
-    m = re.search(r"\((\w+)(?:\+0x[0-9a-f]+/0x[0-9a-f]+)?\s+<-", trace_line)
-    return m.group(1) if m else None
-
-
 # -- checks: values ----------------------------------------------------------------
 
 def check_release(answer: Any, live: Live) -> Result:
@@ -276,10 +208,6 @@ def check_classify(answer: Any, live: Live) -> Result:
     return True, ""
 
 
-def _bool_answer(answer: Any) -> bool | None:
-    return answer if isinstance(answer, bool) else None
-
-
 def check_odirect_follpin(answer: Any, live: Live) -> Result:
     got = _bool_answer(answer)
     if got is None:
@@ -355,107 +283,6 @@ def check_odirect_ext4(answer: Any, live: Live) -> Result:
     if got is None:
         return False, "answer True or False"
     return got == live.pin("odirect", "fsdax-ext4").ok, ""
-
-
-# -- checks: code the kernel judges -------------------------------------------------
-
-PROBE_GROUP = "labkit_learner"
-_PROBE_RE = re.compile(r"^\s*r(?:\d{1,4})?(?::(?:[A-Za-z_]\w{0,31}/)?[A-Za-z_]\w{0,31})?\s+"
-                       r"(?P<symbol>[A-Za-z_][\w.]{0,63})(?:\+0)?"
-                       r"(?P<args>(?:\s+(?:[A-Za-z_]\w{0,31}=)?\$retval(?::(?:[su](?:8|16|32|64)|x(?:8|16|32|64)))?){1,4})"
-                       r"\s*$")
-
-
-def parse_probe(definition: Any) -> tuple[str, list[str]] | None:
-    """A learner's kretprobe line -> (symbol, fetch args), or None when it is
-    not a return probe fetching ``$retval``. Only that shape is accepted, so
-    nothing else the learner types reaches the guest's tracefs; the event is
-    always created under the course's own group and name."""
-    if not isinstance(definition, str) or "\n" in definition:
-        return None
-    m = _PROBE_RE.match(definition)
-    if not m:
-        return None
-    args = m.group("args").split()
-    return m.group("symbol"), [f"v{i}={a.split('=')[-1]}" for i, a in enumerate(args)]
-
-
-def _signed(value: int) -> int:
-    for bits in (32, 64):
-        if 2 ** (bits - 1) <= value < 2 ** bits:
-            return value - 2 ** bits
-    return value
-
-
-def probe_values(trace: str) -> list[int]:
-    """The fetched values of the course's event in a tracefs ``trace`` text,
-    each read as a signed number (s32, u32, x64 ... print it differently)."""
-    out = []
-    for line in trace.splitlines():
-        if f"{PROBE_GROUP}:" not in line and " ex_probe:" not in line:
-            continue
-        for raw in re.findall(r"\bv\d=(\S+)", line):
-            try:
-                out.append(_signed(int(raw, 0)))
-            except ValueError:
-                pass
-    return out
-
-
-@dataclass
-class ProbeRun:
-    accepted: bool
-    problem: str = ""
-    refused_values: list[int] = field(default_factory=list)   # during the fs-dax registration
-    allowed_values: list[int] = field(default_factory=list)   # during the anonymous one
-    refused_errno: int | None = None
-
-
-def run_learner_probe(lab, definition: str) -> ProbeRun:
-    """Install the learner's probe (as labkit_learner/ex_probe), register
-    fs-dax memory (the kernel refuses) and anonymous memory (it allows),
-    collect what the probe recorded during each, and remove the probe."""
-    parsed = parse_probe(definition)
-    if parsed is None:
-        return ProbeRun(False, "not a return probe of the form  r[:NAME] FUNCTION $retval[:TYPE]")
-    symbol, args = parsed
-    event = f"r:{PROBE_GROUP}/ex_probe {symbol} {' '.join(args)}"
-    tr = "/sys/kernel/tracing"
-    add = lab.sh(f"cd {tr} && (echo '-:{PROBE_GROUP}/ex_probe' >> kprobe_events) 2>/dev/null; "
-                 f"echo '{event}' >> kprobe_events && echo 1 > events/{PROBE_GROUP}/ex_probe/enable",
-                 check=False)
-    if add.rc != 0:
-        return ProbeRun(False, "the kernel did not accept that probe (is the function probe-able?)")
-    try:
-        runs = {}
-        for memory in ("fsdax-xfs", "anon"):
-            res = lab.pin("rdma", memory)
-            trace = lab.sh(f"cat {tr}/trace", check=False).stdout
-            runs[memory] = (res, probe_values(trace))
-    finally:
-        lab.sh(f"cd {tr} && echo 0 > events/{PROBE_GROUP}/ex_probe/enable; "
-               f"echo '-:{PROBE_GROUP}/ex_probe' >> kprobe_events", check=False)
-    refused, allowed = runs["fsdax-xfs"], runs["anon"]
-    return ProbeRun(True, "", refused[1], allowed[1], None if refused[0].ok else refused[0].errno)
-
-
-def check_probe(answer: Any, live: Live) -> Result:
-    """Right when the learner's probe, during the refused fs-dax registration,
-    recorded the kernel's errno as a negative return value, and did not record
-    it during the allowed anonymous registration."""
-    if parse_probe(answer) is None:
-        return False, "write one return probe line:  r FUNCTION $retval:s32"
-    run = live.learner_probe(answer)
-    if not run.accepted:
-        return False, run.problem
-    if run.refused_errno is None:
-        return False, "the fs-dax registration was not refused just now"
-    bad = -run.refused_errno
-    if bad not in run.refused_values:
-        return False, "your probe did not catch the refusal"
-    if bad in run.allowed_values:
-        return False, "your probe also fires with that error when nothing is refused"
-    return True, ""
 
 
 # -- checks: predictions and explanations ---------------------------------------------
