@@ -70,3 +70,15 @@ def test_notebook_runs(path, shared_vm, monkeypatch, artifacts):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
     assert not errors
+
+
+def test_record_is_imported_before_any_cell_uses_it():
+    """A prediction cell that comes before the set-up cell must import record itself."""
+    for p in NOTEBOOKS:
+        imported = False
+        for i, cell in enumerate(json.loads(p.read_text())["cells"]):
+            if cell["cell_type"] != "code":
+                continue
+            src = "".join(cell["source"])
+            imported = imported or "from labkit.grading import" in src
+            assert "record(" not in src or imported, f"{p.name} cell {i} uses record() before importing it"
