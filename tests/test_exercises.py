@@ -19,7 +19,7 @@ from labkit.lab import MountResult, Namespace, PinResult, TruncateWait
 from labkit.lab.results import MountInfo
 
 RELEASE = "6.1.0-56-amd64"
-TRACE = "python3-123 [000] d.... 1.0: labkit_cvf: (check_vma_flags+0x0/0xc0 <- __get_user_pages+0x1a/0x500) ret=-95"
+TRACE = "python3-123 [000] d.... 1.0: labkit_cvf: (__get_user_pages+0x1a/0x500 <- check_vma_flags) ret=-95"
 
 
 def pin(mech, mem, ok, errno=None, foll=0, vmpin=0, trace=()):
@@ -125,7 +125,7 @@ class FakeLab:
             kind = "s32" if ":s32" in self.kprobes[-1] else "x64"
             if kind == "x64" and fires:
                 ret = hex(2**64 - 95)
-            self.trace = (f"p-1 [0] 1.0: ex_probe: ({symbol}+0x0/0x10 <- x+0x1/0x2) v0={ret}"
+            self.trace = (f"p-1 [0] 1.0: ex_probe: (x+0x1/0x2 <- {symbol}) v0={ret}"
                           if symbol not in ("do_nothing",) else "")
         return PINS[(mech, mem)]
 
@@ -257,7 +257,7 @@ def test_probe_parser_admits_only_return_probes_of_retval():
 
 
 def test_probe_values_read_every_print_type():
-    line = "x-1 [0] 1.0: ex_probe: (check_vma_flags+0x0/0xc0 <- __get_user_pages+0x1/0x2) v0={}"
+    line = "x-1 [0] 1.0: ex_probe: (__get_user_pages+0x1/0x2 <- check_vma_flags) v0={}"
     for text in ("-95", "4294967201", "0xffffffffffffffa1", "0xffffffa1"):
         assert probe_values(line.format(text)) == [-95], text
 

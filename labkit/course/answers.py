@@ -85,8 +85,10 @@ def _name(value: Any) -> str:
 
 
 def probed_function(trace_line: str) -> str | None:
-    """The function a kretprobe line reports: '(check_vma_flags+0x0/0xc0 <- ...)' -> 'check_vma_flags'."""
-    m = re.search(r"\((\w+)(?:\+0x[0-9a-f]+/0x[0-9a-f]+)?\s+<-", trace_line)
+    """The function a kretprobe line reports. tracefs prints a return probe as
+    ``(RETURN_ADDRESS <- PROBED_FUNCTION)`` (print_kretprobe_event):
+    '(__get_user_pages+0x1a2/0x6f0 <- check_vma_flags) ret=-95' -> 'check_vma_flags'."""
+    m = re.search(r"<-\s*(\w+)(?:\+0x[0-9a-f]+/0x[0-9a-f]+)?\)", trace_line)
     return m.group(1) if m else None
 
 
