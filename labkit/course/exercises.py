@@ -265,10 +265,14 @@ def check_v4l2_fsdax(answer: Any, live: Live) -> Result:
 
 
 
+# The four mechanisms notebook 05 classifies (rdma-odp, notebook 09's, pins nothing).
+CLASSIFIED = tuple(m for m in MECHANISMS if m != "rdma-odp")
+
+
 def check_classify(answer: Any, live: Live) -> Result:
-    if not isinstance(answer, dict) or set(answer) != set(MECHANISMS):
+    if not isinstance(answer, dict) or set(answer) != set(CLASSIFIED):
         return False, "give a dict with exactly the four mechanisms as keys"
-    for mech in MECHANISMS:
+    for mech in CLASSIFIED:
         refused = not live.pin(mech, "fsdax-xfs").ok and live.pin(mech, "anon").ok
         truth = "long-term" if refused else "transient"
         if _text(answer[mech]).replace("_", "-").replace(" ", "-") != truth:
@@ -525,7 +529,7 @@ EXERCISES: tuple[Exercise, ...] = (
     Exercise("ex5.0", "05", 1, "prediction: transient pins on fs-dax", check_prediction, kind="prediction",
              guest=False),
     Exercise("ex5.1", "05", 2, "long-term or transient", check_classify,
-             needs=tuple((m, k) for m in MECHANISMS for k in ("anon", "fsdax-xfs")),
+             needs=tuple((m, k) for m in CLASSIFIED for k in ("anon", "fsdax-xfs")),
              hints=_hints("refused on fs-dax but allowed on anonymous memory means the caller asked for FOLL_LONGTERM",
                           "all four keys: rdma, v4l2, odirect, io_uring")),
     Exercise("ex5.2", "05", 1, "does O_DIRECT use FOLL_PIN here", check_odirect_follpin, needs=(("odirect", "fsdax-xfs"),),
