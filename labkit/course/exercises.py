@@ -43,7 +43,7 @@ class Exercise:
     """One exercise: ``id`` is the tag of its notebook cell."""
 
     id: str
-    notebook: str            # the notebook's number prefix, "00" ... "07"
+    notebook: str            # the notebook's number prefix, "00" ... "09"
     points: int              # auto-graded points (0 for explain: those are graded by hand)
     title: str
     check: Callable[[Any, Live], Result]
@@ -361,6 +361,19 @@ def check_odirect_ext4(answer: Any, live: Live) -> Result:
     return got == live.pin("odirect", "fsdax-ext4").ok, ""
 
 
+def check_odp_anon(answer: Any, live: Live) -> Result:
+    return _errno_matches(answer, live.pin("rdma-odp", "anon"))
+
+
+def check_odp_caps(answer: Any, live: Live) -> Result:
+    got = _int(answer) if not (isinstance(answer, str) and answer.strip().lower().startswith("0x")) \
+        else int(answer.strip(), 16)
+    if got is None:
+        return False, "give a number (the general_caps bit mask)"
+    caps = live.pin("rdma-odp", "anon").device_odp
+    return caps is not None and got == caps, ""
+
+
 # -- checks: code the kernel judges -------------------------------------------------
 
 PROBE_GROUP = "labkit_learner"
@@ -559,13 +572,27 @@ EXERCISES: tuple[Exercise, ...] = (
              hints=_hints("run the truncate demonstration on ext4 and read the stack",)),
     Exercise("ex7.6", "07", 1, "O_DIRECT into fs-dax (ext4)", check_odirect_ext4, needs=(("odirect", "fsdax-ext4"),),
              hints=_hints("measure it: lab.pin('odirect', ...)",)),
+    Exercise("ex9.0", "09", 1, "prediction: does truncate wait under an ODP MR", check_prediction,
+             kind="prediction", guest=False),
+    Exercise("ex9.1", "09", 1, "an ODP registration of anonymous memory, on this guest", check_odp_anon,
+             needs=(("rdma-odp", "anon"),),
+             hints=_hints("the rdma-odp anon row measured on this notebook's own guest, not the other one",
+                          "\"ok\" if it registered, else the errno's name or number")),
+    Exercise("ex9.2", "09", 1, "the device's ODP capability bits, on this guest", check_odp_caps,
+             needs=(("rdma-odp", "anon"),),
+             hints=_hints("every RDMA result carries it: PinResult.device_odp",
+                          "odp_caps.general_caps as an int; bit 0 is IBV_ODP_SUPPORT")),
+    Exercise("ex9.3", "09", 0, "why truncate need not wait for an ODP MR", check_explain, kind="explain",
+             manual_points=3, guest=False,
+             hints=_hints("what does the kernel do to the device's mapping instead of waiting, and what did "
+                          "the next RDMA WRITE get?")),
 )
 
 BY_ID = {e.id: e for e in EXERCISES}
 
 
 def for_notebook(number: str) -> list[Exercise]:
-    """The exercises of notebook ``number`` ("00" ... "07"), in order."""
+    """The exercises of notebook ``number`` ("00" ... "09"), in order."""
     return [e for e in EXERCISES if e.notebook == number]
 
 

@@ -166,3 +166,112 @@ class Odp:
         log.debug("odp-revoke %s %s %s", kind, memory, op)
         data = answer(self.vm.run(self.helper.argv(*argv), timeout=60 + timeout), "odp-revoke")
         return parse_revoke(memory, kind, data)
+
+
+# -- the notebook's story on one kernel, and on two side by side -------------------
+
+ODP_KINDS = ("anon", "pagecache", "fsdax-xfs", "fsdax-ext4", "devdax")
+REVOCATIONS = (("fsdax-xfs", "odp"), ("anon", "odp"), ("anon", "pinned"))
+
+
+@dataclass
+class OdpStory:
+    """What one kernel did: ODP registrations on every memory kind, the pinned
+    registration of fs-dax for comparison, and the revocations."""
+
+    kernel: str
+    pins: list[Any]                 # PinResult
+    revocations: list[RevokeResult]
+
+    def pin(self, mechanism: str, memory: str) -> Any:
+        return next(p for p in self.pins if (p.mechanism, p.memory) == (mechanism, memory))
+
+    def revocation(self, memory: str, kind: str) -> RevokeResult:
+        return next(r for r in self.revocations if (r.memory, r.kind) == (memory, kind))
+
+
+def measure_story(lab: Any) -> OdpStory:
+    """``OdpStory`` of ``lab``'s guest (mounts prepared, soft-RoCE up)."""
+    lab.prepare_mounts()
+    lab.setup_rdma()
+    cases = [("rdma-odp", k, "shared") for k in ODP_KINDS] + [("rdma", "fsdax-xfs", "shared")]
+    pins = lab.pin_many(cases)
+    revs = [lab.odp_revoke(memory, kind=kind) for memory, kind in REVOCATIONS]
+    return OdpStory(kernel=lab.kernel_release(), pins=pins, revocations=revs)
+
+
+def story_on_two_kernels(lab: Any, other_kernel: str | None = None) -> tuple[OdpStory, OdpStory, Any]:
+    """``lab``'s story and another kernel's (default: 7.3, or 6.1 when ``lab``
+    runs 7.3), measured at the same time (the other VM, ``<name>-k<kernel>``,
+    starts or is attached in a thread). Returns ``(here, there, other_vm)``;
+    the caller stops ``other_vm``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from labkit.image import build as image
+    from labkit.lab.lab import Lab
+    from labkit.machine import vm as machine
+
+    this = lab.vm.describe()["kernel"]
+    other_kernel = other_kernel or ("7.3" if this != "7.3" else "6.1")
+    image.check_kernel(other_kernel)
+    if other_kernel == this:
+        raise LabError(f"this VM already runs {other_kernel}; pass another other_kernel")
+    box: dict[str, Any] = {}
+
+    def there() -> OdpStory:
+        box["vm"] = machine.connect(name=f"{lab.vm.name}-k{other_kernel.replace('.', '')}", kernel=other_kernel)
+        return measure_story(Lab(box["vm"]))
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labkit-odp-other")
+    try:
+        fut = pool.submit(there)
+        here = measure_story(lab)
+        other = fut.result(timeout=600)
+    finally:
+        pool.shutdown(wait=False)
+    return here, other, box["vm"]
+
+
+def _pin_cell(p: Any) -> str:
+    caps = "?" if p.device_odp is None else f"{p.device_odp:#x}"
+    vp = "-" if p.vmpin_kb_delta is None else f"{p.vmpin_kb_delta:+d}"
+    return f"{p.cell} caps {caps} VmPin {vp}{' [cvf]' if p.trace else ''}"
+
+
+def _rev_cell(r: RevokeResult) -> str:
+    if not r.registered:
+        return f"not registered: {r.errname} ({r.errno})"
+    inv = "-" if r.invalidations is None else str(r.invalidations)
+    secs = "?" if r.action_seconds is None else f"{r.action_seconds:.3f}s"
+    return f"{secs}{' WAITED' if r.action_waited else ''} inval {inv} -> {r.after.status_name if r.after else '-'}"
+
+
+def _rev_key(r: RevokeResult) -> tuple[Any, ...]:
+    """What a revocation answered, without its timings (which differ every run)."""
+    return (r.registered, r.errno, r.action_waited, bool(r.invalidations), r.after.status if r.after else None)
+
+
+def _action(memory: str) -> str:
+    return {"anon": "MADV_DONTNEED", "devdax": "munmap"}.get(memory, "truncate")
+
+
+def compare_stories(a: OdpStory, b: OdpStory) -> str:
+    """Two kernels' stories as text, side by side (rows whose answers differ marked)."""
+    rows = []
+    for p in a.pins:
+        q = b.pin(p.mechanism, p.memory)
+        same = (p.ok, p.errno, p.device_odp, p.vmpin_kb_delta, bool(p.trace)) == \
+            (q.ok, q.errno, q.device_odp, q.vmpin_kb_delta, bool(q.trace))
+        rows.append((f"{p.mechanism} {p.memory}", _pin_cell(p), _pin_cell(q), same))
+    for r in a.revocations:
+        o = b.revocation(r.memory, r.kind)
+        mr = "an ODP" if r.kind == "odp" else "a pinned"
+        rows.append((f"{_action(r.memory)} under {mr} MR on {r.memory}", _rev_cell(r), _rev_cell(o),
+                     _rev_key(r) == _rev_key(o)))
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max([len(r[1]) for r in rows] + [len(a.kernel)])
+    lines = [f"{'':{w0}s}   {a.kernel:{w1}s} | {b.kernel}"]
+    lines += [f"{label:{w0}s}   {x:{w1}s} | {y}{'' if same else '   <- differs'}" for label, x, y, same in rows]
+    lines.append("[cvf]: check_vma_flags refused (traced); caps: odp_caps.general_caps; inval: invalidation "
+                 f"callbacks ({INVALIDATE_FUNCTION}) during the revocation; -> the RDMA WRITE's completion after it")
+    return "\n".join(lines)
