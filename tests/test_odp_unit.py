@@ -119,3 +119,13 @@ def test_compare_stories_marks_answers_not_timings():
     assert text.count("<- differs") == 2 and "IBV_WC_REM_ACCESS_ERR" in text and "truncate under an ODP MR on fsdax-xfs" in text
     c = _story("7.3.4+deb13-amd64", dict(ODP_FSDAX_73, revoke=dict(ODP_FSDAX_73["revoke"], seconds=0.5)), 1, True)
     assert "<- differs" not in compare_stories(b, c)
+
+
+def test_caps_mark_only_the_odp_rows():
+    def plain(caps):
+        return PinResult.from_probe(("rdma", "fsdax-xfs", "shared"),
+                                    {"ok": False, "errno": 95, "errname": "EOPNOTSUPP", "odp_general_caps": caps},
+                                    [], [CVF])
+    a = OdpStory("6.1", [plain(0)], [])
+    b = OdpStory("7.3", [plain(1)], [])
+    assert "<- differs" not in compare_stories(a, b)

@@ -243,12 +243,14 @@ def _rev_cell(r: RevokeResult) -> str:
         return f"not registered: {r.errname} ({r.errno})"
     inv = "-" if r.invalidations is None else str(r.invalidations)
     secs = "?" if r.action_seconds is None else f"{r.action_seconds:.3f}s"
-    return f"{secs}{' WAITED' if r.action_waited else ''} inval {inv} -> {r.after.status_name if r.after else '-'}"
+    seen = "" if r.visible_to_process is None else f", process sees it: {'yes' if r.visible_to_process else 'no'}"
+    return f"{secs}{' WAITED' if r.action_waited else ''} inval {inv} -> {r.after.status_name if r.after else '-'}{seen}"
 
 
 def _rev_key(r: RevokeResult) -> tuple[Any, ...]:
     """What a revocation answered, without its timings (which differ every run)."""
-    return (r.registered, r.errno, r.action_waited, bool(r.invalidations), r.after.status if r.after else None)
+    return (r.registered, r.errno, r.action_waited, bool(r.invalidations), r.after.status if r.after else None,
+            r.visible_to_process)
 
 
 def _action(memory: str) -> str:
@@ -260,8 +262,9 @@ def compare_stories(a: OdpStory, b: OdpStory) -> str:
     rows = []
     for p in a.pins:
         q = b.pin(p.mechanism, p.memory)
-        same = (p.ok, p.errno, p.device_odp, p.vmpin_kb_delta, bool(p.trace)) == \
-            (q.ok, q.errno, q.device_odp, q.vmpin_kb_delta, bool(q.trace))
+        # the device's caps matter to the ODP rows only
+        same = (p.ok, p.errno, p.vmpin_kb_delta, bool(p.trace)) == (q.ok, q.errno, q.vmpin_kb_delta, bool(q.trace)) \
+            and (p.mechanism != "rdma-odp" or p.device_odp == q.device_odp)
         rows.append((f"{p.mechanism} {p.memory}", _pin_cell(p), _pin_cell(q), same))
     for r in a.revocations:
         o = b.revocation(r.memory, r.kind)
