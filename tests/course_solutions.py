@@ -27,10 +27,10 @@ SOLUTIONS = {
     "ex3.4": 'answer = "r:mine check_vma_flags ret=$retval:s32"\nrecord("ex3.4", answer)',
     # predictions: completion only
     **{ex: f'answer = "my prediction, written before the measurement"\nrecord("{ex}", answer)'
-       for ex in ("ex2.0", "ex3.0", "ex4.0", "ex5.0", "ex6.0")},
+       for ex in ("ex2.0", "ex3.0", "ex4.0", "ex5.0", "ex6.0", "ex9.0")},
     # explanations: recorded for the instructor (rubric in instructor/rubrics.md)
     **{ex: f'answer = "A model answer is in the instructor rubric; this text is long enough."\nrecord("{ex}", answer)'
-       for ex in ("ex1.3", "ex3.5", "ex5.3", "ex6.3", "ex6.4")},
+       for ex in ("ex1.3", "ex3.5", "ex5.3", "ex6.3", "ex6.4", "ex9.3")},
     "ex7.1": ('lab.mount("xfs", "/dev/" + roles["fsdax-xfs"].blockdev, "/mnt/capstone", options="dax")\n'
               'answer = "/mnt/capstone"\nrecord("ex7.1", answer)'),
     "ex7.2": ('tried = lab.pin_many([("rdma", k, "shared") for k in ("fsdax-xfs", "fsdax-ext4", "devdax")])\n'
@@ -41,6 +41,8 @@ SOLUTIONS = {
     "ex7.5": 'answer = lab.truncate_wait("ext4").where[0]\nrecord("ex7.5", answer)',
     "ex7.6": 'answer = lab.pin("odirect", "fsdax-ext4").ok\nrecord("ex7.6", answer)',
     "ex8.1": 'answer = "check_vma_flags"\nrecord("ex8.1", answer)',
+    "ex9.1": 'answer = here.pin("rdma-odp", "anon").errname or "ok"\nrecord("ex9.1", answer)',
+    "ex9.2": 'answer = here.pin("rdma-odp", "anon").device_odp\nrecord("ex9.2", answer)',
 }
 
 

@@ -42,6 +42,8 @@ PINS = {
     ("io_uring", "fsdax-xfs"): pin("io_uring", "fsdax-xfs", False, 95, trace=[TRACE]),
     ("io_uring", "fsdax-ext4"): pin("io_uring", "fsdax-ext4", False, 95, trace=[TRACE]),
     ("io_uring", "devdax"): pin("io_uring", "devdax", False, 14),      # a different refusal, different errno
+    # 6.1's answer to an ODP registration: EINVAL, and the device reports no ODP (caps 0)
+    ("rdma-odp", "anon"): PinResult("rdma-odp", "anon", "shared", False, 22, "EINVAL", 0, 0, [], [], device_odp=0),
 }
 STACK = ["xfs_break_dax_layouts+0x80/0x120", "xfs_break_layouts+0x50/0x90", "xfs_vn_setattr+0x60/0x100"]
 EXT4_STACK = ["ext4_break_layouts+0x90/0x120", "ext4_setattr+0x2a0/0x9a0", "notify_change+0x1f0/0x4a0"]
@@ -180,6 +182,9 @@ CASES = {
     "ex7.6": ([True], ["", "True", 1, False]),
     "ex8.1": (["check_vma_flags", "check_vma_flags()", " Check_VMA_Flags "],
               ["", "vma_flags", "check_vma", "dax_layout_busy_page", "get_user_pages_longterm", 0, ["check_vma_flags"]]),
+    "ex9.1": (["EINVAL", "einval", 22, "-22", "-EINVAL"],
+              ["", "ok", "EOPNOTSUPP", 95, "EINVA", "Invalid argument", 0, True]),   # 95: 6.12's answer
+    "ex9.2": ([0, "0", "0x0", 0.0], ["", 1, "1", "0x1", None, True, "none"]),
 }
 PREDICTIONS = [e.id for e in EXERCISES if e.kind == "prediction"]
 EXPLAINS = [e.id for e in EXERCISES if e.kind == "explain"]

@@ -250,7 +250,7 @@ def test_matrix_result_is_typed_and_keeps_the_json_shape():
     assert list(d["mounts"][0]) == ["fs", "dax_active", "experimental_warning", "kernel_log", "ok", "options",
                                     "error"]
     assert list(d["pins"][0]) == ["mechanism", "memory", "mapping", "ok", "errno", "errname", "vmpin_kb_delta",
-                                  "foll_pin_delta", "kernel_log", "trace"]
+                                  "foll_pin_delta", "kernel_log", "trace", "device_odp", "why"]
     assert list(d["truncate_wait"]) == ["fs", "blocked", "seconds", "where", "completed"]
     assert m["pins"][0]["vmpin_kb_delta"] == 2048 and m.pins[0] is p and dict(m) == d
     assert "differs" not in compare_matrices(m, d)

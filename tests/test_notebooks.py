@@ -20,7 +20,7 @@ VM_NAME = "test-nb"
 
 def test_there_are_notebooks():
     names = [p.name[:3] for p in NOTEBOOKS]
-    assert names == [f"{i:02d}-" for i in range(9)], names
+    assert names == [f"{i:02d}-" for i in range(10)], names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -51,7 +51,7 @@ def shared_vm():
     for k in image.KERNELS:
         require_image(k)
     yield VM_NAME
-    for name in (VM_NAME, f"{VM_NAME}-other"):
+    for name in (VM_NAME, f"{VM_NAME}-other", f"{VM_NAME}-k73"):
         VM(name, persistent=True).stop()
 
 

@@ -55,7 +55,7 @@ class Exercise:
     """One exercise: ``id`` is the tag of its notebook cell."""
 
     id: str
-    notebook: str            # the notebook's number prefix, "00" ... "07"
+    notebook: str            # the notebook's number prefix, "00" ... "09"
     points: int              # auto-graded points (0 for explain: those are graded by hand)
     title: str
     check: Callable[[Any, Live], Result]
@@ -197,10 +197,14 @@ def check_v4l2_fsdax(answer: Any, live: Live) -> Result:
 
 
 
+# The four mechanisms notebook 05 classifies (rdma-odp, notebook 09's, pins nothing).
+CLASSIFIED = tuple(m for m in MECHANISMS if m != "rdma-odp")
+
+
 def check_classify(answer: Any, live: Live) -> Result:
-    if not isinstance(answer, dict) or set(answer) != set(MECHANISMS):
+    if not isinstance(answer, dict) or set(answer) != set(CLASSIFIED):
         return False, "give a dict with exactly the four mechanisms as keys"
-    for mech in MECHANISMS:
+    for mech in CLASSIFIED:
         refused = not live.pin(mech, "fsdax-xfs").ok and live.pin(mech, "anon").ok
         truth = "long-term" if refused else "transient"
         if _text(answer[mech]).replace("_", "-").replace(" ", "-") != truth:
@@ -285,6 +289,19 @@ def check_odirect_ext4(answer: Any, live: Live) -> Result:
     return got == live.pin("odirect", "fsdax-ext4").ok, ""
 
 
+def check_odp_anon(answer: Any, live: Live) -> Result:
+    return _errno_matches(answer, live.pin("rdma-odp", "anon"))
+
+
+def check_odp_caps(answer: Any, live: Live) -> Result:
+    got = _int(answer) if not (isinstance(answer, str) and answer.strip().lower().startswith("0x")) \
+        else int(answer.strip(), 16)
+    if got is None:
+        return False, "give a number (the general_caps bit mask)"
+    caps = live.pin("rdma-odp", "anon").device_odp
+    return caps is not None and got == caps, ""
+
+
 # -- checks: predictions and explanations ---------------------------------------------
 
 def check_prediction(answer: Any, live: Live) -> Result:
@@ -357,7 +374,7 @@ EXERCISES: tuple[Exercise, ...] = (
     Exercise("ex5.0", "05", 1, "prediction: transient pins on fs-dax", check_prediction, kind="prediction",
              guest=False),
     Exercise("ex5.1", "05", 2, "long-term or transient", check_classify,
-             needs=tuple((m, k) for m in MECHANISMS for k in ("anon", "fsdax-xfs")),
+             needs=tuple((m, k) for m in CLASSIFIED for k in ("anon", "fsdax-xfs")),
              hints=_hints("refused on fs-dax but allowed on anonymous memory means the caller asked for FOLL_LONGTERM",
                           "all four keys: rdma, v4l2, odirect, io_uring")),
     Exercise("ex5.2", "05", 1, "does O_DIRECT use FOLL_PIN here", check_odirect_follpin, needs=(("odirect", "fsdax-xfs"),),
@@ -389,13 +406,27 @@ EXERCISES: tuple[Exercise, ...] = (
              hints=_hints("measure it: lab.pin('odirect', ...)",)),
     Exercise("ex8.1", "08", 1, "the function whose answer module 1 changes", check_counterfactual_target,
              guest=False, hints=_hints("the module's kretprobe names it", "the function that refuses in notebook 3")),
+    Exercise("ex9.0", "09", 1, "prediction: does truncate wait under an ODP MR", check_prediction,
+             kind="prediction", guest=False),
+    Exercise("ex9.1", "09", 1, "an ODP registration of anonymous memory, on this guest", check_odp_anon,
+             needs=(("rdma-odp", "anon"),),
+             hints=_hints("the rdma-odp anon row measured on this notebook's own guest, not the other one",
+                          "\"ok\" if it registered, else the errno's name or number")),
+    Exercise("ex9.2", "09", 1, "the device's ODP capability bits, on this guest", check_odp_caps,
+             needs=(("rdma-odp", "anon"),),
+             hints=_hints("every RDMA result carries it: PinResult.device_odp",
+                          "odp_caps.general_caps as an int; bit 0 is IBV_ODP_SUPPORT")),
+    Exercise("ex9.3", "09", 0, "why truncate need not wait for an ODP MR", check_explain, kind="explain",
+             manual_points=3, guest=False,
+             hints=_hints("what does the kernel do to the device's mapping instead of waiting, and what did "
+                          "the next RDMA WRITE get?")),
 )
 
 BY_ID = {e.id: e for e in EXERCISES}
 
 
 def for_notebook(number: str) -> list[Exercise]:
-    """The exercises of notebook ``number`` ("00" ... "07"), in order."""
+    """The exercises of notebook ``number`` ("00" ... "09"), in order."""
     return [e for e in EXERCISES if e.notebook == number]
 
 

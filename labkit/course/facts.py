@@ -44,7 +44,7 @@ FACTS: tuple[Fact, ...] = (
     Fact("gup-longterm",
          "get_user_pages_longterm(): a separate GUP entry point for callers that keep pages indefinitely; "
          "it refuses VMAs for which vma_is_fsdax() is true (-EOPNOTSUPP). Each caller opted in by calling it.",
-         "2bb6d2837083", "mm: introduce get_user_pages_longterm", "4.15", ("03", "04", "06", "07"),
+         "2bb6d2837083", "mm: introduce get_user_pages_longterm", "4.15", ("03", "04", "06", "07", "09"),
          "Fixes: 2bb6d2837083 (\"mm: introduce get_user_pages_longterm\") in Dan Williams' S_ISCHR fix "
          "(linux-mm, 2018-02); the commit page on a raspberrypi/linux mirror quotes the series text",
          "the v3 series was rebased on v4.15-rc1 and tagged for -stable (cover letter), i.e. merged as a "
@@ -55,7 +55,7 @@ FACTS: tuple[Fact, ...] = (
          "registration would need a future 'map with lease'; tagged for -stable to 'purposely break' "
          "long-term registrations of fs-dax, one reason the EXPERIMENTAL mount warning is kept; "
          "device-dax does not suffer the same constraints (no file space management such as hole-punch).",
-         None, "introduce get_user_pages_longterm() (cover letter)", "4.15", ("03", "05", "06"),
+         None, "introduce get_user_pages_longterm() (cover letter)", "4.15", ("03", "05", "06", "09"),
          COVER_LETTER, "same series as 2bb6d2837083"),
     Fact("get-vaddr-frames-fsdax",
          "get_vaddr_frames() (the frame_vector helper videobuf2 uses for USERPTR) got its own "
@@ -138,14 +138,42 @@ FACTS: tuple[Fact, ...] = (
          "in the same akpm/mm mm-stable revlist (2023-06-10) as 8ac268436e6d", ""),
     Fact("rxe-odp",
          "soft-RoCE (rxe) accepts On-Demand-Paging registrations.",
-         "d03fb5c6599e", "RDMA/rxe: Allow registering MRs for On-Demand Paging", None, ("03", "06"),
-         "mirrored commit page (infradead nvme.git), patch of 2024-12-20 by Daisuke Matsuda", ""),
+         "d03fb5c6599e", "RDMA/rxe: Allow registering MRs for On-Demand Paging", "6.15", ("03", "06", "09"),
+         "mirrored commit page (infradead nvme.git), patch of 2024-12-20 by Daisuke Matsuda; the rdma.git "
+         "post-receive mail of 2025-02-23 (wip/leon-for-next) lists d03fb5c6599e31b9 with this subject",
+         "in rdma.git for-next (2025-02-23) and linux-next next-20250225: queued during the v6.14 release "
+         "candidates for the next merge window; rdma-core PR #1605 (May 2025) calls rxe's ODP 'already merged'; "
+         "the lab's 6.12 guest has no ODP in rxe, its 7.3 guest has"),
+    Fact("rxe-odp-invalidate",
+         "rxe's ODP MRs register an MMU interval notifier whose callback, rxe_ib_invalidate_range(), "
+         "unmaps the device's view of a range when the kernel invalidates it.",
+         "b601792392f9", "RDMA/rxe: Add page invalidation support", "6.15", ("09",),
+         "the same rdma.git post-receive mail (2025-02-23) and linux-next revlist (2025-02-25) as d03fb5c6599e",
+         "same series and the same pushes as d03fb5c6599e"),
+    Fact("fsdax-refcount",
+         "fs-dax pages become ordinarily reference-counted (a DAX page is free when its refcount drops to "
+         "zero, like any other page).",
+         "38607c62b34b", "fs/dax: properly refcount fs dax pages", "6.15", ("09",),
+         "Fixes: 38607c62b34b (\"fs/dax: properly refcount fs dax pages\") in David Hildenbrand's fsdax "
+         "folio fix (April 2025) and in Souvik Banerjee's fs/dax fixes; akpm/mm mm-stable push of 2025-03-18 "
+         "lists 38607c62b34b46317c46d5baf1df03ac6e48a1c6",
+         "Souvik Banerjee's fixes for it carry 'Cc: stable@vger.kernel.org # v6.15+'"),
+    Fact("dax-break-layout",
+         "A common dax_break_layout() replaces the per-filesystem wait loops (ext4_break_layouts' and "
+         "xfs_break_dax_layouts' own waits).",
+         "d5b3afea22a5", "fs/dax: create a common implementation to break DAX layouts", "6.15", ("09",),
+         "akpm/mm mm-stable push of 2025-03-18 lists d5b3afea22a52517e6bc835432e6dfd079b8bf7c with this "
+         "subject, in the same series as 38607c62b34b",
+         "same series and the same mm-stable push as 38607c62b34b (fixes tagged stable v6.15+)"),
     Fact("lab-kernel-6.1", "The lab's default guest kernel image.", None, "labkit.image.KERNELS", "6.1",
          ("00", "06", "07"), "the lab builds and boots it; notebooks print the live uname -r",
          "Debian bookworm's linux-image-amd64"),
     Fact("lab-kernel-6.12", "The lab's second guest kernel image.", None, "labkit.image.KERNELS", "6.12",
          ("00", "06", "07"), "the lab builds and boots it; notebooks print the live uname -r",
          "Debian bookworm-security's linux-image-6.12-amd64"),
+    Fact("lab-kernel-7.3", "The lab's third guest kernel image.", None, "labkit.image.KERNELS", "7.3",
+         ("09",), "the lab builds and boots it; notebooks print the live uname -r",
+         "Debian trixie-backports' linux-image-7.3.4+deb13-amd64"),
 )
 
 BY_KEY = {f.key: f for f in FACTS}

@@ -15,6 +15,7 @@ from labkit.lab.helper import GuestHelper
 from labkit.lab.matrix import MatrixResult
 from labkit.lab.mounts import Mounts
 from labkit.lab.observe import HeldPin
+from labkit.lab.odp import Odp, RevokeResult
 from labkit.lab.pmem import Namespace, Pmem
 from labkit.lab.probes import DEFAULT_SIZE, Probes
 from labkit.lab.protocols import Machine
@@ -37,6 +38,7 @@ class Lab:
         self.pmem = Pmem(vm)
         self.mounts = Mounts(vm, self.helper, self.tracer, self.pmem)
         self.probes = Probes(vm, self.helper, self.tracer, self.pmem)
+        self.odp = Odp(vm, self.helper, self.probes)
         log.debug("lab over %s", getattr(vm, "name", vm))
 
     # -- plumbing ----------------------------------------------------------
@@ -128,6 +130,13 @@ class Lab:
     def truncate_wait(self, fs: str = "xfs", hold: float = 3.0) -> TruncateWait:
         """Truncate a mapped fs-dax file while one of its pages is referenced."""
         return self.probes.truncate_wait(fs, hold=hold)
+
+    def odp_revoke(self, memory: str = "fsdax-xfs", kind: str = "odp", op: str = "write",
+                   roles: dict[str, Namespace] | None = None) -> RevokeResult:
+        """An MR (``kind`` "odp" or "pinned") over ``memory``, an RDMA ``op``
+        through it, the memory revoked (truncate / MADV_DONTNEED / munmap), the
+        op again: what the live kernel and device did (``labkit.lab.odp``)."""
+        return self.odp.revoke(memory, kind=kind, op=op, roles=roles)
 
     # -- the whole picture -------------------------------------------------
     def pins_matrix(self, pins: list[PinResult]) -> MatrixResult:

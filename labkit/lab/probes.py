@@ -110,7 +110,7 @@ class Probes:
         args = [mechanism, *self.memory_args(memory, mechanism, roles), "--mapping", mapping]
         if mechanism != "v4l2":
             args += ["--size", str(size)]
-        if mechanism == "rdma":
+        if mechanism in ("rdma", "rdma-odp"):
             args += ["--hold", str(float(hold))]
         if mechanism == "odirect":
             args += ["--target", ODIRECT_SOURCE]

@@ -69,9 +69,30 @@ class MountResult:
                 "kernel_log": self.kernel_log, "ok": self.ok, "options": self.options, "error": self.error}
 
 
+ODP_SUPPORT = 0x1       # IBV_ODP_SUPPORT in odp_caps.general_caps
+
+
+def pin_why(mechanism: str, ok: bool, device_odp: int | None, trace: list[str]) -> str:
+    """Why the kernel answered so, from this attempt's own evidence only: the
+    device's ODP capabilities and whether check_vma_flags refused (traced).
+    Two refusals with the same errno are told apart this way."""
+    if trace:
+        return "refused in check_vma_flags: no long-term pin of this memory (the fs-dax rule)"
+    odp = mechanism == "rdma-odp"
+    has_odp = device_odp is not None and bool(device_odp & ODP_SUPPORT)
+    if ok:
+        return f"registered on demand (device ODP caps {device_odp:#x}): no page pinned" if odp and has_odp else ""
+    if odp and device_odp is not None and not has_odp:
+        return (f"the device has no on-demand paging (ODP caps {device_odp:#x}); check_vma_flags did not "
+                "refuse: not the fs-dax rule")
+    return "refused; check_vma_flags did not refuse (not the fs-dax rule)"
+
+
 @dataclass
 class PinResult:
-    """One pin attempt: the kernel's answer and what it did to the counters."""
+    """One pin attempt: the kernel's answer and what it did to the counters.
+    ``device_odp``: the RDMA device's ``odp_caps.general_caps`` (RDMA only);
+    ``why``: the reason the evidence gives (``pin_why``)."""
 
     mechanism: str
     memory: str
@@ -84,6 +105,8 @@ class PinResult:
     kernel_log: list[str]
     trace: list[str]
     detail: dict[str, Any] = field(default_factory=dict)
+    device_odp: int | None = None
+    why: str = ""
 
     @property
     def cell(self) -> str:
@@ -95,6 +118,8 @@ class PinResult:
         vp = "-" if self.vmpin_kb_delta is None else f"{self.vmpin_kb_delta:+d} kB"
         fp = "-" if self.foll_pin_delta is None else f"{self.foll_pin_delta:+d}"
         why = f"   refused in: {self.trace[0].split(KPROBE + ':', 1)[-1].strip()}" if self.trace else ""
+        if not why and self.why:
+            why = f"   {self.why}"
         return (f"{self.mechanism:8s} {self.memory:10s} {self.cell:16s} VmPin {vp:>9s}  "
                 f"nr_foll_pin_acquired {fp:>5s}{why}")
 
@@ -107,10 +132,14 @@ class PinResult:
                    trace: list[str]) -> PinResult:
         """A result from the guest helper's JSON answer for ``case``."""
         mechanism, memory, mapping = case
-        return cls(mechanism=mechanism, memory=memory, mapping=mapping, ok=bool(data.get("ok")),
+        caps = data.get("odp_general_caps")
+        caps = caps if isinstance(caps, int) and not isinstance(caps, bool) else None
+        ok = bool(data.get("ok"))
+        return cls(mechanism=mechanism, memory=memory, mapping=mapping, ok=ok,
                    errno=data.get("errno"), errname=data.get("errname"),
                    vmpin_kb_delta=data.get("vmpin_kb_delta"), foll_pin_delta=data.get("foll_pin_acquired_delta"),
-                   kernel_log=kernel_log, trace=trace, detail=data)
+                   kernel_log=kernel_log, trace=trace, detail=data, device_odp=caps,
+                   why=pin_why(mechanism, ok, caps, trace) if mechanism.startswith("rdma") else "")
 
 
 @dataclass

@@ -13,7 +13,7 @@ import errno as _errno
 
 FILESYSTEMS = ("xfs", "ext4")
 MEMORY_KINDS = ("anon", "pagecache", "fsdax-xfs", "fsdax-ext4", "devdax")
-MECHANISMS = ("rdma", "v4l2", "odirect", "io_uring")
+MECHANISMS = ("rdma", "rdma-odp", "v4l2", "odirect", "io_uring")
 MAPPINGS = ("shared", "private")
 NS_MODES = ("fsdax", "devdax", "raw", "sector")
 
@@ -31,7 +31,7 @@ SHORT_CASES = [(mech, mem, "shared") for mech in ("rdma", "v4l2", "io_uring", "o
 # Every case ``Lab.matrix()`` measures by default: all shared mappings, and
 # private ones where they teach something (RDMA on anon and fs-dax).
 ALL_CASES = [(mech, mem, mapping) for mech in MECHANISMS for mem in MEMORY_KINDS for mapping in MAPPINGS
-             if mapping == "shared" or (mech == "rdma" and mem in ("anon", "fsdax-xfs", "fsdax-ext4"))]
+             if mapping == "shared" or (mech.startswith("rdma") and mem in ("anon", "fsdax-xfs", "fsdax-ext4"))]
 
 
 def fsdax_kind(fs: str) -> str:

@@ -11,10 +11,12 @@ runs::
 Subcommands (each pins a buffer a different way, one module each):
 
     rdma           RDMA memory registration (ibv_reg_mr via pyverbs), long-term pin
+    rdma-odp       the same with IBV_ACCESS_ON_DEMAND: no pin; reports the device's ODP caps
     v4l2           V4L2 USERPTR buffer queued on the vivid capture device, long-term pin
     odirect        an O_DIRECT read into the buffer, a short-lived (transient) pin
     io_uring       io_uring fixed-buffer registration, long-term pin
     truncate-wait  a truncate that has to wait until DAX pages held by a pipe are idle
+    odp-revoke     an MR (ODP or pinned), a loopback RDMA op, truncate/DONTNEED, the op again
     status         VmPin of a process and the global FOLL_PIN counters
     mount          mount a filesystem and report the mount and its DAX state
     mountinfo      the mount holding a path and its DAX state

@@ -123,7 +123,7 @@ def run_case(argv: list[str], timeout: float) -> tuple[dict[str, Any], list[str]
 
 def cmd_batch(args: Any) -> dict[str, Any] | None:
     cases = [json.loads(line) for line in sys.stdin if line.strip()]
-    if any(isinstance(c, list) and c and c[0] == "rdma" for c in cases):
+    if any(isinstance(c, list) and c and c[0] in ("rdma", "rdma-odp") for c in cases):
         for mod in ("pyverbs.device", "pyverbs.pd", "pyverbs.mr"):
             try:
                 importlib.import_module(mod)    # imported once, inherited by every fork

@@ -15,7 +15,9 @@ from .common import DEFAULT_SIZE, SetupError, emit, fail
 from .io_uring import cmd_io_uring
 from .measure import read_foll_pins, read_vmpin_kb
 from .odirect import cmd_odirect
+from .odp_revoke import cmd_odp_revoke
 from .rdma import cmd_rdma
+from .rdma_odp import cmd_rdma_odp
 from .target import cmd_mount, cmd_mountinfo
 from .truncate import cmd_truncate_wait
 from .v4l2 import cmd_v4l2
@@ -66,6 +68,11 @@ def _add_pinners(sub: Any) -> None:
     sp.add_argument("--hold", type=float, default=0.0,
                     help="seconds to keep the MR; -1 = print, then hold until stdin EOF/SIGTERM")
     sp.set_defaults(func=cmd_rdma)
+    sp = sub.add_parser("rdma-odp", help="ibv_reg_mr with IBV_ACCESS_ON_DEMAND (no pin)")
+    _memory_args(sp)
+    sp.add_argument("--device", help="RDMA device (default: first, e.g. rxe0)")
+    sp.add_argument("--hold", type=float, default=0.0, help="seconds to keep the MR")
+    sp.set_defaults(func=cmd_rdma_odp)
     sp = sub.add_parser("v4l2", help="V4L2 USERPTR QBUF on vivid")
     _memory_args(sp, size=False)
     sp.add_argument("--device", help="/dev/videoN (default: first vivid capture node)")
@@ -93,6 +100,14 @@ def _add_others(sub: Any) -> None:
     sp.add_argument("--timeout", type=float, default=20.0,
                     help="max seconds to wait for the truncate after the release")
     sp.set_defaults(func=cmd_truncate_wait)
+    sp = sub.add_parser("odp-revoke", help="register, RDMA, revoke the memory (truncate...), RDMA again")
+    _memory_args(sp)
+    sp.add_argument("--kind", choices=("odp", "pinned"), default="odp", help="on-demand or pinned MR")
+    sp.add_argument("--op", choices=("write", "read"), default="write", help="the RDMA operation")
+    sp.add_argument("--device", help="RDMA device (default: first, e.g. rxe0)")
+    sp.add_argument("--trace-event", default=None, help="kprobe event on the invalidation callback to count")
+    sp.add_argument("--timeout", type=float, default=20.0, help="max seconds for the revocation")
+    sp.set_defaults(func=cmd_odp_revoke)
     sp = sub.add_parser("status", help="VmPin of --pid and the FOLL_PIN counters")
     sp.add_argument("--pid", type=int, default=None, help="default: this process")
     sp.set_defaults(func=cmd_status)

@@ -1,5 +1,9 @@
 """RDMA memory registration (ibv_reg_mr through pyverbs): a long-term pin,
-accounted in VmPin. pyverbs is imported only here, and only when used."""
+accounted in VmPin; or, with IBV_ACCESS_ON_DEMAND (mechanism ``rdma-odp``), a
+registration that pins nothing and lets the kernel revoke the device's
+mappings. Every result carries the device's ODP capabilities
+(ibv_query_device_ex), so an ODP refusal can be told apart from the fs-dax
+rule. pyverbs is imported only here (and in verbs_loop), only when used."""
 
 from __future__ import annotations
 
@@ -44,10 +48,26 @@ def _open_device(name: str | None) -> tuple[str, Any, Any]:
         raise SetupError(f"cannot open RDMA device {name}: {e}") from e
 
 
-def _register(pd: Any, buf: Buffer, r: dict[str, Any]) -> Any:
-    """ibv_reg_mr over the buffer; the MR, or None with the kernel's answer in ``r``."""
+def device_odp(ctx: Any) -> dict[str, Any]:
+    """The device's on-demand-paging capabilities: ``odp_caps.general_caps``
+    (bit 0: IBV_ODP_SUPPORT) and the RC transport's (bit 2: WRITE, bit 3: READ)."""
+    try:
+        caps = ctx.query_device_ex().odp_caps
+    except Exception as e:  # noqa: BLE001  (a device without the extended query: reported, not fatal)
+        return {"odp_general_caps": None, "odp_rc_caps": None, "odp_caps_error": str(e)}
+    rc = getattr(caps, "rc_odp_caps", None)
+    if rc is None:
+        rc = getattr(getattr(caps, "per_transport_caps", None), "rc_odp_caps", None)
+    return {"odp_general_caps": int(caps.general_caps), "odp_rc_caps": None if rc is None else int(rc)}
+
+
+def _register(pd: Any, buf: Buffer, r: dict[str, Any], odp: bool = False) -> Any:
+    """ibv_reg_mr over the buffer (``odp``: with IBV_ACCESS_ON_DEMAND); the MR,
+    or None with the kernel's answer in ``r``."""
     _, penums, perr, MR, _ = _pyverbs()
     access = penums.IBV_ACCESS_LOCAL_WRITE | penums.IBV_ACCESS_REMOTE_WRITE | penums.IBV_ACCESS_REMOTE_READ
+    if odp:
+        access |= penums.IBV_ACCESS_ON_DEMAND
     try:
         return MR(pd, buf.size, access, address=buf.addr)
     except perr.PyverbsRDMAError as e:
@@ -69,12 +89,18 @@ def _hold_for_host(r: dict[str, Any], mr: Any, meter: Meter, t_pinned: float) ->
 
 
 def cmd_rdma(args: Any) -> dict[str, Any]:
+    odp = bool(getattr(args, "odp", False))
     name, ctx, pd = _open_device(args.device)
-    buf = Buffer(args.memory, args.size, args.mapping, args.path, args.dax_fs, args.dax_device)
-    r = base_result("rdma", buf, device=name, vmpin_kb_released=None)
+    try:
+        buf = Buffer(args.memory, args.size, args.mapping, args.path, args.dax_fs, args.dax_device)
+    except BaseException:
+        pd.close()
+        ctx.close()
+        raise
+    r = base_result("rdma-odp" if odp else "rdma", buf, device=name, vmpin_kb_released=None, **device_odp(ctx))
     meter = Meter()
     try:
-        mr = _register(pd, buf, r)
+        mr = _register(pd, buf, r, odp)
         meter.held()
         if mr is None:
             r.update(meter.fields())
