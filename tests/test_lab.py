@@ -99,6 +99,10 @@ def test_matrix_cli_json(guest):
     pins = {(p["mechanism"], p["memory"], p["mapping"]): p for p in m["pins"]}
     assert pins[("rdma", "fsdax-xfs", "shared")]["errno"] == 95
     assert pins[("rdma", "anon", "shared")]["ok"]
+    # rdma-odp: never the fs-dax rule; it registers exactly where the device has ODP (bit 0 of its caps)
+    odp = pins[("rdma-odp", "fsdax-xfs", "shared")]
+    assert not odp["trace"] and isinstance(odp["device_odp"], int) and odp["why"]
+    assert odp["ok"] == bool(odp["device_odp"] & 1) and odp["vmpin_kb_delta"] == 0
     assert {"blocked", "seconds", "where"} <= set(m["truncate_wait"])
 
 
