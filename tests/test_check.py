@@ -198,7 +198,9 @@ def test_graded_from_saved_outputs_without_rerun(check_vm, tmp_path):
     for cell in nb.cells:       # what JupyterLab saves after the learner ran the exercise cells
         ex = grading.exercise_id(cell)
         if ex:
-            value = mode if ex == "ex1.1" else lab.namespaces()[0].size // 2**20
+            value = {"ex1.1": mode, "ex1.3": "Raw mode has no struct pages for the device, so nothing can be "
+                                             "mapped or referenced directly: no DAX."}.get(
+                ex, lab.namespaces()[0].size // 2**20)
             cell.outputs = [nbformat.v4.new_output("display_data", data={
                 grading.MIME: grading.answer_payload(ex, value), "text/plain": "recorded"})]
             cell.execution_count = 1
