@@ -91,7 +91,11 @@ def test_qmp_sync_from_inside_a_running_event_loop():
 
     async def inside():
         return ch._sync(value(), 1.0)
-    assert asyncio.run(inside()) == 42
+    try:
+        assert asyncio.run(inside()) == 42
+    finally:
+        ch.close()
+    assert not ch._thread.is_alive(), "the QMP channel's loop thread must end with close()"
 
 
 @pytest.mark.parametrize("make, expect", [

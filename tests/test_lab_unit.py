@@ -80,7 +80,8 @@ def test_bad_input_is_refused_before_the_guest(call):
     with pytest.raises(ConfigError) as e:
         call(Lab(vm))
     assert vm.ssh.commands == []
-    assert str(e.value)
+    assert len(str(e.value)) > 20 and ("hint:" in str(e.value) or "use " in str(e.value) or "choose" in str(e.value)), \
+        str(e.value)        # says what was wrong and what to do
 
 
 def test_unknown_choice_names_the_valid_ones():

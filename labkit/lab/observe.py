@@ -122,7 +122,7 @@ class KernelLog:
     def stop(self) -> None:
         self._stop.set()
         if self._chan is not None:
-            self._chan.close()
+            self._chan.interrupt()       # ends the guest's `dmesg --follow` too, not just our channel
         if self._thread is not None:
             self._thread.join(timeout=2.0)
 

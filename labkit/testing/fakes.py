@@ -49,6 +49,10 @@ class FakeStream:
     def close_stdin(self) -> None:
         self.stdin_closed = True
 
+    def interrupt(self) -> None:
+        self.interrupted = True
+        self.close()
+
     def close(self) -> None:
         self.closed = True
 

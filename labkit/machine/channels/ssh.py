@@ -339,5 +339,10 @@ class GuestProcess:
             self.ssh.interrupt_tagged(self.tag)
             raise
 
+    def interrupt(self) -> None:
+        """End the guest command itself (SIGINT, then SIGKILL), not only our channel to it."""
+        self.close()
+        self.ssh.interrupt_tagged(self.tag)
+
     def close(self) -> None:
         self._chan.close()
