@@ -6,7 +6,6 @@ pure helpers the experiments share (kernel log sections, WARN lines)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shlex
 import uuid
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from labkit.errors import ConfigError, LabError
+from labkit.lab.helper import last_json
+from labkit.lab.tracing import parse_sections
 
 log = logging.getLogger(__name__)
 
@@ -82,39 +83,12 @@ def kernel_problems(lines: Iterable[str]) -> list[str]:
     return [ln for ln in lines if any(m in ln for m in WARN_MARKERS)]
 
 
-def parse_marked(text: str, marker: str) -> dict[str, str]:
-    """Split output framed by '@@MARKER NAME' lines into named sections."""
-    out: dict[str, str] = {}
-    name: str | None = None
-    buf: list[str] = []
-    for line in text.splitlines():
-        if line.startswith(f"@@{marker} "):
-            if name is not None:
-                out[name] = "\n".join(buf)
-            name, buf = line.split(" ", 1)[1].strip(), []
-        elif name is not None:
-            buf.append(line)
-    if name is not None:
-        out[name] = "\n".join(buf)
-    return out
-
-
 def lines_after(dmesg: str, marker: str) -> list[str]:
     lines = dmesg.splitlines()
     for i in range(len(lines) - 1, -1, -1):
         if marker in lines[i]:
             return [ln for ln in lines[i + 1:] if ln.strip()]
     return []
-
-
-def last_json(text: str) -> dict | None:
-    for line in reversed(text.strip().splitlines()):
-        if line.strip().startswith("{"):
-            try:
-                return json.loads(line)
-            except ValueError:
-                return None
-    return None
 
 
 def module_excerpt(name: str, max_lines: int = 14) -> str:
@@ -149,7 +123,7 @@ def observe(lab: Guest, script: str, timeout: float = 60.0) -> Observed:
                f"echo '@@{m} taint'; cat /proc/sys/kernel/tainted\n"
                f"echo '@@{m} log'; dmesg\n")
     r = lab.sh(wrapped, timeout=timeout, check=False)
-    sec = parse_marked(r.stdout, m)
+    sec = parse_sections(r.stdout, m)
     return Observed(rc=int(sec.get("rc", "").strip() or -1), stdout=sec.get("out", ""), stderr=sec.get("err", ""),
                     kernel_log=lines_after(sec.get("log", ""), f"labkit-cf {m}"),
                     taint=int(sec.get("taint", "").strip() or 0))
@@ -261,4 +235,4 @@ def counterfactual(lab: Guest, *names: str) -> Counterfactual:
     return Counterfactual(lab, names)
 
 
-__all__ = ["Counterfactual", "FILESYSTEMS", "Guest", "LabError", "MARKER_PATH", "MAX_HOLD", "MODULES", "MODULE_SOURCES", "ModuleLoadError", "Observed", "SCRIPT_PATH", "Switch", "TAINT_FLAGS", "WARN_MARKERS", "check_names", "counterfactual", "decode_taint", "ensure_script", "kernel_problems", "last_json", "lines_after", "loaded", "modified", "module_excerpt", "observe", "parse_marked", "tainted"]
+__all__ = ["Counterfactual", "FILESYSTEMS", "Guest", "LabError", "MARKER_PATH", "MAX_HOLD", "MODULES", "MODULE_SOURCES", "ModuleLoadError", "Observed", "SCRIPT_PATH", "Switch", "TAINT_FLAGS", "WARN_MARKERS", "check_names", "counterfactual", "decode_taint", "ensure_script", "kernel_problems", "last_json", "lines_after", "loaded", "modified", "module_excerpt", "observe", "tainted"]

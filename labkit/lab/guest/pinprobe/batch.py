@@ -17,9 +17,7 @@ import sys
 import time
 from typing import Any
 
-from .common import emit
-
-TRACE = "/sys/kernel/tracing/trace"
+from .common import TRACE, clear_trace, emit
 
 
 def _kmsg_open() -> int | None:
@@ -50,14 +48,6 @@ def _kmsg_drain(fd: int | None) -> list[str]:
     if fd is not None:
         os.close(fd)
     return lines
-
-
-def _clear_trace() -> None:
-    try:
-        with open(TRACE, "w"):
-            pass
-    except OSError:
-        pass
 
 
 def _read_trace() -> list[str]:
@@ -100,7 +90,7 @@ def _read_until(rfd: int, deadline: float) -> bytes:
 
 def run_case(argv: list[str], timeout: float) -> tuple[dict[str, Any], list[str], list[str]]:
     """One probe in a forked child: (its result, kernel log lines, trace lines)."""
-    _clear_trace()
+    clear_trace()
     kfd = _kmsg_open()
     rfd, wfd = os.pipe()
     pid = os.fork()

@@ -96,3 +96,15 @@ def set_error(r: dict[str, Any], err: int | None, message: str) -> None:
     r["errno"] = err
     r["errname"] = errname(err)
     r["message"] = message
+
+
+TRACE = "/sys/kernel/tracing/trace"
+
+
+def clear_trace() -> None:
+    """Empty the tracefs ring buffer (best effort: tracing may be unavailable)."""
+    try:
+        with open(TRACE, "w"):
+            pass
+    except OSError:
+        pass

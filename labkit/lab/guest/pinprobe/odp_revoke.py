@@ -20,24 +20,15 @@ import time
 from typing import Any
 
 from .buffer import Buffer
-from .common import PAGE, base_result, libc
+from .common import PAGE, TRACE, base_result, clear_trace, libc
 from .measure import Meter
 from .rdma import _open_device, _register, device_odp
 from .truncate import _REPORT, _REPORT_SIZE, Child, _fork_truncate
 from .verbs_loop import PATTERN, Loopback
 
-TRACE = "/sys/kernel/tracing/trace"
 MADV_DONTNEED = 4
 libc.madvise.restype = ctypes.c_int
 libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-
-def _clear_trace() -> None:
-    try:
-        with open(TRACE, "w"):
-            pass
-    except OSError:
-        pass
 
 
 def count_events(event: str | None) -> int | None:
@@ -103,7 +94,7 @@ def _experiment(r: dict[str, Any], ctx: Any, pd: Any, mr: Any, buf: Buffer, args
     try:
         r["gid_index"] = loop.gid_index
         r["before"] = loop.rdma(args.op, mr, buf.addr, PAGE)
-        _clear_trace()
+        clear_trace()
         r["revoke"] = _revoke(buf, args.timeout)
         r["invalidations"] = count_events(args.trace_event)
         r["after"] = loop.rdma(args.op, mr, buf.addr, PAGE)
