@@ -194,19 +194,25 @@ def test_cpus_stopped_through_qmp(fvm):
 
 
 def test_busy_loop_starving_sshd(tmp_path):
-    """Two real-time busy loops (one per vCPU, RT throttling off) leave sshd no
+    """Real-time busy loops, one pinned to each vCPU (RT throttling off), leave sshd no
     CPU. The wait is bounded and the error says sshd is starved while QEMU runs.
     A guest of its own: the starved guest is thrown away (reset) whatever happens,
     so the shared guest of the other faults is never left starved."""
     require_image(KERNEL)
     vm = VM("starve", kernel=KERNEL, state_dir=tmp_path / "starve").start()
-    starve = ("echo -1 > /proc/sys/kernel/sched_rt_runtime_us; for i in 1 2; do "
-              "nohup chrt -f 99 sh -c 'while :; do :; done' </dev/null >/dev/null 2>&1 & done; echo started")
+    # one loop pinned to each vCPU (the guest's own count), started a second after
+    # this command returned: no CPU is left for sshd, whatever the scheduler's placement
+    starve = ("echo -1 > /proc/sys/kernel/sched_rt_runtime_us; n=$(nproc); "
+              "nohup setsid sh -c 'sleep 1; for c in $(seq 0 $(($1 - 1))); do "
+              "taskset -c $c chrt -f 99 sh -c \"while :; do :; done\" & done' sh $n "
+              "</dev/null >/dev/null 2>&1 & echo started $n")
     t0 = time.monotonic()
     try:
         try:
-            vm.run(starve, timeout=60)
+            started = vm.run(starve, timeout=60).stdout.split()
+            assert started[:1] == ["started"] and int(started[1]) >= 1, started
             err = None
+            time.sleep(3)
             t0 = time.monotonic()
             with pytest.raises(GuestHung) as e:
                 vm.run("echo alive", timeout=120)
