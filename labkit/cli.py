@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,7 @@ import time
 from typing import Any
 
 from labkit import paths
-from labkit.errors import ChannelError, GuestDied, GuestTimeout, LabError, StateError
+from labkit.errors import ChannelError, ConfigError, GuestDied, GuestTimeout, LabError, StateError
 from labkit.image import build as image
 from labkit.lab.report import format_matrix
 from labkit.machine.vm import VM, VMState
@@ -347,6 +348,29 @@ def _one_matrix(args: argparse.Namespace, kernel: str | None, prefix: str, quiet
         vm.finish()
 
 
+def cmd_source(args: argparse.Namespace) -> int:
+    from labkit.course import source
+    if not args.function and not args.grep:
+        raise ConfigError("give a function name or --grep REGEX",
+                          hint="e.g. labkit source check_vma_flags --mark-return -95")
+    if args.grep:
+        try:
+            re.compile(args.grep)
+        except re.error as exc:
+            raise ConfigError(f"--grep {args.grep!r} is not a regular expression ({exc})",
+                              hint="e.g. --grep FOLL_LONGTERM") from exc
+    src = source.for_kernel(args.kernel, progress=lambda s: print(s, file=sys.stderr))
+    if args.grep:
+        for path, n, fn, text in src.grep(args.grep):
+            print(f"{path}:{n}: {fn + '(): ' if fn else ''}{text}")
+        return 0
+    listing = src.function(args.function)
+    mark = listing.returning(args.mark_return) if args.mark_return is not None else []
+    print(f"{listing.path}:{listing.start}-{listing.end} (Linux {src.release})")
+    print(listing.text(mark))
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from labkit.course import grading
     paths = args.notebooks or grading.default_notebooks()
@@ -491,6 +515,18 @@ def _add_course(sub: Any) -> None:
     ck.add_argument("notebooks", nargs="*", metavar="NOTEBOOK", help="notebook files (default: all of notebooks/)")
     ck.add_argument("--json", action="store_true", help="machine-readable results (for an LMS or nbgrader)")
     ck.set_defaults(func=cmd_check)
+
+    sr = sub.add_parser("source", help="show a function of the guest kernel's own source (Debian linux-source)",
+                        description="Prints a function from the exact source of a guest image's kernel (Debian's "
+                                    "linux-source package of that version, fetched once, about 150 MB; only the "
+                                    "files the course reads are kept). --mark-return -95 marks the lines that "
+                                    "return that value, e.g. the ones a kretprobe that saw ret=-95 could have "
+                                    "caught.")
+    sr.add_argument("function", nargs="?", help="a C function name, e.g. check_vma_flags")
+    sr.add_argument("--kernel", choices=kernels, default=image.DEFAULT_KERNEL, help="default %(default)s")
+    sr.add_argument("--grep", metavar="REGEX", help="instead: list the lines matching REGEX and their functions")
+    sr.add_argument("--mark-return", type=int, metavar="N", help="mark the lines returning N (e.g. -95)")
+    sr.set_defaults(func=cmd_source)
 
     lab = sub.add_parser("lab", help="start the VM and JupyterLab on notebooks/")
     lab.add_argument("--name", default="default")

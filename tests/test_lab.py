@@ -203,3 +203,24 @@ def test_mount_info_reads_the_live_mount(lab):
     info = lab.mount_info("/mnt/fsdax-xfs")
     assert info.is_mountpoint and info.fs == "xfs" and info.dax_active and info.device.startswith("/dev/pmem")
     assert not lab.mount_info("/mnt/nothing-here").is_mountpoint
+
+
+def test_the_refusing_line_in_the_running_kernels_own_source(lab):
+    """The kretprobe's return value, looked up in Debian's linux-source of exactly
+    the running kernel, marks the fs-dax test's return line (among any other
+    line returning the same errno). Fetches the source once per kernel."""
+    import re
+
+    from labkit.course import source
+    r = lab.pin("rdma", "fsdax-xfs")
+    assert not r.ok and r.trace, r
+    m = re.search(r"<-\s*(\w+)\).*ret=(-?\d+)", r.trace[0])
+    assert m, r.trace
+    src = source.for_lab(lab)
+    assert src.release == lab.sh("uname -r").stdout.strip()
+    listing = src.function(m.group(1))
+    fsdax = listing.matching(r"FOLL_LONGTERM\)\s*&&\s*vma_is_fsdax\(vma\)")
+    assert len(fsdax) == 1, listing.text()
+    assert fsdax[0] + 1 in listing.returning(int(m.group(2))), listing.text(listing.returning(int(m.group(2))))
+    # the V4L2 path of the cover letter: get_vaddr_frames asks for a long-term pin
+    assert src.grep(r"FOLL_LONGTERM", "drivers/media/common/videobuf2/frame_vector.c")
