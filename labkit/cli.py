@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from labkit import paths
@@ -383,6 +384,29 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if all(c.passed for r in results for c in r.checks) else 1
 
 
+def cmd_course_grade(args: argparse.Namespace) -> int:
+    from labkit.course import gradebook, summative
+    jobs = args.jobs or summative.default_jobs()
+    opts = summative.Options(timeout=args.timeout, kernel=args.kernel)
+    say = (lambda s: None) if args.quiet else (lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
+    results = summative.grade_all(args.submissions, opts, jobs, progress=say)
+    all_rows = []
+    for student, grades in results.items():
+        path = gradebook.write_student(args.out, student, grades)
+        all_rows += gradebook.rows(gradebook.load_student(path))
+        print(f"{student}: {sum(g.score for g in grades)}/{sum(g.max for g in grades)}  ({path})")
+    gradebook.write_csv(args.out / "grades.csv", all_rows)
+    print(f"CSV: {args.out / 'grades.csv'}")
+    return 0
+
+
+def cmd_course_gradebook(args: argparse.Namespace) -> int:
+    from labkit.course import gradebook
+    n = gradebook.merge(args.dirs, args.output)
+    print(f"{n} students -> {args.output}")
+    return 0
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     image.ensure_image(args.kernel)
     vm = VM(args.name, kernel=args.kernel, persistent=True, on_console_line=_boot_progress(False))
@@ -528,12 +552,50 @@ def _add_course(sub: Any) -> None:
     sr.add_argument("--mark-return", type=int, metavar="N", help="mark the lines returning N (e.g. -95)")
     sr.set_defaults(func=cmd_source)
 
+    _add_course_grading(sub)
+
     lab = sub.add_parser("lab", help="start the VM and JupyterLab on notebooks/")
     lab.add_argument("--name", default="default")
     lab.add_argument("--kernel", choices=kernels, default=image.DEFAULT_KERNEL)
     lab.add_argument("--port", type=_port, default=8888)
     lab.add_argument("--no-browser", action="store_true")
     lab.set_defaults(func=cmd_lab)
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} must be more than 0")
+        return value
+    return parse
+
+
+def _add_course_grading(sub: Any) -> None:
+    course = sub.add_parser("course", help="instructor tools: summative grading, the gradebook")
+    cs = course.add_subparsers(dest="sub", required=True, metavar="ACTION")
+    g = cs.add_parser("grade", help="re-execute submissions in fresh sandboxed guests and grade them",
+                      description="Each SUBMISSION is a directory named after the student id holding that "
+                                  "student's notebooks. Every notebook is run from the top in a fresh throwaway "
+                                  "guest by a sandboxed kernel (docs/grading.md), graded on its own, and written "
+                                  "to OUT/<student>.json and OUT/grades.csv. Needs root and bubblewrap.")
+    g.add_argument("submissions", nargs="+", metavar="SUBMISSION")
+    g.add_argument("--out", type=Path, default=Path("grades"), help="output directory (default %(default)s)")
+    g.add_argument("--jobs", type=_positive(int), default=None,
+                   help="notebooks graded at a time (default: one per core, as free memory allows)")
+    g.add_argument("--timeout", type=_positive(float), default=900.0,
+                   help="seconds per notebook, run and checks (default %(default)s)")
+    g.add_argument("--kernel", choices=list(image.KERNELS), default=None,
+                   help=f"guest kernel variant (default {image.DEFAULT_KERNEL})")
+    g.add_argument("--quiet", action="store_true", help="no progress lines")
+    g.set_defaults(func=cmd_course_grade)
+    b = cs.add_parser("gradebook", help="merge per-student grade files into one CSV")
+    b.add_argument("dirs", nargs="+", metavar="DIR", help="--out directories (or JSON files) of course grade")
+    b.add_argument("-o", "--output", type=Path, required=True, help="the CSV to write")
+    b.set_defaults(func=cmd_course_gradebook)
 
 
 def _terminate_as_interrupt(signum: int, frame: object) -> None:

@@ -278,6 +278,7 @@ def check_capstone_vmpin(answer: Any, live: Live) -> Result:
     got = _int(answer)
     if got is None:
         return False, "give a whole number of kB"
+    live.ready()        # soft-RoCE on this guest, whatever other checks ran before (or did not)
     res = live._once("pin4m", lambda: live.lab.pin("rdma", "anon", size=4 * 2**20))
     return got == res.vmpin_kb_delta, ""
 

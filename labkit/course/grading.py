@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 import re
+import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,23 +46,62 @@ class NotebookError(LabError):
 
 # -- in the notebook ---------------------------------------------------------
 
-def _jsonable(value: Any) -> Any:
+# Bounds on what an answer may be: an answer is a name, a number, a short
+# list or dict, or a few sentences; anything bigger is a mistake or an attack
+# on the grader, and is reported as such instead of being carried around.
+MAX_ITEMS = 2_000          # values visited while converting one answer
+MAX_DEPTH = 16             # nesting of lists/dicts
+MAX_CHARS = 20_000         # the answer's JSON text
+
+
+class AnswerTooLarge(ValueError):
+    """An answer beyond MAX_ITEMS/MAX_DEPTH/MAX_CHARS (see :func:`answer_payload`)."""
+
+
+def _jsonable(value: Any, depth: int = 0, budget: list[int] | None = None) -> Any:
+    """``value`` as plain JSON (sets sorted, tuples as lists, NaN/inf and other
+    objects as their repr); raises AnswerTooLarge past the bounds above and
+    never anything else, whatever the value (a hostile ``__repr__`` included)."""
+    budget = [MAX_ITEMS] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0 or depth > MAX_DEPTH:
+        raise AnswerTooLarge("too large or too deeply nested")
+    if value is None or isinstance(value, (bool, int, str)):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**18:
+            return str(value)[:40]
+        return value[:MAX_CHARS] if isinstance(value, str) else value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)      # NaN is not JSON
     if isinstance(value, (set, frozenset)):
-        return sorted(_jsonable(v) for v in value)
+        items = [_jsonable(v, depth + 1, budget) for v in value]
+        return sorted(items, key=lambda v: json.dumps(v, sort_keys=True))   # mixed types sort too
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, depth + 1, budget) for v in value]
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
+        return {_safe_repr(k) if not isinstance(k, str) else k: _jsonable(v, depth + 1, budget)
+                for k, v in value.items()}
+    return _safe_repr(value)
+
+
+def _safe_repr(value: Any) -> str:
+    try:
+        return repr(value)[:200]
+    except Exception:       # noqa: BLE001 - a learner's object whose __repr__ raises is still an answer
+        return f"<{type(value).__name__} object>"
 
 
 def answer_payload(exercise_id: str, answer: Any) -> dict:
-    """What ``record`` stores: the answer as JSON, or a blank marker."""
+    """What ``record`` stores: the answer as JSON, a blank marker, or an
+    ``invalid`` reason for an answer that cannot be recorded."""
     if answer is Ellipsis or answer is None:
         return {"id": exercise_id, "blank": True}
-    return {"id": exercise_id, "blank": False, "value": _jsonable(answer)}
+    try:
+        value = _jsonable(answer)
+        if len(json.dumps(value, allow_nan=False)) > MAX_CHARS:
+            raise AnswerTooLarge("too large")
+    except (AnswerTooLarge, RecursionError, ValueError, TypeError) as exc:
+        return {"id": exercise_id, "blank": False, "invalid": f"the answer is {exc or 'not readable'}"}
+    return {"id": exercise_id, "blank": False, "value": value}
 
 
 def record(exercise_id: str, answer: Any) -> None:
@@ -68,8 +109,26 @@ def record(exercise_id: str, answer: Any) -> None:
     from IPython.display import display
     p = answer_payload(exercise_id, answer)
     text = (f"{exercise_id}: no answer yet (replace the ... with yours)" if p["blank"] else
-            f"{exercise_id}: answer recorded: {p['value']!r} - grade it with `labkit check`")
+            f"{exercise_id}: {p['invalid']}: give a name, a number, a short list or a few sentences"
+            if "invalid" in p else
+            f"{exercise_id}: answer recorded: {_safe_repr(p['value'])} - grade it with `labkit check`")
     display({MIME: p, "text/plain": text}, raw=True)
+
+
+def checked_payload(raw: Any, exercise: str) -> dict | None:
+    """A payload read from a notebook file, validated: None unless it is a
+    dict recorded for ``exercise``; ``invalid`` set if its value is not a
+    bounded JSON value (a saved notebook is only a file the learner hands in)."""
+    if not isinstance(raw, dict) or raw.get("id") != exercise:
+        return None
+    if raw.get("blank") is True:
+        return {"id": exercise, "blank": True}
+    if "invalid" in raw:
+        return {"id": exercise, "blank": False, "invalid": str(raw["invalid"])[:200]}
+    if "value" not in raw:
+        return {"id": exercise, "blank": False, "invalid": "the recorded answer has no value"}
+    p = answer_payload(exercise, raw["value"])
+    return p if not p["blank"] else {"id": exercise, "blank": False, "invalid": "the recorded answer is empty"}
 
 
 # -- reading notebooks -------------------------------------------------------
@@ -110,68 +169,123 @@ def has_outputs(nb) -> bool:
 
 
 def literal_answer(source: str) -> dict | None:
-    """The answer from a literal ``answer = ...`` in the cell source, if any."""
+    """The answer from a literal ``answer = ...`` in the cell source, if any
+    (a source too large or too nested to parse is no answer)."""
+    if len(source) > 4 * MAX_CHARS:
+        return None
     try:
         tree = ast.parse(source)
-    except SyntaxError:
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
     found = None
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "answer" for t in node.targets):
             try:
                 found = ast.literal_eval(node.value)
-            except ValueError:
+            except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
                 return None
     if found is None and not any(isinstance(n, ast.Assign) for n in tree.body):
         return None
     return answer_payload("?", found)
 
 
-def answers(nb) -> dict[str, dict]:
-    """exercise id -> recorded payload (or literal fallback, or a 'not run' marker)."""
+def _payloads(cell) -> list[Any]:
+    return [o.get("data", {}).get(MIME) for o in cell.get("outputs", [])
+            if isinstance(o.get("data"), dict) and MIME in o["data"]]
+
+
+def answers(nb, marker: str | None = None) -> dict[str, dict]:
+    """exercise id -> payload: what the notebook really answered.
+
+    * A cell's recorded payload counts only if the cell was executed (it has
+      an execution count) and the payload names that cell's own exercise: an
+      output pasted into a cell that never ran, or recorded under another
+      exercise's id, is not an answer.
+    * ``marker``: the run's nonce of the hidden record cells ``execute`` added
+      after each exercise cell. Their payload (the value of ``answer`` when
+      the cell had run) comes first; a hidden cell saved in the notebook file
+      (any other marker) is ignored.
+    * Else a literal ``answer = ...`` in the source; else a "not run" marker.
+    """
     out: dict[str, dict] = {}
+    current: str | None = None
+    hidden: dict[str, dict] = {}
     for cell in nb.cells:
+        if cell.get("cell_type") != "code":
+            continue
+        rec = cell.get("metadata", {}).get("labkit_record")
+        if rec is not None:
+            if marker is not None and rec == marker and current is not None:
+                for raw in _payloads(cell):
+                    p = checked_payload(raw, current)
+                    if p is not None:
+                        hidden[current] = p
+            continue
         ex = exercise_id(cell)
+        current = ex
         if ex is None:
             continue
         got = None
-        # a hidden record cell may follow (the nbclient path); so look in this cell and at recorded payloads below
-        for o in cell.get("outputs", []):
-            if MIME in o.get("data", {}):
-                got = dict(o["data"][MIME])
+        if isinstance(cell.get("execution_count"), int):
+            for raw in _payloads(cell):
+                got = checked_payload(raw, ex) or got
         if got is None:
-            got = literal_answer(cell.source)
+            got = literal_answer(cell.get("source", ""))
+            got = dict(got, id=ex) if got is not None else None
         out[ex] = got if got is not None else {"id": ex, "not_run": True}
-    for cell in nb.cells:      # hidden record cells added before execution
-        if cell.get("metadata", {}).get("labkit_record"):
-            for o in cell.get("outputs", []):
-                if MIME in o.get("data", {}):
-                    out[o["data"][MIME]["id"]] = dict(o["data"][MIME])
+    for ex, p in hidden.items():       # the run's own record wins, unless it saw nothing and the cell recorded
+        if not (p.get("blank") and not out.get(ex, {}).get("blank", True)):
+            out[ex] = p
     return out
 
 
-def execute(nb, path: Path, timeout: float = 600.0) -> list[str]:
-    """Run the notebook headless (nbclient) in memory; returns the errors raised by cells."""
+def hidden_record_source(exercise: str) -> str:
+    """The grader's record cell after an exercise cell: records ``answer`` as
+    the cell left it, then removes it, so an exercise whose cell failed is not
+    credited with the previous exercise's answer."""
+    return (f"from labkit.grading import record as _labkit_record\n"
+            f"_labkit_record({exercise!r}, globals().pop('answer', ...))")
+
+
+def prepare_for_execution(nb) -> str:
+    """Ready ``nb`` (in place) for a re-execution from the top: saved outputs
+    and any record cells saved in the file dropped, a hidden record cell after
+    every exercise cell. Returns the run's marker for :func:`answers`."""
     import nbformat
-    from nbclient import NotebookClient
+    marker = secrets.token_hex(8)
     cells = []
     for cell in nb.cells:
+        if cell.get("metadata", {}).get("labkit_record") is not None:
+            continue
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
         cells.append(cell)
         ex = exercise_id(cell)
-        if ex and "record(" not in cell.source:
-            rec = nbformat.v4.new_code_cell(f"from labkit.grading import record as _labkit_record\n"
-                                            f"_labkit_record({ex!r}, globals().get('answer', ...))")
-            rec.metadata["labkit_record"] = True
+        if ex:
+            rec = nbformat.v4.new_code_cell(hidden_record_source(ex))
+            rec.metadata["labkit_record"] = marker
             cells.append(rec)
     nb.cells = cells
-    NotebookClient(nb, timeout=int(timeout), kernel_name="python3", allow_errors=True,
-                   resources={"metadata": {"path": str(path.parent.resolve())}}).execute()
+    return marker
+
+
+def cell_errors(nb) -> list[str]:
     errors = []
     for i, cell in enumerate(nb.cells):
         for o in cell.get("outputs", []) if cell.cell_type == "code" else []:
             if o.get("output_type") == "error":
-                errors.append(f"cell {i}: {o.get('ename')}: {o.get('evalue', '')[:200]}")
+                errors.append(f"cell {i}: {o.get('ename')}: {str(o.get('evalue', ''))[:200]}")
     return errors
+
+
+def execute(nb, path: Path, timeout: float = 600.0) -> tuple[list[str], str]:
+    """Run the notebook headless (nbclient) in memory; returns the errors
+    raised by cells and the marker of the hidden record cells."""
+    from nbclient import NotebookClient
+    marker = prepare_for_execution(nb)
+    NotebookClient(nb, timeout=int(timeout), kernel_name="python3", allow_errors=True,
+                   resources={"metadata": {"path": str(path.parent.resolve())}}).execute()
+    return cell_errors(nb), marker
 
 
 # -- grading -----------------------------------------------------------------
@@ -211,49 +325,71 @@ def _connect_lab():
 
 def grade(paths: list[str | os.PathLike], lab=None, execute_blank: bool = True,
           progress=None) -> list[NotebookResult]:
-    """Grade each notebook; ``lab`` is connected on first need (LABKIT_VM)."""
-    from labkit.course.exercises import BY_ID, Live, for_notebook
+    """Grade each notebook; ``lab`` is connected on first need (LABKIT_VM).
+
+    Every notebook is judged on its own: its checks get a fresh :class:`Live`
+    (nothing measured for one notebook, and no guest state another notebook
+    prepared or reset, is reused for the next), so the order of ``paths``
+    does not change any score."""
     say = progress or (lambda s: None)
-    loaded = []
-    for p in paths:     # validate every path before any slow work
-        nb = load(p)
-        number = notebook_number(p, nb)
-        exercises = for_notebook(number)
-        tagged = {exercise_id(c) for c in nb.cells} - {None}
-        if not exercises and not tagged:
-            raise NotebookError(p, "not a labkit course notebook (no exercise cells)",
-                                hint="check the notebooks in notebooks/ (00-...07-)")
-        loaded.append((Path(p), nb, number, exercises, tagged))
-    live = None
+    loaded = [_load_course_notebook(p) for p in paths]     # validate every path before any slow work
     results = []
-    for path, nb, number, exercises, _tagged in loaded:
+    connected = lab
+    for path, nb, number, exercises in loaded:
         res = NotebookResult(str(path), number, executed=False)
+        marker = None
         if execute_blank and not has_outputs(nb):
             say(f"{path.name}: no outputs, executing it headless against the lab VM")
             res.executed = True
-            res.cell_errors = execute(nb, path)
-        given = answers(nb)
-        for ex in exercises:
-            ans = given.get(ex.id)
-            if ans is None:
-                res.checks.append(CheckResult(ex.id, ex.title, 0, ex.points, False,
-                                              f"exercise cell tagged {ex.id} not found in the notebook"))
-            elif ans.get("not_run"):
-                res.checks.append(CheckResult(ex.id, ex.title, 0, ex.points, False,
-                                              "no recorded answer: run the cell (it ends with record(...)) and "
-                                              "save the notebook, or write answer = <a literal value>"))
-            elif ans.get("blank"):
-                res.checks.append(CheckResult(ex.id, ex.title, 0, ex.points, False,
-                                              "not answered yet (answer is still ...)"))
-            else:
-                if live is None and ex.guest:
-                    say("connecting to the lab VM for the live checks")
-                    live = Live(lab or _connect_lab())
-                    live.wanted = {n for e in BY_ID.values() for n in e.needs
-                                   if given_or_none(loaded, e.id)}
-                res.checks.append(judge(ex, ans["value"], live))
+            res.cell_errors, marker = execute(nb, path)
+        given = answers(nb, marker)
+        if connected is None and any(ex.guest and _answered(given.get(ex.id)) for ex in exercises):
+            say("connecting to the lab VM for the live checks")
+            connected = _connect_lab()
+        res.checks = judge_notebook(exercises, given, connected)
         results.append(res)
     return results
+
+
+def _load_course_notebook(p: str | os.PathLike) -> tuple[Path, Any, str, list]:
+    from labkit.course.exercises import for_notebook
+    nb = load(p)
+    number = notebook_number(p, nb)
+    exercises = for_notebook(number)
+    tagged = {exercise_id(c) for c in nb.cells} - {None}
+    if not exercises and not tagged:
+        raise NotebookError(p, "not a labkit course notebook (no exercise cells)",
+                            hint="check the notebooks in notebooks/ (00-...09-)")
+    return Path(p), nb, number, exercises
+
+
+def _answered(ans: dict | None) -> bool:
+    return ans is not None and not ans.get("blank") and not ans.get("not_run") and "invalid" not in ans
+
+
+def judge_notebook(exercises: list, given: dict[str, dict], lab) -> list[CheckResult]:
+    """The results of one notebook's exercises, measured on ``lab`` with a
+    Live of this notebook alone (its batch of pins is this notebook's)."""
+    from labkit.course.exercises import Live
+    live = Live(lab)
+    live.wanted = {n for e in exercises if _answered(given.get(e.id)) for n in e.needs}
+    return [_one_check(ex, given.get(ex.id), live) for ex in exercises]
+
+
+def _one_check(ex, ans: dict | None, live) -> CheckResult:
+    if ans is None:
+        return CheckResult(ex.id, ex.title, 0, ex.points, False,
+                           f"exercise cell tagged {ex.id} not found in the notebook")
+    if ans.get("not_run"):
+        return CheckResult(ex.id, ex.title, 0, ex.points, False,
+                           "no recorded answer: run the cell (it ends with record(...)) and "
+                           "save the notebook, or write answer = <a literal value>")
+    if ans.get("blank"):
+        return CheckResult(ex.id, ex.title, 0, ex.points, False, "not answered yet (answer is still ...)")
+    if "invalid" in ans:
+        return CheckResult(ex.id, ex.title, 0, ex.points, False,
+                           f"{ans['invalid']}: give a name, a number, a short list or a few sentences")
+    return judge(ex, ans["value"], live)
 
 
 def judge(ex, value, live) -> CheckResult:
@@ -274,17 +410,6 @@ def judge(ex, value, live) -> CheckResult:
     else:
         msg = ex.feedback(ok, why)
     return CheckResult(ex.id, ex.title, ex.points if ok else 0, ex.points, ok, msg)
-
-
-def given_or_none(loaded, ex_id: str) -> bool:
-    """True if some notebook being graded has a non-blank answer for ``ex_id``
-    (so its live measurements go into the shared batch)."""
-    for _path, nb, _n, _e, tagged in loaded:
-        if ex_id in tagged:
-            a = answers(nb).get(ex_id)
-            if a and not a.get("blank") and not a.get("not_run"):
-                return True
-    return False
 
 
 def report(results: list[NotebookResult]) -> str:

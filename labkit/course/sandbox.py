@@ -1,0 +1,392 @@
+"""The sandbox a submission's Jupyter kernel runs in during summative grading.
+
+Student code never runs with the grader's privileges. The kernel is started
+(by jupyter_client, through the argv of a kernel spec this module writes) as:
+
+    python -m labkit.course.sandbox enter ...   (outside, as the grader: joins
+        the job's cgroups, sets rlimits, then execs)
+      bwrap ...                                  (mount/net/ipc/uts namespaces)
+        setpriv --reuid UID ...                  (a throwaway uid, no caps,
+                                                  no_new_privs)
+          python -m labkit.course.sandbox inside (the SSH relay, then execs)
+            python -m ipykernel_launcher -f CONNECTION_FILE
+
+What the kernel sees: a read-only view of /usr and /etc, the Python it runs
+and the labkit package (never the tests, the instructor solutions, the
+grader's home, other submissions or the grading output), a private tmpfs
+home and /tmp, and a copy of its own guest's record and SSH key at the path
+the grader's VM uses (so ``labkit.connect()`` attaches), without the guest's
+QMP or console sockets (QMP can run host commands as QEMU's user).
+
+Network: its own network namespace with only a loopback. The guest's SSH
+forward listens on the host's loopback, which that namespace cannot reach;
+so the grader serves one Unix socket (bound into the sandbox) that leads
+only to that port, and a relay inside the sandbox listens on the same port
+number on the sandbox's loopback. The kernel's ZeroMQ channels use IPC
+sockets in a directory shared with the grader, so no TCP is needed for them.
+
+Limits: cgroup v1 ``pids``, ``memory`` and ``cpu`` groups per kernel when
+the grader is root and the controllers are mounted (FACTS.md: they are on
+the lab machines), plus rlimits (processes per uid, file size, open files,
+no core dumps); time is bounded by the grader (``--timeout``), which kills
+the whole cgroup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import select
+import shlex
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from labkit.errors import LabError
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CONTROLLERS = ("pids", "memory", "cpu")
+HOME = "/home/student"
+
+
+class SandboxError(LabError):
+    """The sandbox cannot be set up on this host."""
+
+    def __init__(self, problem: str, hint: str = "") -> None:
+        super().__init__(problem)
+        self.hint = hint
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-kernel limits (the pids limit counts threads too: ipykernel uses about 10)."""
+
+    memory_mb: int = 1536
+    pids: int = 128
+    nofile: int = 1024
+    fsize_mb: int = 256
+    home_mb: int = 256
+    cpu_shares: int = 512          # half the default weight: the guests come first
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """One kernel's sandbox. ``run_dir`` is shared with the grader (IPC
+    sockets, the connection file, the SSH Unix socket); ``vm_state`` is the
+    grader's VM state dir, ``vm_view`` the copy of it the kernel sees."""
+
+    uid: int
+    run_dir: Path
+    vm_state: Path
+    vm_view: Path
+    state_root: Path
+    vm_name: str
+    ssh_port: int
+    limits: Limits = field(default_factory=Limits)
+    cgroups: tuple[Path, ...] = ()
+    python: str = sys.executable
+
+    @property
+    def ssh_socket(self) -> Path:
+        return self.run_dir / "ssh.sock"
+
+
+def require_bwrap() -> str:
+    """The bwrap binary, or a SandboxError saying how to install it."""
+    found = shutil.which("bwrap")
+    if not found:
+        raise SandboxError("bubblewrap (bwrap) is not installed: summative grading runs every submission's "
+                           "kernel in a bwrap sandbox",
+                           hint="sudo apt-get install bubblewrap (or `make test-deps`)")
+    if os.geteuid() != 0:
+        raise SandboxError("labkit course grade runs as root: it starts each kernel as a throwaway uid "
+                           "in a bwrap sandbox, which needs root to set up",
+                           hint="run it as root (sudo), e.g. on the grading machine or in CI")
+    return found
+
+
+def _python_paths(python: str) -> list[str]:
+    """Directories the sandboxed Python needs: its venv and its base install."""
+    exe = Path(python)
+    venv = exe.parent.parent
+    base = Path(os.path.realpath(exe)).parent.parent
+    return sorted({str(venv), str(base)})
+
+
+def _package_dir() -> str:
+    return str(Path(__file__).resolve().parent.parent)      # .../labkit
+
+
+def _parents(path: str) -> list[str]:
+    parts = Path(path).parts
+    return [str(Path(*parts[:i])) for i in range(2, len(parts))]
+
+
+def bwrap_argv(sb: Sandbox, inner: list[str], bwrap: str = "bwrap") -> list[str]:
+    """The bwrap command line (pure: no probing, no I/O). Every directory
+    bwrap has to create on the way to a bind is made 0755 (bwrap's own
+    default for them is 0700 when run as root, which the uid could not cross)."""
+    argv = [bwrap, "--die-with-parent", "--new-session", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup-try", "--clearenv"]      # capabilities: setpriv drops them all (it needs CAP_SETUID first)
+    made: set[str] = set()
+
+    def dirs_to(path: str) -> list[str]:
+        out = []
+        for d in _parents(path):
+            if d not in made:
+                made.add(d)
+                out += ["--perms", "0755", "--dir", d]
+        return out
+    argv += ["--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc"]
+    for link in ("bin", "lib", "lib64", "sbin"):
+        if os.path.islink(f"/{link}"):
+            argv += ["--symlink", os.readlink(f"/{link}"), f"/{link}"]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
+    argv += dirs_to(HOME + "/x") + ["--perms", "0777", "--size", str(sb.limits.home_mb * 2**20), "--tmpfs", HOME]
+    ro = _python_paths(sb.python) + [_package_dir()]
+    for path in ro:
+        argv += dirs_to(path) + ["--ro-bind", path, path]
+    argv += dirs_to(str(sb.run_dir)) + ["--bind", str(sb.run_dir), str(sb.run_dir)]
+    argv += dirs_to(str(sb.vm_state)) + ["--ro-bind", str(sb.vm_view), str(sb.vm_state)]
+    env = {"HOME": HOME, "PATH": f"{Path(sb.python).parent}:/usr/bin:/bin", "LANG": "C.UTF-8",
+           "PYTHONPATH": str(Path(_package_dir()).parent), "LABKIT_STATE_DIR": str(sb.state_root),
+           "LABKIT_VM": sb.vm_name, "LABKIT_CACHE_DIR": f"{HOME}/.cache/labkit", "MPLBACKEND": "Agg",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    for k, v in env.items():
+        argv += ["--setenv", k, v]
+    return argv + ["--chdir", HOME, "--", *inner]
+
+
+def kernel_argv(sb: Sandbox, bwrap: str = "bwrap") -> list[str]:
+    """The kernel spec's argv: enter the limits, then bwrap, then the uid."""
+    inside = [sb.python, "-m", "labkit.course.sandbox", "inside", "--port", str(sb.ssh_port),
+              "--socket", str(sb.ssh_socket), "--", sb.python, "-m", "ipykernel_launcher",
+              "-f", "{connection_file}"]
+    drop = ["setpriv", f"--reuid={sb.uid}", f"--regid={sb.uid}", "--clear-groups", "--inh-caps=-all",
+            "--bounding-set=-all", "--no-new-privs", "--"]
+    enter = [sb.python, "-m", "labkit.course.sandbox", "enter"]
+    for cg in sb.cgroups:
+        enter += ["--cgroup", str(cg)]
+    lim = sb.limits
+    enter += ["--nproc", str(lim.pids), "--nofile", str(lim.nofile), "--fsize-mb", str(lim.fsize_mb), "--"]
+    return enter + bwrap_argv(sb, drop + inside, bwrap)
+
+
+def write_kernelspec(sb: Sandbox, directory: Path, bwrap: str) -> str:
+    """A kernel spec named ``labkit-sandbox`` in ``directory``; returns its name."""
+    import json
+    d = directory / "labkit-sandbox"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "kernel.json").write_text(json.dumps({
+        "argv": kernel_argv(sb, bwrap), "display_name": "labkit sandbox", "language": "python",
+        "interrupt_mode": "signal"}))
+    return "labkit-sandbox"
+
+
+# -- the VM view -----------------------------------------------------------------------
+
+def make_vm_view(state: Path, view: Path, uid: int) -> None:
+    """What the kernel may see of its guest's state dir: the record, the
+    pidfile, the lock and the SSH key (owned by the sandbox uid); never the
+    QMP/console sockets, the disks or the logs."""
+    view.mkdir(parents=True, exist_ok=True)
+    for name in ("vm.json", "qemu.pid", "lock", "id_ed25519", "id_ed25519.pub"):
+        src = state / name
+        if src.exists():
+            shutil.copy2(src, view / name)
+            os.chown(view / name, uid, uid)
+    os.chmod(view, 0o755)
+
+
+# -- cgroups -----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def cgroups(name: str, limits: Limits) -> Iterator[tuple[Path, ...]]:
+    """Per-kernel cgroup v1 groups (pids, memory, cpu) when this host has
+    them and we are root; every process left in them is killed on exit."""
+    made: list[Path] = []
+    try:
+        for ctl in CONTROLLERS:
+            base = CGROUP_ROOT / ctl
+            if os.geteuid() != 0 or not (base / "cgroup.procs").exists():
+                continue
+            g = base / "labkit-grade" / name
+            g.mkdir(parents=True, exist_ok=True)
+            made.append(g)
+            settings = {"pids": {"pids.max": str(limits.pids)},
+                        "memory": {"memory.limit_in_bytes": str(limits.memory_mb * 2**20)},
+                        "cpu": {"cpu.shares": str(limits.cpu_shares)}}[ctl]
+            for f, v in settings.items():
+                (g / f).write_text(v)
+        yield tuple(made)
+    finally:
+        kill_cgroups(made)
+        for g in made:
+            with contextlib.suppress(OSError):
+                g.rmdir()
+            with contextlib.suppress(OSError):     # the shared parent, once the last job is done
+                g.parent.rmdir()
+
+
+def cgroup_pids(groups: list[Path] | tuple[Path, ...]) -> set[int]:
+    pids: set[int] = set()
+    for g in groups:
+        with contextlib.suppress(OSError):
+            pids |= {int(p) for p in (g / "cgroup.procs").read_text().split()}
+    return pids
+
+
+def kill_cgroups(groups: list[Path] | tuple[Path, ...], timeout: float = 10.0) -> None:
+    """SIGKILL everything in ``groups`` until they are empty (a fork bomb
+    keeps forking while we kill, so repeat; bounded by ``timeout``). The
+    freezer would stop it first, but pids.max already bounds it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = cgroup_pids(groups)
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)      # the kernel reaps asynchronously; cgroup.procs has no event to wait on
+    log.warning("processes left in %s after %.0f s", groups, timeout)
+
+
+# -- the SSH relay -------------------------------------------------------------------------
+
+def _pump(a: socket.socket, b: socket.socket) -> None:
+    """Copy both ways until either side closes."""
+    try:
+        while True:
+            ready, _, _ = select.select([a, b], [], [], 3600)
+            if not ready:
+                return
+            for src in ready:
+                data = src.recv(65536)
+                if not data:
+                    return
+                (b if src is a else a).sendall(data)
+    except OSError:
+        return
+    finally:
+        a.close()
+        b.close()
+
+
+def serve(listener: socket.socket, connect: tuple[int, Any], stop: threading.Event | None = None) -> None:
+    """Accept on ``listener`` and relay each connection to ``connect``
+    (family, address), one thread per connection."""
+    family, address = connect
+    listener.settimeout(1.0)
+    while stop is None or not stop.is_set():
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+        out = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            out.connect(address)
+        except OSError:
+            conn.close()
+            out.close()
+            continue
+        threading.Thread(target=_pump, args=(conn, out), daemon=True).start()
+
+
+@contextlib.contextmanager
+def ssh_gate(sb: Sandbox) -> Iterator[None]:
+    """The grader's side: the Unix socket in ``run_dir`` that leads to the
+    guest's SSH forward (and nowhere else)."""
+    path = sb.ssh_socket
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    os.chown(path, sb.uid, sb.uid)
+    listener.listen(16)
+    stop = threading.Event()
+    t = threading.Thread(target=serve, args=(listener, (socket.AF_INET, ("127.0.0.1", sb.ssh_port)), stop),
+                         daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        listener.close()
+        t.join(timeout=5)
+
+
+# -- entry points (run as processes) --------------------------------------------------------
+
+def _enter(argv: list[str]) -> None:
+    """Outside, as the grader: join the cgroups, set the rlimits, exec."""
+    import argparse
+    p = argparse.ArgumentParser(prog="labkit.course.sandbox enter")
+    p.add_argument("--cgroup", action="append", default=[])
+    p.add_argument("--nproc", type=int, required=True)
+    p.add_argument("--nofile", type=int, required=True)
+    p.add_argument("--fsize-mb", type=int, required=True)
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    a = p.parse_args(argv)
+    for g in a.cgroup:
+        Path(g, "cgroup.procs").write_text(str(os.getpid()))
+    for res, value in ((resource.RLIMIT_NPROC, a.nproc), (resource.RLIMIT_NOFILE, a.nofile),
+                       (resource.RLIMIT_FSIZE, a.fsize_mb * 2**20), (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(res, (value, value))
+    cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
+    os.execvp(cmd[0], cmd)
+
+
+def _inside(argv: list[str]) -> None:
+    """Inside, as the sandbox uid: the relay from the sandbox's loopback to
+    the grader's Unix socket (a child process), then exec the kernel."""
+    import argparse
+    p = argparse.ArgumentParser(prog="labkit.course.sandbox inside")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--socket", required=True)
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    a = p.parse_args(argv)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", a.port))
+    listener.listen(16)
+    if os.fork() == 0:       # the relay; it dies with the sandbox
+        try:
+            serve(listener, (socket.AF_UNIX, a.socket))
+        finally:
+            os._exit(0)
+    listener.close()
+    # The kernel's own stdout/stderr (banners, warnings) go to a log next to
+    # its sockets, not into the grader's progress output.
+    logfd = os.open(str(Path(a.socket).parent / "kernel.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(logfd, 1)
+    os.dup2(logfd, 2)
+    cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
+    os.execvp(cmd[0], cmd)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["enter"]:
+        _enter(args[1:])
+    elif args[:1] == ["inside"]:
+        _inside(args[1:])
+    else:
+        sys.exit(f"usage: python -m labkit.course.sandbox enter|inside ... (internal; see {shlex.quote(__file__)})")
+
+
+if __name__ == "__main__":
+    main()

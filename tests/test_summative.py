@@ -1,0 +1,215 @@
+"""``labkit course grade`` / ``labkit course gradebook``.
+
+Unit part (no guest): submission discovery, the default --jobs, judging when
+the guest dies, the JSON/CSV shape and the merge. Integration part: real
+guests, real sandboxed kernels: three students' notebooks 00 and 04 (the
+reference solutions; blanks; forged saved outputs) graded in one run with
+two guests at a time, and a notebook that panics its guest."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import nbformat
+import pytest
+
+from labkit.course import gradebook, grading, summative
+from labkit.course.exercises import BY_ID, for_notebook
+from labkit.errors import ConfigError, GuestPanic
+
+from course_solutions import fill
+
+ROOT = Path(__file__).parent.parent
+NOTEBOOKS = {p.name[:2]: p for p in (ROOT / "notebooks").glob("[0-9][0-9]-*.ipynb")}
+
+
+def labkit(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "labkit", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def write_nb(directory: Path, number: str, how: str = "blank", edit=None) -> Path:
+    nb = nbformat.read(NOTEBOOKS[number], as_version=4)
+    if how == "solutions":
+        assert fill(nb)
+    if edit:
+        edit(nb)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / NOTEBOOKS[number].name
+    nbformat.write(nb, path)
+    return path
+
+
+# -- unit: no guest ------------------------------------------------------------------------
+
+def test_submissions_are_validated_before_any_guest(tmp_path):
+    write_nb(tmp_path / "alice", "00")
+    (tmp_path / "alice" / "notes.txt").write_text("not a notebook")
+    assert summative.submissions([tmp_path / "alice"]) == [("alice", tmp_path / "alice" / NOTEBOOKS["00"].name)]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad name!").mkdir()
+    for bad, said in ((tmp_path / "missing", "not a submission directory"),
+                      (tmp_path / "empty", "no course notebooks"),
+                      (tmp_path / "bad name!", "not a usable student id")):
+        with pytest.raises(ConfigError, match=said):
+            summative.submissions([bad])
+    with pytest.raises(ConfigError, match="given twice"):
+        summative.submissions([tmp_path / "alice", tmp_path / "alice"])
+
+
+def test_default_jobs_follow_cores_and_memory(monkeypatch):
+    import psutil
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=3 * 2**30))
+    assert summative.default_jobs() == 1          # memory bounds it: 3 GiB holds one 1.6 GiB job
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=64 * 2**30))
+    assert summative.default_jobs() == 8          # cores bound it
+
+
+class _DeadLab:
+    def sh(self, script):
+        raise GuestPanic("grade", "Kernel panic - not syncing: sysrq triggered crash")
+
+
+def test_a_dead_guest_grades_what_needs_no_guest_and_says_why():
+    g = summative.NotebookGrade("alice", "06-x.ipynb", "06", "0" * 64, "0.1.0", "now")
+    exs = [BY_ID["ex6.1"], BY_ID["ex6.2"]]
+    given = {"ex6.1": {"id": "ex6.1", "blank": False, "value": "xfs_break_dax_layouts"},
+             "ex6.2": {"id": "ex6.2", "blank": False,
+                       "value": ["get_user_pages_longterm", "FOLL_LONGTERM", "FOLL_PIN", "check_vma_flags"]}}
+    out = summative.judge(exs, given, _DeadLab(), g)
+    assert [(e.id, e.points) for e in out] == [("ex6.1", 0), ("ex6.2", 2)]
+    assert "not graded" in out[0].feedback and "GuestPanic" in out[0].feedback
+    assert "GuestPanic" in g.reason
+
+
+def test_student_json_csv_and_merge(tmp_path):
+    def grade(student, number, points):
+        g = summative.NotebookGrade(student, f"{number}-x.ipynb", number, "ab" * 32, "0.1.0", "2026-12-01T00:00:00+00:00",
+                                    kernel_release="6.1.0-57-amd64", duration_s=3.0)
+        g.exercises = [summative.ExerciseGrade(e.id, e.title, points and e.points, e.points, "right")
+                       for e in for_notebook(number)]
+        return g
+    a, b = tmp_path / "run1", tmp_path / "run2"
+    gradebook.write_student(a, "alice", [grade("alice", "00", 1), grade("alice", "04", 1)])
+    gradebook.write_student(b, "bob", [grade("bob", "00", 0)])
+    data = json.loads((a / "alice.json").read_text())
+    assert data["score"] == data["max"] == 1 + sum(e.points for e in for_notebook("04"))
+    out = tmp_path / "grades.csv"
+    assert gradebook.merge([a, b], out) == 2
+    rows = list(csv.DictReader(out.open()))
+    assert tuple(rows[0]) == gradebook.COLUMNS
+    assert len(rows) == 1 + len(for_notebook("04")) + 1
+    assert {(r["student"], r["exercise"], r["points"]) for r in rows if r["notebook"].startswith("00")} == {
+        ("alice", "ex0.1", "1"), ("bob", "ex0.1", "0")}
+    with pytest.raises(ConfigError, match="in both"):
+        gradebook.merge([a, a / "alice.json"], out)
+    (tmp_path / "junk.json").write_text("{}")
+    with pytest.raises(ConfigError, match="not a labkit grades file"):
+        gradebook.merge([tmp_path / "junk.json"], out)
+
+
+def test_gradebook_cli_errors_are_clear(tmp_path):
+    r = labkit("course", "gradebook", str(tmp_path / "nowhere"), "-o", str(tmp_path / "g.csv"), timeout=60)
+    assert r.returncode == 2 and "no such file or directory" in r.stderr and "Traceback" not in r.stderr
+    r = labkit("course", "grade", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), timeout=60)
+    assert r.returncode == 2 and "not a submission directory" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- integration: real guests, sandboxed kernels ------------------------------------------
+
+def _forge(nb) -> None:
+    """Saved outputs claiming a right answer the source never computes."""
+    for cell in nb.cells:
+        if grading.exercise_id(cell) == "ex0.1":
+            cell.execution_count = 9
+            cell.outputs = [nbformat.v4.new_output("display_data", data={
+                grading.MIME: {"id": "ex0.1", "blank": False, "value": os.uname().release}})]
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory, artifacts):
+    from conftest import require_image
+    require_image("6.1")
+    base = tmp_path_factory.mktemp("submissions")
+    for number in ("00", "04"):
+        write_nb(base / "alice", number, "solutions")
+        write_nb(base / "bob", number, "blank")
+    write_nb(base / "carol", "00", "blank", edit=_forge)
+    out = base / "out"
+    t0 = time.monotonic()
+    r = labkit("course", "grade", *(str(base / s) for s in ("alice", "bob", "carol")), "--out", str(out),
+               "--jobs", "2", "--timeout", "600", "--kernel", "6.1", timeout=1500)
+    (artifacts / "course-grade.seconds").write_text(f"{time.monotonic() - t0:.1f}\n")
+    (artifacts / "course-grade.log").write_text(r.stdout + r.stderr)
+    assert r.returncode == 0, r.stdout + r.stderr[-4000:]
+    return SimpleNamespace(base=base, out=out, r=r)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1600)
+def test_reference_solutions_full_marks_blanks_and_forgeries_zero(graded):
+    scores = {}
+    for student in ("alice", "bob", "carol"):
+        data = json.loads((graded.out / f"{student}.json").read_text())
+        for nb in data["notebooks"]:
+            path = graded.base / student / nb["path"]
+            assert nb["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+            assert re.fullmatch(r"\d+\.\d+\.\d+-\S+", nb["kernel_release"]), nb
+            assert nb["labkit_version"] and nb["started_at"] and nb["duration_s"] > 0
+            scores[(student, nb["notebook"])] = (nb["score"], nb["max"], nb["reason"], nb["cell_errors"])
+    for number in ("00", "04"):
+        top = sum(e.points for e in for_notebook(number))
+        score, mx, reason, errors = scores[("alice", number)]
+        assert (score, mx) == (top, top) and not reason and not errors, scores[("alice", number)]
+        assert scores[("bob", number)][:2] == (0, top)
+    assert scores[("carol", "00")][:2] == (0, 1)     # the forged saved output was not believed
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1600)
+def test_csv_has_one_row_per_exercise_and_gradebook_reproduces_it(graded, tmp_path):
+    rows = list(csv.DictReader((graded.out / "grades.csv").open()))
+    assert tuple(rows[0]) == gradebook.COLUMNS
+    expect = 2 * (len(for_notebook("00")) + len(for_notebook("04"))) + len(for_notebook("00"))
+    assert len(rows) == expect
+    for r in rows:          # feedback never shows an expected value: right/wrong and a hint
+        assert r["feedback"] == "right" or r["feedback"].startswith(("not ", "prediction", "recorded")), r
+    merged = tmp_path / "merged.csv"
+    r = labkit("course", "gradebook", str(graded.out), "-o", str(merged), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert merged.read_text() == (graded.out / "grades.csv").read_text()
+    assert "N of M" not in graded.r.stderr and re.search(r"\d+ of 5, ETA \d+ s", graded.r.stderr)
+
+
+def _panic(nb) -> None:
+    """Answer ex0.1 right, then crash the guest: graded as far as it got."""
+    for cell in nb.cells:
+        if grading.exercise_id(cell) == "ex0.1":
+            cell.source = 'answer = vm.describe()["kernel_release"]\nrecord("ex0.1", answer)'
+    nb.cells.append(nbformat.v4.new_code_cell(
+        'vm.run(["sh", "-c", "echo 1 > /proc/sys/kernel/sysrq; echo c > /proc/sysrq-trigger"], timeout=60)'))
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_a_notebook_that_panics_its_guest_is_graded_with_the_reason(tmp_path):
+    from conftest import require_image
+    require_image("6.1")
+    write_nb(tmp_path / "dave", "00", edit=_panic)
+    out = tmp_path / "out"
+    r = labkit("course", "grade", str(tmp_path / "dave"), "--out", str(out), "--jobs", "1", "--timeout", "300",
+               "--kernel", "6.1", timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    nb = json.loads((out / "dave.json").read_text())["notebooks"][0]
+    assert nb["score"] == 0 and "not graded" in nb["exercises"][0]["feedback"], nb
+    assert re.search(r"Guest(Panic|Died|Hung)", nb["reason"] + " ".join(nb["cell_errors"])), nb
