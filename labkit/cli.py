@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from labkit import paths
@@ -359,6 +360,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if all(c.passed for r in results for c in r.checks) else 1
 
 
+def cmd_course_release(args: argparse.Namespace) -> int:
+    from labkit.course import release
+    written = release.release(out_dir=args.out, src=args.source)
+    for path in written:
+        print(path)
+    print(f"{len(written)} student notebooks written (solutions and hidden checks stripped, nbgrader metadata kept)",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     image.ensure_image(args.kernel)
     vm = VM(args.name, kernel=args.kernel, persistent=True, on_console_line=_boot_progress(False))
@@ -491,6 +502,15 @@ def _add_course(sub: Any) -> None:
     ck.add_argument("notebooks", nargs="*", metavar="NOTEBOOK", help="notebook files (default: all of notebooks/)")
     ck.add_argument("--json", action="store_true", help="machine-readable results (for an LMS or nbgrader)")
     ck.set_defaults(func=cmd_check)
+
+    course = sub.add_parser("course", help="instructor tools: release the student notebooks").add_subparsers(
+        dest="sub", required=True, metavar="COMMAND")
+    rel = course.add_parser("release", help="write the student notebooks from instructor/source (nbgrader's "
+                                            "preprocessors strip solutions and hidden checks)")
+    rel.add_argument("--out", type=Path, default=None, metavar="DIR", help="where to write them (default: notebooks/)")
+    rel.add_argument("--source", type=Path, default=None, metavar="DIR",
+                     help="the instructor sources (default: instructor/source/)")
+    rel.set_defaults(func=cmd_course_release)
 
     lab = sub.add_parser("lab", help="start the VM and JupyterLab on notebooks/")
     lab.add_argument("--name", default="default")
