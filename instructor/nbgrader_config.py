@@ -13,4 +13,3 @@ configure(c)
 # Set these for your course (see docs/instructor.md):
 c.CourseDirectory.course_id = "labkit"
 # c.Exchange.root = "/srv/nbgrader/exchange"     # a directory every student can write to (mode 0777)
-# c.CourseDirectory.db_students = [dict(id="alice"), dict(id="bob")]

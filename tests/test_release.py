@@ -127,7 +127,7 @@ def test_a_malformed_source_is_a_clear_error(tmp_path):
 def test_assert_right_judges_like_labkit_check_and_gives_nothing_away():
     """ex6.2 is graded from the answer alone (no guest)."""
     right = ["get_user_pages_longterm", "FOLL_LONGTERM", "FOLL_PIN", "check_vma_flags"]
-    assert autograde.assert_right("ex6.2", right) == "ex6.2: right"
+    assert autograde.assert_right("ex6.2", right) is None
     with pytest.raises(AssertionError) as wrong:
         autograde.assert_right("ex6.2", list(reversed(right)))
     assert "not right" in str(wrong.value) and "get_user_pages_longterm" not in str(wrong.value)

@@ -18,7 +18,9 @@ per kernel; the live measurements are shared by the checks of one notebook.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -42,9 +44,13 @@ def _live_for(notebook: str) -> Any:
     return _live[notebook]
 
 
-def assert_right(exercise_id: str, answer: Any) -> str:
+def assert_right(exercise_id: str, answer: Any) -> None:
     """Judge ``answer`` with the exercise's check; raise :class:`NotRight` (an
-    AssertionError) unless it passes. Returns the feedback line."""
+    AssertionError) unless it passes.
+
+    A passing check leaves no output: nbgrader reads a test cell's output as
+    its grade (anything on stderr scores 0, a number is partial credit), so
+    whatever the lab writes to stderr while measuring goes to stdout instead."""
     from labkit.course.exercises import BY_ID
     from labkit.course.grading import answer_payload, judge
     ex = BY_ID.get(exercise_id)
@@ -53,9 +59,7 @@ def assert_right(exercise_id: str, answer: Any) -> str:
     payload = answer_payload(exercise_id, answer)
     if payload["blank"]:
         raise NotRight(f"{exercise_id}: not answered yet (answer is still ...)")
-    result = judge(ex, payload["value"], _live_for(ex.notebook) if ex.guest else None)
-    line = f"{exercise_id}: {result.message}"
+    with contextlib.redirect_stderr(sys.stdout):
+        result = judge(ex, payload["value"], _live_for(ex.notebook) if ex.guest else None)
     if not result.passed:
-        raise NotRight(line)
-    print(line)
-    return line
+        raise NotRight(f"{exercise_id}: {result.message}")

@@ -68,7 +68,6 @@ def configure(c: Any) -> None:
     c.ClearHiddenTests.end_test_delimeter = END_HIDDEN.removeprefix("### ")
     # A hidden check measures on the guest (pins, mounts): the 30 s nbgrader default is too short under TCG.
     c.Execute.timeout = 600
-    c.Execute.allow_errors = True     # a wrong answer's failed check must not stop the rest of the notebook
 
 
 def _preprocessors() -> list[Any]:
