@@ -407,6 +407,16 @@ def cmd_course_gradebook(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_course_release(args: argparse.Namespace) -> int:
+    from labkit.course import release
+    written = release.release(out_dir=args.out, src=args.source)
+    for path in written:
+        print(path)
+    print(f"{len(written)} student notebooks written (solutions and hidden checks stripped, nbgrader metadata kept)",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     image.ensure_image(args.kernel)
     vm = VM(args.name, kernel=args.kernel, persistent=True, on_console_line=_boot_progress(False))
@@ -552,7 +562,13 @@ def _add_course(sub: Any) -> None:
     sr.add_argument("--mark-return", type=int, metavar="N", help="mark the lines returning N (e.g. -95)")
     sr.set_defaults(func=cmd_source)
 
-    _add_course_grading(sub)
+    cs = _add_course_grading(sub)
+    rel = cs.add_parser("release", help="write the student notebooks from instructor/source (nbgrader's "
+                                        "preprocessors strip solutions and hidden checks)")
+    rel.add_argument("--out", type=Path, default=None, metavar="DIR", help="where to write them (default: notebooks/)")
+    rel.add_argument("--source", type=Path, default=None, metavar="DIR",
+                     help="the instructor sources (default: instructor/source/)")
+    rel.set_defaults(func=cmd_course_release)
 
     lab = sub.add_parser("lab", help="start the VM and JupyterLab on notebooks/")
     lab.add_argument("--name", default="default")
@@ -574,8 +590,9 @@ def _positive(kind: type) -> Any:
     return parse
 
 
-def _add_course_grading(sub: Any) -> None:
-    course = sub.add_parser("course", help="instructor tools: summative grading, the gradebook")
+def _add_course_grading(sub: Any) -> Any:
+    course = sub.add_parser("course", help="instructor tools: release the student notebooks, summative "
+                                           "grading, the gradebook")
     cs = course.add_subparsers(dest="sub", required=True, metavar="ACTION")
     g = cs.add_parser("grade", help="re-execute submissions in fresh sandboxed guests and grade them",
                       description="Each SUBMISSION is a directory named after the student id holding that "
@@ -596,6 +613,7 @@ def _add_course_grading(sub: Any) -> None:
     b.add_argument("dirs", nargs="+", metavar="DIR", help="--out directories (or JSON files) of course grade")
     b.add_argument("-o", "--output", type=Path, required=True, help="the CSV to write")
     b.set_defaults(func=cmd_course_gradebook)
+    return cs
 
 
 def _terminate_as_interrupt(signum: int, frame: object) -> None:

@@ -17,8 +17,9 @@ a learner who measures). Checks receive a :class:`Live` that measures lazily
 and caches, so a notebook is graded with a handful of guest round trips and a
 blank answer never touches the guest.
 
-The reference solutions are not here: they live with the tests
-(tests/course_solutions.py).
+The reference solutions are not here: they live in the instructor sources
+(instructor/source/, between ### BEGIN SOLUTION and ### END SOLUTION; see
+labkit.course.release), which the tests read through tests/course_solutions.py.
 """
 
 from __future__ import annotations
