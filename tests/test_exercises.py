@@ -7,7 +7,9 @@ feedback may contain the expected value."""
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +17,7 @@ from labkit.course import grading
 from labkit.course.answers import errno_number
 from labkit.course.exercises import BY_ID, EXERCISES, KINDS, Live, points_by_kind
 from labkit.course.probe_exercise import parse_probe, probe_values
+from labkit.course.source import KernelSource
 from labkit.lab import MountResult, Namespace, PinResult, TruncateWait
 from labkit.lab.results import MountInfo
 
@@ -135,8 +138,35 @@ class FakeLab:
         return TruncateWait(fs, True, 3.0, STACK if fs == "xfs" else EXT4_STACK, True)
 
 
+# check_vma_flags as 6.12 and 7.3 have it: two lines return -EOPNOTSUPP, only one is the fs-dax test's
+GUP_C = """\
+#include <linux/mm.h>
+
+static int check_vma_flags(struct vm_area_struct *vma, unsigned long gup_flags)
+{
+\tvm_flags_t vm_flags = vma->vm_flags;
+
+\tif (vm_flags & (VM_IO | VM_PFNMAP))
+\t\treturn -EFAULT;
+\tif ((gup_flags & FOLL_LONGTERM) && vma_is_fsdax(vma))
+\t\treturn -EOPNOTSUPP;
+
+\tif ((gup_flags & FOLL_SPLIT_PMD) && is_vm_hugetlb_page(vma))
+\t\treturn -EOPNOTSUPP;
+\treturn 0;
+}
+"""
+
+
+def _fake_source(lab):
+    root = Path(tempfile.mkdtemp(prefix="labkit-src-"))
+    (root / "mm").mkdir()
+    (root / "mm" / "gup.c").write_text(GUP_C)
+    return KernelSource(root, RELEASE)
+
+
 def live():
-    return Live(FakeLab())
+    return Live(FakeLab(), source_loader=_fake_source)
 
 
 # exercise id -> (answers that must pass, answers that must fail)
@@ -157,6 +187,7 @@ CASES = {
               ["", "p check_vma_flags", "check_vma_flags", "r do_nothing $retval", "r ib_umem_get $retval:s32",
                "r nonexistent_fn $retval", "r check_vma_flags $retval; echo 1 > /proc/sys/kernel/panic",
                "r check_vma_flags $arg1", "r check_vma_flags\n$retval"]),
+    "ex3.6": ([10, "10", 9, 10.0], ["", 13, 12, 3, 8, 0, -95, "line 10", True, [10]]),
     "ex4.1": ([113, "113", 460800 // 4096 + 1], ["", 112, 460800 / 4096, 512, 0, "113 pages"]),
     "ex4.2": ([0, "0"], ["", 2048, 460, None, False]),
     "ex4.3": (["EOPNOTSUPP", "ENOTSUP", 95], ["", "EFAULT", "ok", "EOPNOTSUP", 22]),

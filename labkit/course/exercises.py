@@ -83,6 +83,12 @@ class Live:
     lab: Any
     wanted: set[tuple[str, str]] = field(default_factory=set)
     _cache: dict[str, Any] = field(default_factory=dict)
+    source_loader: Callable[[Any], Any] = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.source_loader is None:
+            from labkit.course.source import for_lab
+            self.source_loader = for_lab
 
     def _once(self, key: str, fn: Callable[[], Any]) -> Any:
         if key not in self._cache:
@@ -122,6 +128,11 @@ class Live:
 
     def namespaces(self) -> list:
         return self._once("namespaces", lambda: (self.lab.prepare_pmem(), self.lab.namespaces())[1])
+
+    def source(self):
+        """The running kernel's own source (labkit.course.source), fetched once
+        per kernel; ``source_loader`` is the seam the unit tests replace."""
+        return self._once("source", lambda: self.source_loader(self.lab))
 
     def learner_probe(self, definition: str):
         """Run a learner's kretprobe definition around one refused and one
@@ -180,6 +191,29 @@ def check_refusing_function(answer: Any, live: Live) -> Result:
     refusers = {probed_function(t) for t in res.trace} - {None}
     name = _name(answer)
     return bool(name) and not res.ok and name in refusers, ""
+
+
+# the fs-dax test of check_vma_flags() in every kernel the lab boots
+FSDAX_TEST = r"FOLL_LONGTERM\)\s*&&\s*vma_is_fsdax\(vma\)"
+
+
+def check_refusing_line(answer: Any, live: Live) -> Result:
+    """The line number (in the running kernel's file) of the return the
+    kretprobe caught: the fs-dax test's return, or the test itself. Another line
+    returning the same errno is wrong - that is the point of the exercise."""
+    got = _int(answer)
+    res = live.pin("rdma", "fsdax-xfs")
+    seen = [(probed_function(t), re.search(r"ret=(-?\d+)", t)) for t in res.trace]
+    hits = [(fn, int(m.group(1))) for fn, m in seen if fn and m]
+    if got is None or res.ok or not hits:
+        return False, ""
+    fn, ret = hits[0]
+    listing = live.source().function(fn)
+    right = set()
+    for n in listing.matching(FSDAX_TEST):
+        if n + 1 in listing.returning(ret):
+            right |= {n, n + 1}
+    return got in right, ""
 
 
 def check_v4l2_pages(answer: Any, live: Live) -> Result:
@@ -365,6 +399,14 @@ EXERCISES: tuple[Exercise, ...] = (
     Exercise("ex3.5", "03", 0, "why EOPNOTSUPP and not EPERM", check_explain, kind="explain", manual_points=3,
              guest=False, hints=_hints("is the caller forbidden something, or is the operation unsupported "
                                        "for this kind of memory?")),
+    Exercise("ex3.6", "03", 2, "the line of the kernel's source that refused", check_refusing_line,
+             needs=(("rdma", "fsdax-xfs"),),
+             hints=_hints("the marked lines return the errno the kretprobe saw; more than one may",
+                          "which marked line follows a test of FOLL_LONGTERM and fs-dax?",
+                          "give the line number printed at the left of the listing")),
+    Exercise("ex3.7", "03", 0, "why gup-fast must fall back for DAX", check_explain, kind="explain",
+             manual_points=3, guest=False,
+             hints=_hints("what can the lockless fast path see of a page, and what can it not see of the VMA?")),
     Exercise("ex4.0", "04", 1, "prediction: pages pinned by one buffer", check_prediction, kind="prediction",
              guest=False),
     Exercise("ex4.1", "04", 1, "pages pinned by one USERPTR buffer", check_v4l2_pages, needs=(("v4l2", "anon"),),

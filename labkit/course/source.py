@@ -238,3 +238,23 @@ def show(listing: Listing, mark: list[int] | None = None, note: str = "") -> Non
     """Display a listing in the notebook (plain text elsewhere)."""
     from IPython.display import HTML, display
     display(HTML(listing.html(mark, note)))
+
+
+def caught(trace_line: str) -> tuple[str, int] | None:
+    """(function, return value) of a kretprobe trace line
+    ``(... <- check_vma_flags) ret=-95``, or None."""
+    m = re.search(r"<-\s*(\w+)(?:\+0x[0-9a-f]+/0x[0-9a-f]+)?\).*?=(-?\d+)", trace_line)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def show_refusal(lab, result, progress=print) -> Listing:
+    """Show the function a refused pin was caught in, from the running kernel's
+    source, with the lines returning the traced value marked; returns the listing."""
+    hit = next((c for c in map(caught, getattr(result, "trace", []) or []) if c), None)
+    if hit is None:
+        raise SourceNotFound("a traced refusal", getattr(result, "memory", "?"),
+                             hint="pass a result that was refused and traced (r.ok is False, r.trace is not empty)")
+    src = for_lab(lab, progress=progress)
+    listing = src.function(hit[0])
+    show(listing, mark=listing.returning(hit[1]), note=f"marked: the lines returning {hit[1]}, the value traced")
+    return listing
