@@ -224,3 +224,13 @@ def test_the_refusing_line_in_the_running_kernels_own_source(lab):
     assert fsdax[0] + 1 in listing.returning(int(m.group(2))), listing.text(listing.returning(int(m.group(2))))
     # the V4L2 path of the cover letter: get_vaddr_frames asks for a long-term pin
     assert src.grep(r"FOLL_LONGTERM", "drivers/media/common/videobuf2/frame_vector.c")
+
+
+def test_a_private_mapping_of_an_fsdax_file_is_refused_too(lab):
+    """vma_is_fsdax() looks at the mapped file, not at MAP_PRIVATE: copy-on-write
+    does not make a long-term pin of an fs-dax file legal (the course says so)."""
+    for mem in ("fsdax-xfs", "fsdax-ext4"):
+        r = lab.pin("rdma", mem, "private")
+        assert not r.ok and r.errname == "EOPNOTSUPP", r
+        assert any("check_vma_flags" in t for t in r.trace), r.trace
+    assert lab.pin("rdma", "anon", "private").ok
