@@ -232,3 +232,13 @@ def test_a_computed_answer_without_record_is_found(tmp_path):
     assert got["ex2.2"].get("blank") and any("NameError" in e for e in errors)
     checks = grading.judge_notebook([BY_ID["ex0.1"], BY_ID["ex2.2"]], got, _FakeLab())
     assert [c.points for c in checks] == [1, 0]
+
+
+@pytest.mark.parametrize("source", ["answer = {[1]: 2}", "answer = {{1}, 2}", "answer = {'a': {[]}}"])
+def test_an_unhashable_literal_is_no_answer_not_a_crash(source):
+    """ast.literal_eval raises TypeError for these (the reader used to catch
+    ValueError only, so one answer shape crashed `labkit check`)."""
+    assert grading.literal_answer(source) is None
+    cell = _cell("ex5.1", source)
+    result = grading.judge_notebook([BY_ID["ex5.1"]], grading.answers(_nb(cell)), _FakeLab())[0]
+    assert not result.passed and "no recorded answer" in result.message

@@ -137,8 +137,10 @@ def _forge(nb) -> None:
 
 
 @pytest.fixture(scope="module")
-def graded(tmp_path_factory, artifacts):
+def graded(tmp_path_factory):
+    from conftest import ARTIFACTS as artifacts
     from conftest import require_image
+    artifacts.mkdir(exist_ok=True)
     require_image("6.1")
     base = tmp_path_factory.mktemp("submissions")
     for number in ("00", "04"):

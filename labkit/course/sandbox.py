@@ -162,7 +162,7 @@ def bwrap_argv(sb: Sandbox, inner: list[str], bwrap: str = "bwrap") -> list[str]
     env = {"HOME": HOME, "PATH": f"{Path(sb.python).parent}:/usr/bin:/bin", "LANG": "C.UTF-8",
            "PYTHONPATH": str(Path(_package_dir()).parent), "LABKIT_STATE_DIR": str(sb.state_root),
            "LABKIT_VM": sb.vm_name, "LABKIT_CACHE_DIR": f"{HOME}/.cache/labkit", "MPLBACKEND": "Agg",
-           "PYTHONDONTWRITEBYTECODE": "1"}
+           "PYTHONDONTWRITEBYTECODE": "1", "LABKIT_AUTO_BUILD": "0"}     # never an image build in here
     for k, v in env.items():
         argv += ["--setenv", k, v]
     return argv + ["--chdir", HOME, "--", *inner]
