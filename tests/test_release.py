@@ -135,3 +135,12 @@ def test_assert_right_judges_like_labkit_check_and_gives_nothing_away():
         autograde.assert_right("ex6.2", ...)
     with pytest.raises(AssertionError, match="no such exercise"):
         autograde.assert_right("ex99.9", 1)
+
+
+def test_the_course_nbgrader_config_uses_the_release_settings():
+    """nbgrader generate_assignment and labkit course release strip with the same stub and markers."""
+    from traitlets.config.loader import PyFileConfigLoader
+    cfg = PyFileConfigLoader("nbgrader_config.py", path=str(ROOT / "instructor")).load_config()
+    assert cfg.ClearSolutions.code_stub == {"python": release.CODE_STUB}
+    assert cfg.ClearHiddenTests.begin_test_delimeter == "BEGIN HIDDEN TESTS"
+    assert cfg.Execute.timeout >= 600 and cfg.CourseDirectory.course_id == "labkit"
