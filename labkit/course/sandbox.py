@@ -96,6 +96,7 @@ class Sandbox:
     limits: Limits = field(default_factory=Limits)
     cgroups: tuple[Path, ...] = ()
     python: str = sys.executable
+    kernel_source: Path | None = None   # the guest kernel's source files (read-only; no network in here)
 
     @property
     def ssh_socket(self) -> Path:
@@ -159,10 +160,14 @@ def bwrap_argv(sb: Sandbox, inner: list[str], bwrap: str = "bwrap") -> list[str]
         argv += dirs_to(path) + ["--ro-bind", path, path]
     argv += dirs_to(str(sb.run_dir)) + ["--bind", str(sb.run_dir), str(sb.run_dir)]
     argv += dirs_to(str(sb.vm_state)) + ["--ro-bind", str(sb.vm_view), str(sb.vm_state)]
+    if sb.kernel_source is not None:
+        argv += dirs_to(str(sb.kernel_source)) + ["--ro-bind", str(sb.kernel_source), str(sb.kernel_source)]
     env = {"HOME": HOME, "PATH": f"{Path(sb.python).parent}:/usr/bin:/bin", "LANG": "C.UTF-8",
            "PYTHONPATH": str(Path(_package_dir()).parent), "LABKIT_STATE_DIR": str(sb.state_root),
            "LABKIT_VM": sb.vm_name, "LABKIT_CACHE_DIR": f"{HOME}/.cache/labkit", "MPLBACKEND": "Agg",
            "PYTHONDONTWRITEBYTECODE": "1", "LABKIT_AUTO_BUILD": "0"}     # never an image build in here
+    if sb.kernel_source is not None:
+        env["LABKIT_KERNEL_SOURCE"] = str(sb.kernel_source)
     for k, v in env.items():
         argv += ["--setenv", k, v]
     return argv + ["--chdir", HOME, "--", *inner]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import html
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +224,13 @@ def for_lab(lab, progress=None) -> KernelSource:
     """The source of the kernel the lab's guest is running now (by ``uname -r``)."""
     from labkit.image.kernels import VARIANTS
     release = lab.sh("uname -r").stdout.strip()
+    given = os.environ.get("LABKIT_KERNEL_SOURCE")      # set by the grader's sandbox (no network there)
+    if given:
+        root = Path(given)
+        if root.name != release:
+            raise SourceNotFound(f"the source of {release}", release,
+                                 hint=f"LABKIT_KERNEL_SOURCE={given} holds {root.name}'s source")
+        return KernelSource(root, release)
     kernel = next((v.name for v in VARIANTS if v.release_matches(release)), None)
     if kernel is None:
         raise SourceNotFound(f"a labkit image for {release}", release,

@@ -187,7 +187,8 @@ def _execute(g: NotebookGrade, nb: Any, vm: Any, state_root: Path, tmp: Path, op
     os.chown(run_dir, uid, uid)
     sandbox.make_vm_view(vm.state_dir, tmp / "vmview", uid)
     sb = sandbox.Sandbox(uid=uid, run_dir=run_dir, vm_state=vm.state_dir, vm_view=tmp / "vmview",
-                         state_root=state_root, vm_name=vm.name, ssh_port=vm.record.ssh_port, limits=opts.limits)
+                         state_root=state_root, vm_name=vm.name, ssh_port=vm.record.ssh_port, limits=opts.limits,
+                         kernel_source=_kernel_source(vm, nb))
     marker = grading.prepare_for_execution(nb)
     with sandbox.cgroups(f"{os.getpid()}-{uid}", opts.limits) as groups:
         sb = dataclasses.replace(sb, cgroups=groups)
@@ -224,6 +225,17 @@ def _execute(g: NotebookGrade, nb: Any, vm: Any, state_root: Path, tmp: Path, op
                 km.shutdown_kernel(now=True)
     g.cell_errors = grading.cell_errors(nb)
     return marker
+
+
+def _kernel_source(vm: Any, nb: Any) -> Path | None:
+    """The guest kernel's source files, fetched by the grader (the sandbox has no
+    network) when the notebook reads them (labkit.course.source); else None."""
+    if not any("labkit.course import source" in c.source or "course.source" in c.source
+               for c in nb.cells if c.cell_type == "code"):
+        return None
+    from labkit.image import build, kernelsrc
+    img = build.load_image(vm.kernel, verify=False)
+    return kernelsrc.fetch(vm.kernel, img.manifest)
 
 
 def judge(exercises: list, given: dict[str, dict], lab: Any, g: NotebookGrade) -> list[ExerciseGrade]:
