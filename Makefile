@@ -7,10 +7,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Host packages: QEMU and its image tool, the image recipe's tools (uidmap lets a normal user
 # build the image in mmdebstrap's unshare mode), the ssh client. The tests also need Debian's
-# chromium (the browser test drives it with Playwright; no browser is ever downloaded) and
-# bubblewrap (`labkit course grade` runs each submission's kernel in a bwrap sandbox).
+# chromium (the browser test drives it with Playwright; no browser is ever downloaded),
+# bubblewrap (`labkit course grade` runs each submission's kernel in a bwrap sandbox),
+# slurm-wlm + munge (tests/test_slurm.py starts a real single-node Slurm cluster) and nodejs for npm
+# (configurable-http-proxy for the hub tests).
 APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs cpio xz-utils openssh-client uidmap
-TEST_APT_PACKAGES := chromium bubblewrap
+TEST_APT_PACKAGES := chromium bubblewrap slurm-wlm munge nodejs
 PYTEST_ARGS ?=
 
 .PHONY: lab test unit lint setup host-deps test-deps venv images clean help
