@@ -25,7 +25,8 @@ only to that port, and a relay inside the sandbox listens on the same port
 number on the sandbox's loopback. The kernel's ZeroMQ channels use IPC
 sockets in a directory shared with the grader, so no TCP is needed for them.
 
-Limits: cgroup v1 ``pids``, ``memory`` and ``cpu`` groups per kernel when
+Limits: cgroup v1 ``pids``, ``memory`` and ``cpu`` groups (and ``freezer``,
+to stop a fork bomb while it is killed) per kernel when
 the grader is root and the controllers are mounted (FACTS.md: they are on
 the lab machines), plus rlimits (processes per uid, file size, open files,
 no core dumps); time is bounded by the grader (``--timeout``), which kills
@@ -56,7 +57,7 @@ from labkit.errors import LabError
 log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-CONTROLLERS = ("pids", "memory", "cpu")
+CONTROLLERS = ("pids", "memory", "cpu", "freezer")
 HOME = "/home/student"
 
 
@@ -231,7 +232,7 @@ def cgroups(name: str, limits: Limits) -> Iterator[tuple[Path, ...]]:
             made.append(g)
             settings = {"pids": {"pids.max": str(limits.pids)},
                         "memory": {"memory.limit_in_bytes": str(limits.memory_mb * 2**20)},
-                        "cpu": {"cpu.shares": str(limits.cpu_shares)}}[ctl]
+                        "cpu": {"cpu.shares": str(limits.cpu_shares)}, "freezer": {}}[ctl]
             for f, v in settings.items():
                 (g / f).write_text(v)
         yield tuple(made)
@@ -253,19 +254,31 @@ def cgroup_pids(groups: list[Path] | tuple[Path, ...]) -> set[int]:
 
 
 def kill_cgroups(groups: list[Path] | tuple[Path, ...], timeout: float = 10.0) -> None:
-    """SIGKILL everything in ``groups`` until they are empty (a fork bomb
-    keeps forking while we kill, so repeat; bounded by ``timeout``). The
-    freezer would stop it first, but pids.max already bounds it."""
+    """SIGKILL everything in ``groups`` until they are empty. A fork bomb
+    would refill the group while we kill, so the freezer group (when there
+    is one) is frozen first and thawed after the signals are queued."""
+    freezer = next((g for g in groups if (g / "freezer.state").exists()), None)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pids = cgroup_pids(groups)
         if not pids:
             return
-        for pid in pids:
+        _freeze(freezer, "FROZEN", deadline)
+        for pid in pids | cgroup_pids(groups):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+        _freeze(freezer, "THAWED", deadline)
         time.sleep(0.05)      # the kernel reaps asynchronously; cgroup.procs has no event to wait on
     log.warning("processes left in %s after %.0f s", groups, timeout)
+
+
+def _freeze(group: Path | None, state: str, deadline: float) -> None:
+    if group is None:
+        return
+    with contextlib.suppress(OSError):
+        (group / "freezer.state").write_text(state)
+        while (group / "freezer.state").read_text().strip() != state and time.monotonic() < deadline:
+            time.sleep(0.01)  # FREEZING -> FROZEN has no event either
 
 
 # -- the SSH relay -------------------------------------------------------------------------

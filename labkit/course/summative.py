@@ -177,7 +177,8 @@ def _execute(g: NotebookGrade, nb: Any, vm: Any, state_root: Path, tmp: Path, op
     """Run the notebook in the sandbox until it ends or the time is up; the
     marker of its hidden record cells is returned (answers so far count)."""
     from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import KernelManager
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.utils import run_sync
     from nbclient import NotebookClient
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
     with _uid_lock:
@@ -193,7 +194,9 @@ def _execute(g: NotebookGrade, nb: Any, vm: Any, state_root: Path, tmp: Path, op
     with sandbox.cgroups(f"{os.getpid()}-{uid}", opts.limits) as groups:
         sb = dataclasses.replace(sb, cgroups=groups)
         name = sandbox.write_kernelspec(sb, tmp / "kernels", sandbox.require_bwrap())
-        km = KernelManager(kernel_name=name, kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(tmp / "kernels")]),
+        # The async manager: with a blocking client nbclient's waits block its event loop, so a
+        # kernel killed at the time limit was never noticed (the grader hung on the iopub channel).
+        km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(tmp / "kernels")]),
                            transport="ipc", ip=str(run_dir / "k"), connection_file=str(run_dir / "kernel.json"))
         km.write_connection_file()
         os.chown(run_dir / "kernel.json", uid, uid)
@@ -222,7 +225,7 @@ def _execute(g: NotebookGrade, nb: Any, vm: Any, state_root: Path, tmp: Path, op
             timer.cancel()
             atexit.unregister(client._cleanup_kernel)     # nbclient's own exit hook; we shut the kernel down here
             if km.has_kernel:
-                km.shutdown_kernel(now=True)
+                run_sync(km.shutdown_kernel)(now=True)
     g.cell_errors = grading.cell_errors(nb)
     return marker
 
