@@ -197,3 +197,97 @@ def test_the_watcher_is_small():
         for p in (owner, vm):
             p.kill()
             p.wait()
+
+
+# -- cgroup-v1 groups -------------------------------------------------------------------
+
+from labkit.deploy import cgroups  # noqa: E402
+from labkit.tools import capacity as cap  # noqa: E402
+
+
+def _fake_cgroup_root(tmp_path: Path) -> Path:
+    for c in cgroups.CONTROLLERS:
+        (tmp_path / c).mkdir()
+        (tmp_path / c / "cgroup.procs").write_text("")
+    return tmp_path
+
+
+def test_a_group_gets_its_limits_in_every_controller(tmp_path):
+    root = _fake_cgroup_root(tmp_path)
+    g = cgroups.Group("ada-default", parent="labkit-hub", root=root)
+    g.create(cgroups.Limits(memory_bytes=1536 << 20, cpus=1.5, pids=256, cpu_shares=512))
+    assert g.read("memory", "memory.limit_in_bytes") == str(1536 << 20)
+    assert g.read("cpu", "cpu.cfs_quota_us") == "150000" and g.read("cpu", "cpu.cfs_period_us") == "100000"
+    assert g.read("cpu", "cpu.shares") == "512" and g.read("pids", "pids.max") == "256"
+    g.create(cgroups.Limits(memory_bytes=1 << 30, cpus=0))     # idempotent; 0 cores = no quota
+    assert g.read("cpu", "cpu.cfs_quota_us") == "-1"
+
+
+def test_a_host_without_the_v1_controllers_gets_an_actionable_error(tmp_path):
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "cgroup.procs").write_text("")
+    assert cgroups.missing_controllers(tmp_path) == ["cpu", "pids", "freezer"]
+    with pytest.raises(cgroups.CgroupError) as err:
+        cgroups.Group("ada-default", root=tmp_path).create(cgroups.Limits(memory_bytes=1 << 30))
+    assert "SystemdSpawner" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "", "x" * 101, "ada;rm"])
+def test_a_group_name_cannot_escape_its_parent(name):
+    with pytest.raises(cgroups.CgroupError):
+        cgroups.Group(name)
+
+
+def test_oom_kills_are_read_from_oom_control(tmp_path):
+    root = _fake_cgroup_root(tmp_path)
+    g = cgroups.Group("ada-default", root=root)
+    g.create(cgroups.Limits(memory_bytes=1 << 30))
+    (g.dir("memory") / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")
+    assert g.oom_kills() == 3
+
+
+def test_a_real_group_is_killed_whole_and_removed(as_root):
+    """On this host's real cgroup-v1 tree (root, no guest): a process tree in
+    a group, killed by one call; nothing is left, the parent goes too."""
+    g = cgroups.Group(f"unit-{os.getpid()}", parent=f"labkit-hub-unit-{os.getpid()}")
+    g.create(cgroups.Limits(memory_bytes=256 << 20, cpus=0.5, pids=64))
+    tree = subprocess.Popen(["sh", "-c", "sleep 300 & sleep 300 & setsid sleep 300 & wait"],
+                            preexec_fn=lambda: g.add(os.getpid()))
+    try:
+        deadline = time.monotonic() + 10
+        while len(g.pids()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(g.pids()) == 4                   # sh and its three sleeps, the setsid one included
+        assert all(cgroups.group_of(p)["memory"] == f"/{g.parent}/{g.name}" for p in g.pids())
+        assert g.kill() == 4
+        tree.wait(10)
+        g.remove()
+        assert not g.exists()
+        assert not any((g.root / c / g.parent).exists() for c in cgroups.CONTROLLERS)
+    finally:
+        if tree.poll() is None:
+            tree.kill()
+            tree.wait()
+        if g.exists():
+            g.remove()
+
+
+# -- capacity ------------------------------------------------------------------------------
+
+
+def test_capacity_from_memory_and_the_measured_cost():
+    c = cap.Capacity(cores=8, memory_mb=32768, per_learner_mb=700, source="test", idle_cpu_cores=0.02)
+    assert c.by_memory == int((32768 - cap.HOST_RESERVE_MB) // (700 * cap.SAFETY))
+    assert c.working_at_once == 8
+    text = c.text()
+    assert f"{c.by_memory} logged-in learners" in text and "700 MiB (test)" in text
+
+
+def test_capacity_uses_the_largest_running_learner():
+    small = cap.VMSample(1, "labkit-a", rss_mb=300, uss_mb=280, cpu_cores=0.01, cgroup_peak_mb=None)
+    big = cap.VMSample(2, "labkit-b", rss_mb=300, uss_mb=280, cpu_cores=0.03, cgroup_peak_mb=900)
+    c = cap.capacity([small, big])
+    assert c.per_learner_mb == 900 and "cgroup peak" in c.source
+    assert c.idle_cpu_cores == pytest.approx(0.02)
+    assert cap.capacity([small]).per_learner_mb == 300 + cap.SERVER_OVERHEAD_MB
+    assert cap.capacity([]).source == cap.REFERENCE_SOURCE
