@@ -7,9 +7,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Host packages: QEMU and its image tool, the image recipe's tools (uidmap lets a normal user
 # build the image in mmdebstrap's unshare mode), the ssh client. The tests also need Debian's
-# chromium (the browser test drives it with Playwright; no browser is ever downloaded).
+# chromium (the browser test drives it with Playwright; no browser is ever downloaded). The hub test
+# makes a venv from Debian's python3 (python3-venv) and installs configurable-http-proxy with npm
+# (Debian's npm unless some other node with its own npm is already there).
 APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs cpio xz-utils openssh-client uidmap
-TEST_APT_PACKAGES := chromium
+TEST_APT_PACKAGES := chromium python3-venv $(if $(shell command -v npm),,npm)
 PYTEST_ARGS ?=
 
 .PHONY: lab test unit lint setup host-deps test-deps venv images clean help

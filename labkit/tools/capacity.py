@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import psutil
 
-# Measured by tests/test_hub.py on a 2-core TCG host (2026-12-01): a learner's
-# whole cgroup (server, kernel, QEMU, pmem page cache) after a warm start and
-# one pin experiment; QEMU alone was about two thirds of it. Used when no lab
-# VM runs here to measure.
-REFERENCE_LEARNER_MB = 700
+# Measured by tests/test_hub.py on a 2-core TCG host (2026-12-01): the peak of a
+# learner's whole cgroup (server, kernel, QEMU, pmem page cache) after a warm
+# start and one pin experiment was 510-513 MiB; QEMU alone 350 MiB RSS, 328 MiB
+# USS. Used when no lab VM runs here to measure.
+REFERENCE_LEARNER_MB = 515
 REFERENCE_SOURCE = "reference: a learner's cgroup peak measured by the hub test (warm start + one pin)"
 SERVER_OVERHEAD_MB = 150    # Jupyter server + one kernel with labkit imported, added to a bare QEMU's RSS
 HOST_RESERVE_MB = 1024      # the hub, the proxy, the page cache of the shared images
