@@ -45,7 +45,7 @@ from hubsetup import (
     wait_until,
 )
 from labkit import paths
-from labkit.deploy.cgroups import CONTROLLERS, Group, group_of, missing_controllers
+from labkit.deploy.cgroups import CONTROLLERS, Group, Limits, group_of, missing_controllers
 from labkit.image import DEFAULT_KERNEL
 from labkit.machine.process import free_port
 
@@ -208,6 +208,32 @@ def _remove_cgroups(parent: str) -> None:
             (root / c / parent).rmdir()
         except OSError:
             pass
+
+
+def test_a_real_group_is_killed_whole_and_removed(as_root):
+    """On this host's real cgroup-v1 tree (root, no guest): a process tree in
+    a group, killed by one call; nothing is left, the parent goes too."""
+    g = Group(f"unit-{os.getpid()}", parent=f"labkit-hub-unit-{os.getpid()}")
+    g.create(Limits(memory_bytes=256 << 20, cpus=0.5, pids=64))
+    tree = subprocess.Popen(["sh", "-c", "sleep 300 & sleep 300 & setsid sleep 300 & wait"],
+                            preexec_fn=lambda: g.add(os.getpid()))
+    try:
+        deadline = time.monotonic() + 10
+        while len(g.pids()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(g.pids()) == 4                   # sh and its three sleeps, the setsid one included
+        assert all(group_of(p)["memory"] == f"/{g.parent}/{g.name}" for p in g.pids())
+        assert g.kill() == 4
+        tree.wait(10)
+        g.remove()
+        assert not g.exists()
+        assert not any((g.root / c / g.parent).exists() for c in CONTROLLERS)
+    finally:
+        if tree.poll() is None:
+            tree.kill()
+            tree.wait()
+        if g.exists():
+            g.remove()
 
 
 # -- the tests, in order ---------------------------------------------------------------------
