@@ -134,6 +134,13 @@ def as_user(learner: Learner, argv: list[str], timeout: float = 60) -> subproces
                           env={"HOME": pw.pw_dir, "PATH": "/usr/bin:/bin"})
 
 
+def _default_sigint() -> None:
+    # A test run started in the background of a shell inherits SIGINT ignored, and so would
+    # the hub and its services: the idle culler would then ignore the hub's SIGINT at
+    # shutdown and hold it up for 30 s. An instructor's hub has the default action.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @dataclass
 class Hub:
     """The JupyterHub process and its REST API."""
@@ -149,7 +156,7 @@ class Hub:
         port = int(env["LABKIT_HUB_PORT"])
         proc = subprocess.Popen([str(venv / "bin/jupyterhub"), "-f", str(REPO / "deploy/hub/jupyterhub_config.py")],
                                 cwd=env["LABKIT_HUB_DIR"], env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_default_sigint)
         hub = cls(f"http://127.0.0.1:{port}", proc, log_path, env["LABKIT_HUB_ADMIN_TOKEN"])
         threading.Thread(target=hub._pump, daemon=True).start()
         if not hub._running.wait(timeout):

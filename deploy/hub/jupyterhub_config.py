@@ -62,11 +62,6 @@ c.Spawner.default_url = "/lab"
 c.Spawner.notebook_dir = "~"
 c.Spawner.http_timeout = 60
 c.Spawner.start_timeout = 120
-# SIGINT, then SIGTERM, each with this long to act (30 s by default); the spawner's
-# cgroup kill follows anyway. Also applies to the idle culler service's process,
-# which otherwise held a hub shutdown up for about 30 s here.
-c.LocalProcessSpawner.interrupt_timeout = 5
-c.LocalProcessSpawner.term_timeout = 5
 # The server's own PID becomes LABKIT_LIFETIME_PID (``exec`` keeps it), so a
 # persistent VM started from a kernel *or* a terminal ends with the server
 # even if the cgroup kill were bypassed.

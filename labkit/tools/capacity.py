@@ -19,9 +19,9 @@ import psutil
 
 # Measured by tests/test_hub.py on a 2-core TCG host (2026-12-01): the peak of a
 # learner's whole cgroup (server, kernel, QEMU, pmem page cache) after a warm
-# start and one pin experiment was 510-513 MiB; QEMU alone 350 MiB RSS, 328 MiB
-# USS. Used when no lab VM runs here to measure.
-REFERENCE_LEARNER_MB = 515
+# start and one pin experiment was 508-520 MiB over three runs; QEMU alone
+# 346-357 MiB RSS, 324-336 MiB USS. Used when no lab VM runs here to measure.
+REFERENCE_LEARNER_MB = 520
 REFERENCE_SOURCE = "reference: a learner's cgroup peak measured by the hub test (warm start + one pin)"
 SERVER_OVERHEAD_MB = 150    # Jupyter server + one kernel with labkit imported, added to a bare QEMU's RSS
 HOST_RESERVE_MB = 1024      # the hub, the proxy, the page cache of the shared images
