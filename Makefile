@@ -9,10 +9,11 @@ BIN := $(VENV)/bin
 # build the image in mmdebstrap's unshare mode), the ssh client. The tests also need Debian's
 # chromium (the browser test drives it with Playwright; no browser is ever downloaded),
 # bubblewrap (`labkit course grade` runs each submission's kernel in a bwrap sandbox),
-# slurm-wlm + munge (tests/test_slurm.py starts a real single-node Slurm cluster) and nodejs for npm
-# (configurable-http-proxy for the hub tests).
+# slurm-wlm + munge (tests/test_slurm.py starts a real single-node Slurm cluster), python3-venv (the hub
+# and Slurm tests make a venv from Debian's python3 that learners can run) and npm for
+# configurable-http-proxy (Debian's npm unless some other node with its own npm is already there).
 APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs cpio xz-utils openssh-client uidmap
-TEST_APT_PACKAGES := chromium bubblewrap slurm-wlm munge nodejs
+TEST_APT_PACKAGES := chromium bubblewrap slurm-wlm munge python3-venv $(if $(shell command -v npm),,npm)
 PYTEST_ARGS ?=
 
 .PHONY: lab test unit lint setup host-deps test-deps venv images clean help

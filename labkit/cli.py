@@ -70,6 +70,10 @@ def _end_progress(quiet: bool) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    if args.capacity:
+        from labkit.tools.capacity import capacity
+        print(capacity().text())
+        return 0
     from labkit.tools.doctor import report, run_checks
     text, ok = report(run_checks())
     print(text)
@@ -450,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log each lifecycle step (start, boot phases, stop) to stderr")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     d = sub.add_parser("doctor", help="check that this host can run the lab")
+    d.add_argument("--capacity", action="store_true",
+                   help="how many learners this host holds at once (cores, memory, measured cost per learner)")
     d.set_defaults(func=cmd_doctor)
     _add_image(sub)
     _add_vm(sub)

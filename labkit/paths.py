@@ -35,5 +35,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LABKIT_CACHE_DIR", default))
 
 
+def shared_cache_dir() -> Path | None:
+    """The host-wide cache an instructor fills once (warm-start snapshots)
+    and every learner reads: ``LABKIT_SHARED_CACHE_DIR``, else
+    ``/var/cache/labkit``; an empty value turns it off. Learners never need
+    to write here: what they cannot find in it they make in ``cache_dir()``."""
+    value = os.environ.get("LABKIT_SHARED_CACHE_DIR", "/var/cache/labkit")
+    return Path(value) if value else None
+
+
 def notebooks_dir() -> Path:
     return Path(os.environ.get("LABKIT_NOTEBOOKS_DIR", PROJECT_DIR / "notebooks"))

@@ -24,8 +24,11 @@ def _private_state(tmp_path_factory):
     included: the suite makes its own, once per kernel), and never build an
     image on demand (a missing image is a broken setup: `make test` builds them)."""
     root = tmp_path_factory.mktemp("labkit-state")
-    old = {k: os.environ.get(k) for k in ("LABKIT_STATE_DIR", "LABKIT_CACHE_DIR", "LABKIT_AUTO_BUILD")}
+    old = {k: os.environ.get(k) for k in ("LABKIT_STATE_DIR", "LABKIT_CACHE_DIR", "LABKIT_AUTO_BUILD",
+                                          "LABKIT_SHARED_CACHE_DIR", "LABKIT_LIFETIME_PID")}
     os.environ["LABKIT_AUTO_BUILD"] = "0"
+    os.environ["LABKIT_SHARED_CACHE_DIR"] = ""     # nor the host-wide snapshot cache of a class
+    os.environ["LABKIT_LIFETIME_PID"] = "0"        # nor a hub's server that happens to run pytest
     os.environ["LABKIT_STATE_DIR"] = str(root)
     os.environ["LABKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("labkit-cache"))
     yield root

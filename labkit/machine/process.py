@@ -16,6 +16,7 @@ import select
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -95,15 +96,91 @@ _MAIN_THREAD = threading.main_thread().ident
 
 
 def spawn(argv: Sequence[str], log_path: Path, die_with_parent: bool) -> subprocess.Popen[bytes]:
-    """Start QEMU in a session of its own, output to ``log_path``."""
+    """Start QEMU in a session of its own, output to ``log_path``. A
+    persistent VM (``die_with_parent`` false) outlives this process, but not
+    the process named by ``lifetime_pid()`` (a learner's Jupyter server)."""
     log.debug("spawning %s", " ".join(argv))
     with open(log_path, "wb") as out:
         try:
-            return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True,
                                     preexec_fn=_set_pdeathsig if die_with_parent else None)
         except OSError as exc:
             raise LaunchError(f"cannot run {argv[0]}: {exc}", argv) from exc
+    owner = 0 if die_with_parent else lifetime_pid()
+    if owner:
+        tie_to(proc.pid, owner)
+    return proc
+
+
+def lifetime_pid() -> int:
+    """The process whose end must end a persistent VM too, 0 for none.
+
+    ``LABKIT_LIFETIME_PID`` when set (``0`` turns it off; the hub
+    configuration sets it to the learner's Jupyter server). Otherwise, in a
+    Jupyter kernel of a JupyterHub server (``JUPYTERHUB_USER`` set), the
+    server that started the kernel (``JPY_PARENT_PID``, set by jupyter_client).
+    A kernel restart keeps the VM; stopping or culling the server ends it.
+    Outside a hub a persistent VM is the learner's own and outlives everything."""
+    value = os.environ.get("LABKIT_LIFETIME_PID")
+    if value is None and os.environ.get("JUPYTERHUB_USER"):
+        value = os.environ.get("JPY_PARENT_PID")
+    try:
+        pid = int(value or 0)
+    except ValueError:
+        log.warning("LABKIT_LIFETIME_PID=%r is not a PID; the VM is not tied to any process", value)
+        return 0
+    return pid if pid > 0 else 0
+
+
+# The watcher: stdlib only and started with -S -E so it costs a few MiB. It
+# gets two pidfds (the VM's QEMU, the owner; their numbers in argv), opened by labkit while
+# QEMU is its unreaped child, so no PID reuse can make it kill a stranger.
+# When the owner ends it sends QEMU SIGTERM, then SIGKILL after 5 s; when
+# QEMU ends first it just exits.
+_WATCHER = """
+import select, signal, sys
+qemu, owner = int(sys.argv[1]), int(sys.argv[2])
+ready, _, _ = select.select([qemu, owner], [], [])
+if qemu in ready:
+    sys.exit(0)
+try:
+    signal.pidfd_send_signal(qemu, signal.SIGTERM)
+    if not select.select([qemu], [], [], 5.0)[0]:
+        signal.pidfd_send_signal(qemu, signal.SIGKILL)
+except ProcessLookupError:
+    pass
+"""
+
+
+def tie_to(pid: int, owner: int) -> subprocess.Popen[bytes] | None:
+    """Make ``pid`` (a child of this process) end when ``owner`` ends, from a
+    small watcher process in a session of its own (it survives this process,
+    like the VM). Returns the watcher, None if the owner is already gone (then
+    ``pid`` is killed at once: its server no longer exists)."""
+    try:
+        qemu_fd = os.pidfd_open(pid)
+    except OSError as exc:     # no pidfds (Linux < 5.3) or QEMU already gone
+        log.warning("cannot tie QEMU %d to process %d: %s", pid, owner, exc)
+        return None
+    try:
+        try:
+            owner_fd = os.pidfd_open(owner)
+        except ProcessLookupError:
+            log.warning("the VM's owner %d is gone; stopping QEMU %d", owner, pid)
+            signal.pidfd_send_signal(qemu_fd, signal.SIGKILL)
+            return None
+        try:
+            watcher = subprocess.Popen(
+                [sys.executable, "-S", "-E", "-c", _WATCHER, str(qemu_fd), str(owner_fd)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True, pass_fds=(qemu_fd, owner_fd))
+        finally:
+            os.close(owner_fd)
+    finally:
+        os.close(qemu_fd)
+    log.debug("QEMU %d ends with process %d (watcher %d)", pid, owner, watcher.pid)
+    return watcher
 
 
 def terminate(pids: Iterable[int], is_ours: Callable[[int], bool], grace: float = 2.0) -> bool:

@@ -21,6 +21,13 @@ hash of exactly those things plus this module's preparation script, so any
 change to them makes a new snapshot rather than restoring a wrong one.
 Per-VM secrets are not in it: QEMU hands each VM's own public key to the
 guest through fw_cfg, and the restored guest's sshd reads it from there.
+
+Where snapshots live: on a host shared by a class, an instructor makes the
+host-wide directory (``paths.shared_cache_dir()/snapshots``, created by hand:
+its existence is the opt-in) and starts each kernel's VM once; the snapshots
+are written there world-readable. Learners only read that directory; a
+machine it has no snapshot for gets one in the learner's own cache. Each
+learner's disk overlay, pmem files and key stay in their own state dir.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -44,6 +52,8 @@ from labkit.machine.argv import build_qemu_argv
 from labkit.machine.channels.qmp import QMPChannel
 from labkit.machine.config import VMConfig
 from labkit.timeout import Deadline, flock_before
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 
@@ -99,8 +109,34 @@ def machine_key(cfg: VMConfig, image: Image) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def shared_snapshots_dir() -> Path | None:
+    """The host-wide snapshot directory (None when turned off)."""
+    shared = paths.shared_cache_dir()
+    return shared / "snapshots" if shared else None
+
+
 def snapshots_dir() -> Path:
+    """Where this process writes snapshots: the host-wide directory when it
+    exists and this user may write it (the instructor), else the user's own cache."""
+    shared = shared_snapshots_dir()
+    if shared is not None and shared.is_dir() and os.access(shared, os.W_OK | os.X_OK):
+        return shared
     return paths.cache_dir() / "snapshots"
+
+
+def search_dirs() -> list[Path]:
+    """Where snapshots are looked for: the writable directory first (its
+    broken snapshots can be removed), then the host-wide read-only one."""
+    dirs = [snapshots_dir()]
+    shared = shared_snapshots_dir()
+    if shared is not None and shared != dirs[0] and shared.is_dir():
+        dirs.append(shared)
+    return dirs
+
+
+def _is_shared(d: Path) -> bool:
+    shared = shared_snapshots_dir()
+    return shared is not None and d.parent == shared
 
 
 @dataclass(frozen=True)
@@ -131,7 +167,20 @@ class Snapshot:
 def find(key: str, kernel: str) -> Snapshot | None:
     """The valid snapshot for ``key``, or None. A snapshot whose files do not
     match its own record (truncated, half-written) is removed, never used."""
-    d = snapshots_dir() / f"{kernel}-{key}"
+    writable = snapshots_dir()
+    for root in search_dirs():
+        snap = _valid(root / f"{kernel}-{key}", key)
+        if snap is not None:
+            return snap
+        if root == writable:
+            discard(root / f"{kernel}-{key}")
+        elif (root / f"{kernel}-{key}").exists():
+            log.warning("the shared snapshot %s is broken or unreadable; ignoring it", root / f"{kernel}-{key}")
+    return None
+
+
+def _valid(d: Path, key: str) -> Snapshot | None:
+    """The snapshot in ``d`` if its files match its record and this user can read them."""
     try:
         meta = json.loads((d / "meta.json").read_text())
     except (OSError, ValueError):
@@ -140,13 +189,11 @@ def find(key: str, kernel: str) -> Snapshot | None:
     try:
         ok = (meta.get("key") == key and meta.get("format") == FORMAT
               and snap.state_file.stat().st_size == meta["state_bytes"]
-              and snap.disk.stat().st_size == meta["disk_bytes"])
+              and snap.disk.stat().st_size == meta["disk_bytes"]
+              and os.access(snap.state_file, os.R_OK) and os.access(snap.disk, os.R_OK))
     except (OSError, KeyError):
         ok = False
-    if not ok:
-        discard(d)
-        return None
-    return snap
+    return snap if ok else None
 
 
 def discard(path: Path) -> None:
@@ -160,9 +207,10 @@ def discard(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def list_snapshots() -> list[Snapshot]:
+def list_snapshots(roots: list[Path] | None = None) -> list[Snapshot]:
+    """The snapshots in ``roots`` (default: every directory searched)."""
     out = []
-    for d in sorted(snapshots_dir().glob("*-*")):
+    for d in sorted(d for root in (search_dirs() if roots is None else roots) for d in root.glob("*-*")):
         try:
             out.append(Snapshot(d, json.loads((d / "meta.json").read_text())))
         except (OSError, ValueError):
@@ -202,6 +250,8 @@ def save(qmp: QMPChannel, overlay: Path, key: str, kernel: str, meta: dict,
         if full:
             raise LaunchError(full) from exc
         raise
+    if _is_shared(final):
+        tmp.chmod(0o755)        # learners read it; only its creator writes
     discard(final)
     os.rename(tmp, final)
     prune(kernel, keep=KEEP_PER_KERNEL)
@@ -220,8 +270,9 @@ def _write(qmp: QMPChannel, overlay: Path, tmp: Path, meta: dict, timeout: float
     meta = dict(meta, created_at=time.time(), save_seconds=round(time.monotonic() - t0, 2),
                 state_bytes=state.stat().st_size, disk_bytes=(tmp / "disk.qcow2").stat().st_size)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    mode = 0o444 if _is_shared(tmp) else 0o400
     for f in tmp.iterdir():
-        f.chmod(0o400)
+        f.chmod(mode)
     return meta
 
 
@@ -268,7 +319,7 @@ KEEP_PER_KERNEL = 3
 def prune(kernel: str, keep: int) -> None:
     """Old snapshots of a kernel (older images, other machine sizes) are
     ~150 MB each: keep the newest few."""
-    mine = [s for s in list_snapshots() if s.meta.get("kernel") == kernel]
+    mine = [s for s in list_snapshots([snapshots_dir()]) if s.meta.get("kernel") == kernel]
     mine.sort(key=lambda s: s.meta.get("created_at", 0), reverse=True)
     for old in mine[keep:]:
         discard(old.path)

@@ -1,0 +1,111 @@
+"""JupyterHub for a class on one host: every learner is a local Unix user
+with their own Jupyter server, lab VM, memory/CPU/PIDs limit, and nothing
+left behind when the server stops or is culled.
+
+    jupyterhub -f deploy/hub/jupyterhub_config.py
+
+Which spawner: on a host whose PID 1 is systemd (``/run/systemd/system``
+exists) SystemdSpawner (pip package ``jupyterhub-systemdspawner``) runs each
+server in a transient systemd unit with MemoryMax/CPUQuota and stops the unit
+on stop; elsewhere labkit's CgroupSpawner does the same with cgroup-v1 groups
+(``labkit.deploy.spawner``). ``LABKIT_HUB_SPAWNER=cgroup|systemd`` forces one.
+
+Everything a deployment changes is an environment variable (defaults in brackets):
+LABKIT_HUB_IP [127.0.0.1], LABKIT_HUB_PORT [8000], LABKIT_HUB_API_PORT (the hub's
+internal API) [8081], LABKIT_HUB_PROXY_API_PORT [8001], LABKIT_HUB_DIR (database,
+cookie secret) [/var/lib/labkit-hub], LABKIT_HUB_GROUP (Unix group of the
+learners, who log in with their Unix password through PAM) [labkit-learners],
+LABKIT_HUB_MEM [2G], LABKIT_HUB_CPUS [1.0], LABKIT_HUB_PIDS [1024],
+LABKIT_HUB_CGROUP_PARENT (cgroup spawner only) [labkit-hub],
+LABKIT_HUB_CULL_TIMEOUT (s idle before a server and its VM are stopped) [1800],
+LABKIT_HUB_CULL_EVERY [60], LABKIT_HUB_ACTIVITY_INTERVAL [60],
+LABKIT_HUB_ADMIN_TOKEN (an API token with admin rights for the instructor's
+scripts; none when unset), LABKIT_HUB_PROXY (configurable-http-proxy's path).
+The learners' servers get LABKIT_IMAGES_DIR and LABKIT_SHARED_CACHE_DIR from the hub's environment.
+"""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+c = get_config()  # noqa: F821 - provided by JupyterHub when it loads this file
+
+env = os.environ.get
+BIN = Path(sys.executable).parent        # the venv JupyterHub runs from, readable by every learner
+
+# -- the hub ------------------------------------------------------------------------
+c.JupyterHub.ip = env("LABKIT_HUB_IP", "127.0.0.1")
+c.JupyterHub.port = int(env("LABKIT_HUB_PORT", "8000"))
+c.JupyterHub.hub_ip = "127.0.0.1"
+c.JupyterHub.hub_port = int(env("LABKIT_HUB_API_PORT", "8081"))
+c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{int(env('LABKIT_HUB_PROXY_API_PORT', '8001'))}"
+state = Path(env("LABKIT_HUB_DIR", "/var/lib/labkit-hub"))
+state.mkdir(parents=True, exist_ok=True, mode=0o700)
+c.JupyterHub.db_url = f"sqlite:///{state / 'jupyterhub.sqlite'}"
+c.JupyterHub.cookie_secret_file = str(state / "jupyterhub_cookie_secret")
+c.ConfigurableHTTPProxy.pid_file = str(state / "proxy.pid")
+proxy = env("LABKIT_HUB_PROXY") or shutil.which("configurable-http-proxy")
+if proxy:
+    c.ConfigurableHTTPProxy.command = [proxy]
+c.JupyterHub.cleanup_servers = True      # stopping the hub stops every server (and its cgroup, and its VM)
+c.JupyterHub.last_activity_interval = int(env("LABKIT_HUB_ACTIVITY_INTERVAL", "60"))
+
+# -- who may log in: local Unix users of one group, by their password (PAM) ------------
+c.JupyterHub.authenticator_class = "pam"
+c.LocalAuthenticator.allowed_groups = {env("LABKIT_HUB_GROUP", "labkit-learners")}
+
+# -- each learner's server ---------------------------------------------------------------
+c.Spawner.mem_limit = env("LABKIT_HUB_MEM", "2G")
+c.Spawner.cpu_limit = float(env("LABKIT_HUB_CPUS", "1.0"))
+c.Spawner.default_url = "/lab"
+c.Spawner.notebook_dir = "~"
+c.Spawner.http_timeout = 60
+c.Spawner.start_timeout = 120
+# The server's own PID becomes LABKIT_LIFETIME_PID (``exec`` keeps it), so a
+# persistent VM started from a kernel *or* a terminal ends with the server
+# even if the cgroup kill were bypassed.
+c.Spawner.cmd = ["sh", "-c", 'LABKIT_LIFETIME_PID=$$; export LABKIT_LIFETIME_PID; exec "$0" "$@"',
+                 str(BIN / "jupyterhub-singleuser")]
+c.Spawner.environment = {
+    "PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin",
+    "JUPYTERHUB_ACTIVITY_INTERVAL": env("LABKIT_HUB_ACTIVITY_INTERVAL", "60"),
+}
+c.Spawner.env_keep = ["LANG", "LC_ALL", "LABKIT_IMAGES_DIR", "LABKIT_SHARED_CACHE_DIR", "LABKIT_ACCEL",
+                      "LABKIT_AUTO_BUILD"]
+
+
+def _pid1_is_systemd() -> bool:
+    return Path("/run/systemd/system").is_dir()      # sd_booted()'s test
+
+
+spawner = env("LABKIT_HUB_SPAWNER") or ("systemd" if _pid1_is_systemd() else "cgroup")
+if spawner == "systemd":
+    c.JupyterHub.spawner_class = "systemdspawner.SystemdSpawner"
+    c.SystemdSpawner.unit_name_template = "labkit-{USERNAME}"
+    c.SystemdSpawner.isolate_tmp = True
+    c.SystemdSpawner.disable_user_sudo = True
+elif spawner == "cgroup":
+    c.JupyterHub.spawner_class = "labkit.deploy.spawner.CgroupSpawner"
+    c.CgroupSpawner.pids_limit = int(env("LABKIT_HUB_PIDS", "1024"))
+    c.CgroupSpawner.cgroup_parent = env("LABKIT_HUB_CGROUP_PARENT", "labkit-hub")
+else:
+    raise SystemExit(f"LABKIT_HUB_SPAWNER={spawner!r}: use 'cgroup' or 'systemd'")
+
+# -- services: the idle culler, and an admin token for the instructor's scripts ----------------
+c.JupyterHub.services = [{
+    "name": "idle-culler",
+    "command": [sys.executable, "-m", "jupyterhub_idle_culler",
+                f"--timeout={int(env('LABKIT_HUB_CULL_TIMEOUT', '1800'))}",
+                f"--cull-every={int(env('LABKIT_HUB_CULL_EVERY', '60'))}"],
+}]
+c.JupyterHub.load_roles = [{
+    "name": "idle-culler",
+    "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"],
+    "services": ["idle-culler"],
+}]
+if env("LABKIT_HUB_ADMIN_TOKEN"):
+    c.JupyterHub.services.append({"name": "labkit-admin", "api_token": env("LABKIT_HUB_ADMIN_TOKEN")})
+    c.JupyterHub.load_roles.append({"name": "labkit-admin", "scopes": ["admin:users", "admin:servers",
+                                                                       "tokens", "read:hub"],
+                                    "services": ["labkit-admin"]})
