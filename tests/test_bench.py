@@ -129,3 +129,14 @@ def test_download_size_from_apt_logs(tmp_path):
 def test_bench_rejects_bad_class_options(args, expect):
     r = subprocess.run([sys.executable, "-m", "labkit", "bench", *args], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr
+
+
+def test_doctor_recommends_ksm_for_a_class_host(tmp_path):
+    from labkit.tools.doctor import ksm_check
+    run = tmp_path / "run"
+    run.write_text("0\n")
+    off = ksm_check(str(run))
+    assert not off.ok and not off.required and f"echo 1 | sudo tee {run}" in off.detail
+    run.write_text("1\n")
+    assert ksm_check(str(run)).ok
+    assert ksm_check(str(tmp_path / "absent")).ok      # no KSM in the host kernel: nothing to advise

@@ -59,6 +59,8 @@ LABELS = {
     "warm_floor_s": ("warm start floor (QEMU start + restore)", "s"),
     "reset_s": ("reset (running guest -> prepared)", "s"),
     "reset_stop_s": ("  stop of the old guest (sync, QMP quit)", "s"),
+    "reset_ssh_s": ("  restored guest: SSH connect", "s"),
+    "reset_nvdimm_s": ("  restored guest: NVDIMMs probed (its namespaces)", "s"),
     "ssh_rtt_ms": ("SSH round trip (`true`)", "ms"),
     "matrix_first_s": ("pin matrix, fresh pmem (mkfs included)", "s"),
     "matrix_s": ("pin matrix, warm guest, lab prepared", "s"),
@@ -74,6 +76,8 @@ EXTRA_LABELS = {
     "learner_pss_mb": ("  its QEMU's PSS", "MB"),
     "learners_total_pss_mb": ("  all learners' QEMUs together (PSS)", "MB"),
     "ksm_saved_mb": ("  KSM sharing on this host at that moment", "MB"),
+    "learner_guest_used_mb": ("  used inside its guest (total - available)", "MB"),
+    "learner_guest_cache_mb": ("  page cache inside its guest", "MB"),
     "matrix_one_s": ("matrix on one kernel, warm start included", "s"),
     "matrix_all_s": ("matrix on every kernel, warm starts included", "s"),
     "grade_per_core_hour": ("submissions graded per core-hour", "/h"),
@@ -102,6 +106,7 @@ INIT_STARTED = "Run /init as init process"
 ROOT_MOUNTED = "EXT4-fs (vda): mounted filesystem"
 
 
+RESET_PHASES = {"ssh connect": "reset_ssh_s", "nvdimms ready": "reset_nvdimm_s"}
 WARM_PHASES = {"disk overlay": "warm_disk_s", "qemu start": "warm_qemu_s", "restore": "warm_restore_s",
                "ssh connect": "warm_ssh_s", "nvdimms ready": "warm_nvdimm_s"}
 
@@ -230,6 +235,9 @@ def _warm_run(kernel: str, raw: dict[str, list[float]], matrix: bool, step: Call
         raw["reset_s"].append(time.monotonic() - t)
         # the new guest's own start (spawn to ready) is in its record; the rest is the old one's stop
         raw["reset_stop_s"].append(max(0.0, raw["reset_s"][-1] - vm.record.boot_seconds))
+        for name, v in (vm.record.phases or {}).items():      # the new guest's start, by phase
+            if name in RESET_PHASES:
+                raw[RESET_PHASES[name]].append(v)
         if matrix:
             step("pin matrix on the reset guest (namespaces and filesystems kept)")
             raw["matrix_s"].append(_timed_matrix(vm))

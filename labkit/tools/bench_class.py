@@ -103,12 +103,26 @@ def learners(kernel: str, n: int, say: Say, work: Callable[[VM], None] = course_
             work(vm)
         ksm_settle()
         after = [smaps_mb(v.record.pid) for v in vms]
-        return {"learners": n, "learner_marginal_mb": round(sum(s["pss"] for s in after) - before, 1),
+        return {"learners": n, **guest_memory(vms[-1]),
+                "learner_marginal_mb": round(sum(s["pss"] for s in after) - before, 1),
                 "learner_pss_mb": round(after[-1]["pss"], 1), "learner_uss_mb": round(after[-1]["uss"], 1),
                 "learners_total_pss_mb": round(sum(s["pss"] for s in after), 1), **ksm_state()}
     finally:
         for vm in vms:
             vm.finish()
+
+
+def guest_memory(vm: VM) -> dict[str, float]:
+    """What the guest itself uses (MemTotal - MemAvailable) and holds as page
+    cache: how much guest RAM the course actually needs."""
+    info = {}
+    for line in vm.run(["cat", "/proc/meminfo"], timeout=30, check=True).stdout.splitlines():
+        key, _, rest = line.partition(":")
+        if rest.split():
+            info[key] = int(rest.split()[0]) / 1024
+    return {"learner_guest_used_mb": round(info["MemTotal"] - info["MemAvailable"], 1),
+            "learner_guest_cache_mb": round(info.get("Cached", 0.0), 1),
+            "learner_guest_ram_mb": round(info["MemTotal"], 1)}
 
 
 # -- the three-kernel matrix ---------------------------------------------------------
