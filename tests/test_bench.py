@@ -140,3 +140,22 @@ def test_doctor_recommends_ksm_for_a_class_host(tmp_path):
     run.write_text("1\n")
     assert ksm_check(str(run)).ok
     assert ksm_check(str(tmp_path / "absent")).ok      # no KSM in the host kernel: nothing to advise
+
+
+SMAPS = """7f0000000000-7f0040000000 rw-p 00000000 00:00 0 
+Size:            1048576 kB
+Rss:              409600 kB
+7f1000000000-7f1040000000 rwxp 00000000 00:00 0 
+Size:            1048576 kB
+Rss:              262144 kB
+7f2000000000-7f2020000000 rw-s 00000000 08:01 1234                       /s/pmem0.img
+Size:             524288 kB
+Rss:               10240 kB
+55d000000000-55d000100000 r-xp 00000000 08:01 99                         /usr/bin/qemu-system-x86_64
+Size:               1024 kB
+Rss:                1024 kB
+"""
+
+
+def test_qemu_memory_split_by_mapping():
+    assert bench_class.qemu_memory_split(SMAPS, 1024) == {"guest_ram": 400.0, "tcg_cache": 256.0, "other": 11.0}

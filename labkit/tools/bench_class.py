@@ -59,6 +59,26 @@ def _ksm(name: str) -> int | None:
         return None
 
 
+def qemu_memory_split(smaps: str, guest_mb: int) -> dict[str, float]:
+    """Where a QEMU's resident memory is, from the text of /proc/PID/smaps:
+    guest RAM (the anonymous mapping of exactly the guest's size), TCG's
+    translation cache (the anonymous executable mappings) and the rest
+    (NVDIMM files, binaries, heaps)."""
+    out = {"guest_ram": 0.0, "tcg_cache": 0.0, "other": 0.0}
+    kind = "other"
+    for line in smaps.splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            size_mb, anon = (hi - lo) / MB, len(head) == 5
+            # TCG's buffer is split into per-thread regions by guard pages: every anonymous executable vma
+            kind = ("tcg_cache" if anon and "x" in head[1] else
+                    "guest_ram" if anon and size_mb == guest_mb else "other")
+        elif head and head[0] == "Rss:":
+            out[kind] += int(head[1]) / 1024
+    return {k: round(v, 1) for k, v in out.items()}
+
+
 def ksm_state() -> dict[str, Any]:
     """Whether the host's KSM runs and how much it saves now (all processes)."""
     run, sharing = _ksm("run"), _ksm("pages_sharing")
@@ -103,7 +123,8 @@ def learners(kernel: str, n: int, say: Say, work: Callable[[VM], None] = course_
             work(vm)
         ksm_settle()
         after = [smaps_mb(v.record.pid) for v in vms]
-        return {"learners": n, **guest_memory(vms[-1]),
+        split = qemu_memory_split(Path(f"/proc/{vms[-1].record.pid}/smaps").read_text(), vms[-1].memory_mb)
+        return {"learners": n, **guest_memory(vms[-1]), **{f"learner_rss_{k}_mb": v for k, v in split.items()},
                 "learner_marginal_mb": round(sum(s["pss"] for s in after) - before, 1),
                 "learner_pss_mb": round(after[-1]["pss"], 1), "learner_uss_mb": round(after[-1]["uss"], 1),
                 "learners_total_pss_mb": round(sum(s["pss"] for s in after), 1), **ksm_state()}
