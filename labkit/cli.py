@@ -172,11 +172,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if missing:
         _err(f"--grade: no such notebook: {missing[0]}")
         return 2
-    extras = bench.Extras(learners=args.learners, matrix_ratio=args.matrix_ratio, grade=grade,
-                          first_run=paths.PROJECT_DIR if args.first_run else None)
-    if args.first_run and not (paths.PROJECT_DIR / ".git").exists():
-        _err(f"--first-run clones the project, but {paths.PROJECT_DIR} is not a git checkout")
-        return 2
+    extras = bench.Extras(learners=args.learners, matrix_ratio=args.matrix_ratio, grade=grade)
     say = (lambda s: None) if args.json else (lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
     results = [bench.run(k, runs=args.runs, matrix=not args.no_matrix, progress=say, extras=extras)
                for k in kernels]
@@ -503,9 +499,6 @@ def _add_measuring(sub: Any) -> None:
     bn.add_argument("--grade", nargs="*", metavar="NOTEBOOK",
                     help="grade_per_core_hour: grade these notebooks (default: notebooks 01 and 02) as "
                          "submissions with `labkit check`, from the CPU time of the grader and its guest")
-    bn.add_argument("--first-run", action="store_true",
-                    help="first_run_s: `make setup` in a fresh clone to a first working cell, and the "
-                         "download size (minutes; downloads packages)")
     bn.set_defaults(func=cmd_bench)
 
 

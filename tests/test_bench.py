@@ -117,13 +117,6 @@ def test_smaps_of_a_real_process():
     assert 0 < m["uss"] <= m["pss"] <= m["rss"] + 0.01
 
 
-def test_download_size_from_apt_logs(tmp_path):
-    (tmp_path / "build").mkdir()
-    (tmp_path / "build" / "6.1.log").write_text("Get:1 x\nFetched 70.6 MB in 0s (446 MB/s)\n"
-                                                "Fetched 512 kB in 1s (1 MB/s)\nNeed to get 46.4 MB\n")
-    assert bench_class.fetched_mb(tmp_path) == pytest.approx((70.6e6 + 512e3) / 2**20)
-
-
 @pytest.mark.parametrize("args, expect", [(["--learners", "-1"], "--learners -1"),
                                           (["--grade", "/nonexistent.ipynb"], "no such notebook")])
 def test_bench_rejects_bad_class_options(args, expect):

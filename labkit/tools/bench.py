@@ -11,7 +11,7 @@ so the targets are mostly *ratios of figures from the same run*: a warm start
 against its floor (QEMU start + restore of the migration stream, which no
 readiness work can go below), a reset against a warm start, the three-kernel
 matrix against one kernel. The class-sized figures (memory per learner,
-grading throughput, the first run) live in ``bench_class``.
+grading throughput) live in ``bench_class``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from labkit.image.build import ensure_image
@@ -86,8 +85,6 @@ EXTRA_LABELS = {
     "grade_per_core_hour": ("submissions graded per core-hour", "/h"),
     "grade_s": ("  wall time for the graded set", "s"),
     "grade_cpu_s": ("  CPU time (grader + guest)", "s"),
-    "first_run_s": ("first run: make setup to a first cell", "s"),
-    "first_run_download_mb": ("  downloaded (pip + image build)", "MB"),
 }
 
 
@@ -181,7 +178,6 @@ class Extras:
     learners: int = 0                   # N learners' VMs, then one more
     matrix_ratio: bool = False          # every kernel's matrix against one kernel's
     grade: tuple[str, ...] = ()         # notebooks to grade as submissions
-    first_run: Path | None = None       # the repository to clone for the first run
 
 
 def _extras(kernel: str, ex: Extras, say: Callable[[str], None]) -> dict[str, Any]:
@@ -192,8 +188,6 @@ def _extras(kernel: str, ex: Extras, say: Callable[[str], None]) -> dict[str, An
         out.update(bench_class.matrix_ratio(kernel, say))
     if ex.grade:
         out.update(bench_class.grade_throughput(kernel, ex.grade, say))
-    if ex.first_run is not None:
-        out.update(bench_class.first_run(ex.first_run, say))
     return out
 
 

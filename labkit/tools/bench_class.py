@@ -1,22 +1,19 @@
 """The class-sized figures of ``labkit bench``: memory per learner, the
-three-kernel matrix against one kernel, grading throughput, the first run.
+three-kernel matrix against one kernel, grading throughput.
 
 Each is one small function that starts real guests (or a real ``make``) and
 returns a dict of figures; ``labkit.tools.bench`` merges them into its result.
-They are opt-in (``--learners N``, ``--matrix-ratio``, ``--grade``,
-``--first-run``) because each takes a minute or more on a small host.
+They are opt-in (``--learners N``, ``--matrix-ratio``, ``--grade``) because
+each takes a minute or more on a small host.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -221,59 +218,3 @@ def default_grade_set() -> list[str]:
     submissions without outputs: executed headless, then checked."""
     from labkit.course.grading import default_notebooks
     return [str(p) for p in default_notebooks() if p.name[:2] in ("01", "02")]
-
-
-# -- the first run ---------------------------------------------------------------------
-
-FIRST_CELL = ("import labkit, os\nvm = labkit.connect(os.environ['LABKIT_VM'])\n"
-              "print(vm.run(['uname', '-r'], check=True).stdout)\nvm.finish()\n")
-
-
-def first_run(repo: Path, say: Say, timeout: float = 3600.0) -> dict[str, Any]:
-    """``make setup`` (all of ``make lab`` but JupyterLab itself) in a fresh
-    clone of ``repo`` with empty pip and image caches, then a first cell that
-    talks to the guest; the bytes pip and the image build downloaded."""
-    with tempfile.TemporaryDirectory(prefix="labkit-first-run-") as tmp:
-        root = Path(tmp)
-        clone, caches = root / "labkit", root / "cache"
-        subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True, timeout=300)
-        env = dict(os.environ, PIP_CACHE_DIR=str(caches / "pip"), LABKIT_CACHE_DIR=str(caches / "labkit"),
-                   LABKIT_STATE_DIR=str(root / "state"), LABKIT_VM="first-run")
-        env.pop("LABKIT_IMAGES_DIR", None)          # build the image like a new machine does
-        env.pop("PYTHONPATH", None)
-        say(f"first run: make setup in a fresh clone ({clone})")
-        t = time.monotonic()
-        r = subprocess.run(["make", "-C", str(clone), "setup"], env=env, capture_output=True, text=True,
-                           timeout=timeout)
-        if r.returncode != 0:
-            raise LabError(f"make setup failed in the fresh clone: {r.stdout[-1500:]}{r.stderr[-1500:]}")
-        setup = time.monotonic() - t
-        cell = subprocess.run([str(clone / ".venv/bin/python"), "-c", FIRST_CELL], env=env, capture_output=True,
-                              text=True, timeout=600, cwd=clone)
-        total = time.monotonic() - t
-        if cell.returncode != 0:
-            raise LabError(f"the first cell failed after make setup: {cell.stderr[-1500:]}")
-        subprocess.run([str(clone / ".venv/bin/labkit"), "vm", "delete", "--name", "first-run", "--yes"],
-                       env=env, capture_output=True, timeout=120)
-        return {"first_run_s": round(total, 1), "first_run_setup_s": round(setup, 1),
-                "first_run_download_mb": round(_tree_mb(caches / "pip") + fetched_mb(clone / "images"), 1)}
-
-
-def _tree_mb(path: Path) -> float:
-    if not path.exists():
-        return 0.0
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) / MB
-
-
-FETCHED = re.compile(r"^Fetched ([0-9.]+) ([kMG]?B) in", re.M)
-UNITS = {"B": 1 / MB, "kB": 1e3 / MB, "MB": 1e6 / MB, "GB": 1e9 / MB}
-
-
-def fetched_mb(images: Path) -> float:
-    """What apt fetched for the image builds, from apt's own "Fetched N MB" lines in their logs."""
-    return sum(float(n) * UNITS[u] for log_file in images.glob("build/*.log")
-               for n, u in FETCHED.findall(log_file.read_text(errors="replace")))
-
-
-def have_make() -> bool:
-    return shutil.which("make") is not None and shutil.which("git") is not None
