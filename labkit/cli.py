@@ -483,13 +483,16 @@ def _add_measuring(sub: Any) -> None:
                         description="Runs, one after the other on this machine: a cold boot to SSH-ready, a "
                                     "warm start (snapshot restore) to SSH-ready, a reset, SSH round trips, the "
                                     "full pin matrix on the warm guest, and QEMU's resident memory. Prints "
-                                    "medians and min-max over --runs, and the cold/warm ratio.")
+                                    "ratios of figures from the same run first (warm start over its floor, reset "
+                                    "over warm start), then medians and min-max over --runs with the machine "
+                                    "and date.")
     bn.add_argument("--kernel", choices=kernels + ["all"], default=image.DEFAULT_KERNEL,
                     help="kernel variant (default %(default)s)")
     bn.add_argument("--runs", type=int, default=3, help="repetitions (default %(default)s)")
     bn.add_argument("--json", action="store_true",
-                    help="one JSON object: cold_boot_s, warm_start_s, reset_s, ssh_rtt_ms, matrix_s, "
-                         "qemu_rss_mb, accel (medians), plus min/max/raw")
+                    help="one JSON object: cold_boot_s, warm_start_s, warm_floor_s, reset_s, ssh_rtt_ms, matrix_s, "
+                         "qemu_rss_mb, accel (medians), the ratios warm_over_floor, reset_over_warm, "
+                         "cold_warm_ratio, plus min/max/raw, machine and date (docs/performance.md)")
     bn.add_argument("--no-matrix", action="store_true", help="skip the pin matrix (much quicker)")
     bn.add_argument("--learners", type=int, default=0, metavar="N",
                     help="N learners' VMs from one snapshot, each running the pin matrix, then one more: "
