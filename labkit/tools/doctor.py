@@ -127,8 +127,8 @@ def ksm_check(run_file: str = KSM_RUN) -> Check:
                      required=False)
     fix = f"echo 1 | sudo tee {run_file}"
     return Check("ksm", False, "off: fine for one learner; on a class host (several learners' VMs) turn it on "
-                 f"(`{fix}`) to merge the pages their guests share; docs/performance.md has what it "
-                 "saved and cost, measured", fix, required=False)
+                 f"(`{fix}`) to merge the pages their guests share; docs/performance.md says how to "
+                 "measure what it saves", fix, required=False)
 
 
 def report(checks: list[Check]) -> tuple[str, bool]:
