@@ -16,7 +16,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs cpio xz-utils op
 TEST_APT_PACKAGES := chromium bubblewrap slurm-wlm munge python3-venv $(if $(shell command -v npm),,npm)
 PYTEST_ARGS ?=
 
-.PHONY: lab test unit lint setup host-deps test-deps venv images clean help
+.PHONY: lab test unit lint setup host-deps test-deps venv test-venv images clean help
 
 help:
 	@echo "make lab    - set up, build the guest image, start the VM and JupyterLab"
@@ -27,14 +27,14 @@ help:
 lab: setup
 	$(BIN)/labkit lab
 
-test: setup test-deps lint
+test: setup test-deps test-venv lint
 	$(BIN)/labkit image build --kernel all
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-unit: venv
+unit: test-venv
 	$(BIN)/python -m pytest -m "not integration" -q $(PYTEST_ARGS)
 
-lint: venv
+lint: test-venv
 	$(BIN)/ruff check labkit
 	$(BIN)/mypy
 
@@ -65,9 +65,17 @@ test-deps:
 
 venv: $(VENV)/.installed
 
+# `make lab` installs what the lab runs; the test tools (pytest, Playwright,
+# ruff, mypy) come only with the targets that use them.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --config-settings editable_mode=compat -e .
+	touch $@
+
+test-venv: $(VENV)/.installed-test
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install -q --config-settings editable_mode=compat -e '.[test]'
 	touch $@
 

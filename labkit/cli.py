@@ -170,8 +170,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.runs < 1 or args.runs > 50:
         _err(f"--runs {args.runs}: use 1..50")
         return 2
+    if args.learners < 0 or args.learners > 20:
+        _err(f"--learners {args.learners}: use 1..20 (or 0 to skip)")
+        return 2
+    grade = tuple(args.grade or ()) or (tuple(bench.bench_class.default_grade_set()) if args.grade == [] else ())
+    missing = [g for g in grade if not os.path.isfile(g)]
+    if missing:
+        _err(f"--grade: no such notebook: {missing[0]}")
+        return 2
+    extras = bench.Extras(learners=args.learners, matrix_ratio=args.matrix_ratio, grade=grade)
     say = (lambda s: None) if args.json else (lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
-    results = [bench.run(k, runs=args.runs, matrix=not args.no_matrix, progress=say) for k in kernels]
+    results = [bench.run(k, runs=args.runs, matrix=not args.no_matrix, progress=say, extras=extras)
+               for k in kernels]
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else {r["kernel"]: r for r in results}, indent=2))
     else:
@@ -537,14 +547,25 @@ def _add_measuring(sub: Any) -> None:
                         description="Runs, one after the other on this machine: a cold boot to SSH-ready, a "
                                     "warm start (snapshot restore) to SSH-ready, a reset, SSH round trips, the "
                                     "full pin matrix on the warm guest, and QEMU's resident memory. Prints "
-                                    "medians and min-max over --runs, and the cold/warm ratio.")
+                                    "ratios of figures from the same run first (warm start over its floor, reset "
+                                    "over warm start), then medians and min-max over --runs with the machine "
+                                    "and date.")
     bn.add_argument("--kernel", choices=kernels + ["all"], default=image.DEFAULT_KERNEL,
                     help="kernel variant (default %(default)s)")
     bn.add_argument("--runs", type=int, default=3, help="repetitions (default %(default)s)")
     bn.add_argument("--json", action="store_true",
-                    help="one JSON object: cold_boot_s, warm_start_s, reset_s, ssh_rtt_ms, matrix_s, "
-                         "qemu_rss_mb, accel (medians), plus min/max/raw")
+                    help="one JSON object: cold_boot_s, warm_start_s, warm_floor_s, reset_s, ssh_rtt_ms, matrix_s, "
+                         "qemu_rss_mb, accel (medians), the ratios warm_over_floor, reset_over_warm, "
+                         "cold_warm_ratio, plus min/max/raw, machine and date (docs/performance.md)")
     bn.add_argument("--no-matrix", action="store_true", help="skip the pin matrix (much quicker)")
+    bn.add_argument("--learners", type=int, default=0, metavar="N",
+                    help="N learners' VMs from one snapshot, each running the pin matrix, then one more: "
+                         "learner_marginal_mb (its cost in summed PSS), its USS and PSS")
+    bn.add_argument("--matrix-ratio", action="store_true",
+                    help="matrix_all_over_one: the matrix on every kernel (2 at a time) over one kernel's")
+    bn.add_argument("--grade", nargs="*", metavar="NOTEBOOK",
+                    help="grade_per_core_hour: grade these notebooks (default: notebooks 01 and 02) as "
+                         "submissions with `labkit check`, from the CPU time of the grader and its guest")
     bn.set_defaults(func=cmd_bench)
 
 

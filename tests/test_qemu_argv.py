@@ -31,6 +31,7 @@ def test_full_argv_tcg():
         "-device", "nvdimm,id=nvdimm0,memdev=pmem0",
         "-object", "memory-backend-file,id=pmem1,share=on,mem-path=/s/pmem1.img,size=512M,align=2M",
         "-device", "nvdimm,id=nvdimm1,memdev=pmem1",
+        "-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on",
         "-fw_cfg", "name=opt/org.labkit/sshkey,string=ssh-ed25519 AAAAKEY labkit-host",
         "-netdev", "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22",
         "-device", "virtio-net-pci,netdev=net0",
@@ -40,6 +41,11 @@ def test_full_argv_tcg():
         "-mon", "chardev=qmp,mode=control",
         "-pidfile", "/s/qemu.pid",
     ]
+
+
+def test_free_page_reporting_can_be_left_out():
+    argv = build_qemu_argv(cfg(free_page_reporting=False))
+    assert not any("virtio-balloon" in a for a in argv)
 
 
 def test_kvm_uses_host_cpu():

@@ -43,6 +43,7 @@ def test_key_ignores_what_differs_between_vms_of_one_machine():
 @pytest.mark.parametrize("change", [
     dict(memory_mb=2048), dict(smp=1), dict(accel="kvm"), dict(nvdimms=(Nvdimm(512), Nvdimm(512))),
     dict(nvdimms=(Nvdimm(1024), Nvdimm(512), Nvdimm(512))), dict(tcg_cache_mb=128),
+    dict(free_page_reporting=False),
 ])
 def test_key_changes_with_the_machine(change):
     assert snapshot.machine_key(cfg(**change), FakeImage()) != snapshot.machine_key(cfg(), FakeImage())
@@ -54,6 +55,14 @@ def test_key_changes_with_the_image_and_qemu(monkeypatch):
     assert snapshot.machine_key(cfg(), FakeImage(release="6.1.0-other")) != k
     monkeypatch.setattr(snapshot, "qemu_version", lambda binary="": "QEMU emulator version 99.0")
     assert snapshot.machine_key(cfg(), FakeImage()) != k
+
+
+def test_the_pmem_ready_marker_is_never_the_echo_of_the_typed_line():
+    import re
+    typed = snapshot.RESUME_SCRIPT.format(now=1796149844)
+    assert re.search(snapshot.PMEM_READY_RE, typed) is None       # the console echoes what we type
+    assert re.search(snapshot.PMEM_READY_RE, "labkit: pmem ready rc=0").group(1) == "0"
+    assert "{" not in typed and "modprobe -a nfit" in typed
 
 
 # -- on real guests -------------------------------------------------------------

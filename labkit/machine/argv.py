@@ -1,7 +1,7 @@
 """QEMU's command line as a pure function of a ``VMConfig``.
 
 No probing and no file I/O here: the argv is assembled from small named parts
-in a fixed order (binary, base, machine, memory, boot, disks, NVDIMMs, network,
+in a fixed order (binary, base, machine, memory, boot, disks, NVDIMMs, balloon, network,
 channels, user arguments) and unit-tested by list equality. Escaping of option
 values and kernel arguments happens in exactly one place each.
 """
@@ -88,6 +88,14 @@ def _nvdimms(cfg: VMConfig) -> list[str]:
     return out
 
 
+def _balloon(cfg: VMConfig) -> list[str]:
+    # Only free page reporting: the guest hands free 2 MiB blocks back (QEMU
+    # discards them); the balloon itself is never inflated.
+    if not cfg.free_page_reporting:
+        return []
+    return ["-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on"]
+
+
 def _identity(cfg: VMConfig) -> list[str]:
     # The guest's sshd trusts exactly this key (read from fw_cfg at login).
     if not cfg.ssh_pubkey:
@@ -114,4 +122,4 @@ def _channels(cfg: VMConfig) -> list[str]:
 def build_qemu_argv(cfg: VMConfig) -> list[str]:
     """The complete QEMU command line for ``cfg``."""
     return [cfg.qemu_binary, *_base(cfg), *_machine(cfg), *_memory(cfg), *_boot(cfg), *_disks(cfg),
-            *_nvdimms(cfg), *_identity(cfg), *_network(cfg), *_channels(cfg), *cfg.extra_args]
+            *_nvdimms(cfg), *_balloon(cfg), *_identity(cfg), *_network(cfg), *_channels(cfg), *cfg.extra_args]

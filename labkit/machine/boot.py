@@ -22,7 +22,7 @@ from labkit.machine.argv import build_qemu_argv
 from labkit.machine.channels.console import BootInfo, ConsoleChannel
 from labkit.machine.channels.keys import ensure_client_key
 from labkit.machine.channels.ssh import SSHChannel
-from labkit.machine.config import VMConfig
+from labkit.machine.config import VMConfig, free_page_reporting_from_env
 from labkit.machine.process import free_port, is_qemu_of, spawn, start_time, terminate
 from labkit.machine.state import VMState
 from labkit.machine.statedir import VMInfo
@@ -89,6 +89,7 @@ class Starter:
                         initrd=vm.image.initrd, accel=vm.accel.accel, memory_mb=vm.memory_mb,
                         smp=vm.smp, nvdimms=vm.nvdimms, ssh_port=free_port(), ssh_pubkey=pubkey,
                         tcg_cache_mb=vm.tcg_cache_mb if vm.accel.accel == "tcg" else None,
+                        free_page_reporting=free_page_reporting_from_env(),
                         **kw)  # type: ignore[arg-type]
 
     def spawn_retrying(self, info: VMInfo, pubkey: str, timeout: float, **kw: object) -> VMConfig:

@@ -58,6 +58,9 @@ class VMConfig:
     ssh_pubkey: str = ""
     qemu_binary: str = "qemu-system-x86_64"
     tcg_cache_mb: int | None = None      # TCG translation cache; None: QEMU's default
+    # virtio-balloon with free page reporting: guest RAM the guest frees goes
+    # back to the host (per-learner memory on a class host, see docs/performance.md)
+    free_page_reporting: bool = True
     cmdline_extra: tuple[str, ...] = ()
     extra_args: tuple[str, ...] = field(default=())
 
@@ -122,3 +125,12 @@ def tcg_cache_mb_from_env(given: int | None) -> int | None:
         raise ConfigError(f"LABKIT_TCG_CACHE_MB={env!r} is not a number of MiB",
                           hint="e.g. LABKIT_TCG_CACHE_MB=128, or unset it for QEMU's default")
     return int(env)
+
+
+def free_page_reporting_from_env() -> bool:
+    """LABKIT_FREE_PAGE_REPORTING=0 leaves the balloon out (to measure what it gains)."""
+    env = os.environ.get("LABKIT_FREE_PAGE_REPORTING", "1")
+    if env not in ("0", "1"):
+        raise ConfigError(f"LABKIT_FREE_PAGE_REPORTING={env!r} is not 0 or 1",
+                          hint="1 (the default) returns memory the guest freed to the host; 0 does not")
+    return env == "1"

@@ -79,6 +79,7 @@ def run_checks(kernels: tuple[str, ...] = (image.DEFAULT_KERNEL,)) -> list[Check
                         or "no snapshot yet: the first VM start boots cold and makes one, "
                            "later starts restore it in about a second", required=False))
     checks.append(_snapshot_space_check())
+    checks.append(ksm_check())
     checks.append(Check("disk", free_gb >= MIN_FREE_GB, f"{free_gb:.1f} GiB free for VM state in {state}",
                         f"free at least {MIN_FREE_GB:.0f} GiB or set LABKIT_STATE_DIR elsewhere"))
     return checks
@@ -106,6 +107,28 @@ def _snapshot_space_check() -> Check:
                  f"{free} MiB free in {where} (a warm-start snapshot needs about {snapshot.NEEDS_MB} MiB){note}",
                  f"free space there or set LABKIT_CACHE_DIR to a disk with {snapshot.NEEDS_MB} MiB free; "
                  "until then every start boots cold")
+
+
+KSM_RUN = "/sys/kernel/mm/ksm/run"
+
+
+def ksm_check(run_file: str = KSM_RUN) -> Check:
+    """KSM: learners' VMs restored from one snapshot start with the same RAM
+    (kernel, page cache, modules) and QEMU marks guest RAM mergeable, so on a
+    class host KSM turns those copies into one. Advice, never required."""
+    try:
+        with open(run_file) as fh:
+            run = fh.read().strip()
+    except OSError:
+        return Check("ksm", True, "this host kernel has no KSM (one learner per host is fine without it)",
+                     required=False)
+    if run == "1":
+        return Check("ksm", True, "on: learners' VMs restored from one snapshot share their identical pages",
+                     required=False)
+    fix = f"echo 1 | sudo tee {run_file}"
+    return Check("ksm", False, "off: fine for one learner; on a class host (several learners' VMs) turn it on "
+                 f"(`{fix}`) to merge the pages their guests share; docs/performance.md says how to "
+                 "measure what it saves", fix, required=False)
 
 
 def report(checks: list[Check]) -> tuple[str, bool]:
