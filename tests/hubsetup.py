@@ -37,10 +37,10 @@ def run(argv: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProc
     return r
 
 
-def make_venv(where: Path) -> Path:
+def make_venv(where: Path, packages: tuple[str, ...] = ("jupyterhub", "jupyterhub-idle-culler")) -> Path:
     """Debian's python3 (root's own python may live under the 0700 /root), with
-    JupyterHub, the idle culler and labkit itself (from a copy: an in-tree
-    build would leave build/ in the repository)."""
+    ``packages`` (JupyterHub and the idle culler by default) and labkit itself
+    (from a copy: an in-tree build would leave build/ in the repository)."""
     if not os.access(SYSTEM_PYTHON, os.X_OK):
         pytest.fail(f"{SYSTEM_PYTHON} is missing: apt-get install python3 python3-venv")
     src = where / "src"
@@ -50,7 +50,7 @@ def make_venv(where: Path) -> Path:
         shutil.copy(REPO / f, src / f)
     venv = where / "venv"
     run([SYSTEM_PYTHON, "-m", "venv", str(venv)])
-    run([str(venv / "bin/pip"), "install", "-q", "jupyterhub", "jupyterhub-idle-culler", str(src)], timeout=900)
+    run([str(venv / "bin/pip"), "install", "-q", *packages, str(src)], timeout=900)
     return venv
 
 

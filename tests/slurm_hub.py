@@ -18,14 +18,15 @@ import time
 import uuid
 from pathlib import Path
 
+import hubsetup
 import psutil
 import requests
 import websocket
+from hubsetup import install_proxy  # noqa: F401 - test_slurm imports it from here
 
 from labkit.timeout import Deadline
 
 REPO = Path(__file__).resolve().parent.parent
-SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 class SetupError(RuntimeError):
@@ -47,26 +48,9 @@ def free_port() -> int:
 
 
 def make_venv(where: Path) -> Path:
-    """Debian's python3 (root's own python may live under the 0700 /root) with JupyterHub's
-    single-user server, batchspawner and labkit (installed from a copy of the package)."""
-    if not os.access(SYSTEM_PYTHON, os.X_OK):
-        raise SetupError(f"{SYSTEM_PYTHON} is missing: apt-get install python3 python3-venv")
-    src = where / "src"
-    src.mkdir()
-    shutil.copytree(REPO / "labkit", src / "labkit", ignore=shutil.ignore_patterns("__pycache__"))
-    for f in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / f, src / f)
-    venv = where / "venv"
-    run([SYSTEM_PYTHON, "-m", "venv", str(venv)])
-    run([str(venv / "bin/pip"), "install", "-q", "jupyterhub", "batchspawner", str(src)], timeout=900)
-    return venv
-
-
-def install_proxy(where: Path) -> Path:
-    if shutil.which("npm") is None:
-        raise SetupError("npm is missing: apt-get install nodejs npm (configurable-http-proxy comes from npm)")
-    run(["npm", "install", "--prefix", str(where / "chp"), "--no-audit", "--no-fund", "configurable-http-proxy"])
-    return where / "chp/node_modules/.bin/configurable-http-proxy"
+    """The hub test's learner venv (hubsetup.make_venv) with JupyterHub's
+    single-user server and batchspawner instead of the idle culler."""
+    return hubsetup.make_venv(where, ("jupyterhub", "batchspawner"))
 
 
 def user_processes(uid: int) -> list[str]:
