@@ -55,6 +55,45 @@ def test_identity_needs_qemu_and_the_exact_pidfile(tmp_path, procs):
     assert not process.is_qemu_of(c1.pid, tmp_path / "c1" / "qemu.pid", started - 100)   # PID reused
 
 
+def test_identity_survives_a_step_of_the_wall_clock(tmp_path, procs, monkeypatch):
+    """The host's clock stepped (or the host was paused and resumed) after QEMU
+    started: /proc/stat's btime moves, and with it psutil's create_time. The
+    recorded start is in ticks since boot, so the running QEMU is still ours
+    (a CI run declared a healthy guest dead this way)."""
+    import psutil._pslinux as pslinux
+    c1 = fake_qemu(tmp_path / "c1" / "qemu.pid")
+    procs.append(c1)
+    started = process.start_time(c1.pid)
+    assert abs(started - time.clock_gettime(time.CLOCK_BOOTTIME)) < 5.0     # seconds since boot
+    real = pslinux.boot_time
+    monkeypatch.setattr(pslinux, "boot_time", lambda: real() + 7.0)          # the clock stepped by 7 s
+    assert process.is_qemu_of(c1.pid, tmp_path / "c1" / "qemu.pid", started)
+    assert not process.is_qemu_of(c1.pid, tmp_path / "c1" / "qemu.pid", started - 0.5)   # another process
+
+
+def test_a_start_time_recorded_by_an_older_labkit_still_identifies(tmp_path, procs):
+    """Older state dirs recorded psutil's wall-clock create_time."""
+    import psutil
+    c1 = fake_qemu(tmp_path / "c1" / "qemu.pid")
+    procs.append(c1)
+    wall = psutil.Process(c1.pid).create_time()
+    assert process.is_qemu_of(c1.pid, tmp_path / "c1" / "qemu.pid", wall)
+    assert not process.is_qemu_of(c1.pid, tmp_path / "c1" / "qemu.pid", wall - 100)
+
+
+def test_start_time_of_a_command_name_with_spaces_and_parentheses(tmp_path, procs):
+    odd = subprocess.Popen(["x", "-c", "import ctypes, time; ctypes.CDLL(None).prctl(15, b'a) b (c'); "
+                                       "print(flush=True); time.sleep(30)"],
+                           executable=sys.executable, stdout=subprocess.PIPE)
+    procs.append(odd)
+    assert odd.stdout is not None
+    odd.stdout.readline()                             # PR_SET_NAME done
+    assert Path(f"/proc/{odd.pid}/comm").read_text().strip() == "a) b (c"
+    now = time.clock_gettime(time.CLOCK_BOOTTIME)
+    assert 0 < now - process.start_time(odd.pid) < 5.0
+    assert process.start_time(10**7) == 0.0          # no such process
+
+
 def test_stop_never_kills_another_vms_qemu_or_a_tail(tmp_path, procs):
     other = fake_qemu(tmp_path / "c1" / "qemu.pid")
     procs.append(other)

@@ -28,7 +28,14 @@ from labkit.errors import LaunchError
 
 log = logging.getLogger(__name__)
 
-START_TIME_SLACK = 1.0     # psutil's create_time is derived from clock ticks since boot
+# A process's identity beyond its PID is when it started, in clock ticks since
+# boot (/proc/PID/stat), which no change of the wall clock moves. psutil's
+# create_time adds the boot time as the wall clock sees it *now* (/proc/stat
+# btime, whole seconds), so it shifts when the host's clock is stepped or the
+# host itself is paused and resumed: a running QEMU then looked dead.
+START_TICK_SLACK = 0.02    # seconds; the ticks are exact, this only absorbs float rounding
+LEGACY_SLACK = 1.0         # for a start time recorded by an older labkit as wall-clock seconds
+_LEGACY_AFTER = 1e8        # boot-relative seconds never reach this (3 years of uptime); epoch times do
 
 
 def free_port() -> int:
@@ -48,11 +55,31 @@ def pid_alive(pid: int) -> bool:
 
 
 def start_time(pid: int) -> float:
-    """The process's start time (its identity beyond the PID), 0.0 if gone."""
+    """The process's start time in seconds since boot (its identity beyond
+    the PID; unaffected by the wall clock), 0.0 if gone."""
     try:
-        return float(psutil.Process(pid).create_time())
-    except psutil.Error:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return 0.0
+    # The command name (field 2) may contain spaces and parentheses: split after its last ")".
+    fields = stat[stat.rfind(")") + 2:].split()
+    try:
+        return int(fields[19]) / _CLOCK_TICKS     # field 22, starttime
+    except (IndexError, ValueError):
+        return 0.0
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def same_start(pid: int, started: float) -> bool:
+    """True if ``pid`` started at ``started`` (as recorded by ``start_time``)."""
+    if started >= _LEGACY_AFTER:      # recorded as a wall-clock time by an older labkit
+        try:
+            return abs(psutil.Process(pid).create_time() - started) <= LEGACY_SLACK
+        except psutil.Error:
+            return False
+    return abs(start_time(pid) - started) <= START_TICK_SLACK
 
 
 def is_qemu_of(pid: int, pidfile: Path, started: float = 0.0) -> bool:
@@ -65,7 +92,6 @@ def is_qemu_of(pid: int, pidfile: Path, started: float = 0.0) -> bool:
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False
         argv = proc.cmdline()
-        created = proc.create_time()
     except psutil.Error:
         return False
     if not argv or not os.path.basename(argv[0]).startswith("qemu-system"):
@@ -76,7 +102,7 @@ def is_qemu_of(pid: int, pidfile: Path, started: float = 0.0) -> bool:
         return False
     if at + 1 >= len(argv) or argv[at + 1] != str(pidfile):
         return False
-    return not started or abs(created - started) <= START_TIME_SLACK
+    return not started or same_start(pid, started)
 
 
 def _set_pdeathsig() -> None:   # runs in the child between fork and exec

@@ -33,7 +33,7 @@ class VMInfo:
     kernel: str
     state: str = "stopped"          # stopped | starting | running
     pid: int = 0
-    qemu_started: float = 0.0       # psutil create_time of that QEMU: its identity beyond the PID
+    qemu_started: float = 0.0       # start of that QEMU in seconds since host boot: its identity beyond the PID
     starter_pid: int = 0            # the process that is starting it (while state == "starting")
     ssh_port: int = 0
     accel: str = ""
