@@ -94,6 +94,22 @@ def test_start_time_of_a_command_name_with_spaces_and_parentheses(tmp_path, proc
     assert process.start_time(10**7) == 0.0          # no such process
 
 
+def test_our_own_running_child_is_alive_whatever_its_recorded_start(tmp_path, procs):
+    """The QEMU this process started and has not reaped cannot be a stranger
+    (its PID cannot be reused), so a wrong recorded start never declares it dead;
+    once it exits it is dead."""
+    sd = tmp_path / "c"
+    child = fake_qemu(sd / "qemu.pid")
+    procs.append(child)
+    vm = VM("c", state_dir=sd)
+    vm.proc = child
+    vm.info = VMInfo("c", "6.1", state="running", pid=child.pid, qemu_started=process.start_time(child.pid) - 50)
+    assert vm.qemu_alive()
+    child.kill()
+    child.wait()
+    assert not vm.qemu_alive()
+
+
 def test_stop_never_kills_another_vms_qemu_or_a_tail(tmp_path, procs):
     other = fake_qemu(tmp_path / "c1" / "qemu.pid")
     procs.append(other)

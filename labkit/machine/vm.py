@@ -125,10 +125,11 @@ class VM:
     # -- status --------------------------------------------------------------
     def qemu_alive(self) -> bool:
         """True if this VM's own QEMU runs (identity checked, not just a PID)."""
-        if self.proc is not None:
-            self.proc.poll()       # reap our own child so it does not linger as a zombie
+        running_child = self.proc is not None and self.proc.poll() is None   # poll() also reaps a zombie
         info = self.info or self.sd.load_info()
         pid = self.sd.read_pid() or (info.pid if info else 0)
+        if running_child and self.proc is not None and self.proc.pid == pid:
+            return True            # our own unreaped child: its PID cannot have been reused
         started = info.qemu_started if info and info.pid == pid else 0.0
         return process.is_qemu_of(pid, self.sd.pidfile, started)
 
