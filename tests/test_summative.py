@@ -1,10 +1,13 @@
 """``labkit course grade`` / ``labkit course gradebook``.
 
-Unit part (no guest): submission discovery, the default --jobs, judging when
-the guest dies, the JSON/CSV shape and the merge. Integration part: real
-guests, real sandboxed kernels: three students' notebooks 00 and 04 (the
-reference solutions; blanks; forged saved outputs) graded in one run with
-two guests at a time, and a notebook that panics its guest."""
+Unit part (no guest): submission discovery, the default --jobs, the companion
+VMs a notebook needs (the same names the lab functions connect to) and how
+the sandbox exposes them, judging when the guest dies, the JSON/CSV shape and
+the merge. Integration part: real guests, real sandboxed kernels: three
+students' notebooks 00 and 04 (the reference solutions; blanks; forged saved
+outputs) graded in one run with two guests at a time, notebooks 09 and 06
+(two kernels: the grader starts the companion VM) with full marks, and a
+notebook that panics its guest."""
 
 from __future__ import annotations
 
