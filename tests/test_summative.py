@@ -1,10 +1,13 @@
 """``labkit course grade`` / ``labkit course gradebook``.
 
-Unit part (no guest): submission discovery, the default --jobs, judging when
-the guest dies, the JSON/CSV shape and the merge. Integration part: real
-guests, real sandboxed kernels: three students' notebooks 00 and 04 (the
-reference solutions; blanks; forged saved outputs) graded in one run with
-two guests at a time, and a notebook that panics its guest."""
+Unit part (no guest): submission discovery, the default --jobs, the companion
+VMs a notebook needs (the same names the lab functions connect to) and how
+the sandbox exposes them, judging when the guest dies, the JSON/CSV shape and
+the merge. Integration part: real guests, real sandboxed kernels: three
+students' notebooks 00 and 04 (the reference solutions; blanks; forged saved
+outputs) graded in one run with two guests at a time, notebooks 09 and 06
+(two kernels: the grader starts the companion VM) with full marks, and a
+notebook that panics its guest."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from types import SimpleNamespace
 import nbformat
 import pytest
 
-from labkit.course import gradebook, grading, summative
+from labkit.course import gradebook, grading, sandbox, summative
 from labkit.course.exercises import BY_ID, for_notebook
 from labkit.errors import ConfigError, GuestPanic
 
@@ -73,6 +76,69 @@ def test_default_jobs_follow_cores_and_memory(monkeypatch):
     assert summative.default_jobs() == 1          # memory bounds it: 3 GiB holds one 1.6 GiB job
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=64 * 2**30))
     assert summative.default_jobs() == 8          # cores bound it
+
+
+@pytest.mark.parametrize("notebook, kernel, companions", [
+    ("06", "6.1", [("grade-other", "6.12")]),
+    ("06", "6.12", [("grade-other", "6.1")]),
+    ("09", "6.1", [("grade-k73", "7.3")]),
+    ("09", "7.3", [("grade-k61", "6.1")]),
+    ("00", "6.1", []),
+    ("04", "6.1", []),
+])
+def test_the_grader_starts_the_companion_vms_the_notebook_attaches_to(notebook, kernel, companions, monkeypatch):
+    """One declaration: the VMs the grader starts next to "grade" are the very
+    names and kernels the notebook's comparison cells connect to."""
+    from labkit.course.exercises import companions_for
+    assert summative.companion_vms(notebook, kernel) == [("grade", kernel)] + companions
+    assert companions_for(notebook) == {"06": ("matrix",), "09": ("odp",)}.get(notebook, ())
+    if not companions:
+        return
+    import labkit.machine.vm
+    from labkit.lab import Lab, lab, odp
+    from labkit.lab.matrix import matrices_on_two_kernels
+    from labkit.testing.fakes import FakeVM
+    asked = []
+
+    def connect(name, kernel, **_):
+        asked.append((name, kernel))
+        return FakeVM(kernel=kernel)
+    monkeypatch.setattr(labkit.machine.vm, "connect", connect)
+    monkeypatch.setattr(lab.Lab, "matrix", lambda self, **_: self.vm.kernel)
+    monkeypatch.setattr(odp, "measure_story", lambda lab: lab.vm.kernel)
+    vm = FakeVM(kernel=kernel)
+    vm.name = "grade"
+    compare = {"06": matrices_on_two_kernels, "09": odp.story_on_two_kernels}[notebook]
+    here, there, _ = compare(Lab(vm))
+    assert asked == companions and (here, there) == (kernel, companions[0][1])
+
+
+def test_the_sandbox_exposes_each_companion_like_the_main_guest(tmp_path):
+    comp = sandbox.Companion("grade-k73", tmp_path / "state/vms/grade-k73", tmp_path / "view-k73", 40023)
+    sb = sandbox.Sandbox(uid=62001, run_dir=tmp_path / "run", vm_state=tmp_path / "state/vms/grade",
+                         vm_view=tmp_path / "view", state_root=tmp_path / "state", vm_name="grade", ssh_port=40022,
+                         companions=(comp,))
+    argv = sandbox.bwrap_argv(sb, ["true"])
+    pairs = list(zip(argv, argv[1:], argv[2:]))
+    assert ("--ro-bind", str(tmp_path / "view-k73"), str(tmp_path / "state/vms/grade-k73")) in pairs
+    assert ("--ro-bind", str(tmp_path / "view"), str(tmp_path / "state/vms/grade")) in pairs
+    assert ("--setenv", "LABKIT_MANAGED_VMS", "grade grade-k73") in pairs
+    k = sandbox.kernel_argv(sb)
+    relays = [b for a, b in zip(k, k[1:]) if a == "--relay"]
+    assert relays == [f"40022={tmp_path / 'run/ssh.sock'}", f"40023={tmp_path / 'run/ssh-grade-k73.sock'}"]
+
+
+def test_stopping_a_vm_the_grader_owns_only_lets_go_of_it(tmp_path, monkeypatch):
+    """In the sandbox the notebook's ``vm2.stop()`` neither fails on its
+    read-only state dir (StateDirError, a cell error, before) nor touches the
+    guest or its files: the grader stops it."""
+    from labkit.machine.state import VMState
+    from labkit.machine.vm import VM
+    monkeypatch.setenv("LABKIT_MANAGED_VMS", "grade grade-k73")
+    vm = VM("grade-k73", kernel="7.3", persistent=True, state_dir=tmp_path / "view")
+    vm.state = VMState.RUNNING
+    assert vm.stop() is False and vm.state is VMState.STOPPED
+    assert not (tmp_path / "view").exists()      # not even the lifecycle lock was taken
 
 
 class _DeadLab:
@@ -215,3 +281,42 @@ def test_a_notebook_that_panics_its_guest_is_graded_with_the_reason(tmp_path):
     nb = json.loads((out / "dave.json").read_text())["notebooks"][0]
     assert nb["score"] == 0 and "not graded" in nb["exercises"][0]["feedback"], nb
     assert re.search(r"Guest(Panic|Died|Hung)", nb["reason"] + " ".join(nb["cell_errors"])), nb
+
+
+def _companion_qemus() -> list[str]:
+    """Command lines of running QEMUs of a grader's companion VMs."""
+    import psutil
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        argv = p.info["cmdline"] or []
+        if argv and "qemu-system" in argv[0] and re.search(r"-name labkit-grade-(other|k\d+) ", " ".join(argv) + " "):
+            found.append(" ".join(argv))
+    return found
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize("number, other", [("09", "7.3"), ("06", "6.12")])
+def test_a_notebook_comparing_two_kernels_gets_full_marks(number, other, tmp_path):
+    """Notebooks 06 and 09 attach to a companion VM of another kernel: the
+    grader starts it next to "grade" (the sandbox cannot boot one), exposes
+    it like the main guest, and stops it; the reference solutions score every
+    autograded point (9.1 and 9.2 read the two-kernel comparison) with no cell
+    error (the notebook's own ``vm2.stop()`` included)."""
+    from conftest import ARTIFACTS as artifacts
+    from conftest import require_image
+    require_image("6.1")
+    require_image(other)
+    write_nb(tmp_path / "alice", number, "solutions")
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    r = labkit("course", "grade", str(tmp_path / "alice"), "--out", str(out), "--jobs", "1", "--timeout", "900",
+               "--kernel", "6.1", timeout=1400)
+    artifacts.mkdir(exist_ok=True)
+    (artifacts / f"course-grade-{number}.seconds").write_text(f"{time.monotonic() - t0:.1f}\n")
+    assert r.returncode == 0, r.stdout + r.stderr[-4000:]
+    nb = json.loads((out / "alice.json").read_text())["notebooks"][0]
+    top = sum(e.points for e in for_notebook(number))
+    assert (nb["score"], nb["max"]) == (top, top) and not nb["reason"] and not nb["cell_errors"], nb
+    assert all(e["points"] == e["max"] for e in nb["exercises"]), nb["exercises"]
+    assert not _companion_qemus()

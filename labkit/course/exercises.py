@@ -474,6 +474,16 @@ def for_notebook(number: str) -> list[Exercise]:
     return [e for e in EXERCISES if e.notebook == number]
 
 
+# The companion VMs (kinds of labkit.lab.companion) a notebook's cells attach to or
+# start next to its lab VM; the summative grader starts them outside its sandbox.
+COMPANIONS: dict[str, tuple[str, ...]] = {"06": ("matrix",), "09": ("odp",)}
+
+
+def companions_for(number: str) -> tuple[str, ...]:
+    """The companion kinds notebook ``number`` needs (none for most notebooks)."""
+    return COMPANIONS.get(number, ())
+
+
 _revealed: dict[str, int] = {}
 
 

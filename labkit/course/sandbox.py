@@ -16,12 +16,14 @@ and the labkit package (never the tests, the instructor solutions, the
 grader's home, other submissions or the grading output), a private tmpfs
 home and /tmp, and a copy of its own guest's record and SSH key at the path
 the grader's VM uses (so ``labkit.connect()`` attaches), without the guest's
-QMP or console sockets (QMP can run host commands as QEMU's user).
+QMP or console sockets (QMP can run host commands as QEMU's user). A notebook
+that compares two kernels gets its companion VM (started by the grader) the
+same way: a copy of its record at its path, its SSH port through its own gate.
 
 Network: its own network namespace with only a loopback. The guest's SSH
 forward listens on the host's loopback, which that namespace cannot reach;
-so the grader serves one Unix socket (bound into the sandbox) that leads
-only to that port, and a relay inside the sandbox listens on the same port
+so the grader serves one Unix socket per guest (bound into the sandbox) that
+leads only to that guest's port, and a relay inside the sandbox listens on the same port
 number on the sandbox's loopback. The kernel's ZeroMQ channels use IPC
 sockets in a directory shared with the grader, so no TCP is needed for them.
 
@@ -82,6 +84,18 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Companion:
+    """A second guest the kernel may reach (a notebook's companion VM),
+    exposed exactly like the main one: ``view`` (see ``make_vm_view``) at
+    ``state``, and its SSH port through a gate socket of its own."""
+
+    name: str
+    state: Path
+    view: Path
+    ssh_port: int
+
+
+@dataclass(frozen=True)
 class Sandbox:
     """One kernel's sandbox. ``run_dir`` is shared with the grader (IPC
     sockets, the connection file, the SSH Unix socket); ``vm_state`` is the
@@ -98,10 +112,20 @@ class Sandbox:
     cgroups: tuple[Path, ...] = ()
     python: str = sys.executable
     kernel_source: Path | None = None   # the guest kernel's source files (read-only; no network in here)
+    companions: tuple[Companion, ...] = ()
 
     @property
     def ssh_socket(self) -> Path:
         return self.run_dir / "ssh.sock"
+
+    def views(self) -> list[tuple[Path, Path]]:
+        """(view, state dir) of every guest: the main one first."""
+        return [(self.vm_view, self.vm_state)] + [(c.view, c.state) for c in self.companions]
+
+    def gates(self) -> list[tuple[int, Path]]:
+        """(SSH port, gate socket) of every guest: the main one first."""
+        return [(self.ssh_port, self.ssh_socket)] + [(c.ssh_port, self.run_dir / f"ssh-{c.name}.sock")
+                                                     for c in self.companions]
 
 
 def require_bwrap() -> str:
@@ -160,13 +184,16 @@ def bwrap_argv(sb: Sandbox, inner: list[str], bwrap: str = "bwrap") -> list[str]
     for path in ro:
         argv += dirs_to(path) + ["--ro-bind", path, path]
     argv += dirs_to(str(sb.run_dir)) + ["--bind", str(sb.run_dir), str(sb.run_dir)]
-    argv += dirs_to(str(sb.vm_state)) + ["--ro-bind", str(sb.vm_view), str(sb.vm_state)]
+    for view, state in sb.views():
+        argv += dirs_to(str(state)) + ["--ro-bind", str(view), str(state)]
     if sb.kernel_source is not None:
         argv += dirs_to(str(sb.kernel_source)) + ["--ro-bind", str(sb.kernel_source), str(sb.kernel_source)]
     env = {"HOME": HOME, "PATH": f"{Path(sb.python).parent}:/usr/bin:/bin", "LANG": "C.UTF-8",
            "PYTHONPATH": str(Path(_package_dir()).parent), "LABKIT_STATE_DIR": str(sb.state_root),
            "LABKIT_VM": sb.vm_name, "LABKIT_CACHE_DIR": f"{HOME}/.cache/labkit", "MPLBACKEND": "Agg",
-           "PYTHONDONTWRITEBYTECODE": "1", "LABKIT_AUTO_BUILD": "0"}     # never an image build in here
+           "PYTHONDONTWRITEBYTECODE": "1", "LABKIT_AUTO_BUILD": "0",     # never an image build in here
+           # the grader starts and stops these guests: a notebook's vm.stop() only lets go of them
+           "LABKIT_MANAGED_VMS": " ".join([sb.vm_name] + [c.name for c in sb.companions])}
     if sb.kernel_source is not None:
         env["LABKIT_KERNEL_SOURCE"] = str(sb.kernel_source)
     for k, v in env.items():
@@ -176,9 +203,10 @@ def bwrap_argv(sb: Sandbox, inner: list[str], bwrap: str = "bwrap") -> list[str]
 
 def kernel_argv(sb: Sandbox, bwrap: str = "bwrap") -> list[str]:
     """The kernel spec's argv: enter the limits, then bwrap, then the uid."""
-    inside = [sb.python, "-m", "labkit.course.sandbox", "inside", "--port", str(sb.ssh_port),
-              "--socket", str(sb.ssh_socket), "--", sb.python, "-m", "ipykernel_launcher",
-              "-f", "{connection_file}"]
+    inside = [sb.python, "-m", "labkit.course.sandbox", "inside"]
+    for port, sock in sb.gates():
+        inside += ["--relay", f"{port}={sock}"]
+    inside += ["--", sb.python, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     drop = ["setpriv", f"--reuid={sb.uid}", f"--regid={sb.uid}", "--clear-groups", "--inh-caps=-all",
             "--bounding-set=-all", "--no-new-privs", "--"]
     enter = [sb.python, "-m", "labkit.course.sandbox", "enter"]
@@ -326,25 +354,32 @@ def serve(listener: socket.socket, connect: tuple[int, Any], stop: threading.Eve
 
 @contextlib.contextmanager
 def ssh_gate(sb: Sandbox) -> Iterator[None]:
-    """The grader's side: the Unix socket in ``run_dir`` that leads to the
-    guest's SSH forward (and nowhere else)."""
-    path = sb.ssh_socket
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    os.chown(path, sb.uid, sb.uid)
-    listener.listen(16)
+    """The grader's side: one Unix socket in ``run_dir`` per guest (the main
+    one, then each companion), each leading to that guest's SSH forward and
+    nowhere else."""
     stop = threading.Event()
-    t = threading.Thread(target=serve, args=(listener, (socket.AF_INET, ("127.0.0.1", sb.ssh_port)), stop),
-                         daemon=True)
-    t.start()
+    listeners: list[socket.socket] = []
+    threads: list[threading.Thread] = []
     try:
+        for port, path in sb.gates():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listeners.append(listener)
+            listener.bind(str(path))
+            os.chown(path, sb.uid, sb.uid)
+            listener.listen(16)
+            t = threading.Thread(target=serve, args=(listener, (socket.AF_INET, ("127.0.0.1", port)), stop),
+                                 daemon=True)
+            t.start()
+            threads.append(t)
         yield
     finally:
         stop.set()
-        listener.close()
-        t.join(timeout=5)
+        for listener in listeners:
+            listener.close()
+        for t in threads:
+            t.join(timeout=5)
 
 
 # -- entry points (run as processes) --------------------------------------------------------
@@ -368,28 +403,35 @@ def _enter(argv: list[str]) -> None:
     os.execvp(cmd[0], cmd)
 
 
-def _inside(argv: list[str]) -> None:
-    """Inside, as the sandbox uid: the relay from the sandbox's loopback to
-    the grader's Unix socket (a child process), then exec the kernel."""
-    import argparse
-    p = argparse.ArgumentParser(prog="labkit.course.sandbox inside")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--socket", required=True)
-    p.add_argument("command", nargs=argparse.REMAINDER)
-    a = p.parse_args(argv)
+def _relay(port: int, path: str) -> None:
+    """Listen on ``port`` of the sandbox's loopback and relay to the
+    grader's Unix socket ``path`` (a child process; it dies with the sandbox)."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", a.port))
+    listener.bind(("127.0.0.1", port))
     listener.listen(16)
-    if os.fork() == 0:       # the relay; it dies with the sandbox
+    if os.fork() == 0:
         try:
-            serve(listener, (socket.AF_UNIX, a.socket))
+            serve(listener, (socket.AF_UNIX, path))
         finally:
             os._exit(0)
     listener.close()
+
+
+def _inside(argv: list[str]) -> None:
+    """Inside, as the sandbox uid: one relay per guest (``--relay
+    PORT=SOCKET``, the main guest first), then exec the kernel."""
+    import argparse
+    p = argparse.ArgumentParser(prog="labkit.course.sandbox inside")
+    p.add_argument("--relay", action="append", required=True, metavar="PORT=SOCKET")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    a = p.parse_args(argv)
+    relays = [(int(port), path) for port, path in (r.split("=", 1) for r in a.relay)]
+    for port, path in relays:
+        _relay(port, path)
     # The kernel's own stdout/stderr (banners, warnings) go to a log next to
     # its sockets, not into the grader's progress output.
-    logfd = os.open(str(Path(a.socket).parent / "kernel.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    logfd = os.open(str(Path(relays[0][1]).parent / "kernel.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(logfd, 1)
     os.dup2(logfd, 2)
     cmd = a.command[1:] if a.command[:1] == ["--"] else a.command

@@ -5,8 +5,10 @@ record cells in the file dropped, the grader's hidden record cells added) in
 a fresh throwaway guest of its own (warm start from the snapshot, fresh
 persistent memory) that the student never touched, by a Jupyter kernel in
 the sandbox of :mod:`labkit.course.sandbox`; then its exercises are checked
-against that same guest by the grader. Notebooks are graded independently
-and in parallel (``--jobs``). A notebook that runs past ``--timeout``, hangs
+against that same guest by the grader. A notebook that compares two kernels
+(``labkit.course.exercises.COMPANIONS``) gets its companion VM started next
+to its guest, the same way (the sandbox cannot boot one). Notebooks are
+graded independently and in parallel (``--jobs``). A notebook that runs past ``--timeout``, hangs
 or panics its guest is graded as far as it got, with the reason, and never
 blocks the others. Results: :mod:`labkit.course.gradebook`.
 """
@@ -14,6 +16,7 @@ blocks the others. Results: :mod:`labkit.course.gradebook`.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -23,8 +26,8 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -159,21 +162,56 @@ def _exercises(number: str) -> list:
 def _grade_in_guest(g: NotebookGrade, nb: Any, exercises: list, tmp: Path, opts: Options, t0: float) -> None:
     from labkit.image import DEFAULT_KERNEL
     from labkit.lab import Lab
-    from labkit.machine.vm import VM
     state_root = tmp / "state"
-    vm = VM("grade", kernel=opts.kernel or DEFAULT_KERNEL, state_dir=state_root / "vms" / "grade")
-    try:
-        vm.start()
+    with _guests(state_root, opts.kernel or DEFAULT_KERNEL, g.notebook) as (vm, *others):
         g.kernel_release = vm.run(["uname", "-r"], timeout=30, check=True).stdout.strip()
-        marker = _execute(g, nb, vm, state_root, tmp, opts, t0)
+        marker = _execute(g, nb, vm, others, state_root, tmp, opts, t0)
         given = grading.answers(nb, marker)
         g.exercises = judge(exercises, given, Lab(vm), g)
+
+
+def companion_vms(notebook: str, kernel: str) -> list[tuple[str, str]]:
+    """(name, kernel) of the guests grading ``notebook`` needs: "grade", then
+    the companion VMs its cells attach to (``labkit.lab.companion``, declared
+    in ``labkit.course.exercises.COMPANIONS``)."""
+    from labkit.course.exercises import companions_for
+    from labkit.lab.companion import companion
+    others = [companion(kind, "grade", kernel) for kind in companions_for(notebook)]
+    return [("grade", kernel)] + [(c.name, c.kernel) for c in others]
+
+
+@contextlib.contextmanager
+def _guests(state_root: Path, kernel: str, notebook: str) -> Iterator[list[Any]]:
+    """The notebook's fresh throwaway guests (``companion_vms``), started at
+    the same time; every one is stopped on the way out, whatever happened."""
+    from labkit.machine.vm import VM
+    vms = [VM(name, kernel=k, state_dir=state_root / "vms" / name) for name, k in companion_vms(notebook, kernel)]
+    # A throwaway QEMU gets its parent-death signal when the *thread* that spawned it ends:
+    # the companions start in this pool's threads, which live until the guests are stopped.
+    pool = ThreadPoolExecutor(max_workers=max(1, len(vms) - 1), thread_name_prefix="labkit-grade-companion")
+    starts = [pool.submit(v.start) for v in vms[1:]]
+    try:
+        vms[0].start()
+        for f in starts:
+            f.result()
+        log.debug("guests of notebook %s up: %s", notebook, ", ".join(v.name for v in vms))
+        yield vms
     finally:
-        vm.finish()
+        wait(starts)            # a start still running would race its stop
+        failed: BaseException | None = None
+        for v in vms:
+            try:
+                v.finish()
+            except Exception as exc:    # noqa: BLE001 - stop the others first, then say what failed
+                log.warning("stopping %s: %s", v.name, exc)
+                failed = failed or exc
+        pool.shutdown(wait=True)
+        if failed is not None:
+            raise failed
 
 
-def _execute(g: NotebookGrade, nb: Any, vm: Any, state_root: Path, tmp: Path, opts: Options,
-             t0: float) -> str:
+def _execute(g: NotebookGrade, nb: Any, vm: Any, others: list[Any], state_root: Path, tmp: Path,
+             opts: Options, t0: float) -> str:
     """Run the notebook in the sandbox until it ends or the time is up; the
     marker of its hidden record cells is returned (answers so far count)."""
     from jupyter_client.kernelspec import KernelSpecManager
@@ -187,9 +225,14 @@ def _execute(g: NotebookGrade, nb: Any, vm: Any, state_root: Path, tmp: Path, op
     run_dir.mkdir(mode=0o700)
     os.chown(run_dir, uid, uid)
     sandbox.make_vm_view(vm.state_dir, tmp / "vmview", uid)
+    companions = []
+    for other in others:         # exposed exactly like the main guest
+        sandbox.make_vm_view(other.state_dir, tmp / f"vmview-{other.name}", uid)
+        companions.append(sandbox.Companion(other.name, other.state_dir, tmp / f"vmview-{other.name}",
+                                            other.record.ssh_port))
     sb = sandbox.Sandbox(uid=uid, run_dir=run_dir, vm_state=vm.state_dir, vm_view=tmp / "vmview",
                          state_root=state_root, vm_name=vm.name, ssh_port=vm.record.ssh_port, limits=opts.limits,
-                         kernel_source=_kernel_source(vm, nb))
+                         kernel_source=_kernel_source(vm, nb), companions=tuple(companions))
     marker = grading.prepare_for_execution(nb)
     with sandbox.cgroups(f"{os.getpid()}-{uid}", opts.limits) as groups:
         sb = dataclasses.replace(sb, cgroups=groups)
@@ -279,7 +322,9 @@ def grade_all(dirs: list[str | os.PathLike], opts: Options, jobs: int,
     work = submissions(dirs)
     sandbox.require_bwrap()
     from labkit import image
-    image.ensure_image(opts.kernel or image.DEFAULT_KERNEL)   # build (once) before the guests start
+    kernel = opts.kernel or image.DEFAULT_KERNEL
+    for k in sorted({k for _, p in work for _, k in companion_vms(p.name[:2], kernel)}):
+        image.ensure_image(k)         # build (once) before the guests start, the companions' kernels too
     results: dict[str, list[NotebookGrade]] = {s: [] for s, _ in work}
     t0 = time.monotonic()
     progress(f"grading {len(work)} notebooks of {len(results)} submissions, {jobs} at a time")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from labkit.errors import ConfigError
+from labkit.lab.companion import companion
 from labkit.lab.results import MountResult, PinResult, TruncateWait
 from labkit.lab.validate import Case, check_cases
 from labkit.lab.vocab import ALL_CASES, MECHANISMS, MEMORY_KINDS, SHORT_CASES, result_cell
@@ -91,31 +91,25 @@ def pins_matrix(lab: Lab, pins: list[PinResult]) -> MatrixResult:
 def matrices_on_two_kernels(lab: Lab, other_kernel: str | None = None, cases: list[Case] | None = None,
                             truncate: bool = False) -> tuple[MatrixResult, MatrixResult, Any]:
     """``lab``'s matrix and the same cases measured on a VM of another kernel
-    (``<name>-other``, started or attached), at the same time: the other VM
+    (``<name>-other``, started or attached: ``labkit.lab.companion``), at the same time: the other VM
     starts, prepares its persistent memory and measures in a thread while
     ``lab`` measures. Returns ``(here, there, other_vm)``; the caller stops
     ``other_vm`` when done. ``cases`` defaults to ``SHORT_CASES``."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from labkit.image import build as image
     from labkit.lab.lab import Lab
     from labkit.machine import vm as machine
 
     checked = check_cases(list(SHORT_CASES if cases is None else cases))
     kernel = lab.vm.describe()["kernel"]
-    if other_kernel is None:
-        other_kernel = next(k for k in image.KERNELS if k != kernel)
-    image.check_kernel(other_kernel)
-    if other_kernel == kernel:
-        raise ConfigError(f"the other kernel must differ from this VM's ({kernel})",
-                          hint="choose one of: " + ", ".join(k for k in image.KERNELS if k != kernel))
+    other = companion("matrix", lab.vm.name, kernel, other_kernel)
     box: dict[str, Any] = {}
 
     def measure_there() -> MatrixResult:
-        box["vm"] = machine.connect(name=f"{lab.vm.name}-other", kernel=other_kernel)
+        box["vm"] = machine.connect(name=other.name, kernel=other.kernel)
         return Lab(box["vm"]).matrix(cases=checked, truncate=truncate)
 
-    log.debug("measuring %d cases on %s and %s", len(checked), kernel, other_kernel)
+    log.debug("measuring %d cases on %s and %s", len(checked), kernel, other.kernel)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labkit-other-kernel")
     try:
         there_f = pool.submit(measure_there)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from labkit.errors import LabError
+from labkit.lab.companion import companion
 from labkit.lab.helper import GuestHelper, answer
 from labkit.lab.pmem import Namespace
 from labkit.lab.probes import Probes
@@ -202,24 +203,19 @@ def measure_story(lab: Any) -> OdpStory:
 
 def story_on_two_kernels(lab: Any, other_kernel: str | None = None) -> tuple[OdpStory, OdpStory, Any]:
     """``lab``'s story and another kernel's (default: 7.3, or 6.1 when ``lab``
-    runs 7.3), measured at the same time (the other VM, ``<name>-k<kernel>``,
-    starts or is attached in a thread). Returns ``(here, there, other_vm)``;
-    the caller stops ``other_vm``."""
+    runs 7.3), measured at the same time (the other VM, ``<name>-k<kernel>``
+    of ``labkit.lab.companion``, starts or is attached in a thread). Returns
+    ``(here, there, other_vm)``; the caller stops ``other_vm``."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from labkit.image import build as image
     from labkit.lab.lab import Lab
     from labkit.machine import vm as machine
 
-    this = lab.vm.describe()["kernel"]
-    other_kernel = other_kernel or ("7.3" if this != "7.3" else "6.1")
-    image.check_kernel(other_kernel)
-    if other_kernel == this:
-        raise LabError(f"this VM already runs {other_kernel}; pass another other_kernel")
+    peer = companion("odp", lab.vm.name, lab.vm.describe()["kernel"], other_kernel)
     box: dict[str, Any] = {}
 
     def there() -> OdpStory:
-        box["vm"] = machine.connect(name=f"{lab.vm.name}-k{other_kernel.replace('.', '')}", kernel=other_kernel)
+        box["vm"] = machine.connect(name=peer.name, kernel=peer.kernel)
         return measure_story(Lab(box["vm"]))
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labkit-odp-other")

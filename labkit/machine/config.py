@@ -127,6 +127,13 @@ def tcg_cache_mb_from_env(given: int | None) -> int | None:
     return int(env)
 
 
+def managed_elsewhere() -> frozenset[str]:
+    """``LABKIT_MANAGED_VMS``: names (separated by spaces) of VMs whose start
+    and stop belong to another process; the summative grader sets it in its
+    sandbox for the guests it started, which a notebook only attaches to."""
+    return frozenset(os.environ.get("LABKIT_MANAGED_VMS", "").split())
+
+
 def free_page_reporting_from_env() -> bool:
     """LABKIT_FREE_PAGE_REPORTING=0 leaves the balloon out (to measure what it gains)."""
     env = os.environ.get("LABKIT_FREE_PAGE_REPORTING", "1")

@@ -36,7 +36,7 @@ from labkit.machine.boot import Starter, attach_running
 from labkit.machine.channels.console import BootInfo, ConsoleChannel
 from labkit.machine.channels.qmp import QMPChannel
 from labkit.machine.channels.ssh import CommandResult, SSHChannel
-from labkit.machine.config import check_name, check_sizes, tcg_cache_mb_from_env
+from labkit.machine.config import check_name, check_sizes, managed_elsewhere, tcg_cache_mb_from_env
 from labkit.machine.locks import LifecycleLock
 from labkit.machine.shutdown import polite_quit
 from labkit.machine.state import VMState, describe, recorded_state
@@ -223,8 +223,16 @@ class VM:
     # -- stop ------------------------------------------------------------------
     def stop(self, timeout: float = 15.0) -> bool:
         """Polite shutdown, then SIGTERM/SIGKILL; always leaves the VM stopped.
-        Returns True if the polite path failed and QEMU had to be killed."""
+        Returns True if the polite path failed and QEMU had to be killed. A VM
+        another process owns (``LABKIT_MANAGED_VMS``) is left to it: this only
+        drops our connections."""
         if self.state is VMState.STOPPED and self.status() is VMState.STOPPED:
+            return False
+        if self.name in managed_elsewhere():
+            log.info("%s is stopped by the process that started it (the grader); dropping our connections",
+                     self.name)
+            self.close_channels()
+            self.state = VMState.STOPPED
             return False
         with self.lifecycle():
             self.state = VMState.STOPPING
