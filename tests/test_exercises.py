@@ -21,6 +21,8 @@ from labkit.course.source import KernelSource
 from labkit.lab import MountResult, Namespace, PinResult, TruncateWait
 from labkit.lab.results import MountInfo
 
+import buffer_fake
+
 RELEASE = "6.1.0-56-amd64"
 TRACE = "python3-123 [000] d.... 1.0: labkit_cvf: (__get_user_pages+0x1a/0x500 <- check_vma_flags) ret=-95"
 
@@ -83,8 +85,20 @@ class FakeLab:
     def vm(self):
         return self
 
-    def run(self, argv, timeout=60, check=False):
-        """The guest commands the code exercise sends (argument lists, like the real VM's run)."""
+    @property
+    def helper(self):
+        return self
+
+    def argv(self, *args):
+        return ["python3", "/run/labkit/pinprobe.pyz", *args]
+
+    def memory_args(self, memory, mechanism):
+        return ["--memory", "file", "--path", f"/mnt/fsdax-xfs/pin-{mechanism}.dat", "--dax-fs", "xfs"]
+
+    def run(self, argv, timeout=60, check=False, stdin=None):
+        """The guest commands the code exercises send (argument lists, like the real VM's run)."""
+        if "learner-buffer" in argv:      # exercise 3.8: the real judge, on the host, a 6.1-like registration
+            return buffer_fake.run_fake_guest(stdin)
         if argv[:2] == ["sh", "-c"] and argv[3] == "install":
             self.kprobes.append(argv[4])
             return _R("", rc=0 if "nonexistent_fn" not in argv[4] else 1)
@@ -187,6 +201,7 @@ CASES = {
               ["", "p check_vma_flags", "check_vma_flags", "r do_nothing $retval", "r ib_umem_get $retval:s32",
                "r nonexistent_fn $retval", "r check_vma_flags $retval; echo 1 > /proc/sys/kernel/panic",
                "r check_vma_flags $arg1", "r check_vma_flags\n$retval"]),
+    "ex3.8": (buffer_fake.RIGHT, buffer_fake.WRONG),
     "ex3.6": ([10, "10", 9, 10.0], ["", 13, 12, 3, 8, 0, -95, "line 10", True, [10]]),
     "ex4.1": ([113, "113", 460800 // 4096 + 1], ["", 112, 460800 / 4096, 512, 0, "113 pages"]),
     "ex4.2": ([0, "0"], ["", 2048, 460, None, False]),

@@ -38,6 +38,7 @@ from labkit.course.answers import (
     _text,
     probed_function,
 )
+from labkit.course.buffer_exercise import check_buffer, run_learner_buffer
 from labkit.course.probe_exercise import (
     check_probe,
     run_learner_probe,
@@ -139,6 +140,12 @@ class Live:
         allowed registration (see :func:`judge_probe`)."""
         self.ready()
         return self._once(f"probe:{definition}", lambda: run_learner_probe(self.lab, definition))
+
+    def learner_buffer(self, source: str):
+        """Run a learner's ``buffer(path, size)`` in the guest and register
+        what it returns (see :mod:`labkit.course.buffer_exercise`)."""
+        self.ready()
+        return self._once(f"buffer:{source}", lambda: run_learner_buffer(self.lab, source))
 
 
 # -- checks: values ----------------------------------------------------------------
@@ -407,6 +414,14 @@ EXERCISES: tuple[Exercise, ...] = (
     Exercise("ex3.7", "03", 0, "why gup-fast must fall back for DAX", check_explain, kind="explain",
              manual_points=3, guest=False,
              hints=_hints("what can the lockless fast path see of a page, and what can it not see of the VMA?")),
+    Exercise("ex3.8", "03", 3, "a buffer on the fs-dax file that RDMA may pin", check_buffer, kind="code",
+             difficulty="stretch",
+             hints=_hints("the registration above was of a MAP_SHARED mapping: which pages does the device get?",
+                          "mmap flags: MAP_SHARED or MAP_PRIVATE (mmap.ACCESS_WRITE or mmap.ACCESS_COPY)",
+                          "after a write to a private mapping, whose page is it? Touch every page before you return")),
+    Exercise("ex3.9", "03", 0, "why a written private mapping may be pinned", check_explain, kind="explain",
+             manual_points=3, guest=False,
+             hints=_hints("after copy-on-write, who owns the pages the device would get: the file or the process?")),
     Exercise("ex4.0", "04", 1, "prediction: pages pinned by one buffer", check_prediction, kind="prediction",
              guest=False),
     Exercise("ex4.1", "04", 1, "pages pinned by one USERPTR buffer", check_v4l2_pages, needs=(("v4l2", "anon"),),

@@ -73,15 +73,22 @@ FACTS: tuple[Fact, ...] = (
          "same series as 2bb6d2837083"),
     Fact("ib-umem-fsdax",
          "RDMA's ib_umem_get() switched to get_user_pages_longterm() in the v4.15 series.",
-         None, "IB/core: disable memory registration of filesystem-dax vmas", "4.15", ("03",),
-         "listed in the v1 cover letter with drivers/infiniband/core/umem.c", "same series as 2bb6d2837083"),
+         "5f1d43de5416", "IB/core: disable memory registration of filesystem-dax vmas", "4.15", ("03",),
+         "listed in the v1 cover letter with drivers/infiniband/core/umem.c; mirrored commit page (git.zx2c4.com "
+         "linux-dev) of 5f1d43de54164dcfb9bfa542fcc92c1e1a1b6c1d, author Dan Williams, parent 'v4l2: disable "
+         "filesystem-dax mapping support'",
+         "same series as 2bb6d2837083, committed to mainline by Linus Torvalds on the same day (2017-11-29, "
+         "mirrored commit pages of both)"),
     Fact("foll-longterm",
          "get_user_pages_longterm() becomes a flag, FOLL_LONGTERM, accepted by the ordinary GUP calls; the "
          "separate function is removed.",
-         "932f4a630a69", "mm/gup: replace get_user_pages_longterm() with FOLL_LONGTERM", None, ("06",),
+         "932f4a630a69", "mm/gup: replace get_user_pages_longterm() with FOLL_LONGTERM", "5.2", ("03", "06"),
          "Fixes: 932f4a630a69 (\"mm/gup: replace get_user_pages_longterm() with FOLL_LONGTERM\") in Vlastimil "
-         "Babka's reply to a 2019 mm/gup.c fix; the series was posted for 5.1 in March 2019",
-         ""),
+         "Babka's reply to a 2019 mm/gup.c fix; mirrored commit page (git.zx2c4.com linux-dev) of "
+         "932f4a630a695212bdc7379b05f9bd0dafc5d968 with this subject, author Ira Weiny",
+         "committed to mainline by Linus Torvalds on 2019-05-14 (mirrored commit page); v5.1 was tagged "
+         "2019-05-05 and v5.2-rc1 2019-05-19 (mirrored tag pages); on 2019-04-25 it was still an -mm patch "
+         "queued against 5.1-rc6 (akpm's 'mmotm 2019-04-25-16-30 uploaded'), so it is not in v5.1"),
     Fact("foll-pin",
          "pin_user_pages*() and FOLL_PIN: pins are counted apart from ordinary references "
          "(nr_foll_pin_* in /proc/vmstat).",
@@ -104,10 +111,13 @@ FACTS: tuple[Fact, ...] = (
          "The fs-dax test moves into check_vma_flags(), the per-VMA check every GUP walk already ran: "
          "FOLL_LONGTERM && vma_is_fsdax(vma) -> -EOPNOTSUPP (check_vma_flags() itself is older; it existed "
          "for the VM_READ/VM_WRITE permission checks).",
-         "52650c8b466b", "mm/gup: remove the vma allocation from gup_longterm_locked()", None,
+         "52650c8b466b", "mm/gup: remove the vma allocation from gup_longterm_locked()", "5.11",
          ("03", "06", "07"),
          "mm tree revlists (akpm) list 52650c8b466bac39 with this subject; NVIDIA's driver names it as the "
-         "commit that ended the vmas array allocation for FOLL_LONGTERM", ""),
+         "commit that ended the vmas array allocation for FOLL_LONGTERM; mirrored commit page (git.zx2c4.com "
+         "linux-dev) of 52650c8b466bac399aec213c61d74bfe6f7af1a4, author Jason Gunthorpe",
+         "committed to mainline by Linus Torvalds on 2020-12-15 (mirrored commit page): after v5.10 (tagged "
+         "2020-12-13) and before v5.11-rc1 (2020-12-27), i.e. in the v5.11 merge window (mirrored tag pages)"),
     Fact("dax-layout-busy-page",
          "dax_layout_busy_page(): find a DAX page that is still referenced before a filesystem frees its blocks.",
          "5fac7408d828", "mm, fs, dax: handle layout changes to pinned dax mappings", None, ("08",),
@@ -115,14 +125,23 @@ FACTS: tuple[Fact, ...] = (
          "with d6dc57e251a4 among the merged break-layouts commits", ""),
     Fact("xfs-break-dax-layouts",
          "XFS waits for DAX pages to go idle before truncate/hole-punch frees blocks: xfs_break_dax_layouts().",
-         "d6dc57e251a4", "xfs, dax: introduce xfs_break_dax_layouts()", None, ("06", "07", "08"),
+         "d6dc57e251a4", "xfs, dax: introduce xfs_break_dax_layouts()", "4.18", ("06", "07", "08"),
          "Dan Williams lists 'd6dc57e251a4 xfs, dax: introduce xfs_break_dax_layouts()' among the merged "
          "break-layouts commits (with 5fac7408d828 'mm, fs, dax: handle layout changes to pinned dax "
-         "mappings'); series v9-v11 posted April-May 2018", ""),
+         "mappings'); series v9-v11 posted April-May 2018; mirrored commit page (git.zx2c4.com linux-dev) of "
+         "d6dc57e251a43c428a9ee3adb7665543a1a584f0, committed by Dan Williams 2018-05-22",
+         "the nvdimm tree's 'for-4.18/dax' branch (fs/xfs changes) went into libnvdimm-for-next, which Linus "
+         "merged as \"Merge tag 'libnvdimm-for-4.18'\" on 2018-06-08 (mirrored log of include/linux/dax.h, "
+         "where 5fac7408d828 of the same series sits under that merge)"),
     Fact("ext4-break-layouts",
          "ext4 does the same wait: ext4_break_layouts().",
-         "430657b6be89", "ext4: handle layout changes to pinned DAX mappings", None, ("06", "07", "08"),
-         "same list of merged commits; xfstests generic/503 is its regression test", ""),
+         "430657b6be89", "ext4: handle layout changes to pinned DAX mappings", "4.19", ("06", "07", "08"),
+         "same list of merged commits; xfstests generic/503 is its regression test; mirrored commit page "
+         "(git.zx2c4.com linux-dev) of 430657b6be896db57d974375cc499ca212c7f01d, author Ross Zwisler",
+         "committed to the ext4 tree by Ted Ts'o on 2018-07-29, after the v4.18 merge window; a fix for it "
+         "('ext4: close race between direct IO and ext4_break_layouts()') reached mainline during the v4.19 "
+         "release candidates (\"Merge tag 'ext4_for_linus_stable'\", 2018-09-17, after 4.19-rc4), so the "
+         "function was already in the v4.19 merge"),
     Fact("longterm-file-write",
          "Writable FOLL_LONGTERM pins of file-backed shared mappings that need dirty tracking (page cache) "
          "are refused (the GUP-fast half is a6e79df92e4a).",

@@ -13,6 +13,7 @@ from .batch import cmd_batch
 from .buffer import MEMORY_KINDS
 from .common import DEFAULT_SIZE, SetupError, emit, fail
 from .io_uring import cmd_io_uring
+from .learner_buffer import cmd_learner_buffer
 from .measure import read_foll_pins, read_vmpin_kb
 from .odirect import cmd_odirect
 from .odp_revoke import cmd_odp_revoke
@@ -108,6 +109,13 @@ def _add_others(sub: Any) -> None:
     sp.add_argument("--trace-event", default=None, help="kprobe event on the invalidation callback to count")
     sp.add_argument("--timeout", type=float, default=20.0, help="max seconds for the revocation")
     sp.set_defaults(func=cmd_odp_revoke)
+    sp = sub.add_parser("learner-buffer", help="run a learner's buffer(path, size) (source on stdin), register it")
+    sp.add_argument("--path", required=True, help="the file buffer() is to map (created, every page written)")
+    _dax_target_args(sp)
+    sp.add_argument("--size", type=_size, default=DEFAULT_SIZE)
+    sp.add_argument("--device", help="RDMA device (default: first, e.g. rxe0)")
+    sp.add_argument("--timeout", type=float, default=20.0, help="max seconds for the learner's code")
+    sp.set_defaults(func=cmd_learner_buffer)
     sp = sub.add_parser("status", help="VmPin of --pid and the FOLL_PIN counters")
     sp.add_argument("--pid", type=int, default=None, help="default: this process")
     sp.set_defaults(func=cmd_status)

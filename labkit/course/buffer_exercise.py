@@ -1,0 +1,136 @@
+"""Exercise 3.8, a code exercise the kernel judges: the learner writes
+``def buffer(path, size)`` returning an ``mmap.mmap`` over the fs-dax file at
+``path`` that RDMA registration will accept. The source reaches the guest on
+the helper's stdin (never as shell text); the guest helper
+(``pinprobe learner-buffer``) runs it there, checks in /proc/self/maps that
+the buffer is that file's, registers it with ibv_reg_mr and measures the pin.
+The check judges the kernel's answer; the feedback says why an attempt failed
+without naming the mapping that passes."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from labkit.lab.helper import last_json
+
+if TYPE_CHECKING:
+    from labkit.course.exercises import Live
+
+Result = tuple[bool, str]
+
+MEMORY = "fsdax-xfs"          # the fs-dax file the learner's buffer must map
+MAX_SOURCE = 20_000
+TIME_UP = "time limit exceeded"       # what the guest judge reports for code that ran too long
+
+
+@dataclass
+class BufferRun:
+    """What the guest reported for one run of the learner's ``buffer``."""
+
+    problem: str | None                 # None: a writable mapping was registered (or refused)
+    ok: bool = False                    # ibv_reg_mr succeeded
+    errname: str | None = None
+    backed_by_file: bool = False
+    shared: bool = False
+    vmpin_kb_delta: int | None = None
+    foll_pin_delta: int | None = None
+    exception: str | None = None
+    line: int | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line for the notebook: what the kernel did with the learner's buffer."""
+        if self.exception:
+            where = f" (line {self.line})" if self.line else ""
+            return f"your code raised{where}: {self.exception}"
+        if self.problem:
+            return f"not registered: {self.problem.replace('_', ' ')}"
+        kind = ("shared" if self.shared else "private") + (" mapping of the file" if self.backed_by_file
+                                                          else " mapping, not of the file")
+        verdict = "registered" if self.ok else f"refused ({self.errname})"
+        return f"{kind}: {verdict}; VmPin {self.vmpin_kb_delta:+} kB" if self.ok and self.vmpin_kb_delta \
+            is not None else f"{kind}: {verdict}"
+
+
+def source_problem(answer: Any) -> str | None:
+    """Why ``answer`` cannot be run at all (checked on the host, no guest
+    needed), or None. Only compiled here, never executed."""
+    if not isinstance(answer, str) or not answer.strip():
+        return "give the code as a string that defines  def buffer(path, size):"
+    if len(answer) > MAX_SOURCE:
+        return "the code is too long"
+    try:
+        tree = ast.parse(answer)
+    except (SyntaxError, ValueError) as exc:
+        return f"the code does not compile: {type(exc).__name__} on line {getattr(exc, 'lineno', '?')}"
+    if not any(isinstance(n, ast.FunctionDef) and n.name == "buffer" for n in tree.body):
+        return "define a function  buffer(path, size)  at the top level"
+    return None
+
+
+def from_report(data: dict[str, Any] | None) -> BufferRun:
+    """The guest helper's JSON answer as a BufferRun."""
+    if not data or "error" in data:
+        return BufferRun("no_answer", exception=(data or {}).get("error") or "the process ended without an answer")
+    return BufferRun(
+        data.get("problem"), bool(data.get("ok")), data.get("errname"), bool(data.get("backed_by_file")),
+        bool(data.get("shared")), data.get("vmpin_kb_delta"), data.get("foll_pin_acquired_delta"),
+        data.get("exception"), data.get("line"), data)
+
+
+def run_learner_buffer(lab: Any, source: str, timeout: float = 20.0) -> BufferRun:
+    """Run the learner's ``buffer`` in the guest on the lab's fs-dax XFS file
+    and register what it returns (the lab's RDMA device must be set up)."""
+    args = lab.memory_args(MEMORY, "ex3-8")
+    path_and_dax = [a for a in args if a not in ("--memory", "file")]
+    argv = lab.helper.argv("learner-buffer", *path_and_dax, "--timeout", str(float(timeout)))
+    r = lab.vm.run(argv, timeout=timeout + 60, stdin=source)
+    return from_report(last_json(r.stdout))
+
+
+PROBLEMS = {
+    "not_mmap": "buffer() must return an mmap.mmap object",
+    "too_small": "the mapping is shorter than size bytes",
+    "read_only": "RDMA registers the buffer for writing: the mapping must be writable",
+    "no_answer": "your code ended the process before the buffer could be registered",
+}
+
+
+def check_buffer(answer: Any, live: Live) -> Result:
+    """Right when the learner's buffer is a mapping of the fs-dax file, the
+    kernel registered it and pages were pinned."""
+    problem = source_problem(answer)
+    if problem:
+        return False, problem
+    run = live.learner_buffer(answer)
+    if run.exception == TIME_UP:
+        return False, "your code did not return within the time limit"
+    if run.exception and run.problem != "no_answer":
+        where = f" on line {run.line}" if run.line else ""
+        return False, f"your code raised{where}: {run.exception}"
+    if run.problem:
+        return False, PROBLEMS.get(run.problem, run.problem)
+    if not run.backed_by_file:
+        return False, "the buffer is not a mapping of the file at path (look at /proc/self/maps)"
+    if not run.ok:
+        if run.shared:
+            return False, ("the kernel refused to register it: in a shared mapping the pages are still the "
+                           "file's, which the filesystem may need back")
+        # measured on 6.1, 6.12 and 7.3: a private mapping with pages never written (untouched, or only
+        # read) is refused like a shared one; the slow path sees the fs-dax VMA for those pages
+        return False, "the kernel refused to register it: until a page of a private mapping is written, it is " \
+                      "still the file's page"
+    if not (run.vmpin_kb_delta or run.foll_pin_delta):
+        return False, "it registered, but no page was pinned"
+    return True, ""
+
+
+def try_buffer(lab: Any, answer: Any) -> str:
+    """Run the learner's ``buffer`` in the guest the way the check does and
+    say what the kernel did with it (for the notebook; grading is ``labkit check``)."""
+    if answer is Ellipsis:
+        return "write your code into answer first"
+    problem = source_problem(answer)
+    return problem if problem else run_learner_buffer(lab, answer).summary()

@@ -1,0 +1,158 @@
+"""Exercise 3.8 without a guest: the real guest-side judge
+(labkit.lab.guest.pinprobe.learner_buffer.judge) runs the learner's code in a
+child process on the host, over an ordinary temporary file, and only the
+registration is faked, answering like the 6.1 guest measured it (see
+tests/test_buffer_exercise.py's live test): a shared mapping of the file is
+refused, a private mapping is registered only when every page is an anonymous
+copy (written), anonymous memory is registered. Also the answers the tests use."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+FAKE_RUNNER = r"""
+import json, sys
+from labkit.lab.guest.pinprobe.learner_buffer import judge
+
+def vma(addr):
+    cur = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                cur = {"in": lo <= addr < hi, "perms": head[1], "file": len(head) > 5 and head[4] != "0",
+                       "size": hi - lo}
+            elif head[0] == "Anonymous:" and cur and cur["in"]:
+                cur["anon"] = int(head[1]) * 1024
+                return cur
+    return cur
+
+def register(r, addr, size):
+    v = vma(addr)
+    refused = v["file"] and (v["perms"][3] == "s" or v.get("anon", 0) < size)
+    if refused:
+        r.update(ok=False, errno=95, errname="EOPNOTSUPP", vmpin_kb_delta=0, foll_pin_acquired_delta=0)
+    else:
+        r.update(ok=True, vmpin_kb_delta=size // 1024, foll_pin_acquired_delta=size // 4096)
+
+path, size, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+print(json.dumps(judge(sys.stdin.read(), path, size, timeout, register)))
+"""
+
+SIZE = 2 * 2**20
+
+
+@dataclass
+class _Out:
+    stdout: str
+    rc: int = 0
+    stderr: str = ""
+
+
+def run_fake_guest(stdin: str, timeout: float = 2.0) -> _Out:
+    """What ``pinprobe learner-buffer`` would answer, judged on the host."""
+    fd, path = tempfile.mkstemp(prefix="labkit-ex38-")
+    try:
+        os.pwrite(fd, b"\x5a" * SIZE, 0)
+        os.close(fd)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        p = subprocess.run([sys.executable, "-c", FAKE_RUNNER, path, str(SIZE), str(timeout)], input=stdin,
+                           capture_output=True, text=True, timeout=timeout + 30, env=env)
+        return _Out(p.stdout, p.returncode, p.stderr)
+    finally:
+        os.unlink(path)
+
+
+PRIVATE_WRITTEN = '''
+import mmap, os
+
+def buffer(path, size):
+    fd = os.open(path, os.O_RDWR)
+    m = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE)
+    os.close(fd)
+    for off in range(0, size, mmap.PAGESIZE):
+        m[off] = 1
+    return m
+'''
+ACCESS_COPY_FILLED = '''
+import mmap
+def buffer(path, size):
+    with open(path, "r+b") as f:
+        m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    m[:] = bytes(size)
+    print("done")          # a learner's print goes to stderr, not into the answer
+    return m
+'''
+SHARED_WRITTEN = '''
+import mmap
+def buffer(path, size):
+    with open(path, "r+b") as f:
+        m = mmap.mmap(f.fileno(), size)
+    m[:] = bytes(size)
+    return m
+'''
+PRIVATE_UNTOUCHED = '''
+import mmap
+def buffer(path, size):
+    with open(path, "r+b") as f:
+        return mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+'''
+PRIVATE_READ = PRIVATE_WRITTEN.replace("m[off] = 1", "m[off]")
+PRIVATE_HALF = PRIVATE_WRITTEN.replace("range(0, size,", "range(0, size // 2,")
+ANON = '''
+import mmap
+def buffer(path, size):
+    m = mmap.mmap(-1, size)
+    m[:] = bytes(size)
+    return m
+'''
+FORGED = '''
+import mmap
+def buffer(path, size):
+    print('{"ok": true, "problem": null, "backed_by_file": true, "vmpin_kb_delta": 2048}')
+    return mmap.mmap(-1, size)
+'''
+READ_ONLY = '''
+import mmap
+def buffer(path, size):
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+'''
+RAISES = '''
+def buffer(path, size):
+    return open(path + ".missing")
+'''
+RETURNS_BYTES = '''
+def buffer(path, size):
+    with open(path, "rb") as f:
+        return f.read(size)
+'''
+TOO_SMALL = '''
+import mmap
+def buffer(path, size):
+    with open(path, "r+b") as f:
+        m = mmap.mmap(f.fileno(), 4096, access=mmap.ACCESS_COPY)
+    m[0] = 1
+    return m
+'''
+EXITS = '''
+import os
+def buffer(path, size):
+    os._exit(0)
+'''
+LOOPS = '''
+def buffer(path, size):
+    while True:
+        pass
+'''
+NO_FUNCTION = "buffer = 3\n"
+SYNTAX_ERROR = "def buffer(path, size)\n    return None\n"
+
+RIGHT = [PRIVATE_WRITTEN, ACCESS_COPY_FILLED]
+WRONG = ["", 42, None, NO_FUNCTION, SYNTAX_ERROR, SHARED_WRITTEN, PRIVATE_UNTOUCHED, PRIVATE_READ, PRIVATE_HALF,
+         ANON, FORGED, READ_ONLY, RAISES, RETURNS_BYTES, TOO_SMALL, EXITS, LOOPS]
