@@ -120,9 +120,12 @@ FACTS: tuple[Fact, ...] = (
          "2020-12-13) and before v5.11-rc1 (2020-12-27), i.e. in the v5.11 merge window (mirrored tag pages)"),
     Fact("dax-layout-busy-page",
          "dax_layout_busy_page(): find a DAX page that is still referenced before a filesystem frees its blocks.",
-         "5fac7408d828", "mm, fs, dax: handle layout changes to pinned dax mappings", None, ("08",),
+         "5fac7408d828", "mm, fs, dax: handle layout changes to pinned dax mappings", "4.18", ("08",),
          "commit page 5fac7408d828719db6d3fdba63e3c3726a6d1ee5 (Dan Williams, 2018-03-09) on a mirror; listed "
-         "with d6dc57e251a4 among the merged break-layouts commits", ""),
+         "with d6dc57e251a4 among the merged break-layouts commits",
+         "the 'libnvdimm-for-4.18' tag message (nvdimm tree, mirrored) says it introduces "
+         "dax_layout_busy_page(); the 'libnvdimm-for-4.17' merge says the truncate work was rewound and "
+         "'will need to wait for 4.18'; d6dc57e251a4 (v4.18) calls dax_layout_busy_page()"),
     Fact("xfs-break-dax-layouts",
          "XFS waits for DAX pages to go idle before truncate/hole-punch frees blocks: xfs_break_dax_layouts().",
          "d6dc57e251a4", "xfs, dax: introduce xfs_break_dax_layouts()", "4.18", ("06", "07", "08"),
