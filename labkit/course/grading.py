@@ -54,15 +54,25 @@ class NotebookError(LabError):
 
 # -- in the notebook ---------------------------------------------------------
 
+_RECORDED: dict[str, Any] = {}
+
+
 def record(exercise_id: str, answer: Any) -> None:
     """Record the learner's answer in the cell's output (``labkit check`` reads it)."""
     from IPython.display import display
+    _RECORDED[exercise_id] = answer
     p = answer_payload(exercise_id, answer)
     text = (f"{exercise_id}: no answer yet (replace the ... with yours)" if p["blank"] else
             f"{exercise_id}: {p['invalid']}: give a name, a number, a short list or a few sentences"
             if "invalid" in p else
             f"{exercise_id}: answer recorded: {_safe_repr(p['value'])} - grade it with `labkit check`")
     display({MIME: p, "text/plain": text}, raw=True)
+
+
+def recorded(exercise_id: str) -> Any:
+    """What this kernel last recorded for ``exercise_id`` (None if nothing yet):
+    a later cell shows a prediction beside the measurement with it."""
+    return _RECORDED.get(exercise_id)
 
 
 # -- reading notebooks -------------------------------------------------------

@@ -33,6 +33,7 @@ from labkit.course.dashboard.api import (
     log_pane,
     matrix_table,
     pin_panel,
+    prediction_table,
     vm_panel,
 )
 from labkit.course.dashboard.models import (
@@ -82,6 +83,7 @@ __all__ = [
     "matrix_html",
     "matrix_table",
     "pin_panel",
+    "prediction_table",
     "sparkline_svg",
     "vm_panel",
 ]

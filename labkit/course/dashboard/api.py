@@ -74,3 +74,11 @@ def dashboard(vm: DashboardVM, lab: DashboardLab | None = None) -> Dashboard:
     panel, log_view, pins, matrix = vm_panel(vm), log_pane(vm, lab), pin_panel(vm, lab), matrix_table(None, lab)
     model = DashboardModel(panel.model, log_view.model, pins.model, matrix.model)
     return Dashboard(model, panel, log_view, pins, matrix)
+
+
+def prediction_table(prediction: Any, observed: Any) -> Any:
+    """The learner's recorded prediction beside what the kernel did, one row
+    per observed case (``observed``: pin results or case -> answer); e.g.
+    ``prediction_table(grading.recorded("ex3.0"), results)``. Not graded."""
+    from labkit.course.predictions import show
+    return show(prediction, observed)
