@@ -39,6 +39,14 @@ FIGURES: dict = {"faults": []}
 LABKIT = [sys.executable, "-m", "labkit"]
 
 
+def _sigint_default() -> None:   # in the child, before exec
+    # A program started with SIGINT ignored (any command run with `&` by a
+    # non-interactive shell, e.g. a CI wrapper) passes that on, and Python then
+    # never raises KeyboardInterrupt: give the processes that play "the user's
+    # terminal or notebook kernel" the default disposition a terminal gives them.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def record(fault: str, detected_s: float | None, error: LabError | None, survived: bool) -> None:
     FIGURES["faults"].append({"fault": fault, "detected_s": None if detected_s is None else round(detected_s, 2),
                               "error": type(error).__name__ if error else None,
@@ -268,7 +276,7 @@ def test_keyboard_interrupt_leaves_the_guest_usable(fvm):
     child Python process running a long vm.run gets SIGINT."""
     vm = running(fvm)
     p = subprocess.Popen([sys.executable, "-c", CHILD_INTERRUPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+                         text=True, preexec_fn=_sigint_default)
     assert p.stdout.readline().strip() == "started"
     time.sleep(2.0)
     t0 = time.monotonic()
@@ -287,7 +295,7 @@ def test_ctrl_c_of_the_cli_interrupts_the_guest_command(fvm, how):
     """Ctrl-C on `labkit run` / `labkit vm ssh` ends the guest command too."""
     vm = running(fvm)
     p = subprocess.Popen(LABKIT + how + ["--", "sh", "-c", "echo started; exec sleep 61"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
     try:
         assert p.stdout.readline().strip() == "started"
         assert vm.run("pgrep -x -f 'sleep 61'").rc == 0          # it runs in the guest now
