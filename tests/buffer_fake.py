@@ -47,6 +47,26 @@ print(json.dumps(judge(sys.stdin.read(), path, size, timeout, register)))
 SIZE = 2 * 2**20
 
 
+class FakeHelperHost:
+    """The lab surface exercise 3.8 reaches the guest through (``lab.vm``,
+    ``lab.helper.argv``, ``memory_args``), for the fake labs of the tests;
+    the class mixing it in provides ``run``."""
+
+    @property
+    def vm(self):
+        return self
+
+    @property
+    def helper(self):
+        return self
+
+    def argv(self, *args):
+        return ["python3", "/run/labkit/pinprobe.pyz", *args]
+
+    def memory_args(self, memory, mechanism):
+        return ["--memory", "file", "--path", f"/mnt/fsdax-xfs/pin-{mechanism}.dat", "--dax-fs", "xfs"]
+
+
 @dataclass
 class _Out:
     stdout: str

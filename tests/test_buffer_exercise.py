@@ -22,25 +22,11 @@ from course_solutions import SOLUTIONS
 EX = BY_ID["ex3.8"]
 
 
-class FakeLab:
+class FakeLab(bf.FakeHelperHost):
     """Only what exercise 3.8 uses; records the guest commands it was sent."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[list[str], str | None]] = []
-
-    @property
-    def vm(self):
-        return self
-
-    @property
-    def helper(self):
-        return self
-
-    def argv(self, *args):
-        return ["python3", "/run/labkit/pinprobe.pyz", *args]
-
-    def memory_args(self, memory, mechanism):
-        return ["--memory", "file", "--path", f"/mnt/fsdax-xfs/pin-{mechanism}.dat", "--dax-fs", "xfs"]
 
     def run(self, argv, timeout=60, check=False, stdin=None):
         self.sent.append((list(argv), stdin))

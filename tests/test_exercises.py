@@ -62,7 +62,7 @@ class _R:
 
 
 @dataclass
-class FakeLab:
+class FakeLab(buffer_fake.FakeHelperHost):
     """Answers like the lab's Lab on a 6.1 guest; records what it was asked."""
 
     mounted: dict = field(default_factory=lambda: {"/mnt/fsdax-xfs": "xfs", "/mnt/capstone": "xfs",
@@ -80,20 +80,6 @@ class FakeLab:
             fs = self.mounted.get(mp)
             return _R(f"/dev/pmem0 {mp} {fs} rw 0 0" if fs else "")
         return _R("")
-
-    @property
-    def vm(self):
-        return self
-
-    @property
-    def helper(self):
-        return self
-
-    def argv(self, *args):
-        return ["python3", "/run/labkit/pinprobe.pyz", *args]
-
-    def memory_args(self, memory, mechanism):
-        return ["--memory", "file", "--path", f"/mnt/fsdax-xfs/pin-{mechanism}.dat", "--dax-fs", "xfs"]
 
     def run(self, argv, timeout=60, check=False, stdin=None):
         """The guest commands the code exercises send (argument lists, like the real VM's run)."""
