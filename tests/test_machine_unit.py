@@ -318,3 +318,61 @@ def test_image_verify_hashes_even_when_the_stamp_matches(tmp_path, monkeypatch):
     r = subprocess.run(LABKIT + ["image", "verify", "--kernel", "6.1"], capture_output=True, text=True, env=env,
                        timeout=60)
     assert r.returncode == 0 and "3 files match" in r.stdout, r.stdout + r.stderr
+
+
+INT3_OOPS = ("[    1.073024] Oops: int3: 0000 [#2] SMP NOPTI\n"
+             "[    1.069754] Kernel panic - not syncing: Fatal exception in interrupt\n")
+
+
+@pytest.mark.parametrize("accel, console, again", [
+    ("tcg", INT3_OOPS, True),
+    ("kvm", INT3_OOPS, False),          # real hardware: an int3 oops is the kernel's, report it
+    ("tcg", "Kernel panic - not syncing: VFS: Unable to mount root fs\n", False),
+])
+def test_only_a_tcg_code_patching_oops_earns_a_second_boot(accel, console, again):
+    from labkit.machine.boot import tcg_code_patching_oops
+    assert tcg_code_patching_oops(accel, console) is again
+
+
+def _cold_starter(tmp_path, monkeypatch, panics: list[str]):
+    """A Starter whose QEMU spawns and console boots are stand-ins: each boot
+    panics with the next console text of ``panics`` until they run out."""
+    from types import SimpleNamespace
+
+    from labkit.machine import boot
+    from labkit.machine.channels.console import BootInfo
+    vm = VM("cold", state_dir=tmp_path / "cold")
+    vm.image = SimpleNamespace(root=tmp_path / "root.ext4", manifest={"artifacts": {"root.ext4": {"sha256": "x"}}})
+    st = boot.Starter(vm)
+    boots, kills = [], []
+    monkeypatch.setattr(boot.disks, "prepare_root", lambda *a, **k: None)
+    monkeypatch.setattr(st, "spawn_retrying", lambda *a, **k: SimpleNamespace(accel="tcg", ssh_port=0))
+    monkeypatch.setattr(vm, "kill", lambda: kills.append(1) or True)
+
+    def wait_console_boot(cfg, info, timeout):
+        boots.append(1)
+        if panics:
+            raise GuestPanic(panics.pop(0))
+        vm.boot = BootInfo("6.1.0-test", 1.0, None)
+
+    monkeypatch.setattr(st, "wait_console_boot", wait_console_boot)
+    return st, boots, kills
+
+
+def test_a_tcg_int3_oops_in_early_boot_boots_once_more(tmp_path, monkeypatch):
+    st, boots, kills = _cold_starter(tmp_path, monkeypatch, [INT3_OOPS])
+    with pytest.raises(Exception) as e:   # past the panic: the stand-in boot announces no host key
+        st.cold(VMInfo("cold", "6.1"), "ssh-ed25519 AAAA", 30)
+    assert not isinstance(e.value, GuestPanic) and "host key" in str(e.value)
+    assert (len(boots), len(kills)) == (2, 1)
+
+
+def test_a_second_int3_oops_or_another_panic_is_reported(tmp_path, monkeypatch):
+    st, boots, _ = _cold_starter(tmp_path, monkeypatch, [INT3_OOPS, INT3_OOPS])
+    with pytest.raises(GuestPanic):
+        st.cold(VMInfo("cold", "6.1"), "ssh-ed25519 AAAA", 30)
+    assert len(boots) == 2
+    st, boots, _ = _cold_starter(tmp_path, monkeypatch, ["Kernel panic - not syncing: VFS: Unable to mount root fs"])
+    with pytest.raises(GuestPanic):
+        st.cold(VMInfo("cold", "6.1"), "ssh-ed25519 AAAA", 30)
+    assert len(boots) == 1

@@ -14,7 +14,7 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from labkit.errors import ChannelError, GuestTimeout, HostKeyMismatch, LaunchError, StateError
+from labkit.errors import ChannelError, GuestPanic, GuestTimeout, HostKeyMismatch, LaunchError, StateError
 from labkit.image import ensure_image
 from labkit.machine import disks, snapshot, warm
 from labkit.machine.accel import AccelChoice, choose_accel
@@ -141,8 +141,22 @@ class Starter:
         assert vm.image is not None
         disks.prepare_root(self.sd, info, vm.image.root, vm.image.manifest["artifacts"]["root.ext4"]["sha256"])
         pinned = info.host_key
-        cfg = self.spawn_retrying(info, pubkey, timeout, cmdline_extra=cmdline_extra)
-        self.wait_console_boot(cfg, info, timeout)
+        for attempt in (1, 2):
+            cfg = self.spawn_retrying(info, pubkey, timeout, cmdline_extra=cmdline_extra)
+            try:
+                self.wait_console_boot(cfg, info, timeout)
+                break
+            except GuestPanic as exc:
+                if attempt == 2 or not tcg_code_patching_oops(cfg.accel, exc.console_tail):
+                    raise
+                # Multi-threaded TCG occasionally lets a vCPU run a stale
+                # translation of kernel text that another vCPU is live-patching
+                # (text_poke's int3); the kernel then dies in early boot. It is
+                # QEMU's emulation, not the guest kernel: boot once more.
+                vm.progress("labkit: the guest kernel stopped on an int3 while patching its own code under "
+                            "TCG emulation (a known emulation race, not a kernel bug); booting again")
+                log.warning("%s: TCG code-patching oops during boot; booting again", vm.name)
+                vm.kill()
         assert vm.boot is not None
         if pinned and vm.boot.host_key and list(vm.boot.host_key) != pinned:
             raise HostKeyMismatch(" ".join(pinned), " ".join(vm.boot.host_key))
@@ -191,6 +205,12 @@ class Starter:
         snapshot.discard(snap.path)
         log.debug("snapshot %s discarded: %s", snap.path, exc)
 
+
+
+def tcg_code_patching_oops(accel: str, console: str) -> bool:
+    """Did a boot under TCG die on a stray int3 (a vCPU running kernel text
+    another vCPU was live-patching)? Only that panic is worth a second boot."""
+    return accel == "tcg" and "Oops: int3" in console
 
 
 def attach_running(vm: VM, timeout: float) -> None:
