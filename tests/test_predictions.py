@@ -68,3 +68,19 @@ def test_record_remembers_the_prediction_for_a_later_cell():
     grading.record("ex-test.0", {"anon": "ok"})
     assert grading.recorded("ex-test.0") == {"anon": "ok"}
     assert grading.recorded("ex-never") is None
+
+
+def test_every_recorded_prediction_is_shown_beside_its_measurement():
+    """Each prediction exercise's notebook displays prediction_table(recorded(<its id>), ...)
+    in a code cell after the one that records it: a learner always sees their
+    prediction next to what the kernel did."""
+    import json
+    from pathlib import Path
+
+    from labkit.course.exercises import EXERCISES
+    root = Path(__file__).resolve().parent.parent / "notebooks"
+    for ex in (e for e in EXERCISES if e.kind == "prediction"):
+        [path] = root.glob(f"{ex.notebook}-*.ipynb")
+        code = ["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+        at = next(i for i, s in enumerate(code) if f'record("{ex.id}"' in s)
+        assert any(f'prediction_table(recorded("{ex.id}")' in s for s in code[at + 1:]), (ex.id, path.name)
