@@ -22,6 +22,7 @@ from labkit.lab import MountResult, Namespace, PinResult, TruncateWait
 from labkit.lab.results import MountInfo
 
 import buffer_fake
+import hold_fake
 
 RELEASE = "6.1.0-56-amd64"
 TRACE = "python3-123 [000] d.... 1.0: labkit_cvf: (__get_user_pages+0x1a/0x500 <- check_vma_flags) ret=-95"
@@ -83,6 +84,8 @@ class FakeLab(buffer_fake.FakeHelperHost):
 
     def run(self, argv, timeout=60, check=False, stdin=None):
         """The guest commands the code exercises send (argument lists, like the real VM's run)."""
+        if "learner-hold" in argv:        # exercise 6.5: the real judge, on the host, 6.1-like truncate and pins
+            return hold_fake.run_fake_guest(stdin)
         if "learner-buffer" in argv:      # exercise 3.8: the real judge, on the host, a 6.1-like registration
             return buffer_fake.run_fake_guest(stdin)
         if argv[:2] == ["sh", "-c"] and argv[3] == "install":
@@ -188,6 +191,7 @@ CASES = {
                "r nonexistent_fn $retval", "r check_vma_flags $retval; echo 1 > /proc/sys/kernel/panic",
                "r check_vma_flags $arg1", "r check_vma_flags\n$retval"]),
     "ex3.8": (buffer_fake.RIGHT, buffer_fake.WRONG),
+    "ex6.5": (hold_fake.RIGHT, hold_fake.WRONG),
     "ex3.6": ([10, "10", 9, 10.0], ["", 13, 12, 3, 8, 0, -95, "line 10", True, [10]]),
     "ex4.1": ([113, "113", 460800 // 4096 + 1], ["", 112, 460800 / 4096, 512, 0, "113 pages"]),
     "ex4.2": ([0, "0"], ["", 2048, 460, None, False]),
@@ -239,6 +243,8 @@ def test_wrong_answers_fail_without_giving_the_answer_away(ex_id):
     ex = BY_ID[ex_id]
     secrets = [str(a) for a in CASES[ex_id][0]] + ["2048", "113", "95", RELEASE, "check_vma_flags",
                                                   "break_dax_layouts", "ext4_break_layouts", "/mnt/capstone"]
+    if ex_id == "ex6.5":    # the errno the kernel gave the learner's own register_mr is shown as it happened
+        secrets.remove("95")
     # the answer-format sentence (shown for a malformed answer, whatever the truth) may list the options
     shape = grading.judge(ex, object(), live()).message.lower()
     for answer in CASES[ex_id][1]:

@@ -43,6 +43,7 @@ from labkit.course.probe_exercise import (
     check_probe,
     run_learner_probe,
 )
+from labkit.course.truncate_exercise import check_hold, run_learner_hold
 from labkit.errors import ConfigError
 from labkit.lab.vocab import MECHANISMS, MEMORY_KINDS
 
@@ -146,6 +147,12 @@ class Live:
         what it returns (see :mod:`labkit.course.buffer_exercise`)."""
         self.ready()
         return self._once(f"buffer:{source}", lambda: run_learner_buffer(self.lab, source))
+
+    def learner_hold(self, source: str):
+        """Run a learner's ``hold(m)`` in the guest around a truncate of the
+        mapped fs-dax file (see :mod:`labkit.course.truncate_exercise`)."""
+        self.ready()
+        return self._once(f"hold:{source}", lambda: run_learner_hold(self.lab, source))
 
 
 # -- checks: values ----------------------------------------------------------------
@@ -451,6 +458,13 @@ EXERCISES: tuple[Exercise, ...] = (
     Exercise("ex6.4", "06", 0, "the deliberate -stable regression", check_explain, kind="explain",
              manual_points=3, guest=False,
              hints=_hints("what did tagging the patches for -stable break, on purpose, and for whom?")),
+    Exercise("ex6.5", "06", 3, "make truncate wait, then let it finish", check_hold, kind="code",
+             difficulty="stretch",
+             hints=_hints("an RDMA registration (register_mr) of fs-dax is refused since v4.15 (5f1d43de5416): "
+                          "which other reference to a page lasts until you drop it?",
+                          "the measurement above held the page with a pipe: vmsplice(w, m, length) into os.pipe()",
+                          "a pipe drops its page references when it is read empty or closed; return a function "
+                          "that does that")),
     Exercise("ex7.1", "07", 2, "a DAX mount of your own", check_capstone_mount, difficulty="stretch",
              hints=_hints("lab.mount(fs, device, mountpoint, options=...)", "a new mount point, with DAX on")),
     Exercise("ex7.2", "07", 1, "persistent memory that may be pinned long-term", check_pmem_longterm_kind,

@@ -14,6 +14,7 @@ from .buffer import MEMORY_KINDS
 from .common import DEFAULT_SIZE, SetupError, emit, fail
 from .io_uring import cmd_io_uring
 from .learner_buffer import cmd_learner_buffer
+from .learner_hold import cmd_learner_hold
 from .measure import read_foll_pins, read_vmpin_kb
 from .odirect import cmd_odirect
 from .odp_revoke import cmd_odp_revoke
@@ -116,6 +117,15 @@ def _add_others(sub: Any) -> None:
     sp.add_argument("--device", help="RDMA device (default: first, e.g. rxe0)")
     sp.add_argument("--timeout", type=float, default=20.0, help="max seconds for the learner's code")
     sp.set_defaults(func=cmd_learner_buffer)
+    sp = sub.add_parser("learner-hold", help="run a learner's hold(m) (source on stdin) on a shared mapping of "
+                        "an fs-dax file; truncate the file; call the release function hold returned")
+    sp.add_argument("--path", required=True, help="the file to map and truncate (created, every page written)")
+    _dax_target_args(sp)
+    sp.add_argument("--size", type=_size, default=DEFAULT_SIZE)
+    sp.add_argument("--timeout", type=float, default=20.0, help="max seconds for each call of the learner's code")
+    sp.add_argument("--hold", type=float, default=2.0, help="seconds the truncate runs before the release")
+    sp.add_argument("--after", type=float, default=10.0, help="max seconds the truncate may take after the release")
+    sp.set_defaults(func=cmd_learner_hold)
     sp = sub.add_parser("status", help="VmPin of --pid and the FOLL_PIN counters")
     sp.add_argument("--pid", type=int, default=None, help="default: this process")
     sp.set_defaults(func=cmd_status)

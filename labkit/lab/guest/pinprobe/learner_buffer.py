@@ -47,20 +47,25 @@ def _learner_error(stage: str, exc: BaseException) -> dict[str, Any]:
     return {"stage": stage, "exception": text, "line": line}
 
 
-def _run_learner(source: str, path: str, size: int, timeout: float) -> tuple[Any, dict[str, Any] | None]:
-    """Define the learner's ``buffer`` and call it; (its return value, None) or (None, the failure)."""
-    namespace: dict[str, Any] = {"__name__": "learner"}
+def run_learner(source: str | None, fn: str | Callable[..., Any], args: tuple[Any, ...], timeout: float,
+                tools: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any] | None]:
+    """Define the learner's code (``source``, with ``tools`` in its namespace)
+    and call its function named ``fn`` with ``args`` - or, without source,
+    call ``fn``, a function their code returned - under a time limit, their
+    prints sent to stderr; (its return value, None) or (None, the failure)."""
+    namespace: dict[str, Any] = {"__name__": "learner", **(tools or {})}
     old = signal.signal(signal.SIGALRM, _on_alarm)
     signal.setitimer(signal.ITIMER_REAL, timeout)
     stage = "define"
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            exec(compile(source, "<your code>", "exec"), namespace)   # noqa: S102 - the exercise runs learner code
-            fn = namespace.get("buffer")
-            if not callable(fn):
-                return None, {"stage": "define", "exception": "no function named buffer", "line": None}
+            if source is not None:
+                exec(compile(source, "<your code>", "exec"), namespace)   # noqa: S102 - the exercise runs learner code
+            func = namespace.get(fn) if isinstance(fn, str) else fn
+            if not callable(func):
+                return None, {"stage": "define", "exception": f"no function named {fn}", "line": None}
             stage = "call"
-            return fn(path, size), None
+            return func(*args), None
     except BaseException as exc:  # noqa: BLE001 - anything the learner's code raises is reported, not fatal
         return None, _learner_error(stage, exc)
     finally:
@@ -126,7 +131,7 @@ def judge(source: str, path: str, size: int, timeout: float,
     tests replace; in the guest, ibv_reg_mr)."""
     r = base_result("rdma", None, memory="learner", path=path, size=size, stage="done",
                     exception=None, line=None, pages=size // PAGE)
-    m, failure = _run_learner(source, path, size, timeout)
+    m, failure = run_learner(source, "buffer", (path, size), timeout)
     if failure is not None:
         r.update(failure)
         return r

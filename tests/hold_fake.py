@@ -1,0 +1,144 @@
+"""Exercise 6.5 without a guest: the real guest-side judge
+(labkit.lab.guest.pinprobe.learner_hold.judge) runs the learner's code in a
+child process on the host, over an ordinary temporary file, with the real
+vmsplice. Only the kernel's two answers that need DAX are modelled, as the
+live 6.1 guest measured them (tests/test_truncate_exercise.py's live test):
+the truncate waits exactly while a pipe the learner spliced the mapping into
+still holds data (the pipe's page references), and an RDMA registration of the
+shared fs-dax mapping is refused with EOPNOTSUPP. Also the answers the tests use."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+from buffer_fake import _Out
+
+FAKE_RUNNER = r"""
+import errno, fcntl, json, os, struct, sys, termios
+from labkit.lab.guest.pinprobe import learner_hold as lh
+
+PIPES = []
+real_vmsplice = lh.vmsplice
+
+def vmsplice(fd, buf, length):
+    n = real_vmsplice(fd, buf, length)
+    PIPES.append(fd)
+    return n
+
+def referenced():
+    # a pipe still holding spliced pages: its descriptor open and bytes unread
+    for fd in PIPES:
+        try:
+            if struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0] > 0:
+                return True
+        except OSError:
+            pass
+    return False
+
+def register_mr(buf, length):
+    raise OSError(errno.EOPNOTSUPP, "ibv_reg_mr: " + os.strerror(errno.EOPNOTSUPP))
+
+class Truncate:
+    returncode = None
+    stderr = None
+    def poll(self):
+        if self.returncode is None and not referenced():
+            self.returncode = 0
+        return self.returncode
+    def kill(self):
+        self.returncode = -9
+    def wait(self):
+        return self.returncode
+
+class Child:
+    stacks = [["xfs_break_dax_layouts", "xfs_break_layouts", "xfs_vn_setattr"]]
+    def sample(self):
+        pass
+
+lh.TOOLS.update(vmsplice=vmsplice, register_mr=register_mr)
+lh._truncate = lambda path: (Truncate(), Child())
+path, size = sys.argv[1], int(sys.argv[2])
+print(json.dumps(lh.judge(sys.stdin.read(), path, size, float(sys.argv[3]), hold_s=0.3, after_s=1.0)))
+"""
+
+SIZE = 64 * 1024
+
+
+def run_fake_guest(stdin: str, timeout: float = 2.0) -> _Out:
+    """What ``pinprobe learner-hold`` would answer on a 6.1 guest, judged on the host."""
+    fd, path = tempfile.mkstemp(prefix="labkit-ex65-")
+    try:
+        os.pwrite(fd, b"\x5a" * SIZE, 0)
+        os.close(fd)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        p = subprocess.run([sys.executable, "-c", FAKE_RUNNER, path, str(SIZE), str(timeout)], input=stdin,
+                           capture_output=True, text=True, timeout=timeout * 2 + 30, env=env)
+        return _Out(p.stdout, p.returncode, p.stderr)
+    finally:
+        os.unlink(path)
+
+
+CLOSES = '''
+import os
+def hold(m):
+    r, w = os.pipe()
+    vmsplice(w, m, 4096)
+    def release():
+        os.close(r)
+        os.close(w)
+    return release
+'''
+DRAINS = '''
+import os
+def hold(m):
+    r, w = os.pipe()
+    vmsplice(w, m, 8192)
+    return lambda: os.read(r, 65536)     # reading the pipe empty drops its references too
+'''
+NOTHING = "def hold(m):\n    return lambda: None\n"
+COPY = '''
+import os
+def hold(m):
+    r, w = os.pipe()
+    os.write(w, m[:4096])          # a copy of the data: the pipe holds its own page, not the file's
+    return lambda: (os.close(r), os.close(w))
+'''
+NEVER = '''
+import os
+KEEP = []
+def hold(m):
+    r, w = os.pipe()
+    vmsplice(w, m, 4096)
+    KEEP.append((r, w))
+    return lambda: None            # "releases" nothing
+'''
+LONGTERM = '''
+def hold(m):
+    mr = register_mr(m, 4096)
+    return mr.close
+'''
+HALF = '''
+import os
+def hold(m):
+    r, w = os.pipe()
+    vmsplice(w, m, 8192)
+    return lambda: os.read(r, 4096)     # drains one page of two: the other is still referenced
+'''
+NOT_CALLABLE = "def hold(m):\n    return 3\n"
+RAISES = "def hold(m):\n    x = 1\n    return open('/nonexistent/file')\n"
+RELEASE_RAISES = '''
+import os
+def hold(m):
+    r, w = os.pipe()
+    vmsplice(w, m, 4096)
+    def release():
+        raise ValueError("oops")
+    return release
+'''
+LOOPS = "def hold(m):\n    while True:\n        pass\n"
+RIGHT = [CLOSES, DRAINS]
+WRONG = ["", 42, None, "def held(m):\n    pass\n", "def hold(m)\n", NOTHING, COPY, NEVER, LONGTERM, HALF,
+         NOT_CALLABLE, RAISES, RELEASE_RAISES, LOOPS]
