@@ -178,7 +178,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if missing:
         _err(f"--grade: no such notebook: {missing[0]}")
         return 2
-    extras = bench.Extras(learners=args.learners, matrix_ratio=args.matrix_ratio, grade=grade)
+    extras = bench.Extras(learners=args.learners, matrix_ratio=args.matrix_ratio, grade=grade,
+                           first_run=args.first_run)
     say = (lambda s: None) if args.json else (lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
     results = [bench.run(k, runs=args.runs, matrix=not args.no_matrix, progress=say, extras=extras)
                for k in kernels]
@@ -566,6 +567,10 @@ def _add_measuring(sub: Any) -> None:
     bn.add_argument("--grade", nargs="*", metavar="NOTEBOOK",
                     help="grade_per_core_hour: grade these notebooks (default: notebooks 01 and 02) as "
                          "submissions with `labkit check`, from the CPU time of the grader and its guest")
+    bn.add_argument("--first-run", action="store_true",
+                    help="first_run_s: a fresh clone of this repository in a scratch directory, set up like "
+                         "`make lab` (no pip cache) to a working first cell of notebook 00; with the download "
+                         "size and the disk used (several minutes)")
     bn.set_defaults(func=cmd_bench)
 
 

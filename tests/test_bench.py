@@ -152,3 +152,21 @@ Rss:                1024 kB
 
 def test_qemu_memory_split_by_mapping():
     assert bench_class.qemu_memory_split(SMAPS, 1024) == {"guest_ram": 400.0, "tcg_cache": 256.0, "other": 11.0}
+
+
+def test_first_run_counts_received_bytes_of_every_interface_but_loopback(tmp_path):
+    from labkit.tools.first_run import received_bytes
+    dev = tmp_path / "dev"
+    dev.write_text("Inter-|   Receive                                                |  Transmit\n"
+                   " face |bytes    packets errs drop fifo frame compressed multicast|bytes\n"
+                   "    lo: 5000      10    0    0    0     0          0         0     5000\n"
+                   "  eth0: 1048576  900    0    0    0     0          0         0     77\n"
+                   "  eth1:12345     3    0    0    0     0          0         0     0\n")
+    assert received_bytes(str(dev)) == 1048576 + 12345
+
+
+def test_first_run_needs_a_git_checkout(tmp_path):
+    from labkit.errors import ConfigError
+    from labkit.tools.first_run import measure
+    with pytest.raises(ConfigError, match="not one; run it from a git checkout"):
+        measure(lambda s: None, source=tmp_path)

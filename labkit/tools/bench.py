@@ -85,6 +85,14 @@ EXTRA_LABELS = {
     "grade_per_core_hour": ("submissions graded per core-hour", "/h"),
     "grade_s": ("  wall time for the graded set", "s"),
     "grade_cpu_s": ("  CPU time (grader + guest)", "s"),
+    "first_run_s": ("first run: fresh clone to a working first cell", "s"),
+    "first_run_clone_s": ("  git clone", "s"),
+    "first_run_setup_s": ("  host packages and virtualenv", "s"),
+    "first_run_image_s": ("  the 6.1 guest image", "s"),
+    "first_run_cell_s": ("  first cell (cold boot, snapshot)", "s"),
+    "first_run_download_mb": ("  downloaded (host's received bytes)", "MB"),
+    "first_run_venv_mb": ("  virtualenv on disk", "MB"),
+    "first_run_images_mb": ("  guest image on disk", "MB"),
 }
 
 
@@ -178,6 +186,7 @@ class Extras:
     learners: int = 0                   # N learners' VMs, then one more
     matrix_ratio: bool = False          # every kernel's matrix against one kernel's
     grade: tuple[str, ...] = ()         # notebooks to grade as submissions
+    first_run: bool = False             # a fresh clone set up to a working first notebook cell
 
 
 def _extras(kernel: str, ex: Extras, say: Callable[[str], None]) -> dict[str, Any]:
@@ -188,6 +197,9 @@ def _extras(kernel: str, ex: Extras, say: Callable[[str], None]) -> dict[str, An
         out.update(bench_class.matrix_ratio(kernel, say))
     if ex.grade:
         out.update(bench_class.grade_throughput(kernel, ex.grade, say))
+    if ex.first_run:
+        from labkit.tools import first_run
+        out.update(first_run.measure(say))
     return out
 
 
