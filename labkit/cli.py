@@ -30,8 +30,8 @@ from labkit.lab.report import format_matrix
 from labkit.machine.vm import VM, VMState
 
 EPILOG = "Environment: LABKIT_ACCEL=kvm|tcg forces the accelerator; LABKIT_STATE_DIR moves VM state; " \
-         "LABKIT_CACHE_DIR moves the caches (warm-start snapshots); LABKIT_TCG_CACHE_MB=N trades speed " \
-         "for QEMU memory under TCG; " \
+         "LABKIT_CACHE_DIR moves the caches (warm-start snapshots); LABKIT_TCG_CACHE_MB=N sizes TCG's " \
+         "translation cache (default 128 MiB; QEMU's own is 1024); " \
          "LABKIT_MIRROR / LABKIT_APT_SOURCES choose the Debian package source for image builds."
 
 

@@ -57,9 +57,8 @@ def _machine(cfg: VMConfig) -> list[str]:
     if cfg.accel == "kvm":
         accel = ["-accel", "kvm", "-cpu", "host"]
     else:
-        # tb-size: TCG's translation cache, most of QEMU's own memory. QEMU's
-        # default (1 GiB) is the fastest; 128 MiB halves the resident size
-        # and costs about 40% speed (see the README's performance section).
+        # tb-size: TCG's translation cache, most of QEMU's own memory over a
+        # long session (the VM passes labkit's default, config.DEFAULT_TCG_CACHE_MB).
         tcg = "tcg,thread=multi" + (f",tb-size={cfg.tcg_cache_mb}" if cfg.tcg_cache_mb else "")
         accel = ["-accel", tcg, "-cpu", "max"]
     return ["-machine", "pc,nvdimm=on", *accel, "-smp", str(cfg.smp)]
