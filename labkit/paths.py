@@ -13,26 +13,30 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = PACKAGE_DIR.parent
 
 
+def _env_path(name: str, default: Path | str) -> Path:
+    """``$name`` as an absolute path (an empty value counts as unset; a
+    relative one is taken from the current directory, once, here), else ``default``."""
+    return Path(os.environ.get(name) or default).absolute()
+
+
 def recipe_dir() -> Path:
     """The image recipe (``images/`` of the project)."""
-    return Path(os.environ.get("LABKIT_RECIPE_DIR", PROJECT_DIR / "images"))
+    return _env_path("LABKIT_RECIPE_DIR", PROJECT_DIR / "images")
 
 
 def images_dir() -> Path:
     """Built images, one sub-directory per kernel variant."""
-    return Path(os.environ.get("LABKIT_IMAGES_DIR", recipe_dir() / "build"))
+    return _env_path("LABKIT_IMAGES_DIR", recipe_dir() / "build")
 
 
 def state_root() -> Path:
     """Per-VM state directories (disk overlay, pmem files, keys, sockets, logs)."""
-    default = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state")) / "labkit"
-    return Path(os.environ.get("LABKIT_STATE_DIR", default))
+    return _env_path("LABKIT_STATE_DIR", _env_path("XDG_STATE_HOME", Path.home() / ".local/state") / "labkit")
 
 
 def cache_dir() -> Path:
     """Small caches (accelerator probe result)."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "labkit"
-    return Path(os.environ.get("LABKIT_CACHE_DIR", default))
+    return _env_path("LABKIT_CACHE_DIR", _env_path("XDG_CACHE_HOME", Path.home() / ".cache") / "labkit")
 
 
 def shared_cache_dir() -> Path | None:
@@ -45,4 +49,4 @@ def shared_cache_dir() -> Path | None:
 
 
 def notebooks_dir() -> Path:
-    return Path(os.environ.get("LABKIT_NOTEBOOKS_DIR", PROJECT_DIR / "notebooks"))
+    return _env_path("LABKIT_NOTEBOOKS_DIR", PROJECT_DIR / "notebooks")

@@ -376,3 +376,14 @@ def test_a_second_int3_oops_or_another_panic_is_reported(tmp_path, monkeypatch):
     with pytest.raises(GuestPanic):
         st.cold(VMInfo("cold", "6.1"), "ssh-ed25519 AAAA", 30)
     assert len(boots) == 1
+
+
+def test_location_variables_that_are_empty_or_relative(monkeypatch, tmp_path):
+    """An empty LABKIT_IMAGES_DIR is unset (it once reached mmdebstrap as a
+    relative path it read as a mirror); a relative one is made absolute."""
+    from labkit import paths
+    monkeypatch.setenv("LABKIT_IMAGES_DIR", "")
+    assert paths.images_dir() == paths.recipe_dir() / "build" and paths.images_dir().is_absolute()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LABKIT_STATE_DIR", "rel/state")
+    assert paths.state_root() == tmp_path / "rel" / "state"
