@@ -48,9 +48,13 @@ SIZE = 2 * 2**20
 
 
 class FakeHelperHost:
-    """The lab surface exercise 3.8 reaches the guest through (``lab.vm``,
-    ``lab.helper.argv``, ``memory_args``), for the fake labs of the tests;
-    the class mixing it in provides ``run``."""
+    """The lab surface the code exercises reach the guest through (``lab.vm``,
+    ``lab.helper.argv``, ``memory_args``, the setup calls of ``Live.ready``),
+    for the fake labs of the tests. ``run`` records what was sent and hands the
+    learner's code (stdin) to ``guest``, which a subclass provides."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[list[str], str | None]] = []
 
     @property
     def vm(self):
@@ -66,6 +70,22 @@ class FakeHelperHost:
     def memory_args(self, memory, mechanism):
         return ["--memory", "file", "--path", f"/mnt/fsdax-xfs/pin-{mechanism}.dat", "--dax-fs", "xfs"]
 
+    def run(self, argv, timeout=60, check=False, stdin=None):
+        self.sent.append((list(argv), stdin))
+        return self.guest(stdin)
+
+    def guest(self, stdin):
+        raise NotImplementedError
+
+    def prepare_mounts(self):
+        return []
+
+    def setup_rdma(self):
+        return "rxe0"
+
+    def setup_vivid(self):
+        return None
+
 
 @dataclass
 class _Out:
@@ -74,18 +94,24 @@ class _Out:
     stderr: str = ""
 
 
-def run_fake_guest(stdin: str, timeout: float = 2.0) -> _Out:
-    """What ``pinprobe learner-buffer`` would answer, judged on the host."""
-    fd, path = tempfile.mkstemp(prefix="labkit-ex38-")
+def run_on_host(runner: str, stdin: str, size: int, timeout: float) -> _Out:
+    """Run a judge ``runner`` (Python source; argv: path, size, timeout) in a
+    child process on the host over a fresh temporary file of ``size`` bytes."""
+    fd, path = tempfile.mkstemp(prefix="labkit-judge-")
     try:
-        os.pwrite(fd, b"\x5a" * SIZE, 0)
+        os.pwrite(fd, b"\x5a" * size, 0)
         os.close(fd)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-        p = subprocess.run([sys.executable, "-c", FAKE_RUNNER, path, str(SIZE), str(timeout)], input=stdin,
-                           capture_output=True, text=True, timeout=timeout + 30, env=env)
+        p = subprocess.run([sys.executable, "-c", runner, path, str(size), str(timeout)], input=stdin,
+                           capture_output=True, text=True, timeout=2 * timeout + 30, env=env)
         return _Out(p.stdout, p.returncode, p.stderr)
     finally:
         os.unlink(path)
+
+
+def run_fake_guest(stdin: str, timeout: float = 2.0) -> _Out:
+    """What ``pinprobe learner-buffer`` would answer, judged on the host."""
+    return run_on_host(FAKE_RUNNER, stdin, SIZE, timeout)
 
 
 PRIVATE_WRITTEN = '''

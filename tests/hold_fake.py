@@ -9,12 +9,7 @@ shared fs-dax mapping is refused with EOPNOTSUPP. Also the answers the tests use
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tempfile
-
-from buffer_fake import _Out
+from buffer_fake import _Out, run_on_host
 
 FAKE_RUNNER = r"""
 import errno, fcntl, json, os, struct, sys, termios
@@ -69,16 +64,7 @@ SIZE = 64 * 1024
 
 def run_fake_guest(stdin: str, timeout: float = 2.0) -> _Out:
     """What ``pinprobe learner-hold`` would answer on a 6.1 guest, judged on the host."""
-    fd, path = tempfile.mkstemp(prefix="labkit-ex65-")
-    try:
-        os.pwrite(fd, b"\x5a" * SIZE, 0)
-        os.close(fd)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-        p = subprocess.run([sys.executable, "-c", FAKE_RUNNER, path, str(SIZE), str(timeout)], input=stdin,
-                           capture_output=True, text=True, timeout=timeout * 2 + 30, env=env)
-        return _Out(p.stdout, p.returncode, p.stderr)
-    finally:
-        os.unlink(path)
+    return run_on_host(FAKE_RUNNER, stdin, SIZE, timeout)
 
 
 CLOSES = '''

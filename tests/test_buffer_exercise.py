@@ -25,21 +25,8 @@ EX = BY_ID["ex3.8"]
 class FakeLab(bf.FakeHelperHost):
     """Only what exercise 3.8 uses; records the guest commands it was sent."""
 
-    def __init__(self) -> None:
-        self.sent: list[tuple[list[str], str | None]] = []
-
-    def run(self, argv, timeout=60, check=False, stdin=None):
-        self.sent.append((list(argv), stdin))
+    def guest(self, stdin):
         return bf.run_fake_guest(stdin)
-
-    def prepare_mounts(self):
-        return []
-
-    def setup_rdma(self):
-        return "rxe0"
-
-    def setup_vivid(self):
-        return None
 
 
 def judge(answer, lab=None):

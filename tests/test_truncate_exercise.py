@@ -32,57 +32,24 @@ EX = BY_ID["ex6.5"]
 RUNNER = r"""
 import json, sys
 from labkit.lab.guest.pinprobe.learner_hold import judge
-path = sys.argv[1]
-with open(path, "wb") as f:
-    f.write(b"\x5a" * 65536)
-print(json.dumps(judge(sys.stdin.read(), path, 65536, float(sys.argv[2]), hold_s=0.3, after_s=1.0)))
+path, size, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+print(json.dumps(judge(sys.stdin.read(), path, size, timeout, hold_s=0.3, after_s=1.0)))
 """
 
 
 class FakeLab(bf.FakeHelperHost):
     """Runs the real guest judge on the host with the two DAX answers modelled (hold_fake)."""
 
-    def __init__(self) -> None:
-        self.sent: list[tuple[list[str], str | None]] = []
-
-    def run(self, argv, timeout=60, check=False, stdin=None):
-        self.sent.append((list(argv), stdin))
+    def guest(self, stdin):
         return hf.run_fake_guest(stdin)
 
-    def prepare_mounts(self):
-        return []
 
-    def setup_rdma(self):
-        return "rxe0"
-
-    def setup_vivid(self):
-        return None
-
-
-class OrdinaryFileLab(FakeLab):
+class OrdinaryFileLab(bf.FakeHelperHost):
     """The real guest judge on the host, nothing modelled: a file without DAX,
     where a truncate never waits."""
 
-    def run(self, argv, timeout=60, check=False, stdin=None):
-        self.sent.append((list(argv), stdin))
-        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"labkit-ex65-{os.getpid()}.dat")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-        try:
-            p = subprocess.run([sys.executable, "-c", RUNNER, path, "2.0"], input=stdin, capture_output=True,
-                               text=True, timeout=60, env=env)
-        finally:
-            if os.path.exists(path):
-                os.unlink(path)
-        return bf._Out(p.stdout, p.returncode, p.stderr)
-
-    def prepare_mounts(self):
-        return []
-
-    def setup_rdma(self):
-        return "rxe0"
-
-    def setup_vivid(self):
-        return None
+    def guest(self, stdin):
+        return bf.run_on_host(RUNNER, stdin, 65536, 2.0)
 
 
 def _reference() -> str:

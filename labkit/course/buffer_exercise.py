@@ -9,11 +9,10 @@ without naming the mapping that passes."""
 
 from __future__ import annotations
 
-import ast
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from labkit.lab.helper import last_json
+from labkit.course import learner_code
 
 if TYPE_CHECKING:
     from labkit.course.exercises import Live
@@ -21,8 +20,7 @@ if TYPE_CHECKING:
 Result = tuple[bool, str]
 
 MEMORY = "fsdax-xfs"          # the fs-dax file the learner's buffer must map
-MAX_SOURCE = 20_000
-TIME_UP = "time limit exceeded"       # what the guest judge reports for code that ran too long
+TIME_UP = learner_code.TIME_UP
 
 
 @dataclass
@@ -57,17 +55,7 @@ class BufferRun:
 def source_problem(answer: Any) -> str | None:
     """Why ``answer`` cannot be run at all (checked on the host, no guest
     needed), or None. Only compiled here, never executed."""
-    if not isinstance(answer, str) or not answer.strip():
-        return "give the code as a string that defines  def buffer(path, size):"
-    if len(answer) > MAX_SOURCE:
-        return "the code is too long"
-    try:
-        tree = ast.parse(answer)
-    except (SyntaxError, ValueError) as exc:
-        return f"the code does not compile: {type(exc).__name__} on line {getattr(exc, 'lineno', '?')}"
-    if not any(isinstance(n, ast.FunctionDef) and n.name == "buffer" for n in tree.body):
-        return "define a function  buffer(path, size)  at the top level"
-    return None
+    return learner_code.source_problem(answer, "buffer(path, size)")
 
 
 def from_report(data: dict[str, Any] | None) -> BufferRun:
@@ -83,11 +71,7 @@ def from_report(data: dict[str, Any] | None) -> BufferRun:
 def run_learner_buffer(lab: Any, source: str, timeout: float = 20.0) -> BufferRun:
     """Run the learner's ``buffer`` in the guest on the lab's fs-dax XFS file
     and register what it returns (the lab's RDMA device must be set up)."""
-    args = lab.memory_args(MEMORY, "ex3-8")
-    path_and_dax = [a for a in args if a not in ("--memory", "file")]
-    argv = lab.helper.argv("learner-buffer", *path_and_dax, "--timeout", str(float(timeout)))
-    r = lab.vm.run(argv, timeout=timeout + 60, stdin=source)
-    return from_report(last_json(r.stdout))
+    return from_report(learner_code.run_in_guest(lab, "learner-buffer", MEMORY, "ex3-8", source, timeout))
 
 
 PROBLEMS = {

@@ -9,12 +9,11 @@ and then finished. The check judges what the kernel did, not the text."""
 
 from __future__ import annotations
 
-import ast
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from labkit.course.buffer_exercise import MAX_SOURCE, TIME_UP
-from labkit.lab.helper import last_json
+from labkit.course import learner_code
+from labkit.course.learner_code import TIME_UP
 
 if TYPE_CHECKING:
     from labkit.course.exercises import Live
@@ -61,17 +60,7 @@ class HoldRun:
 
 def source_problem(answer: Any) -> str | None:
     """Why ``answer`` cannot be run at all (checked on the host, never executed here), or None."""
-    if not isinstance(answer, str) or not answer.strip():
-        return "give the code as a string that defines  def hold(m):"
-    if len(answer) > MAX_SOURCE:
-        return "the code is too long"
-    try:
-        tree = ast.parse(answer)
-    except (SyntaxError, ValueError) as exc:
-        return f"the code does not compile: {type(exc).__name__} on line {getattr(exc, 'lineno', '?')}"
-    if not any(isinstance(n, ast.FunctionDef) and n.name == "hold" for n in tree.body):
-        return "define a function  hold(m)  at the top level"
-    return None
+    return learner_code.source_problem(answer, "hold(m)")
 
 
 def from_report(data: dict[str, Any] | None) -> HoldRun:
@@ -87,12 +76,9 @@ def from_report(data: dict[str, Any] | None) -> HoldRun:
 def run_learner_hold(lab: Any, source: str, timeout: float = 20.0) -> HoldRun:
     """Run the learner's ``hold`` in the guest on the lab's fs-dax XFS file,
     truncate the file, release, and report what the truncate did."""
-    args = lab.memory_args(MEMORY, "ex6-5")
-    path_and_dax = [a for a in args if a not in ("--memory", "file")]
-    argv = lab.helper.argv("learner-hold", *path_and_dax, "--timeout", str(float(timeout)),
-                           "--hold", str(HOLD_S), "--after", str(AFTER_S))
-    r = lab.vm.run(argv, timeout=2 * timeout + HOLD_S + AFTER_S + 60, stdin=source)
-    return from_report(last_json(r.stdout))
+    return from_report(learner_code.run_in_guest(lab, "learner-hold", MEMORY, "ex6-5", source, timeout,
+                                                 "--hold", str(HOLD_S), "--after", str(AFTER_S),
+                                                 wait=timeout + HOLD_S + AFTER_S + 60))
 
 
 PROBLEMS = {

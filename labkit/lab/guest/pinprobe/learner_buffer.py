@@ -143,7 +143,9 @@ def judge(source: str, path: str, size: int, timeout: float,
     return r
 
 
-def cmd_learner_buffer(args: Any) -> dict[str, Any]:
+def source_and_file(args: Any) -> str:
+    """The learner's source from stdin, and the file of ``--path`` made
+    ready (written, on its DAX filesystem when ``--dax-fs`` is given)."""
     source = sys.stdin.read(MAX_SOURCE + 1)
     if len(source) > MAX_SOURCE:
         raise SetupError(f"the code is longer than {MAX_SOURCE} characters")
@@ -152,5 +154,10 @@ def cmd_learner_buffer(args: Any) -> dict[str, Any]:
     os.close(_prepare_file(args.path, args.size))
     if args.dax_fs:
         check_dax_file(args.path, args.dax_fs)
+    return source
+
+
+def cmd_learner_buffer(args: Any) -> dict[str, Any]:
+    source = source_and_file(args)
     return judge(source, args.path, args.size, args.timeout,
                  lambda r, addr, size: _register_and_measure(r, addr, size, args.device))

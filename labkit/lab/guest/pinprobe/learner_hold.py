@@ -20,15 +20,12 @@ import ctypes
 import mmap
 import os
 import subprocess
-import sys
 import time
 from types import SimpleNamespace
 from typing import Any
 
-from .buffer import _prepare_file
-from .common import PAGE, SetupError, base_result, iovec, libc
-from .learner_buffer import MAX_SOURCE, run_learner
-from .target import check_dax_dir, check_dax_file
+from .common import PAGE, base_result, iovec, libc
+from .learner_buffer import run_learner, source_and_file
 from .truncate import Child
 
 SPLICE_F_NONBLOCK = 0x02
@@ -148,12 +145,4 @@ def judge(source: str, path: str, size: int, timeout: float, hold_s: float = 2.0
 
 
 def cmd_learner_hold(args: Any) -> dict[str, Any]:
-    source = sys.stdin.read(MAX_SOURCE + 1)
-    if len(source) > MAX_SOURCE:
-        raise SetupError(f"the code is longer than {MAX_SOURCE} characters")
-    if args.dax_fs:
-        check_dax_dir(args.path, args.dax_fs, args.dax_device)
-    os.close(_prepare_file(args.path, args.size))
-    if args.dax_fs:
-        check_dax_file(args.path, args.dax_fs)
-    return judge(source, args.path, args.size, args.timeout, args.hold, args.after)
+    return judge(source_and_file(args), args.path, args.size, args.timeout, args.hold, args.after)
