@@ -10,9 +10,6 @@ On 7.3 (fs-dax page refcounting reworked in v6.15) the reference passes too."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
