@@ -26,9 +26,7 @@ from typing import Any
 
 from .common import PAGE, base_result, iovec, libc
 from .learner_buffer import run_learner, source_and_file
-from .truncate import Child
-
-SPLICE_F_NONBLOCK = 0x02
+from .truncate import SPLICE_F_NONBLOCK, Child  # truncate also declares libc.vmsplice's signature
 
 
 def vmsplice(fd: int, buf: Any, length: int) -> int:
