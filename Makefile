@@ -15,24 +15,31 @@ BIN := $(VENV)/bin
 APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs cpio xz-utils openssh-client uidmap
 TEST_APT_PACKAGES := chromium bubblewrap slurm-wlm munge python3-venv $(if $(shell command -v npm),,npm)
 PYTEST_ARGS ?=
+# `make test` runs the suite on this many pytest-xdist workers; tests/suite_areas.py says which
+# tests must share one worker. 1 runs it in one process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
-.PHONY: lab test unit lint setup host-deps test-deps venv test-venv images clean help
+.PHONY: lab test unit lint setup host-deps test-deps all-deps venv test-venv images clean help
 
 help:
 	@echo "make lab    - set up, build the guest image, start the VM and JupyterLab"
 	@echo "make test   - set up, build the images, lint, run the tests (unit + real guests)"
+	@echo "              one area or kernel while working: make test PYTEST_ARGS='-m lab --kernel 6.1'"
 	@echo "make unit   - the offline tests only (no guest), in about a minute"
 	@echo "make lint   - ruff and mypy on labkit/"
 
 lab: setup
 	$(BIN)/labkit lab
 
-test: setup test-deps test-venv lint
-	$(BIN)/labkit image build --kernel all
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# One apt round for everything, then the three images (built at once) beside the linters.
+test: all-deps test-venv
+	$(MAKE) --no-print-directory -j2 images lint
+	$(BIN)/labkit doctor
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 unit: test-venv
-	$(BIN)/python -m pytest -m "not integration" -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not integration" -q $(PYTEST_ARGS)
 
 lint: test-venv
 	$(BIN)/ruff check labkit
@@ -63,6 +70,9 @@ host-deps:
 test-deps:
 	$(call apt_install,$(TEST_APT_PACKAGES))
 
+all-deps:
+	$(call apt_install,$(APT_PACKAGES) $(TEST_APT_PACKAGES))
+
 venv: $(VENV)/.installed
 
 # `make lab` installs what the lab runs; the test tools (pytest, Playwright,
@@ -80,7 +90,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 images: venv
-	$(BIN)/labkit image build --kernel all
+	$(BIN)/labkit image build --kernel all --jobs 3
 
 clean:
 	rm -rf $(VENV) images/build .pytest_cache

@@ -82,9 +82,33 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_image_build(args: argparse.Namespace) -> int:
     kernels = list(image.KERNELS) if args.kernel == "all" else [args.kernel]
-    for k in kernels:
-        img = image.build_image(k, force=args.force)
-        print(f"{k}: {img.kernel_release} in {img.directory}")
+    if args.jobs == 1 or len(kernels) == 1:
+        for k in kernels:
+            img = image.build_image(k, force=args.force)
+            print(f"{k}: {img.kernel_release} in {img.directory}")
+        return 0
+    # Several images at once: each build is mostly one dpkg or one download at a time, so
+    # two or three overlap well even on two cores. Each progress line names its kernel.
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(k: str) -> image.Image:
+        return image.build_image(k, force=args.force, progress=lambda line: print(f"[{k}] {line}", file=sys.stderr,
+                                                                                   flush=True))
+    with ThreadPoolExecutor(max_workers=args.jobs, thread_name_prefix="labkit-image") as pool:
+        futures = {k: pool.submit(one, k) for k in kernels}
+        failed = []
+        for k, fut in futures.items():
+            try:
+                img = fut.result()
+            except LabError as exc:
+                failed.append(k)
+                _err(f"image {k}: {exc}")
+                continue
+            print(f"{k}: {img.kernel_release} in {img.directory}")
+    if failed:
+        _err(f"{len(failed)} of {len(kernels)} images failed ({', '.join(failed)}); the others are built. "
+             f"Retry one with: labkit image build --kernel {failed[0]}")
+        return 2
     return 0
 
 
@@ -483,6 +507,9 @@ def _add_image(sub: Any) -> None:
     b.add_argument("--kernel", choices=kernels + ["all"], default=image.DEFAULT_KERNEL,
                    help="kernel variant (default %(default)s)")
     b.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    b.add_argument("--jobs", type=_positive(int), default=3, metavar="N",
+                   help="with --kernel all: build up to N images at once (default %(default)s; 1 builds them "
+                        "one after the other)")
     b.set_defaults(func=cmd_image_build)
     vf = im.add_parser("verify", help="hash every file of an image against its manifest now")
     vf.add_argument("--kernel", choices=kernels + ["all"], default="all",

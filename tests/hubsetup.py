@@ -37,10 +37,14 @@ def run(argv: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProc
     return r
 
 
-def make_venv(where: Path, packages: tuple[str, ...] = ("jupyterhub", "jupyterhub-idle-culler")) -> Path:
+# What the hub test (the idle culler) and the Slurm test (batchspawner) run: one venv serves both.
+CLASS_PACKAGES = ("jupyterhub", "jupyterhub-idle-culler", "batchspawner")
+
+
+def make_venv(where: Path, packages: tuple[str, ...] = CLASS_PACKAGES) -> Path:
     """Debian's python3 (root's own python may live under the 0700 /root), with
-    ``packages`` (JupyterHub and the idle culler by default) and labkit itself
-    (from a copy: an in-tree build would leave build/ in the repository)."""
+    ``packages`` (JupyterHub, its idle culler and batchspawner by default) and labkit
+    itself (from a copy: an in-tree build would leave build/ in the repository)."""
     if not os.access(SYSTEM_PYTHON, os.X_OK):
         pytest.fail(f"{SYSTEM_PYTHON} is missing: apt-get install python3 python3-venv")
     src = where / "src"
@@ -59,6 +63,22 @@ def install_proxy(where: Path) -> Path:
         pytest.fail("npm is missing: apt-get install npm (configurable-http-proxy comes from the npm registry)")
     run(["npm", "install", "--prefix", str(where / "chp"), "--no-audit", "--no-fund", "configurable-http-proxy"])
     return where / "chp/node_modules/.bin/configurable-http-proxy"
+
+
+@dataclass
+class ClassTools:
+    """The learners' venv and the proxy, made once per test run (conftest's
+    ``class_tools`` fixture) in a directory every user can read."""
+    venv: Path
+    proxy: Path
+    seconds: float
+
+
+def make_class_tools(where: Path) -> ClassTools:
+    t0 = time.monotonic()
+    venv = make_venv(where)
+    proxy = install_proxy(where)
+    return ClassTools(venv, proxy, round(time.monotonic() - t0, 1))
 
 
 @dataclass

@@ -18,11 +18,9 @@ import time
 import uuid
 from pathlib import Path
 
-import hubsetup
 import psutil
 import requests
 import websocket
-from hubsetup import install_proxy  # noqa: F401 - test_slurm imports it from here
 
 from labkit.timeout import Deadline
 
@@ -45,12 +43,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def make_venv(where: Path) -> Path:
-    """The hub test's learner venv (hubsetup.make_venv) with JupyterHub's
-    single-user server and batchspawner instead of the idle culler."""
-    return hubsetup.make_venv(where, ("jupyterhub", "batchspawner"))
 
 
 def user_processes(uid: int) -> list[str]:

@@ -20,6 +20,7 @@ WARM = ("warm_disk_s", "warm_qemu_s", "warm_restore_s", "warm_ssh_s", "warm_nvdi
 
 @pytest.mark.integration
 @pytest.mark.timeout(900)
+@pytest.mark.fresh_guest("it times cold boots, warm starts and resets")
 def test_bench_json_has_the_figures():
     r = subprocess.run([sys.executable, "-m", "labkit", "bench", "--runs", "1", "--no-matrix", "--json",
                         "--learners", "1"], capture_output=True, text=True, timeout=900, env=dict(os.environ))

@@ -85,6 +85,7 @@ def stop_lab(proc: subprocess.Popen, env: dict) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.fresh_guest("JupyterLab's notebook starts the lab VM itself")
 def test_notebook0_dashboard_renders_live_values_in_chromium(tmp_path, artifacts):
     assert os.access(CHROMIUM, os.X_OK), f"{CHROMIUM} missing: `make test` installs Debian's chromium"
     t0 = time.monotonic()

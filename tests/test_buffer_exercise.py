@@ -7,17 +7,14 @@ tests/test_lab.py::test_a_written_private_mapping_of_an_fsdax_file_is_pinned_by_
 
 from __future__ import annotations
 
-import pytest
-
 import buffer_fake as bf
+import pytest
+from course_solutions import SOLUTIONS
+
 from labkit.course import grading
 from labkit.course.buffer_exercise import run_learner_buffer, source_problem
 from labkit.course.exercises import BY_ID, Live
 from labkit.lab import Lab
-from labkit.machine.vm import VM
-
-from conftest import require_image
-from course_solutions import SOLUTIONS
 
 EX = BY_ID["ex3.8"]
 
@@ -86,18 +83,17 @@ def _reference_source() -> str:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("kernel", ["6.1", "7.3"])
-def test_the_live_kernel_judges_the_reference_and_a_shared_mapping(kernel):
-    require_image(kernel)
-    with VM(f"ex38-{kernel.replace('.', '-')}", kernel=kernel) as vm:
-        lab = Lab(vm)
-        live = Live(lab)
-        right = grading.judge(EX, _reference_source(), live)
-        assert right.passed, right.message
-        run = live.learner_buffer(_reference_source())
-        assert run.ok and run.backed_by_file and not run.shared and run.vmpin_kb_delta == 2048, run.raw
-        shared = grading.judge(EX, bf.SHARED_WRITTEN, live)
-        assert not shared.passed and "shared mapping" in shared.message, shared.message
-        refused = run_learner_buffer(lab, bf.SHARED_WRITTEN)
-        assert refused.backed_by_file and refused.shared and not refused.ok and refused.errname == "EOPNOTSUPP"
-        untouched = run_learner_buffer(lab, bf.PRIVATE_UNTOUCHED)
-        assert untouched.backed_by_file and not untouched.ok and untouched.errname == "EOPNOTSUPP", untouched.raw
+def test_the_live_kernel_judges_the_reference_and_a_shared_mapping(kernel, pool):
+    vm = pool.get(kernel)       # the run's shared guest: the judge leaves nothing behind
+    lab = Lab(vm)
+    live = Live(lab)
+    right = grading.judge(EX, _reference_source(), live)
+    assert right.passed, right.message
+    run = live.learner_buffer(_reference_source())
+    assert run.ok and run.backed_by_file and not run.shared and run.vmpin_kb_delta == 2048, run.raw
+    shared = grading.judge(EX, bf.SHARED_WRITTEN, live)
+    assert not shared.passed and "shared mapping" in shared.message, shared.message
+    refused = run_learner_buffer(lab, bf.SHARED_WRITTEN)
+    assert refused.backed_by_file and refused.shared and not refused.ok and refused.errname == "EOPNOTSUPP"
+    untouched = run_learner_buffer(lab, bf.PRIVATE_UNTOUCHED)
+    assert untouched.backed_by_file and not untouched.ok and untouched.errname == "EOPNOTSUPP", untouched.raw

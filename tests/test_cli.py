@@ -53,6 +53,7 @@ def test_doctor_passes_and_names_the_accelerator():
 
 @pytest.mark.integration
 @pytest.mark.parametrize("kernel", list(image.KERNELS))
+@pytest.mark.fresh_guest("`labkit run` boots a throwaway guest")
 def test_run_prints_the_kernel_release(kernel):
     r = labkit("run", "--kernel", kernel, "--", "uname", "-r")
     assert r.returncode == 0, r.stderr
@@ -60,6 +61,7 @@ def test_run_prints_the_kernel_release(kernel):
 
 
 @pytest.mark.integration
+@pytest.mark.fresh_guest("`labkit run` boots a throwaway guest")
 def test_run_passes_exit_code_and_stdin(tmp_path):
     r = labkit("run", "--", "sh", "-c", "exit 7")
     assert r.returncode == 7, r.stderr
@@ -71,6 +73,7 @@ def test_run_passes_exit_code_and_stdin(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.fresh_guest("`labkit lab` starts the lab VM")
 def test_lab_starts_jupyterlab_with_a_running_vm(tmp_path):
     """`labkit lab` (what `make lab` ends in): VM up, JupyterLab answering on localhost with a token."""
     import os
@@ -114,3 +117,57 @@ def test_lab_starts_jupyterlab_with_a_running_vm(tmp_path):
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
         subprocess.run(LABKIT + ["vm", "stop", "--name", "labtest"], env=env, capture_output=True, timeout=120)
+
+
+def test_matrix_json_of_one_kernel_prints_that_kernels_matrix(monkeypatch, capsys):
+    """`labkit matrix --json --kernel K` prints the dictionary `_one_matrix` measured on
+    a fresh guest of K. The measurement itself is asserted kernel by kernel on live guests
+    in tests/test_kernel_73.py (`--kernel all` runs the same `_one_matrix` per kernel)."""
+    import json
+
+    from labkit import cli
+    asked = []
+
+    def one(args, kernel, prefix, quiet=False):
+        asked.append((kernel, args.name, prefix))
+        return {"kernel": "6.12.0-test", "pins": [], "accel": "tcg"}
+    monkeypatch.setattr(cli, "_one_matrix", one)
+    assert cli.main(["matrix", "--json", "--kernel", "6.12", "--name", "nonexistent"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"kernel": "6.12.0-test", "pins": [], "accel": "tcg"}
+    assert asked == [("6.12", "nonexistent", "")]
+
+
+def test_image_build_all_builds_at_once_and_reports_each_failure(monkeypatch, capsys):
+    """`labkit image build --kernel all --jobs 3`: every kernel built, each progress line
+    names its kernel, and one failed build leaves the others built and says which failed."""
+    import threading
+    from types import SimpleNamespace
+
+    from labkit import cli
+    from labkit.errors import LabError
+    inside, most = [0], [0]
+    lock = threading.Lock()
+    both_in = threading.Barrier(2, timeout=10)
+
+    def build(kernel, force=False, progress=None):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        try:
+            if kernel != "7.3":
+                both_in.wait()          # the first two really overlap
+            progress("downloading packages with apt...")
+            if kernel == "6.12":
+                raise LabError("mmdebstrap failed")
+            return SimpleNamespace(kernel_release=f"{kernel}.0-test", directory=f"/x/{kernel}")
+        finally:
+            with lock:
+                inside[0] -= 1
+    monkeypatch.setattr(cli.image, "build_image", build)
+    assert cli.main(["image", "build", "--kernel", "all", "--jobs", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert most[0] == 2
+    assert out.splitlines() == ["6.1: 6.1.0-test in /x/6.1", "7.3: 7.3.0-test in /x/7.3"]
+    assert "[6.12] downloading packages with apt..." in err and "[7.3] downloading" in err
+    assert "image 6.12: mmdebstrap failed" in err and "1 of 3 images failed (6.12)" in err
+    assert "labkit image build --kernel 6.12" in err

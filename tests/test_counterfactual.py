@@ -45,6 +45,7 @@ def _keep(figures, key, result):
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
+@pytest.mark.fresh_guest("it loads modules that change the kernel's rules")
 def test_real_kernel_refuses(lab, figures):
     r = cf.hold_and_truncate(lab, 0.5)
     _keep(figures, "real", r)
@@ -55,6 +56,7 @@ def test_real_kernel_refuses(lab, figures):
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
+@pytest.mark.fresh_guest("it loads modules that change the kernel's rules")
 def test_mr_holds_truncate_for_its_lifetime(lab, figures):
     with cf.counterfactual(lab, "no-longterm-check") as c:
         r = cf.hold_and_truncate(lab, HOLD)
@@ -75,6 +77,7 @@ def test_mr_holds_truncate_for_its_lifetime(lab, figures):
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
+@pytest.mark.fresh_guest("it loads modules that change the kernel's rules")
 def test_stale_mr_write_changes_another_file(lab, figures):
     with cf.counterfactual(lab, "no-longterm-check", "no-layout-wait") as c:
         r = cf.stale_mr_write(lab)
@@ -90,6 +93,7 @@ def test_stale_mr_write_changes_another_file(lab, figures):
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
+@pytest.mark.fresh_guest("it loads modules that change the kernel's rules")
 def test_refusal_back_after_unload_and_reset(lab, figures):
     r = cf.hold_and_truncate(lab, 0.5)
     assert not r.registered and r.errno == 95, r.verdict()

@@ -516,6 +516,7 @@ def test_log_pane_highlights_a_live_refusal(guest):
 
 
 @pytest.mark.integration
+@pytest.mark.fresh_guest("its buttons stop, start and reset the guest")
 def test_vm_panel_reset_and_start_on_a_real_vm():
     """The buttons on a VM of its own: Stop, Start (progress fed by the real
     console), Reset (vm.reset()); the log pane follows again after each boot."""

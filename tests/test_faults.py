@@ -31,7 +31,7 @@ from labkit.machine.vm import VM, VMInfo, VMState
 
 from conftest import ARTIFACTS, mount_tmpfs, persistent_vm, require_image, umount
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.fresh_guest("each fault kills, hangs or panics its guest")]
 
 KERNEL = "6.1"
 BOUND = 10.0            # detection bound for every fault (seconds)

@@ -27,7 +27,7 @@ from labkit.machine.vm import VM, VMState
 
 from conftest import mount_tmpfs, persistent_vm, require_image, umount
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.fresh_guest("it kills starts and snapshot saves half-way")]
 
 KERNEL = "6.1"
 LABKIT = [sys.executable, "-m", "labkit"]

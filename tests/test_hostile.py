@@ -23,7 +23,7 @@ from labkit.machine.vm import VM
 
 from conftest import ARTIFACTS, persistent_vm, require_image
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.fresh_guest("hostile input aimed at a persistent VM's lifecycle")]
 
 KERNEL = "6.1"
 NAME = "hostile"

@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-
+from conftest import ARTIFACTS, require_image
 from hubsetup import (
     Hub,
     KeepAlive,
@@ -35,23 +35,20 @@ from hubsetup import (
     add_learner,
     as_user,
     execute,
-    install_proxy,
     kill_user_processes,
-    make_venv,
     qemu_of,
     run,
     sweep_stale,
     user_processes,
     wait_until,
 )
+
 from labkit import paths
 from labkit.deploy.cgroups import CONTROLLERS, Group, Limits, group_of, missing_controllers
 from labkit.image import DEFAULT_KERNEL
 from labkit.machine.process import free_port
 
-from conftest import ARTIFACTS, require_image
-
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.fresh_guest("every learner's server boots its own VM")]
 
 MEM_LIMIT = 1536 * 2**20       # per learner: the server, a kernel and a 1 GiB-RAM guest
 CPU_LIMIT = 1.0
@@ -117,7 +114,7 @@ def _build_shared_snapshot(venv: Path, env: dict[str, str], base: Path) -> float
 
 
 @pytest.fixture(scope="module")
-def klass():
+def klass(class_tools):
     if os.geteuid() != 0:
         pytest.fail("the hub test creates Unix users and cgroups and needs root (CI runs as root)")
     missing = missing_controllers()
@@ -134,10 +131,8 @@ def klass():
     keep: KeepAlive | None = None
     figures: dict = {}
     try:
-        t0 = time.monotonic()
-        venv = make_venv(base)
-        proxy = install_proxy(base)
-        figures["setup_venv_and_proxy_s"] = round(time.monotonic() - t0, 1)
+        venv, proxy = class_tools.venv, class_tools.proxy     # made once per run, shared with test_slurm
+        figures["setup_venv_and_proxy_s"] = class_tools.seconds
         run(["groupadd", group])
         names = [f"{group}a", f"{group}b"]
         a, b = (add_learner(n, group) for n in names)

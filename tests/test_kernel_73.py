@@ -14,7 +14,7 @@ from conftest import require_image
 from labkit import image
 from labkit.machine.vm import VM
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.fresh_guest("a cold boot of the 7.3 image, and `labkit matrix --kernel all` on fresh guests")]
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +54,26 @@ def test_rxe_and_vivid_load(guest73):
     assert "netdev eth0" in r.stdout and "ACTIVE" in r.stdout and "/dev/video" in r.stdout
 
 
+def check_one_kernels_matrix(kernel: str, m: dict) -> None:
+    """One kernel's full matrix, as `labkit matrix --json` measures it on a fresh guest
+    (this used to be a `labkit matrix --kernel K` run per kernel in tests/test_lab.py)."""
+    assert m["kernel"] == image.load_image(kernel).kernel_release and m["accel"] in ("kvm", "tcg"), m["kernel"]
+    pins = {(p["mechanism"], p["memory"], p["mapping"]): p for p in m["pins"]}
+    assert pins[("rdma", "fsdax-xfs", "shared")]["errno"] == 95
+    assert pins[("rdma", "anon", "shared")]["ok"]
+    # rdma-odp: never the fs-dax rule; it registers exactly where the device has ODP (bit 0 of its caps)
+    odp = pins[("rdma-odp", "fsdax-xfs", "shared")]
+    assert not odp["trace"] and isinstance(odp["device_odp"], int) and odp["why"]
+    assert odp["ok"] == bool(odp["device_odp"] & 1) and odp["vmpin_kb_delta"] == 0
+    assert {"blocked", "seconds", "where"} <= set(m["truncate_wait"])
+
+
 def check_three_kernel_matrix(out: dict) -> None:
     """What `labkit matrix --kernel all --json` must show, kernel by kernel."""
     assert list(out["kernels"]) == list(image.KERNELS)
     for k, m in out["kernels"].items():
         assert image.KERNELS[k].release_matches(m["kernel"]), (k, m["kernel"])
+        check_one_kernels_matrix(k, m)
     pins = {k: {(p["mechanism"], p["memory"], p["mapping"]): p for p in m["pins"]} for k, m in out["kernels"].items()}
     warned = {k: {mt["fs"] for mt in m["mounts"] if mt["experimental_warning"]} for k, m in out["kernels"].items()}
     # XFS dropped its EXPERIMENTAL DAX message in v6.8 (ext4 in v5.17)

@@ -4,10 +4,6 @@ prints a remembered answer)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
 from labkit.errors import ConfigError, LabError
@@ -90,23 +86,6 @@ def test_truncate_waits_for_referenced_dax_page(lab):
     tw = lab.truncate_wait("xfs", hold=2.0)
     assert tw.blocked and tw.completed, tw
     assert tw.seconds >= 1.5
-
-
-def test_matrix_cli_json(guest):
-    """`labkit matrix --json` on a fresh throwaway guest of this kernel."""
-    r = subprocess.run([sys.executable, "-m", "labkit", "matrix", "--json", "--kernel", guest.kernel,
-                        "--name", "nonexistent"], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    m = json.loads(r.stdout)
-    assert m["kernel"] == guest.boot.kernel_release and m["accel"] in ("kvm", "tcg")
-    pins = {(p["mechanism"], p["memory"], p["mapping"]): p for p in m["pins"]}
-    assert pins[("rdma", "fsdax-xfs", "shared")]["errno"] == 95
-    assert pins[("rdma", "anon", "shared")]["ok"]
-    # rdma-odp: never the fs-dax rule; it registers exactly where the device has ODP (bit 0 of its caps)
-    odp = pins[("rdma-odp", "fsdax-xfs", "shared")]
-    assert not odp["trace"] and isinstance(odp["device_odp"], int) and odp["why"]
-    assert odp["ok"] == bool(odp["device_odp"] & 1) and odp["vmpin_kb_delta"] == 0
-    assert {"blocked", "seconds", "where"} <= set(m["truncate_wait"])
 
 
 def test_short_matrix_measures_exactly_the_cases_asked(lab):

@@ -90,6 +90,7 @@ def _course(tmp: Path) -> tuple[Path, Path]:
 
 @pytest.mark.integration
 @pytest.mark.timeout(900)
+@pytest.mark.fresh_guest("the notebooks attach to a persistent lab VM by name (LABKIT_VM)")
 def test_nbgrader_round_trip(grading_vm, tmp_path, artifacts):
     t0 = time.monotonic()
     course, exchange = _course(tmp_path)

@@ -21,7 +21,7 @@ from labkit.machine.vm import VM, VMState
 
 from conftest import ARTIFACTS, require_image
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.fresh_guest("it restarts and SIGKILLs its guest")]
 
 KERNEL = "6.1"
 SIZE = 16 * 2**20       # per file

@@ -27,7 +27,7 @@ from labkit.machine.vm import VM, VMState
 
 from conftest import persistent_vm, require_image
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.fresh_guest("it checks a VM's own keys, sockets and host key")]
 
 KERNEL = "6.1"
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from conftest import ARTIFACTS, require_image
 from slurm_cluster import ClusterError, SlurmCluster, slurm_cluster
-from slurm_hub import HubSetup, SetupError, install_proxy, make_venv, tmp_files_of, user_processes
+from slurm_hub import HubSetup, SetupError, tmp_files_of, user_processes
 
 USE_GRADER = True    # the real `labkit course grade` (merged); False: a placeholder task that boots a guest
 
@@ -79,7 +79,7 @@ def test_duplicate_student_names_are_refused(tmp_path):
 
 # -- integration: the real cluster ---------------------------------------------------------------
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster():
     try:
         with slurm_cluster() as c:
@@ -159,6 +159,7 @@ def assert_merge_ran_after_tasks(cluster: SlurmCluster, array: str, merge: str) 
 
 
 @pytest.mark.integration
+@pytest.mark.fresh_guest("Slurm jobs boot the graders' guests")
 def test_grading_array_job_matches_local_run(cluster, tmp_path):
     require_image(KERNEL)
     subs = make_submissions(tmp_path / "submissions")
@@ -238,11 +239,12 @@ def learner_jobs(cluster: SlurmCluster, user: str) -> list[dict[str, str]]:
 
 
 @pytest.mark.integration
-def test_learner_server_is_a_slurm_job_and_boots_a_vm(cluster, hub_setup):
+@pytest.mark.fresh_guest("the learner's server boots their own VM")
+def test_learner_server_is_a_slurm_job_and_boots_a_vm(cluster, hub_setup, class_tools):
     img = require_image(KERNEL)
     h = hub_setup
     try:
-        venv, proxy = make_venv(h.root), install_proxy(h.root)
+        venv, proxy = class_tools.venv, class_tools.proxy
         h.add_learner()
         images = h.readable_images(Path(os.environ.get("LABKIT_IMAGES_DIR", REPO / "images" / "build")))
         h.start_hub(venv, proxy, images)

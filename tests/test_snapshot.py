@@ -85,6 +85,7 @@ def guest_sha(vm: VM, path: str) -> str:
 
 
 @pytest.mark.integration
+@pytest.mark.fresh_guest("it makes and restores warm-start snapshots")
 def test_warm_start_restores_a_working_guest_with_its_nvdimms(tmp_path):
     require_image("6.1")
     with VM("warm-a", kernel="6.1", state_dir=tmp_path / "a") as a:
@@ -101,6 +102,7 @@ def test_warm_start_restores_a_working_guest_with_its_nvdimms(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.fresh_guest("it makes and restores warm-start snapshots")
 def test_a_restored_guest_trusts_only_its_own_vms_key(tmp_path):
     """One snapshot serves every VM; SSH trusts the key QEMU passes now (fw_cfg)."""
     require_image("6.1")
@@ -114,6 +116,7 @@ def test_a_restored_guest_trusts_only_its_own_vms_key(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.fresh_guest("it makes and restores warm-start snapshots")
 def test_pmem_written_after_the_snapshot_survives_warm_starts_and_resets(tmp_path):
     require_image("6.1")
     state = tmp_path / "vm"
@@ -151,6 +154,7 @@ def test_pmem_written_after_the_snapshot_survives_warm_starts_and_resets(tmp_pat
 
 
 @pytest.mark.integration
+@pytest.mark.fresh_guest("it makes and restores warm-start snapshots")
 def test_a_damaged_snapshot_is_never_restored(tmp_path, private_cache):
     require_image("6.1")
     with VM("dmg", kernel="6.1", state_dir=tmp_path / "a") as vm:
@@ -177,6 +181,7 @@ def test_a_damaged_snapshot_is_never_restored(tmp_path, private_cache):
 
 
 @pytest.mark.integration
+@pytest.mark.fresh_guest("it makes and restores warm-start snapshots")
 def test_cold_start_on_request(tmp_path):
     require_image("6.1")
     with VM("cold", kernel="6.1", state_dir=tmp_path / "c", warm=False) as vm:

@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 import buffer_fake as bf
 import hold_fake as hf
+import pytest
+from course_solutions import SOLUTIONS
 from hold_fake import LONGTERM, NEVER, NOTHING
+
 from labkit.course import grading
 from labkit.course.exercises import BY_ID, Live
 from labkit.course.truncate_exercise import HoldRun, from_report, run_learner_hold, source_problem
 from labkit.lab import Lab
-from labkit.machine.vm import VM
-
-from conftest import require_image
-from course_solutions import SOLUTIONS
 
 EX = BY_ID["ex6.5"]
 RUNNER = r"""
@@ -151,21 +148,20 @@ def test_the_learners_prints_do_not_forge_the_report():
 
 @pytest.mark.integration
 @pytest.mark.parametrize("kernel", ["6.1", "7.3"])
-def test_the_live_kernel_judges_the_reference(kernel):
-    require_image(kernel)
-    with VM(f"ex65-{kernel.replace('.', '-')}", kernel=kernel) as vm:
-        lab = Lab(vm)
-        live = Live(lab)
-        right = grading.judge(EX, _reference(), live)
-        assert right.passed, (right.message, json.dumps(live.learner_hold(_reference()).raw))
-        run = live.learner_hold(_reference())
-        assert run.blocked and run.completed and run.seconds_after_release < 5, run.raw
-        assert any("break" in fn and "layout" in fn for fn in run.where), run.where
-        if kernel != "6.1":
-            return
-        nothing = run_learner_hold(lab, NOTHING)
-        assert not nothing.blocked and nothing.completed, nothing.raw
-        never = grading.judge(EX, NEVER, live)
-        assert not never.passed and "still waiting" in never.message, never.message
-        longterm = run_learner_hold(lab, LONGTERM)
-        assert not longterm.blocked and "Errno 95" in (longterm.exception or ""), longterm.raw
+def test_the_live_kernel_judges_the_reference(kernel, pool):
+    vm = pool.get(kernel)       # the run's shared guest: the judge leaves nothing behind
+    lab = Lab(vm)
+    live = Live(lab)
+    right = grading.judge(EX, _reference(), live)
+    assert right.passed, (right.message, json.dumps(live.learner_hold(_reference()).raw))
+    run = live.learner_hold(_reference())
+    assert run.blocked and run.completed and run.seconds_after_release < 5, run.raw
+    assert any("break" in fn and "layout" in fn for fn in run.where), run.where
+    if kernel != "6.1":
+        return
+    nothing = run_learner_hold(lab, NOTHING)
+    assert not nothing.blocked and nothing.completed, nothing.raw
+    never = grading.judge(EX, NEVER, live)
+    assert not never.passed and "still waiting" in never.message, never.message
+    longterm = run_learner_hold(lab, LONGTERM)
+    assert not longterm.blocked and "Errno 95" in (longterm.exception or ""), longterm.raw

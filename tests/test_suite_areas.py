@@ -1,0 +1,73 @@
+"""The suite's own bookkeeping (tests/suite_areas.py): every test file has an area,
+--kernel selects kernels, the time per area and the guest-start summary add up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import suite_areas as sa
+
+from labkit import image
+
+TESTS = Path(__file__).parent
+
+
+def test_every_test_file_has_exactly_one_area():
+    files = {p.name for p in TESTS.glob("test_*.py")}
+    listed = [f for fs in sa.FILES.values() for f in fs]
+    assert len(listed) == len(set(listed)), "a file is listed in two areas"
+    assert files - set(listed) == set(), "files without an area"
+    assert set(sa.FILES) == set(sa.AREAS)
+
+
+def test_an_unlisted_file_is_a_usage_error_that_says_what_to_add():
+    with pytest.raises(pytest.UsageError, match="add it to FILES in tests/suite_areas.py"):
+        sa.area_of("test_new_thing.py")
+
+
+def test_kernel_selection():
+    assert sa.selected_kernels([], "") == set()
+    assert sa.selected_kernels(["6.1,7.3"], "") == {"6.1", "7.3"}
+    assert sa.selected_kernels([], "6.12") == {"6.12"}
+    assert sa.selected_kernels(["6.1"], "6.12") == {"6.1"}          # the option wins over the environment
+    with pytest.raises(pytest.UsageError, match="no such kernel"):
+        sa.selected_kernels(["5.4"], "")
+
+
+def test_kernels_of_a_parametrised_item():
+    item = SimpleNamespace(callspec=SimpleNamespace(params={"guest": "6.12", "mechanism": "rdma"}))
+    assert sa.kernels_of_item(item) == {"6.12"}
+    assert sa.kernels_of_item(SimpleNamespace(callspec=SimpleNamespace(params={"kernel": "7.3"}))) == {"7.3"}
+    assert sa.kernels_of_item(SimpleNamespace()) == set()
+    assert sa.kernels_of_item(SimpleNamespace(callspec=SimpleNamespace(params={"how": "6.1"}))) == set()
+    assert set(image.KERNELS) >= {"6.1", "6.12", "7.3"}
+
+
+def test_groups_and_their_order():
+    assert sa.group_of("test_hub.py") == sa.group_of("test_slurm.py") == "class"
+    assert sa.group_of("test_lab.py") == "test_lab"
+    order = sorted(["test_lab", "grading", "check-reference", "check-blank"], key=sa.run_order)
+    assert order == ["check-blank", "check-reference", "grading", "test_lab"]
+
+
+def test_time_per_area_adds_up():
+    times = [("tests/test_lab.py::a[6.1]", 2.0), ("tests/test_lab.py::a[6.1]", 1.0),
+             ("tests/test_hub.py::b@class", 4.0), ("tests/test_qemu_argv.py::c", 0.5)]
+    lines = sa.summary_lines(times)
+    assert lines[1].split()[:3] == ["class", "1", "4.0"]
+    assert lines[2].split()[:3] == ["lab", "1", "3.0"]
+    assert lines[-1].split() == ["all", "3", "7.5"]
+
+
+def test_guest_starts_name_tests_that_boot_their_own_guest_without_saying_why():
+    gs = sa.GuestStarts()
+    gs.starts = [{"test": "tests/test_lab.py::a[6.1]", "kind": "warm", "pool": True},
+                 {"test": "tests/test_faults.py::b@faults", "kind": "cold", "pool": False},
+                 {"test": "tests/test_x.py::c", "kind": "warm", "pool": False},
+                 {"test": "(between tests)", "kind": "probe", "pool": False}]
+    lines = gs.summary(fresh={"tests/test_faults.py::b"})
+    assert "1 cold boots, 2 warm starts (1 of them the pool's shared guests), 1 KVM probes" in lines[0]
+    assert lines[1].startswith("1 tests started a guest of their own") and lines[2] == "  tests/test_x.py::c"
+    assert gs.summary(fresh={"tests/test_faults.py::b", "tests/test_x.py::c"})[1:] == []
