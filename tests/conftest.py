@@ -47,20 +47,30 @@ def pytest_configure(config):
                                        "one, and says why (it kills QEMU, times a boot, loads a module, ...)")
 
 
-@pytest.hookimpl(tryfirst=True)       # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     wanted = selected_kernels(config.getoption("--kernel"), os.environ.get("LABKIT_TEST_KERNELS", ""))
     keep, drop = [], []
     for item in items:
         item.add_marker(getattr(pytest.mark, area_of(item.path.name)))
-        if item.get_closest_marker("xdist_group") is None:      # a test may name its own group
-            item.add_marker(pytest.mark.xdist_group(group_of(item.path.name)))
         ks = kernels_of_item(item)
         (drop if wanted and ks and not ks <= wanted else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
-    keep.sort(key=lambda item: run_order(item.get_closest_marker("xdist_group").args[0]))   # stable sort
+    keep.sort(key=lambda item: run_order(group_of(item.nodeid)))       # stable: file order within a rank
     items[:] = keep
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist with --dist loadgroup (`make test`): whole groups to a worker,
+    the groups of tests/suite_areas.py (longest first, in collection order)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+    return GroupScheduling(config, log)
 
 
 _TIMES: list[tuple[str, float]] = []        # (nodeid, seconds) of every setup, call and teardown

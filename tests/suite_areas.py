@@ -42,28 +42,42 @@ FILES = {
 }
 _BY_FILE = {f: area for area, files in FILES.items() for f in files}
 
-# `make test` runs the suite on two pytest-xdist workers (--dist loadgroup): a group's tests
-# run one after another on one worker, groups run side by side. A test file is its own group,
-# except where files share what must not run twice at once: the summative grader's runs (its
-# companion VMs and sandbox uids are host-wide), the class tests (root-owned users, cgroups,
-# one shared venv) and the fault tests (tmpfs state dirs, killed QEMUs).
+# `make test` runs the suite on two pytest-xdist workers. A group's tests run one after
+# another on one worker; groups run side by side. A test file is its own group, except where
+# files share what must not run twice at once: the summative grader's runs (its companion
+# VMs and sandbox uids are host-wide), the class tests (root-owned users, cgroups, one shared
+# venv) and the fault tests (tmpfs state dirs, killed QEMUs); and the two runs of the whole
+# course by `labkit check`, the longest tests, are groups of their own so that they run side
+# by side on the two workers, each with its own lab VM. (pytest-xdist's own `loadgroup` reads
+# `xdist_group` marks through a node-id suffix that pytest 9.2 no longer takes, so the suite
+# has its scheduler, `GroupScheduling` in tests/conftest.py, ask `group_of` instead.)
 GROUPS = {
     "grading": ["test_summative.py", "test_sandbox.py", "test_nbgrader.py", "test_grader_hostile.py"],
     "class": ["test_hub.py", "test_slurm.py"],
     "faults": ["test_faults.py", "test_faults_lifecycle.py"],
 }
 _GROUP = {f: g for g, files in GROUPS.items() for f in files}
+TEST_GROUPS = {
+    "test_check.py::test_blank_notebooks_score_zero": "check-blank",
+    "test_check.py::test_reference_solutions_score_full_marks": "check-reference",
+}
 # Groups that take longest come first, so that neither worker is left with a long one at the
-# end (from the time per area of earlier runs; everything not listed follows in file order).
-LONGEST_FIRST = ["check-blank", "check-reference", "grading", "class", "faults"]
+# end (from the time per area of earlier runs; everything else follows in file order).
+LONGEST_FIRST = ["check-reference", "check-blank", "grading", "class", "test_lab", "faults"]
 
 
-def group_of(filename: str) -> str:
-    return _GROUP.get(filename, filename.removesuffix(".py"))
+def group_of(nodeid: str) -> str:
+    """The group of the test ``nodeid`` (``tests/test_x.py::test_y[param]``)."""
+    path, _, rest = nodeid.partition("::")
+    filename = path.rsplit("/", 1)[-1]
+    test = f"{filename}::{rest.split('[')[0]}"
+    return TEST_GROUPS.get(test) or _GROUP.get(filename) or filename.removesuffix(".py")
 
 
 def run_order(group: str) -> int:
     return LONGEST_FIRST.index(group) if group in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 # the QEMU -name of the pool's shared guests (tests/conftest.py: GuestPool)
 POOL_PREFIX = "labkit-pool-"
 # the names under which a test is parametrised by kernel

@@ -150,10 +150,9 @@ def _assert_json_shape(data: dict, paths: list[Path]) -> None:
 
 
 # The two runs of the whole course are the suite's longest tests: under `make test` they run
-# side by side on the two workers (each worker has its own lab VM), before everything else.
+# side by side on the two workers (each worker has its own lab VM): tests/suite_areas.py.
 @pytest.mark.integration
 @pytest.mark.timeout(2400)
-@pytest.mark.xdist_group("check-blank")
 @pytest.mark.fresh_guest("the notebooks attach to a persistent lab VM by name (LABKIT_VM)")
 def test_blank_notebooks_score_zero(check_vm, tmp_path, artifacts):
     """Also the one run of every student notebook as given (tests/test_notebooks.py
@@ -179,7 +178,6 @@ def test_blank_notebooks_score_zero(check_vm, tmp_path, artifacts):
 
 @pytest.mark.integration
 @pytest.mark.timeout(2400)
-@pytest.mark.xdist_group("check-reference")
 @pytest.mark.fresh_guest("the notebooks attach to a persistent lab VM by name (LABKIT_VM)")
 def test_reference_solutions_score_full_marks(check_vm, tmp_path, artifacts):
     copies = []

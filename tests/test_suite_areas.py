@@ -46,10 +46,39 @@ def test_kernels_of_a_parametrised_item():
 
 
 def test_groups_and_their_order():
-    assert sa.group_of("test_hub.py") == sa.group_of("test_slurm.py") == "class"
-    assert sa.group_of("test_lab.py") == "test_lab"
-    order = sorted(["test_lab", "grading", "check-reference", "check-blank"], key=sa.run_order)
-    assert order == ["check-blank", "check-reference", "grading", "test_lab"]
+    assert sa.group_of("tests/test_hub.py::test_a") == sa.group_of("tests/test_slurm.py::test_b[x]") == "class"
+    assert sa.group_of("tests/test_lab.py::test_mount_warning_depends_on_kernel_and_fs[6.12]") == "test_lab"
+    assert sa.group_of("tests/test_check.py::test_reference_solutions_score_full_marks") == "check-reference"
+    assert sa.group_of("tests/test_check.py::test_bad_input_is_a_clear_error[missing]") == "test_check"
+    order = sorted(["test_cli", "test_lab", "grading", "check-blank", "check-reference"], key=sa.run_order)
+    assert order == ["check-reference", "check-blank", "grading", "test_lab", "test_cli"]
+
+
+def test_the_suites_scheduler_keeps_each_group_on_one_worker(tmp_path):
+    """Two files of one group and a file of its own, on two workers: each group's tests all
+    ran on one worker (pytest-xdist's own loadgroup does not group under pytest 9.2)."""
+    import subprocess
+    import sys
+    (tmp_path / "conftest.py").write_text(
+        "import os, pytest\n"
+        "def pytest_xdist_make_scheduler(config, log):\n"
+        "    from xdist.scheduler import LoadScopeScheduling\n"
+        "    class G(LoadScopeScheduling):\n"
+        "        def _split_scope(self, nodeid):\n"
+        "            return 'ab' if 'test_a' in nodeid or 'test_b' in nodeid else 'c'\n"
+        "    return G(config, log)\n")
+    for name in "abc":
+        (tmp_path / f"test_{name}.py").write_text(
+            "import os, pytest\n@pytest.mark.parametrize('i', range(4))\n"
+            f"def test_{name}(i):\n    open(os.path.join(os.path.dirname(__file__), 'ran'), 'a').write("
+            f"'{name} ' + os.environ['PYTEST_XDIST_WORKER'] + '\\n')\n")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "--dist",
+                        "loadgroup", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ran = [line.split() for line in (tmp_path / "ran").read_text().splitlines()]
+    assert len(ran) == 12
+    workers = {name: {w for n, w in ran if n == name} for name in "abc"}
+    assert len(workers["a"] | workers["b"]) == 1 and len(workers["c"]) == 1
 
 
 def test_time_per_area_adds_up():
