@@ -53,10 +53,15 @@ class Watch:
         return died(self.evidence(alive=False))
 
     def qmp_status(self, timeout: float = 2.0) -> str | None:
-        """QEMU's run state, or None if QMP does not answer. A short-lived
-        connection: the monitor serves one client at a time."""
+        """QEMU's run state, or None if QMP does not answer. Asked on the
+        watchdog's own monitor (``watch.sock``): a monitor serves one client at a
+        time, and the main one may be held by ``vm.qmp``. The connection is
+        short-lived so that another process watching the same VM gets its turn.
+        A QEMU started before the watchdog had its own monitor has only ``qmp.sock``."""
+        sd = self.vm.sd
+        socket = sd.watch_socket if sd.watch_socket.exists() else sd.qmp_socket
         try:
-            with QMPChannel(self.vm.sd.qmp_socket).connect(timeout=timeout) as q:
+            with QMPChannel(socket).connect(timeout=timeout) as q:
                 return q.status()
         except LabError:
             return None
