@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+from labkit.command import CommandResult
 from labkit.lab import matrix as _matrix
 from labkit.lab.helper import GuestHelper
 from labkit.lab.matrix import MatrixResult
@@ -23,7 +24,6 @@ from labkit.lab.results import MountInfo, MountResult, Observation, PinResult, T
 from labkit.lab.tracing import Tracer
 from labkit.lab.validate import Case
 from labkit.lab.vocab import FILESYSTEMS, mountpoint_for
-from labkit.machine.channels.ssh import CommandResult
 
 log = logging.getLogger(__name__)
 

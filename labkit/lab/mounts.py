@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+from labkit.command import CommandResult
 from labkit.errors import ConfigError
 from labkit.lab.helper import GuestHelper, answer
 from labkit.lab.pmem import Pmem
@@ -21,7 +22,6 @@ from labkit.lab.validate import (
     choose,
 )
 from labkit.lab.vocab import FILESYSTEMS, fsdax_kind, mountpoint_for
-from labkit.machine.channels.ssh import CommandResult
 
 log = logging.getLogger(__name__)
 
