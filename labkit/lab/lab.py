@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 from labkit.command import CommandResult
 from labkit.lab import matrix as _matrix
+from labkit.lab.guest.vocab import FILESYSTEMS, mountpoint_for
 from labkit.lab.helper import GuestHelper
 from labkit.lab.matrix import MatrixResult
 from labkit.lab.mounts import Mounts
@@ -23,7 +24,6 @@ from labkit.lab.protocols import Machine
 from labkit.lab.results import MountInfo, MountResult, Observation, PinResult, TruncateWait
 from labkit.lab.tracing import Tracer
 from labkit.lab.validate import Case
-from labkit.lab.vocab import FILESYSTEMS, mountpoint_for
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ import logging
 
 from labkit.command import CommandResult
 from labkit.errors import ConfigError
+from labkit.lab.guest.vocab import FILESYSTEMS, fsdax_kind, mountpoint_for
 from labkit.lab.helper import GuestHelper, answer
 from labkit.lab.pmem import Pmem
 from labkit.lab.protocols import Machine
@@ -21,7 +22,6 @@ from labkit.lab.validate import (
     check_mountpoint_for,
     choose,
 )
-from labkit.lab.vocab import FILESYSTEMS, fsdax_kind, mountpoint_for
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from labkit.command import CommandResult
-from labkit.lab.vocab import result_cell
+from labkit.lab.guest.vocab import result_cell
 
 KPROBE = "labkit_cvf"
 
