@@ -87,4 +87,5 @@ def test_pause_before_a_command_is_reported(vm):
     assert e.value.qmp_status == "paused" and "paused" in str(e.value)
     assert isinstance(e.value.__cause__, ChannelError)
     assert detected < min(OPEN_TIMEOUT + 3.0, HUNG_AFTER)
+    assert abs(e.value.seconds - detected) < 2.0, "the message says how long vm.run waited"
     _resume(vm, held)

@@ -72,12 +72,13 @@ class Watch:
         or timeout into what really happened (QEMU gone, panic, paused, starved)."""
         if self.vm.state is VMState.RUNNING:
             self.begin_command()
+        t0 = time.monotonic()
         try:
             yield
         except GuestHung:
             raise
         except (ChannelError, GuestTimeout) as exc:
-            self.explain(exc)
+            self.explain(exc, waited=time.monotonic() - t0)
             raise
 
     def begin_command(self) -> None:
@@ -115,9 +116,10 @@ class Watch:
         if problem is not None:
             raise problem
 
-    def explain(self, exc: LabError) -> None:
+    def explain(self, exc: LabError, waited: float = 0.0) -> None:
         """After a channel error or timeout: raise what really happened to the
-        guest (QEMU gone, kernel panic, CPUs paused, sshd starved), if anything."""
+        guest (QEMU gone, kernel panic, CPUs paused, sshd starved), if anything.
+        ``waited``: how long the caller waited (a channel error does not say)."""
         vm = self.vm
         if not vm.qemu_alive():
             raise self.death() from exc
@@ -128,7 +130,8 @@ class Watch:
             if not vm.wait_qemu_gone(3.0):
                 return
             raise self.death() from exc
-        problem = diagnose(self.evidence(alive=True, qmp_status=status, seconds=getattr(exc, "seconds", 0.0)))
+        seconds = getattr(exc, "seconds", 0.0) or waited
+        problem = diagnose(self.evidence(alive=True, qmp_status=status, seconds=seconds))
         if problem is not None:
             raise problem from exc
         if status == "running" and isinstance(exc, ChannelError) and vm.ssh_channel is not None \
