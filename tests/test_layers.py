@@ -217,8 +217,11 @@ def test_guest_code_uses_the_standard_library_only():
     assert not wrong, f"labkit/{GUEST} runs inside the guest, with the standard library and {sorted(GUEST_PACKAGES)} only:\n" + "\n".join(wrong)
 
 
-def test_import_labkit_errors_loads_no_channel_library():
-    code = ("import labkit.errors, sys; "
+@pytest.mark.parametrize("module", ["labkit.errors", "labkit.lab", "labkit.course.dashboard"])
+def test_importing_a_layer_above_the_channels_loads_no_channel_library(module):
+    """The package faces (``labkit``, ``labkit.machine``) load on first use, and
+    the types the lab shares with the machine layer live below the channels."""
+    code = (f"import {module}, sys; "
             "print([m for m in ('paramiko', 'qemu.qmp', 'pexpect') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr
