@@ -13,6 +13,7 @@ standard library, and that ``import labkit.errors`` loads no channel library.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import subprocess
 import sys
@@ -81,9 +82,14 @@ def all_modules(pkg: Path = PKG) -> dict[str, str]:
     return {module_name(str(p.relative_to(pkg))): str(p.relative_to(pkg)) for p in sorted(pkg.rglob("*.py"))}
 
 
+@functools.lru_cache(maxsize=None)
+def parsed(pkg: Path, rel: str) -> ast.Module:
+    return ast.parse((pkg / rel).read_text(), filename=rel)
+
+
 def imports_of(rel: str, modules: dict[str, str], pkg: Path = PKG) -> list[Import]:
     """Every import of labkit in one module, wherever it stands in the file."""
-    tree = ast.parse((pkg / rel).read_text(), filename=rel)
+    tree = parsed(pkg, rel)
     name = module_name(rel)
     package = name if rel.endswith("__init__.py") else name.rpartition(".")[0]
     found = []
@@ -103,7 +109,7 @@ def imports_of(rel: str, modules: dict[str, str], pkg: Path = PKG) -> list[Impor
 
 def third_party_imports(rel: str, pkg: Path = PKG) -> list[tuple[int, str]]:
     """(line, top-level name) of every absolute import that is not labkit."""
-    tree = ast.parse((pkg / rel).read_text(), filename=rel)
+    tree = parsed(pkg, rel)
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
