@@ -36,7 +36,7 @@ def test_zipapp_holds_the_helper_and_the_shared_vocabulary():
     data = bundle.build()
     assert data.startswith(b"#!/usr/bin/env python3\n") and data == bundle.build()
     names = zipfile.ZipFile(BytesIO(data)).namelist()
-    assert "__main__.py" in names and "labkit/lab/vocab.py" in names
+    assert "__main__.py" in names and "labkit/lab/guest/vocab.py" in names
     for mod in ("rdma", "v4l2", "v4l2_abi", "odirect", "io_uring", "truncate", "target", "batch", "cli"):
         assert f"labkit/lab/guest/pinprobe/{mod}.py" in names
     # the stand-ins, not the host packages (which import paramiko and friends)

@@ -39,6 +39,8 @@ def test_full_argv_tcg():
         "-serial", "chardev:console",
         "-chardev", "socket,id=qmp,path=/s/qmp.sock,server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
+        "-chardev", "socket,id=watch,path=/s/watch.sock,server=on,wait=off",
+        "-mon", "chardev=watch,mode=control",
         "-pidfile", "/s/qemu.pid",
     ]
 

@@ -147,7 +147,7 @@ def unix_listeners(pid: int) -> list[str]:
 
 def test_control_sockets_are_in_the_private_state_dir(svm):
     paths = unix_listeners(svm.info.pid)
-    assert sorted(Path(p).name for p in paths) == ["console.sock", "qmp.sock"], paths
+    assert sorted(Path(p).name for p in paths) == ["console.sock", "qmp.sock", "watch.sock"], paths
     assert all(Path(p).parent == svm.state_dir for p in paths)
     assert stat.S_IMODE(svm.state_dir.stat().st_mode) == 0o700
     argv = " ".join(svm.info.qemu_argv)

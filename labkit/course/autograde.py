@@ -34,11 +34,11 @@ class NotRight(AssertionError):
 
 def _live_for(notebook: str) -> Any:
     if notebook not in _live:
-        import labkit
         from labkit.course.exercises import Live, for_notebook
         from labkit.lab import Lab
+        from labkit.machine import connect
         log.debug("connecting to the lab guest for notebook %s's checks", notebook)
-        live = Live(Lab(labkit.connect()))
+        live = Live(Lab(connect()))
         live.wanted = {n for e in for_notebook(notebook) for n in e.needs}
         _live[notebook] = live
     return _live[notebook]

@@ -45,7 +45,7 @@ from labkit.course.probe_exercise import (
 )
 from labkit.course.truncate_exercise import check_hold, run_learner_hold
 from labkit.errors import ConfigError
-from labkit.lab.vocab import MECHANISMS, MEMORY_KINDS
+from labkit.lab.guest.vocab import MECHANISMS, MEMORY_KINDS
 
 Result = tuple[bool, str]
 KINDS = ("value", "code", "prediction", "explain")

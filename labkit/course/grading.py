@@ -241,9 +241,9 @@ class NotebookResult:
 
 
 def _connect_lab():
-    import labkit
     from labkit.lab import Lab
-    return Lab(labkit.connect())
+    from labkit.machine import connect
+    return Lab(connect())
 
 
 def grade(paths: list[str | os.PathLike], lab=None, execute_blank: bool = True,

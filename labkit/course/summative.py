@@ -136,9 +136,9 @@ def _now() -> str:
 def grade_notebook(student: str, path: Path, opts: Options) -> NotebookGrade:
     """Grade one notebook in a fresh guest and a sandboxed kernel; never raises
     for a submission's fault (the reason is recorded instead)."""
-    import labkit
+    from labkit.version import __version__
     t0 = time.monotonic()
-    g = NotebookGrade(student, path.name, path.name[:2], sha256(path), labkit.__version__, _now())
+    g = NotebookGrade(student, path.name, path.name[:2], sha256(path), __version__, _now())
     try:
         nb = grading.load(path)
         g.notebook = grading.notebook_number(path, nb)

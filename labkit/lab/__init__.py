@@ -2,12 +2,24 @@
 refusals, measured on a live guest through a machine's command channel.
 
 ``from labkit.lab import Lab`` is what the notebooks use. The parts:
-``vocab`` (names), ``validate``, ``pmem`` (namespaces), ``mounts``, ``probes``
+``guest.vocab`` (names, shared with the guest), ``validate``, ``pmem`` (namespaces), ``mounts``, ``probes``
 (pins), ``tracing`` (kprobe and kernel log), ``matrix``, ``observe`` (live
 models), ``protocols`` (what the lab needs from a machine) and ``guest/``
 (the helper that runs inside the guest).
 """
 
+from labkit.lab.guest.vocab import (
+                                 ALL_CASES,
+                                 FILESYSTEMS,
+                                 MAPPINGS,
+                                 MECHANISMS,
+                                 MEMORY_KINDS,
+                                 MOUNT_ROOT,
+                                 NS_MODES,
+                                 SHORT_CASES,
+                                 errname,
+                                 result_cell,
+)
 from labkit.lab.helper import PROBE_PATH
 from labkit.lab.lab import Lab
 from labkit.lab.matrix import MatrixResult, compare_matrices, matrices_on_two_kernels
@@ -27,18 +39,6 @@ from labkit.lab.validate import (
                                  check_size,
                                  check_text,
                                  choose,
-)
-from labkit.lab.vocab import (
-                                 ALL_CASES,
-                                 FILESYSTEMS,
-                                 MAPPINGS,
-                                 MECHANISMS,
-                                 MEMORY_KINDS,
-                                 MOUNT_ROOT,
-                                 NS_MODES,
-                                 SHORT_CASES,
-                                 errname,
-                                 result_cell,
 )
 
 __all__ = [

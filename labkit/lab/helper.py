@@ -8,10 +8,10 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from labkit.command import CommandResult
 from labkit.errors import LabError
 from labkit.lab.guest import bundle
 from labkit.lab.protocols import Machine
-from labkit.machine.channels.ssh import CommandResult
 
 log = logging.getLogger(__name__)
 

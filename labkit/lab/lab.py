@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+from labkit.command import CommandResult
 from labkit.lab import matrix as _matrix
+from labkit.lab.guest.vocab import FILESYSTEMS, mountpoint_for
 from labkit.lab.helper import GuestHelper
 from labkit.lab.matrix import MatrixResult
 from labkit.lab.mounts import Mounts
@@ -22,8 +24,6 @@ from labkit.lab.protocols import Machine
 from labkit.lab.results import MountInfo, MountResult, Observation, PinResult, TruncateWait
 from labkit.lab.tracing import Tracer
 from labkit.lab.validate import Case
-from labkit.lab.vocab import FILESYSTEMS, mountpoint_for
-from labkit.machine.channels.ssh import CommandResult
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from labkit.lab.companion import companion
+from labkit.lab.guest.vocab import ALL_CASES, MECHANISMS, MEMORY_KINDS, SHORT_CASES, result_cell
 from labkit.lab.results import MountResult, PinResult, TruncateWait
 from labkit.lab.validate import Case, check_cases
-from labkit.lab.vocab import ALL_CASES, MECHANISMS, MEMORY_KINDS, SHORT_CASES, result_cell
 
 if TYPE_CHECKING:
     from labkit.lab.lab import Lab

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 
+from labkit.command import CommandResult
 from labkit.errors import ConfigError
+from labkit.lab.guest.vocab import FILESYSTEMS, fsdax_kind, mountpoint_for
 from labkit.lab.helper import GuestHelper, answer
 from labkit.lab.pmem import Pmem
 from labkit.lab.protocols import Machine
@@ -20,8 +22,6 @@ from labkit.lab.validate import (
     check_mountpoint_for,
     choose,
 )
-from labkit.lab.vocab import FILESYSTEMS, fsdax_kind, mountpoint_for
-from labkit.machine.channels.ssh import CommandResult
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from labkit.errors import CommandFailed, LabError
+from labkit.lab.guest.vocab import NS_MODES, PMEM_ROLES
 from labkit.lab.protocols import Machine
 from labkit.lab.validate import check_namespace, choose
-from labkit.lab.vocab import NS_MODES, PMEM_ROLES
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ import re
 from typing import TYPE_CHECKING
 
 from labkit.errors import ConfigError, LabError
+from labkit.lab.guest.vocab import FILESYSTEMS, MAPPINGS, MEMORY_KINDS, fs_of_kind, fsdax_kind, mountpoint_for
 from labkit.lab.helper import GuestHelper, answer, last_json
 from labkit.lab.pmem import Namespace, Pmem
 from labkit.lab.protocols import Machine
@@ -32,7 +33,6 @@ from labkit.lab.validate import (
     check_size,
     choose,
 )
-from labkit.lab.vocab import FILESYSTEMS, MAPPINGS, MEMORY_KINDS, fs_of_kind, fsdax_kind, mountpoint_for
 
 if TYPE_CHECKING:
     from labkit.lab.observe import HeldPin

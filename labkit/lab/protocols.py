@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from labkit.command import CommandResult
 from labkit.machine.accel import AccelChoice
-from labkit.machine.channels.ssh import CommandResult
 
 if TYPE_CHECKING:
     from labkit.machine.vm import VMState

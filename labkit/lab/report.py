@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from labkit.lab.vocab import result_cell
+from labkit.lab.guest.vocab import result_cell
 
 
 def format_matrix(m: Mapping[str, Any]) -> str:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from labkit.lab.vocab import result_cell
-from labkit.machine.channels.ssh import CommandResult
+from labkit.command import CommandResult
+from labkit.lab.guest.vocab import result_cell
 
 KPROBE = "labkit_cvf"
 

@@ -15,9 +15,9 @@ import shlex
 import uuid
 from collections.abc import Sequence
 
+from labkit.command import CommandResult
 from labkit.lab.protocols import Machine
 from labkit.lab.results import KPROBE, Observation
-from labkit.machine.channels.ssh import CommandResult
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from labkit.errors import ConfigError
-from labkit.lab.vocab import FILESYSTEMS, MAPPINGS, MECHANISMS, MEMORY_KINDS, MOUNT_ROOT, PMEM_ROLES, fsdax_kind
+from labkit.lab.guest.vocab import FILESYSTEMS, MAPPINGS, MECHANISMS, MEMORY_KINDS, MOUNT_ROOT, PMEM_ROLES, fsdax_kind
 
 log = logging.getLogger(__name__)
 

@@ -115,6 +115,10 @@ def _channels(cfg: VMConfig) -> list[str]:
             "-serial", "chardev:console",
             "-chardev", f"socket,id=qmp,path={qemu_opt(cfg.qmp_socket)},server=on,wait=off",
             "-mon", "chardev=qmp,mode=control",
+            # The watchdog's own monitor: a monitor serves one client at a time,
+            # and a learner may hold the first one (``vm.qmp``) open.
+            "-chardev", f"socket,id=watch,path={qemu_opt(cfg.watch_socket)},server=on,wait=off",
+            "-mon", "chardev=watch,mode=control",
             "-pidfile", str(cfg.pidfile)]
 
 

@@ -2,7 +2,7 @@
 snapshot) or a cold boot, spawn QEMU, follow the boot, connect SSH.
 
 ``Starter`` works on the VM facade's runtime fields (process, channels,
-record); the VM only calls ``Starter(vm).launch()`` under its lifecycle lock.
+record); the VM only calls ``Starter(vm).run()`` under its lifecycle lock.
 A start records ``state="starting"`` with the starter's PID until the very
 end, so an interrupted start is never mistaken for a running guest.
 """

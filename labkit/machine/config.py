@@ -94,6 +94,10 @@ class VMConfig:
         return self.state_dir / "qmp.sock"
 
     @property
+    def watch_socket(self) -> Path:
+        return self.state_dir / "watch.sock"
+
+    @property
     def console_socket(self) -> Path:
         return self.state_dir / "console.sock"
 

@@ -114,7 +114,7 @@ def _same_kind(value: Any, default: Any) -> bool:
 class StateDir:
     """The files of one VM. Only names and simple file operations live here."""
 
-    SOCKETS = ("qemu.pid", "qmp.sock", "console.sock")
+    SOCKETS = ("qemu.pid", "qmp.sock", "watch.sock", "console.sock")
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -145,6 +145,11 @@ class StateDir:
     @property
     def qmp_socket(self) -> Path:
         return self.path / "qmp.sock"
+
+    @property
+    def watch_socket(self) -> Path:
+        """The watchdog's own QMP monitor (``qmp.sock`` may be held by ``vm.qmp``)."""
+        return self.path / "watch.sock"
 
     @property
     def console_socket(self) -> Path:

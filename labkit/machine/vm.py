@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from labkit import paths
+from labkit.command import CommandResult
 from labkit.errors import StateError
 from labkit.image import DEFAULT_KERNEL, Image
 from labkit.machine import disks, process
@@ -35,7 +36,7 @@ from labkit.machine.accel import AccelChoice
 from labkit.machine.boot import Starter, attach_running
 from labkit.machine.channels.console import BootInfo, ConsoleChannel
 from labkit.machine.channels.qmp import QMPChannel
-from labkit.machine.channels.ssh import CommandResult, SSHChannel
+from labkit.machine.channels.ssh import SSHChannel
 from labkit.machine.config import check_name, check_sizes, managed_elsewhere, tcg_cache_mb_from_env
 from labkit.machine.locks import LifecycleLock
 from labkit.machine.shutdown import polite_quit

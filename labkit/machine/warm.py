@@ -125,7 +125,7 @@ def restore_into(st: Starter, snap: snapshot.Snapshot, info: VMInfo, pubkey: str
         console.sendline(snapshot.RESUME_SCRIPT.format(now=int(time.time())))
         _wait_for(cfg.qmp_socket.exists, deadline, "QEMU to create its QMP socket")
         # QEMU's monitor serves one client at a time: do not keep it from
-        # other processes (a `labkit vm reset` in a terminal, a watchdog).
+        # other processes (a `labkit vm reset` in a terminal, a learner's vm.qmp).
         with QMPChannel(cfg.qmp_socket).connect(timeout=5) as qmp:
             phase("qemu start")
             snapshot.restore(qmp, snap, timeout=deadline.remaining)

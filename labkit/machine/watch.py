@@ -53,10 +53,15 @@ class Watch:
         return died(self.evidence(alive=False))
 
     def qmp_status(self, timeout: float = 2.0) -> str | None:
-        """QEMU's run state, or None if QMP does not answer. A short-lived
-        connection: the monitor serves one client at a time."""
+        """QEMU's run state, or None if QMP does not answer. Asked on the
+        watchdog's own monitor (``watch.sock``): a monitor serves one client at a
+        time, and the main one may be held by ``vm.qmp``. The connection is
+        short-lived so that another process watching the same VM gets its turn.
+        A QEMU started before the watchdog had its own monitor has only ``qmp.sock``."""
+        sd = self.vm.sd
+        socket = sd.watch_socket if sd.watch_socket.exists() else sd.qmp_socket
         try:
-            with QMPChannel(self.vm.sd.qmp_socket).connect(timeout=timeout) as q:
+            with QMPChannel(socket).connect(timeout=timeout) as q:
                 return q.status()
         except LabError:
             return None
@@ -67,12 +72,13 @@ class Watch:
         or timeout into what really happened (QEMU gone, panic, paused, starved)."""
         if self.vm.state is VMState.RUNNING:
             self.begin_command()
+        t0 = time.monotonic()
         try:
             yield
         except GuestHung:
             raise
         except (ChannelError, GuestTimeout) as exc:
-            self.explain(exc)
+            self.explain(exc, waited=time.monotonic() - t0)
             raise
 
     def begin_command(self) -> None:
@@ -110,9 +116,10 @@ class Watch:
         if problem is not None:
             raise problem
 
-    def explain(self, exc: LabError) -> None:
+    def explain(self, exc: LabError, waited: float = 0.0) -> None:
         """After a channel error or timeout: raise what really happened to the
-        guest (QEMU gone, kernel panic, CPUs paused, sshd starved), if anything."""
+        guest (QEMU gone, kernel panic, CPUs paused, sshd starved), if anything.
+        ``waited``: how long the caller waited (a channel error does not say)."""
         vm = self.vm
         if not vm.qemu_alive():
             raise self.death() from exc
@@ -123,7 +130,8 @@ class Watch:
             if not vm.wait_qemu_gone(3.0):
                 return
             raise self.death() from exc
-        problem = diagnose(self.evidence(alive=True, qmp_status=status, seconds=getattr(exc, "seconds", 0.0)))
+        seconds = getattr(exc, "seconds", 0.0) or waited
+        problem = diagnose(self.evidence(alive=True, qmp_status=status, seconds=seconds))
         if problem is not None:
             raise problem from exc
         if status == "running" and isinstance(exc, ChannelError) and vm.ssh_channel is not None \

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labkit.machine.channels.ssh import CommandResult
+from labkit.command import CommandResult
 
 TAINT_OOT_UNSIGNED = (1 << 12) | (1 << 13)
 

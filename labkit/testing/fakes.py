@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from labkit.command import CommandResult, quote_command
 from labkit.machine.accel import AccelChoice
-from labkit.machine.channels.ssh import CommandResult, quote_command
 from labkit.machine.vm import VMState
 
 if TYPE_CHECKING:

@@ -109,7 +109,7 @@ def _rss_mb(pid: int) -> dict[str, float]:
             "qemu_rss_file_mb": round(vals["RssFile"] + vals.get("RssShmem", 0), 1)}
 
 
-# Kernel messages that end a cold boot's phases (both kernels print them).
+# Kernel messages that end a cold boot's phases.
 INIT_STARTED = "Run /init as init process"
 ROOT_MOUNTED = "EXT4-fs (vda): mounted filesystem"
 

@@ -1,5 +1,5 @@
 """Pack the guest helper (``labkit.lab.guest.pinprobe`` plus the shared
-``labkit.lab.vocab``) into one stdlib-only zipapp, in memory, from the package's
+``labkit.lab.guest.vocab``) into one stdlib-only zipapp, in memory, from the package's
 own sources: the same code works from a source tree, an editable install and a
 wheel (``importlib.resources`` finds the files in each).
 
@@ -30,7 +30,7 @@ def sources() -> dict[str, str]:
     """Archive path -> source text of every module the guest helper needs."""
     files = {"__main__.py": MAIN, "labkit/__init__.py": STUB, "labkit/lab/__init__.py": STUB,
              "labkit/lab/guest/__init__.py": STUB,
-             "labkit/lab/vocab.py": resources.files("labkit.lab").joinpath("vocab.py").read_text()}
+             "labkit/lab/guest/vocab.py": resources.files("labkit.lab.guest").joinpath("vocab.py").read_text()}
     pkg = resources.files(PACKAGE)
     for entry in sorted(pkg.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".py"):

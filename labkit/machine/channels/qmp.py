@@ -4,8 +4,9 @@ status, graceful quit, migration (warm-start snapshots) and QMP events.
 ``qemu.qmp`` is asyncio-based; this wrapper runs it on a private event loop in
 a thread of its own (so it also works where the caller's thread already runs
 a loop, as in a Jupyter kernel) and bounds every step, connect included, with
-a timeout. QEMU's monitor socket
-serves one client at a time, so a VM keeps a single QMPChannel open.
+a timeout. A QEMU monitor serves one client at a time: the VM keeps a single
+QMPChannel open on the main monitor (``qmp.sock``, ``vm.qmp``), and the
+watchdog asks on a second monitor of its own (``watch.sock``).
 """
 
 from __future__ import annotations

@@ -9,19 +9,18 @@ from __future__ import annotations
 import io
 import logging
 import select
-import shlex
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import paramiko
 
-from labkit.errors import ChannelError, CommandFailed, GuestTimeout, HostKeyMismatch, SSHDropped
+from labkit.command import CommandResult, quote_command
+from labkit.errors import ChannelError, GuestTimeout, HostKeyMismatch, SSHDropped
 from labkit.timeout import Deadline
 
 # paramiko logs a traceback for every refused connection attempt (sshd still
@@ -30,34 +29,6 @@ from labkit.timeout import Deadline
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 RUN_TAG = "LC_LABKIT_RUN"
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    """What a guest command did."""
-
-    command: str
-    rc: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    @property
-    def ok(self) -> bool:
-        return self.rc == 0
-
-    def check(self) -> CommandResult:
-        if self.rc != 0:
-            raise CommandFailed(self.command, self.rc, self.stdout, self.stderr)
-        return self
-
-
-def quote_command(cmd: str | Sequence[str]) -> str:
-    """A list is quoted word by word (nothing in it is interpreted by the
-    guest's shell); a string is passed as a shell command on purpose."""
-    if isinstance(cmd, str):
-        return cmd
-    return " ".join(shlex.quote(str(c)) for c in cmd)
 
 
 class SSHChannel:

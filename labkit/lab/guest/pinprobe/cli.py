@@ -8,7 +8,7 @@ import sys
 import traceback
 from typing import Any, NoReturn
 
-from ...vocab import FILESYSTEMS, MAPPINGS
+from ..vocab import FILESYSTEMS, MAPPINGS
 from .batch import cmd_batch
 from .buffer import MEMORY_KINDS
 from .common import DEFAULT_SIZE, SetupError, emit, fail

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any, NoReturn
 
-from ...vocab import errname
+from ..vocab import errname
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB2 = 2 * 1024 * 1024

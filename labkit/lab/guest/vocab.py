@@ -2,9 +2,10 @@
 filesystems, where each fs-dax kind is mounted, and the "ok / ERRNAME (n)"
 cell that every table, summary and check prints.
 
-Standard library only and no imports from labkit: this module is also packed
-into the guest helper (``labkit.lab.guest.bundle``), so the guest and the host
-use the same names.
+Standard library only and no imports from labkit: it lives with the code that
+runs in the guest, is packed into the guest helper (``labkit.lab.guest.bundle``)
+and is imported by the host's lab layer, so the guest and the host use the same
+names.
 """
 
 from __future__ import annotations
