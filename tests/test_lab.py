@@ -1,4 +1,4 @@
-"""Integration: the lab's subject on live guests of both kernels. These assert
+"""Integration: the lab's subject on live guests of every kernel. These assert
 the kernel behaviour the course teaches, measured now (the lab itself never
 prints a remembered answer)."""
 
