@@ -156,7 +156,7 @@ class Integrity:
     def problem_since(self, before: Integrity | None = None) -> str:
         """Why this guest's answers cannot be believed ("" when they can): a
         labkit module loaded, or taint bits that were not there ``before``
-        (a fresh guest: none)."""
+        (None: any taint bit)."""
         why = []
         new = self.taint & ~(before.taint if before else 0)
         if new:

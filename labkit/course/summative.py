@@ -186,7 +186,7 @@ def _grade_in_guests(g: NotebookGrade, nb: Any, exercises: list, tmp: Path, opts
         given = grading.answers(nb, marker)
         g.exercises = _judge_on_learner_guest(exercises, given, vm, before, deadline, g)
     rest = [e for e in exercises if e.id not in ON_LEARNER_GUEST]
-    g.exercises += _judge_on_fresh_guest(rest, given, tmp / "judge", kernel, deadline, g)
+    g.exercises += _judge_on_fresh_guest(rest, given, tmp / "judge", kernel, deadline, g, before)
 
 
 def _judge_on_learner_guest(exercises: list, given: dict[str, dict], vm: Any, before: judging.Integrity,
@@ -207,9 +207,11 @@ def _judge_on_learner_guest(exercises: list, given: dict[str, dict], vm: Any, be
 
 
 def _judge_on_fresh_guest(exercises: list, given: dict[str, dict], root: Path, kernel: str, deadline: Deadline,
-                          g: NotebookGrade) -> list[ExerciseGrade]:
+                          g: NotebookGrade, start: judging.Integrity) -> list[ExerciseGrade]:
     """The checks on a guest restored from the snapshot for them alone. No
-    guest is started when no answer needs one."""
+    guest is started when no answer needs one. ``start``: the notebook's own
+    guest as it came from the same snapshot, before any student code (the
+    taint a restore of this image has; a fresh guest must not have more)."""
     if not any(e.guest and grading._answered(given.get(e.id)) for e in exercises):
         return judge(exercises, given, None, g)
     if deadline.expired:
@@ -222,7 +224,10 @@ def _judge_on_fresh_guest(exercises: list, given: dict[str, dict], root: Path, k
             jvm.start()
             machine = judging.Bounded(jvm, deadline)
             fresh = judging.read_integrity(machine)
-            problem = fresh.problem_since(None)
+            problem = fresh.problem_since(start)
+            if start.taint:
+                log.warning("guests restored from the %s snapshot are tainted from the start (%s)", kernel,
+                            judging.decode_taint(start.taint))
             if problem:
                 log.warning("the fresh judging guest of %s/%s: %s", g.student, g.path, problem)
                 problem = f"the judging guest, fresh from the snapshot, is not clean: {problem} (tell your instructor)"
