@@ -479,6 +479,21 @@ def test_user_namespaces_are_off_inside_the_sandbox(tmp_path):
     assert k[at + 2:at + 10] == sandbox.no_userns_argv("/usr/bin/bwrap")
 
 
+def test_the_run_directory_the_kernel_shares_with_the_grader_is_small(tmp_path):
+    """The kernel's one writable directory on the host side is a tmpfs of
+    ``run_mb`` owned by its uid: filling it fails there, never the host's disk."""
+    _root()
+    run = tmp_path / "run"
+    with sandbox.run_dir_mount(run, 62950, sandbox.Limits(run_mb=8)):
+        assert os.path.ismount(run) and run.stat().st_uid == 62950
+        with pytest.raises(OSError) as e, open(run / "fill", "wb") as f:
+            for _ in range(16):
+                f.write(b"z" * 2**20)
+                f.flush()
+        assert e.value.errno == 28           # ENOSPC
+    assert not os.path.ismount(run)
+
+
 # -- judging: learner code last, and a tainted guest refused ------------------------------------------
 
 def test_code_exercises_are_judged_last_and_a_taint_refuses_them(monkeypatch):

@@ -66,7 +66,7 @@ def execute(label: str, nb: Any, vm: Any, others: list[Any], state_root: Path, t
             limits: sandbox.Limits, disable_userns: bool) -> Run:
     """Run ``nb`` (in place) in the sandbox until it ends or its share of the
     time is up; the cgroup is killed and the uid released on the way out."""
-    with uids.leased() as uid:
+    with uids.leased() as uid, sandbox.run_dir_mount(tmp / "run", uid, limits):
         log.debug("%s: sandbox uid %d", label, uid)
         sb = _sandbox(uid, vm, others, state_root, tmp, limits, nb, disable_userns)
         run = Run(grading.prepare_for_execution(nb), uid)
@@ -81,9 +81,7 @@ def execute(label: str, nb: Any, vm: Any, others: list[Any], state_root: Path, t
 
 def _sandbox(uid: int, vm: Any, others: list[Any], state_root: Path, tmp: Path, limits: sandbox.Limits,
              nb: Any, disable_userns: bool) -> sandbox.Sandbox:
-    run_dir = tmp / "run"
-    run_dir.mkdir(mode=0o700)
-    os.chown(run_dir, uid, uid)
+    run_dir = tmp / "run"             # made by sandbox.run_dir_mount
     sandbox.make_vm_view(vm.state_dir, tmp / "vmview", uid)
     companions = []
     for other in others:         # exposed exactly like the main guest

@@ -95,6 +95,7 @@ class Limits:
     nofile: int = 1024
     fsize_mb: int = 256
     home_mb: int = 256
+    run_mb: int = 64               # the run directory shared with the grader (sockets, kernel log)
     cpu_shares: int = 512          # half the default weight: the guests come first
 
 
@@ -289,6 +290,30 @@ def make_vm_view(state: Path, view: Path, uid: int) -> None:
             shutil.copy2(src, view / name)
             os.chown(view / name, uid, uid)
     os.chmod(view, 0o755)
+
+
+@contextlib.contextmanager
+def run_dir_mount(path: Path, uid: int, limits: Limits) -> Iterator[Path]:
+    """``path`` as a tmpfs of ``limits.run_mb`` owned by ``uid``: the one
+    directory the kernel writes that the grader sees (IPC sockets, the kernel
+    log) lived on the host's /tmp, where a notebook could write files of up
+    to 256 MiB without end (and fill the disk the other guests' state is on).
+    Without root (unit tests of other parts) it stays a plain directory."""
+    path.mkdir(mode=0o700, exist_ok=True)
+    mounted = False
+    if os.geteuid() == 0:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={limits.run_mb}m,mode=0700,uid={uid},gid={uid},"
+                            "nodev,nosuid,noexec", "labkit-grade-run", str(path)], capture_output=True, text=True)
+        mounted = r.returncode == 0
+        if not mounted:
+            log.warning("could not mount a tmpfs on %s (%s); its size is bounded by the host's disk only", path,
+                        r.stderr.strip())
+    os.chown(path, uid, uid)
+    try:
+        yield path
+    finally:
+        if mounted:
+            subprocess.run(["umount", "--lazy", str(path)], capture_output=True)
 
 
 # -- cgroups -----------------------------------------------------------------------------
