@@ -599,6 +599,24 @@ for pid, argv in kernels():
         except OSError:
             pass
 got["uid_dir"] = int(os.path.exists("/run/labkit/grade-uids"))
+mine = open("/proc/self/cmdline", "rb").read().split(b"\0")
+run_dir, written = os.path.dirname(mine[mine.index(b"-f") + 1].decode()), 0
+try:                                   # the one directory the grader sees: fill it (300 MiB at most)
+    for n in range(3):
+        with open(f"{run_dir}/fill-{n}", "wb") as f:
+            for _ in range(100):
+                f.write(b"z" * 2**20)
+                f.flush()
+                written += 1
+except OSError:
+    pass
+finally:
+    for n in range(3):
+        try:
+            os.unlink(f"{run_dir}/fill-{n}")
+        except OSError:
+            pass
+got["run_dir_mb"] = written
 raise RuntimeError("snoop " + json.dumps(got, separators=(",", ":")) + " userns=" + userns)
 '''
 
@@ -666,7 +684,8 @@ def _snoop_metadata(nb) -> None:
 # student -> (what it tries, how it is built); the honest ones are alice and carol
 STUDENTS = {
     "snoop": "kernels of the other grader process: environ, connection file, memory, signals; a user "
-             "namespace; the uid leases; malformed metadata (\"labkit\": 1, \"tags\": 5)",
+             "namespace; the uid leases; 300 MiB into the run directory; malformed metadata (\"labkit\": 1, "
+             "\"tags\": 5)",
     "alice": "honest: notebook 00, the reference solution",
     "mallory": "uname bind-mounted to a script that sleeps 58 s and prints a chosen release, answered",
     "carol": "honest: notebook 03's code exercise 3.8, the reference solution",
@@ -804,6 +823,7 @@ def test_no_kernel_reaches_another_and_user_namespaces_are_off(hostile_class):
     assert {k: found[k] for k in ("environ", "conn", "mem", "signal", "uid_dir")} == dict.fromkeys(
         ("environ", "conn", "mem", "signal", "uid_dir"), 0), report
     assert report.endswith("userns=No space left on device"), report
+    assert found["run_dir_mb"] < sandbox.Limits().run_mb, report
     ran = [nb for s, nbs in hostile_class.got.items() for nb in nbs.values() if nb["sandbox_uid"]]
     assert len(ran) == 8 and len({nb["sandbox_uid"] for nb in ran}) == 8, [nb["sandbox_uid"] for nb in ran]
     assert all(not uids._has_processes(nb["sandbox_uid"]) for nb in ran)
