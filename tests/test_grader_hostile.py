@@ -447,9 +447,6 @@ def test_the_kernels_outputs_are_capped_and_the_answers_kept():
 
 # -- the sandbox: no user namespaces ----------------------------------------------------------------
 
-USERNS_TRY = ("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-              "rc = libc.unshare(0x10000000)\nprint('made' if rc == 0 else os.strerror(ctypes.get_errno()))")
-
 
 def _in_sandbox(tmp_path: Path, disable: bool) -> str:
     run = tmp_path / ("run-on" if disable else "run-off")
@@ -534,6 +531,8 @@ def test_integrity_is_read_from_the_kernel():
 
 # -- integration: one hostile class, one run, and a second grader beside it ----------------------------
 
+USERNS_TRY = ("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+              "rc = libc.unshare(0x10000000)\nprint('made' if rc == 0 else os.strerror(ctypes.get_errno()))")
 KERNEL, TIMEOUT = "6.1", 300
 CONNECT = "import labkit\nfrom labkit.grading import record\nvm = labkit.connect()"
 
@@ -581,9 +580,10 @@ def other_graders_kernels(wait):
 
 # The attacks of issue 29 item 3 (and 5's user namespaces), from one kernel:
 # every attempt that works is counted; the report lands in the cell's error.
-SNOOP = FIND_KERNELS + r'''
-libc = ctypes.CDLL(None, use_errno=True)
-userns = "made" if libc.unshare(0x10000000) == 0 else os.strerror(ctypes.get_errno())
+# (unshare() needs a single-threaded process: the kernel has threads.)
+SNOOP = FIND_KERNELS + f"\nUSERNS_TRY = {USERNS_TRY!r}\n" + r'''
+import subprocess, sys
+userns = subprocess.run([sys.executable, "-c", USERNS_TRY], capture_output=True, text=True).stdout.strip()
 others = other_graders_kernels(150)
 got = {"seen": len(kernels()), "other_grader": len(others), "environ": 0, "conn": 0, "mem": 0, "signal": 0}
 for pid, argv in kernels():
