@@ -141,7 +141,8 @@ def _run_kernel(nb: Any, sb: sandbox.Sandbox, tmp: Path, budget: Budget) -> tupl
 
 def _manager() -> type:
     """AsyncKernelManager whose clients read no kernel message over MESSAGE_CAP
-    (ZeroMQ drops it and the connection: the notebook then runs out of time)."""
+    (ZeroMQ drops it and the connection; the cells still run, but outputs sent
+    around it, answers included, can be lost: measured with a 100 MiB print)."""
     import zmq
     import zmq.asyncio
     from jupyter_client.manager import AsyncKernelManager
