@@ -276,12 +276,30 @@ def test_malformed_metadata_is_read_as_absent():
         assert set(grading.answers(nb)) == {"ex0.1"}
         grading.prepare_for_execution(nb)
         assert grading.cell_errors(nb) == []
+        assert all(isinstance(c.metadata.get("tags", []), list) for c in nb.cells)
     cell = nbformat.v4.new_code_cell("answer = 1")
     for tags in (5, "exercise ex0.1", [5, None, "exercise", {"a": 1}], None):
         cell.metadata["tags"] = tags
         assert grading.exercise_id(cell) is None
     cell.metadata = 7
     assert grading.exercise_id(cell) is None
+
+
+def test_nbclient_runs_a_notebook_with_malformed_tags():
+    """nbclient itself raises TypeError on a cell's ``"tags": 5`` (the
+    grader's run ended there and the answer after it was lost): the copy the
+    grader runs is tidied first."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x = 1"),
+                nbformat.v4.new_code_cell("answer = '6.1'\nfrom labkit.grading import record\nrecord('ex0.1', answer)")]
+    nb.cells[0].metadata["tags"] = 5
+    nb.cells[1].metadata["tags"] = ["exercise", "ex0.1", 7]
+    with pytest.raises(TypeError):        # the control: nbclient as it is
+        runner.capped_client(nbformat.from_dict(json.loads(json.dumps(nb))), timeout=60, kernel_name="python3",
+                             allow_errors=True).execute()
+    marker = grading.prepare_for_execution(nb)
+    runner.capped_client(nb, timeout=60, kernel_name="python3", allow_errors=True).execute()
+    assert grading.cell_errors(nb) == [] and grading.answers(nb, marker)["ex0.1"]["value"] == "6.1"
 
 
 def test_one_bad_notebook_never_costs_the_class_its_grades(tmp_path, monkeypatch):

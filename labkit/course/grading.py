@@ -208,6 +208,7 @@ def prepare_for_execution(nb) -> str:
     for cell in nb.cells:
         if _dict(cell.get("metadata")).get("labkit_record") is not None:
             continue
+        _tidy(cell)
         if cell.get("cell_type") == "code":
             cell.outputs, cell.execution_count = [], None
         cells.append(cell)
@@ -218,6 +219,20 @@ def prepare_for_execution(nb) -> str:
             cells.append(rec)
     nb.cells = cells
     return marker
+
+
+def _tidy(cell) -> None:
+    """What nbclient itself reads of a cell, in the shapes it expects (it
+    raised TypeError on a cell's ``"tags": 5``): metadata a dict, tags a list
+    of strings, source a string. Only the copy in memory is changed."""
+    import nbformat
+    meta = cell.get("metadata")
+    cell["metadata"] = meta if isinstance(meta, dict) else nbformat.NotebookNode()
+    tags = cell["metadata"].get("tags")
+    if tags is not None:
+        cell["metadata"]["tags"] = [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
+    if not isinstance(cell.get("source", ""), str):
+        cell["source"] = ""
 
 
 def cell_errors(nb) -> list[str]:
