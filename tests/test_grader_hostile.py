@@ -590,8 +590,10 @@ def kernels():
         try:
             with open(f"/proc/{d}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
-            if b"ipykernel_launcher" in argv and int(d) != os.getpid() and ours(grader_of(int(d))):
-                found.append((int(d), argv))            # any uid: the same one too
+            # the kernel itself (python -m ipykernel_launcher), not the sandbox layers whose
+            # command lines end with it; any uid, the same one too
+            if argv[1:3] == [b"-m", b"ipykernel_launcher"] and int(d) != os.getpid() and ours(grader_of(int(d))):
+                found.append((int(d), argv))
         except (OSError, ValueError):
             pass
     return found
