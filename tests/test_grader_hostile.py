@@ -791,6 +791,7 @@ def hostile_class(tmp_path_factory):
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "grader-hostile.log").write_text(log_a + "\n--- second grader ---\n" + log_b)
     (ARTIFACTS / "grader-hostile.seconds").write_text(f"{seconds:.1f}\n")
+    (ARTIFACTS / "grader-hostile.peak-rss-mb").write_text(f"{peak[0] / 2**20:.0f}\n")
     assert a.returncode == 0 and b.returncode == 0, log_a[-4000:] + log_b[-2000:]
     got = {s: {nb["notebook"]: nb for nb in json.loads((base / "out" / f"{s}.json").read_text())["notebooks"]}
            for s in STUDENTS}
@@ -815,6 +816,7 @@ def test_the_honest_students_keep_their_marks(hostile_class):
     assert victim["score"] == 1 and not victim["reason"] and not victim["cell_errors"], victim
     for nb in (alice, carol, victim):
         assert nb["sha256"] and re.fullmatch(r"\d+\.\d+\.\d+-\S+", nb["kernel_release"]), nb
+    assert "tainted from the start" not in hostile_class.log     # a fresh guest of this image is clean
 
 
 @pytest.mark.integration
