@@ -285,23 +285,6 @@ def test_malformed_metadata_is_read_as_absent():
     assert grading.exercise_id(cell) is None
 
 
-def test_nbclient_runs_a_notebook_with_malformed_tags():
-    """nbclient itself raises TypeError on a cell's ``"tags": 5`` (the
-    grader's run ended there and the answer after it was lost): the copy the
-    grader runs is tidied first."""
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("x = 1"),
-                nbformat.v4.new_code_cell("answer = '6.1'\nfrom labkit.grading import record\nrecord('ex0.1', answer)")]
-    nb.cells[0].metadata["tags"] = 5
-    nb.cells[1].metadata["tags"] = ["exercise", "ex0.1", 7]
-    with pytest.raises(TypeError):        # the control: nbclient as it is
-        runner.capped_client(nbformat.from_dict(json.loads(json.dumps(nb))), timeout=60, kernel_name="python3",
-                             allow_errors=True).execute()
-    marker = grading.prepare_for_execution(nb)
-    runner.capped_client(nb, timeout=60, kernel_name="python3", allow_errors=True).execute()
-    assert grading.cell_errors(nb) == [] and grading.answers(nb, marker)["ex0.1"]["value"] == "6.1"
-
-
 def test_one_bad_notebook_never_costs_the_class_its_grades(tmp_path, monkeypatch):
     """A class where one notebook has ``"labkit": 1``, one a cell with
     ``"tags": 5``, one is not JSON and one makes the grader itself fail: every
@@ -434,12 +417,12 @@ def test_the_checks_run_inside_timeout(monkeypatch):
     lab = _HangingLab()
     g = summative.NotebookGrade("mallory", NB00.name, "00", "", "0", "now")
     given = {"ex0.1": {"id": "ex0.1", "blank": False, "value": "6.6.6-fake"}}
-    deadline = Deadline(1.0)
+    deadline = Deadline(0.4)
     t0 = time.monotonic()
     with judging.kill_at(deadline, lab.killed.set, "the judging guest") as fired:
         out = summative.judge(for_notebook("00"), given, lab, g, deadline=deadline)
     assert fired.is_set() and time.monotonic() - t0 < 10
-    assert out[0].points == 0 and out[0].feedback == ("not graded: the notebook's time limit (--timeout 1 s, checks "
+    assert out[0].points == 0 and out[0].feedback == ("not graded: the notebook's time limit (--timeout 0 s, checks "
                                                       "included) ran out")
     assert runner.judge_reserve(900) == 180 and runner.judge_reserve(40) == 20 and runner.judge_reserve(20) == 10
     budget = runner.Budget(300, Deadline(300))
@@ -447,20 +430,25 @@ def test_the_checks_run_inside_timeout(monkeypatch):
 
 
 def test_the_kernels_outputs_are_capped_and_the_answers_kept():
-    """A real kernel prints 40 MiB (many lines, then one huge string): the
-    grader keeps 16 MiB with a note, and the answer recorded after it."""
+    """A real kernel prints 20 MiB (many lines, then one huge string) in a
+    notebook with a cell tagged ``5`` (nbclient itself raised TypeError on it,
+    and the run ended there): the grader's tidied copy runs to the end, keeps
+    16 MiB of output with a note, and the answer recorded after it all."""
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("for i in range(24):\n    print('x' * 2**20)"),
-                nbformat.v4.new_code_cell("print('y' * 16 * 2**20)"),
-                nbformat.v4.new_code_cell("from labkit.grading import record\nrecord('ex0.1', '6.1.0-x')")]
-    nb.cells[2].metadata["tags"] = ["exercise", "ex0.1"]
+    nb.cells = [nbformat.v4.new_code_cell("for i in range(12):\n    print('x' * 2**20)"),
+                nbformat.v4.new_code_cell("print('y' * 8 * 2**20)"),
+                nbformat.v4.new_code_cell("answer = '6.1.0-x'\nfrom labkit.grading import record\nrecord('ex0.1', answer)")]
+    nb.cells[0].metadata["tags"] = 5
+    nb.cells[2].metadata["tags"] = ["exercise", "ex0.1", 7]
+    marker = grading.prepare_for_execution(nb)
+    assert nb.cells[0].metadata["tags"] == [] and nb.cells[2].metadata["tags"] == ["exercise", "ex0.1"]
     client = runner.capped_client(nb, timeout=120, kernel_name="python3", allow_errors=True,
                                   store_widget_state=False)
     client.execute()
     kept = sum(len(o.get("text", "")) for c in nb.cells for o in c.outputs)
     assert runner.OUTPUT_CAP <= kept <= runner.OUTPUT_CAP + 2**10
-    assert client.dropped >= 24 * 2**20 and "the rest were not kept" in nb.cells[0].outputs[-1]["text"]
-    assert grading.answers(nb)["ex0.1"]["value"] == "6.1.0-x"
+    assert client.dropped >= 4 * 2**20 and "the rest were not kept" in nb.cells[1].outputs[-1]["text"]
+    assert grading.cell_errors(nb) == [] and grading.answers(nb, marker)["ex0.1"]["value"] == "6.1.0-x"
 
 
 # -- the sandbox: no user namespaces ----------------------------------------------------------------
