@@ -428,13 +428,11 @@ def cmd_course_grade(args: argparse.Namespace) -> int:
     jobs = args.jobs or summative.default_jobs()
     opts = summative.Options(timeout=args.timeout, kernel=args.kernel)
     say = (lambda s: None) if args.quiet else (lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
-    results = summative.grade_all(args.submissions, opts, jobs, progress=say)
-    all_rows = []
+    # each student's file and the CSV are written as their notebooks are graded
+    results = summative.grade_all(args.submissions, opts, jobs, progress=say, out=args.out)
     for student, grades in results.items():
-        path = gradebook.write_student(args.out, student, grades)
-        all_rows += gradebook.rows(gradebook.load_student(path))
+        path = gradebook.student_path(args.out, student)
         print(f"{student}: {sum(g.score for g in grades)}/{sum(g.max for g in grades)}  ({path})")
-    gradebook.write_csv(args.out / "grades.csv", all_rows)
     print(f"CSV: {args.out / 'grades.csv'}")
     return 0
 

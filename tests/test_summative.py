@@ -7,7 +7,8 @@ the merge. Integration part: real guests, real sandboxed kernels: three
 students' notebooks 00 and 04 (the reference solutions; blanks; forged saved
 outputs) graded in one run with two guests at a time, notebooks 09 and 06
 (two kernels: the grader starts the companion VM) with full marks, and a
-notebook that panics its guest."""
+notebook that panics its guest (its answer, recorded before, is still judged:
+on the fresh judging guest). Hostile classes: tests/test_grader_hostile.py."""
 
 from __future__ import annotations
 
@@ -260,7 +261,8 @@ def test_csv_has_one_row_per_exercise_and_gradebook_reproduces_it(graded, tmp_pa
 
 
 def _panic(nb) -> None:
-    """Answer ex0.1 right, then crash the guest: graded as far as it got."""
+    """Answer ex0.1 right, then crash the guest: the answer is judged on the
+    fresh judging guest, the crash is the cell's error."""
     for cell in nb.cells:
         if grading.exercise_id(cell) == "ex0.1":
             cell.source = 'answer = vm.describe()["kernel_release"]\nrecord("ex0.1", answer)'
@@ -279,8 +281,8 @@ def test_a_notebook_that_panics_its_guest_is_graded_with_the_reason(tmp_path):
                "--kernel", "6.1", timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     nb = json.loads((out / "dave.json").read_text())["notebooks"][0]
-    assert nb["score"] == 0 and "not graded" in nb["exercises"][0]["feedback"], nb
-    assert re.search(r"Guest(Panic|Died|Hung)", nb["reason"] + " ".join(nb["cell_errors"])), nb
+    assert nb["score"] == 1 and nb["exercises"][0]["feedback"] == "right", nb
+    assert re.search(r"Guest(Panic|Died|Hung)", " ".join(nb["cell_errors"])), nb
 
 
 def _companion_qemus() -> list[str]:

@@ -9,6 +9,7 @@ into one CSV; its columns are an interface: keep them.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import asdict
@@ -33,13 +34,25 @@ def student_json(student: str, grades: list) -> dict[str, Any]:
             "score": sum(g.score for g in grades), "max": sum(g.max for g in grades)}
 
 
+def student_path(out: Path, student: str) -> Path:
+    return out / f"{student}.json"
+
+
 def write_student(out: Path, student: str, grades: list) -> Path:
+    """Write (or rewrite, as more of the student's notebooks are graded) ``out/<student>.json``."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{student}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(student_json(student, grades), indent=2))
-    os.replace(tmp, path)        # a reader (gradebook) never sees half a file
+    path = student_path(out, student)
+    _replace(path, json.dumps(student_json(student, grades), indent=2))
     return path
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file: a reader (gradebook,
+    an instructor during a run) never sees half a file, and a run killed while
+    writing leaves the previous version."""
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -56,10 +69,11 @@ def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 def write_csv(path: Path, all_rows: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(sorted(all_rows, key=lambda r: (r["student"], r["notebook"], r["exercise"])))
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=COLUMNS)
+    w.writeheader()
+    w.writerows(sorted(all_rows, key=lambda r: (r["student"], r["notebook"], r["exercise"])))
+    _replace(path, buf.getvalue())
 
 
 def load_student(path: Path) -> dict[str, Any]:

@@ -90,31 +90,58 @@ def load(path: str | os.PathLike):
     except Exception as exc:   # nbformat raises several unrelated types for bad input
         raise NotebookError(p, f"not a Jupyter notebook ({type(exc).__name__}: {str(exc)[:200]})",
                             hint="labkit check reads .ipynb files saved by Jupyter") from exc
+    return _checked_shape(p, nb)
+
+
+def loads(data: bytes, path: str | os.PathLike):
+    """The notebook in ``data`` (the bytes read from ``path``), or a NotebookError."""
+    import nbformat
+    try:
+        nb = nbformat.reads(data.decode("utf-8"), as_version=4)
+    except Exception as exc:   # UnicodeDecodeError, JSON errors, nbformat's own
+        raise NotebookError(path, f"not a Jupyter notebook ({type(exc).__name__}: {str(exc)[:200]})",
+                            hint="submit the .ipynb file as Jupyter saved it") from exc
+    return _checked_shape(path, nb)
+
+
+def _checked_shape(path: str | os.PathLike, nb):
+    """What the readers below rely on: a dict with a list of dict cells (nbformat
+    does not enforce it; anything inside may still be of any type)."""
+    if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list) \
+            or not all(isinstance(c, dict) for c in nb["cells"]) or not isinstance(nb.get("metadata", {}), dict):
+        raise NotebookError(path, "not a Jupyter notebook (no list of cells)",
+                            hint="submit the .ipynb file as Jupyter saved it")
     return nb
 
 
+def _dict(value: Any) -> dict:
+    """``value`` if it is a dict, else {} (metadata in a file can be anything)."""
+    return value if isinstance(value, dict) else {}
+
+
 def notebook_number(path: str | os.PathLike, nb) -> str:
-    meta = nb.metadata.get("labkit", {}).get("notebook")
-    if meta:
+    meta = _dict(_dict(nb.get("metadata")).get("labkit")).get("notebook")
+    if isinstance(meta, (str, int)) and not isinstance(meta, bool) and re.fullmatch(r"\d\d", str(meta)):
         return str(meta)
     m = re.match(r"^(\d\d)-", Path(path).name)
     return m.group(1) if m else ""
 
 
 def exercise_id(cell) -> str | None:
-    tags = cell.get("metadata", {}).get("tags", [])
-    if cell.get("cell_type") != "code" or "exercise" not in tags:
+    tags = _dict(cell.get("metadata")).get("tags", [])
+    if cell.get("cell_type") != "code" or not isinstance(tags, list) or "exercise" not in tags:
         return None
-    return next((t for t in tags if re.match(r"^ex\d+\.\d+$", t)), None)
+    return next((t for t in tags if isinstance(t, str) and re.match(r"^ex\d+\.\d+$", t)), None)
 
 
 def has_outputs(nb) -> bool:
-    return any(c.get("outputs") or c.get("execution_count") for c in nb.cells if c.cell_type == "code")
+    return any(c.get("outputs") or c.get("execution_count") for c in nb.cells if c.get("cell_type") == "code")
 
 
 def _payloads(cell) -> list[Any]:
-    return [o.get("data", {}).get(MIME) for o in cell.get("outputs", [])
-            if isinstance(o.get("data"), dict) and MIME in o["data"]]
+    outputs = cell.get("outputs", [])
+    return [o["data"].get(MIME) for o in (outputs if isinstance(outputs, list) else [])
+            if isinstance(o, dict) and isinstance(o.get("data"), dict) and MIME in o["data"]]
 
 
 def answers(nb, marker: str | None = None) -> dict[str, dict]:
@@ -136,7 +163,7 @@ def answers(nb, marker: str | None = None) -> dict[str, dict]:
     for cell in nb.cells:
         if cell.get("cell_type") != "code":
             continue
-        rec = cell.get("metadata", {}).get("labkit_record")
+        rec = _dict(cell.get("metadata")).get("labkit_record")
         if rec is not None:
             if marker is not None and rec == marker and current is not None:
                 for raw in _payloads(cell):
@@ -153,7 +180,8 @@ def answers(nb, marker: str | None = None) -> dict[str, dict]:
             for raw in _payloads(cell):
                 got = checked_payload(raw, ex) or got
         if got is None:
-            got = literal_answer(cell.get("source", ""))
+            source = cell.get("source", "")
+            got = literal_answer(source) if isinstance(source, str) else None
             got = dict(got, id=ex) if got is not None else None
         out[ex] = got if got is not None else {"id": ex, "not_run": True}
     for ex, p in hidden.items():       # the run's own record wins, unless it saw nothing and the cell recorded
@@ -178,9 +206,10 @@ def prepare_for_execution(nb) -> str:
     marker = secrets.token_hex(8)
     cells = []
     for cell in nb.cells:
-        if cell.get("metadata", {}).get("labkit_record") is not None:
+        if _dict(cell.get("metadata")).get("labkit_record") is not None:
             continue
-        if cell.cell_type == "code":
+        _tidy(cell)
+        if cell.get("cell_type") == "code":
             cell.outputs, cell.execution_count = [], None
         cells.append(cell)
         ex = exercise_id(cell)
@@ -192,11 +221,26 @@ def prepare_for_execution(nb) -> str:
     return marker
 
 
+def _tidy(cell) -> None:
+    """What nbclient itself reads of a cell, in the shapes it expects (it
+    raised TypeError on a cell's ``"tags": 5``): metadata a dict, tags a list
+    of strings, source a string. Only the copy in memory is changed."""
+    import nbformat
+    meta = cell.get("metadata")
+    cell["metadata"] = meta if isinstance(meta, dict) else nbformat.NotebookNode()
+    tags = cell["metadata"].get("tags")
+    if tags is not None:
+        cell["metadata"]["tags"] = [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
+    if not isinstance(cell.get("source", ""), str):
+        cell["source"] = ""
+
+
 def cell_errors(nb) -> list[str]:
     errors = []
     for i, cell in enumerate(nb.cells):
-        for o in cell.get("outputs", []) if cell.cell_type == "code" else []:
-            if o.get("output_type") == "error":
+        outputs = cell.get("outputs") if cell.get("cell_type") == "code" else []
+        for o in outputs if isinstance(outputs, list) else []:
+            if isinstance(o, dict) and o.get("output_type") == "error":
                 errors.append(f"cell {i}: {o.get('ename')}: {str(o.get('evalue', ''))[:200]}")
     return errors
 

@@ -8,8 +8,21 @@ Student code never runs with the grader's privileges. The kernel is started
       bwrap ...                                  (mount/net/ipc/uts namespaces)
         setpriv --reuid UID ...                  (a throwaway uid, no caps,
                                                   no_new_privs)
-          python -m labkit.course.sandbox inside (the SSH relay, then execs)
-            python -m ipykernel_launcher -f CONNECTION_FILE
+          bwrap --unshare-user --disable-userns  (as UID: no more user
+                                                  namespaces; when the host allows)
+            python -m labkit.course.sandbox inside (the SSH relay, then execs)
+              python -m ipykernel_launcher -f CONNECTION_FILE
+
+The uid is leased host-wide (:mod:`labkit.course.uids`): no two kernels on
+one host share it, whichever grader process started them. User namespaces:
+bubblewrap's ``--disable-userns`` (0.8) only works with ``--unshare-user``,
+which bwrap run as root maps to uid 0 outside (the sandbox's files and
+signals would be root's); so a second, unprivileged bwrap does it after the
+uid switch, binding the first one's root as it is (a user namespace of its
+own that maps the sandbox uid to itself, with ``user.max_user_namespaces``
+at 1 above it). It needs unprivileged user namespaces on the host
+(:func:`userns_problem` probes once); without them there is nothing left to
+create inside either.
 
 What the kernel sees: a read-only view of /usr and /etc, the Python it runs
 and the labkit package (never the tests, the instructor solutions, the
@@ -38,6 +51,7 @@ the whole cgroup.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import resource
@@ -46,6 +60,7 @@ import shlex
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -80,6 +95,7 @@ class Limits:
     nofile: int = 1024
     fsize_mb: int = 256
     home_mb: int = 256
+    run_mb: int = 64               # the run directory shared with the grader (sockets, kernel log)
     cpu_shares: int = 512          # half the default weight: the guests come first
 
 
@@ -113,6 +129,7 @@ class Sandbox:
     python: str = sys.executable
     kernel_source: Path | None = None   # the guest kernel's source files (read-only; no network in here)
     companions: tuple[Companion, ...] = ()
+    disable_userns: bool = False        # the inner bwrap layer (see userns_problem)
 
     @property
     def ssh_socket(self) -> Path:
@@ -207,14 +224,46 @@ def kernel_argv(sb: Sandbox, bwrap: str = "bwrap") -> list[str]:
     for port, sock in sb.gates():
         inside += ["--relay", f"{port}={sock}"]
     inside += ["--", sb.python, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    drop = ["setpriv", f"--reuid={sb.uid}", f"--regid={sb.uid}", "--clear-groups", "--inh-caps=-all",
-            "--bounding-set=-all", "--no-new-privs", "--"]
+    drop = drop_argv(sb.uid) + (no_userns_argv(bwrap) if sb.disable_userns else [])
     enter = [sb.python, "-m", "labkit.course.sandbox", "enter"]
     for cg in sb.cgroups:
         enter += ["--cgroup", str(cg)]
     lim = sb.limits
     enter += ["--nproc", str(lim.pids), "--nofile", str(lim.nofile), "--fsize-mb", str(lim.fsize_mb), "--"]
     return enter + bwrap_argv(sb, drop + inside, bwrap)
+
+
+def drop_argv(uid: int) -> list[str]:
+    """Become ``uid`` for good: no groups, no capabilities, no_new_privs."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
+            "--bounding-set=-all", "--no-new-privs", "--"]
+
+
+def no_userns_argv(bwrap: str = "bwrap") -> list[str]:
+    """The unprivileged inner bwrap: a user namespace mapping the sandbox uid
+    to itself, the outer sandbox's root bound as it is, and no user namespace
+    can be made below it (``--disable-userns``)."""
+    return [bwrap, "--unshare-user", "--disable-userns", "--die-with-parent", "--bind", "/", "/", "--"]
+
+
+@functools.lru_cache(maxsize=4)
+def userns_problem(bwrap: str = "bwrap", uid: int = 65534) -> str:
+    """"" when user namespaces can be switched off inside the sandbox on this
+    host (the inner bwrap runs and ``unshare --user`` then fails in it), else
+    why not. Measured once per process: a minimal outer sandbox, the uid
+    switch, the inner layer, and the attempt."""
+    attempt = ["sh", "-c", "if unshare --user true 2>/dev/null; then echo userns-made; fi"]
+    argv = [bwrap, "--die-with-parent", "--unshare-net", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev",
+            "--", *drop_argv(uid), *no_userns_argv(bwrap), *attempt]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"the probe did not run ({exc})"
+    if r.returncode != 0:
+        return f"bwrap --unshare-user --disable-userns failed as uid {uid}: {(r.stderr or r.stdout).strip()[:200]}"
+    if "userns-made" in r.stdout:
+        return "a user namespace could still be made inside (bwrap --disable-userns had no effect)"
+    return ""
 
 
 def write_kernelspec(sb: Sandbox, directory: Path, bwrap: str) -> str:
@@ -241,6 +290,30 @@ def make_vm_view(state: Path, view: Path, uid: int) -> None:
             shutil.copy2(src, view / name)
             os.chown(view / name, uid, uid)
     os.chmod(view, 0o755)
+
+
+@contextlib.contextmanager
+def run_dir_mount(path: Path, uid: int, limits: Limits) -> Iterator[Path]:
+    """``path`` as a tmpfs of ``limits.run_mb`` owned by ``uid``: the one
+    directory the kernel writes that the grader sees (IPC sockets, the kernel
+    log) lived on the host's /tmp, where a notebook could write files of up
+    to 256 MiB without end (and fill the disk the other guests' state is on).
+    Without root (unit tests of other parts) it stays a plain directory."""
+    path.mkdir(mode=0o700, exist_ok=True)
+    mounted = False
+    if os.geteuid() == 0:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={limits.run_mb}m,mode=0700,uid={uid},gid={uid},"
+                            "nodev,nosuid,noexec", "labkit-grade-run", str(path)], capture_output=True, text=True)
+        mounted = r.returncode == 0
+        if not mounted:
+            log.warning("could not mount a tmpfs on %s (%s); its size is bounded by the host's disk only", path,
+                        r.stderr.strip())
+    os.chown(path, uid, uid)
+    try:
+        yield path
+    finally:
+        if mounted:
+            subprocess.run(["umount", "--lazy", str(path)], capture_output=True)
 
 
 # -- cgroups -----------------------------------------------------------------------------

@@ -3,28 +3,36 @@
 Each submitted notebook is re-executed from the top (saved outputs ignored,
 record cells in the file dropped, the grader's hidden record cells added) in
 a fresh throwaway guest of its own (warm start from the snapshot, fresh
-persistent memory) that the student never touched, by a Jupyter kernel in
-the sandbox of :mod:`labkit.course.sandbox`; then its exercises are checked
-against that same guest by the grader. A notebook that compares two kernels
-(``labkit.course.exercises.COMPANIONS``) gets its companion VM started next
-to its guest, the same way (the sandbox cannot boot one). Notebooks are
-graded independently and in parallel (``--jobs``). A notebook that runs past ``--timeout``, hangs
-or panics its guest is graded as far as it got, with the reason, and never
-blocks the others. Results: :mod:`labkit.course.gradebook`.
+persistent memory), by a Jupyter kernel in the sandbox of
+:mod:`labkit.course.sandbox` under a uid no other kernel on the host has
+(:mod:`labkit.course.uids`). The notebook is root in that guest, so its
+exercises are *not* judged there: once it is gone, a second fresh guest is
+restored from the snapshot, one the student's notebook never reached, and
+the checks measure what they need on it (:mod:`labkit.course.judging`: taint
+and labkit modules read before and after any learner code runs there,
+output capped, everything within ``--timeout``). The one exception is an
+answer that *is* state the learner made in their own guest (``ON_LEARNER_GUEST``:
+ex7.1, a mount of their own), read there before it is stopped, and refused if
+its kernel got tainted or a labkit module was loaded.
+
+A notebook that compares two kernels (``labkit.course.exercises.COMPANIONS``)
+gets its companion VM started next to its guest (the sandbox cannot boot
+one). Notebooks are graded independently and in parallel (``--jobs``); what
+goes wrong with one (a refused file, a malformed notebook, a time limit, a
+panicked guest, a bug of the grader's) is that notebook's feedback, and every
+result is written as soon as it is graded. Results:
+:mod:`labkit.course.gradebook`; what is accepted as a submission:
+:mod:`labkit.course.intake`.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
 import hashlib
-import itertools
 import logging
 import os
-import re
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
@@ -33,20 +41,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from labkit.course import grading, sandbox
-from labkit.errors import ConfigError, LabError
+from labkit.course import gradebook, grading, intake, judging, runner, sandbox, uids
+from labkit.course.intake import NOTEBOOK_RE, STUDENT_RE  # noqa: F401 - part of this module's interface
+from labkit.errors import LabError
+from labkit.timeout import Deadline
 
 log = logging.getLogger(__name__)
 
-STUDENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
-NOTEBOOK_RE = re.compile(r"\d\d-[A-Za-z0-9._-]+\.ipynb")
 # What one grading job holds: the guest's 1 GiB of RAM, QEMU itself and the
 # kernel with labkit (about 0.5 GiB together, measured with `labkit bench`'s
-# qemu_rss_mb and ps on the lab machine). Used for the default --jobs.
+# qemu_rss_mb and ps on the lab machine). Used for the default --jobs. The
+# judging guest starts only after the notebook's guest is stopped.
 JOB_MEMORY_MB = 1600
-UID_BASE = 62000
-_uids = itertools.count()
-_uid_lock = threading.Lock()
+# Exercises whose answer is state the learner made in their own guest: read
+# there (nothing else has it), after the integrity check.
+ON_LEARNER_GUEST = frozenset({"ex7.1"})
 
 
 @dataclass
@@ -63,14 +72,15 @@ class NotebookGrade:
     student: str
     path: str
     notebook: str
-    sha256: str
+    sha256: str                           # of the bytes graded ("" when none were read)
     labkit_version: str
     started_at: str
     kernel_release: str = ""
     duration_s: float = 0.0
-    reason: str = ""                      # why it stopped early ("" if it ran to the end)
+    reason: str = ""                      # why it stopped early or was refused ("" if it ran to the end)
     cell_errors: list[str] = field(default_factory=list)
     exercises: list[ExerciseGrade] = field(default_factory=list)
+    sandbox_uid: int = 0                  # the kernel's throwaway uid (0: no kernel ran)
 
     @property
     def score(self) -> int:
@@ -86,33 +96,15 @@ class Options:
     timeout: float = 900.0        # per notebook: execution and checks
     kernel: str | None = None     # guest kernel variant (default: labkit's default)
     limits: sandbox.Limits = field(default_factory=sandbox.Limits)
+    disable_userns: bool = False  # the sandbox's inner bwrap (grade_all sets it when the host allows)
 
 
 # -- what is being graded --------------------------------------------------------------
 
 def submissions(dirs: list[str | os.PathLike]) -> list[tuple[str, Path]]:
-    """(student, notebook path) for every notebook of every submission
-    directory (named after the student id), validated before any guest starts."""
-    jobs = []
-    seen: set[str] = set()
-    for d in map(Path, dirs):
-        if not d.is_dir():
-            raise ConfigError(f"{d}: not a submission directory",
-                              hint="give one directory per student, named after the student id, "
-                                   "holding that student's notebooks (alice/03-rdma-long-term-pins.ipynb)")
-        student = d.resolve().name
-        if not STUDENT_RE.fullmatch(student):
-            raise ConfigError(f"{d}: {student!r} is not a usable student id",
-                              hint="name the directory after the student id: letters, digits, . _ @ + -")
-        if student in seen:
-            raise ConfigError(f"{d}: student {student!r} given twice", hint="give each submission once")
-        seen.add(student)
-        notebooks = sorted(p for p in d.iterdir() if p.is_file() and NOTEBOOK_RE.fullmatch(p.name))
-        if not notebooks:
-            raise ConfigError(f"{d}: no course notebooks (NN-title.ipynb) in it",
-                              hint="the submission holds the student's notebooks, e.g. 00-welcome.ipynb")
-        jobs += [(student, p) for p in notebooks]
-    return jobs
+    """(student, notebook path) of every notebook that will be graded (the
+    refused ones: :func:`labkit.course.intake.entries`)."""
+    return [(e.student, e.path) for e in intake.entries(dirs) if not e.refused]
 
 
 def default_jobs() -> int:
@@ -123,35 +115,53 @@ def default_jobs() -> int:
     return max(1, min(os.cpu_count() or 1, by_mem))
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # -- one notebook ----------------------------------------------------------------------
 
-def grade_notebook(student: str, path: Path, opts: Options) -> NotebookGrade:
-    """Grade one notebook in a fresh guest and a sandboxed kernel; never raises
-    for a submission's fault (the reason is recorded instead)."""
+def grade_notebook(student: str, path: Path, opts: Options, refused: str = "") -> NotebookGrade:
+    """Grade one notebook in fresh guests and a sandboxed kernel. Never
+    raises: whatever goes wrong is this notebook's reason and feedback."""
     from labkit.version import __version__
-    t0 = time.monotonic()
-    g = NotebookGrade(student, path.name, path.name[:2], sha256(path), __version__, _now())
+    deadline = Deadline(opts.timeout)
+    g = NotebookGrade(student, path.name, path.name[:2], "", __version__, _now())
     try:
-        nb = grading.load(path)
-        g.notebook = grading.notebook_number(path, nb)
-        exercises = _exercises(g.notebook)
+        if refused:
+            raise intake.Refused(refused)
+        data = intake.read(path)
+        g.sha256 = hashlib.sha256(data).hexdigest()
+        nb = grading.loads(data, path)
+        _check_number(path, nb)
         with tempfile.TemporaryDirectory(prefix="labkit-grade-") as tmp:
-            _grade_in_guest(g, nb, exercises, Path(tmp), opts, t0)
+            _grade_in_guests(g, nb, _exercises(g.notebook), Path(tmp), opts, deadline)
+    except intake.Refused as exc:
+        g.reason = f"refused: {exc.problem}"
     except LabError as exc:
         g.reason = g.reason or f"{type(exc).__name__}: {exc}"
-    if not g.exercises:
-        g.exercises = [ExerciseGrade(e.id, e.title, 0, e.points, f"not graded: {g.reason}")
-                       for e in _exercises(g.notebook)]
-    g.duration_s = round(time.monotonic() - t0, 1)
+    except Exception as exc:  # noqa: BLE001 - one notebook's failure is its own feedback, never the class's
+        log.exception("grading %s/%s failed", student, path.name)
+        g.reason = g.reason or (f"the grader failed on this notebook ({type(exc).__name__}: {str(exc)[:200]}); "
+                                "tell your instructor")
+    _complete(g)
+    g.duration_s = round(deadline.elapsed, 1)
     return g
+
+
+def _check_number(path: Path, nb: Any) -> None:
+    said = grading.notebook_number(path, nb)
+    if said != path.name[:2]:
+        raise intake.Refused(f"{path.name} says it is notebook {said} (its metadata): submit each notebook "
+                             "under its own name")
+
+
+def _complete(g: NotebookGrade) -> None:
+    """Every exercise of the notebook has a row, in course order: the ones
+    never judged get 0 with the reason."""
+    have = {e.id: e for e in g.exercises}
+    g.exercises = [have.get(e.id) or ExerciseGrade(e.id, e.title, 0, e.points, f"not graded: {g.reason}")
+                   for e in _exercises(g.notebook)]
 
 
 def _exercises(number: str) -> list:
@@ -159,15 +169,78 @@ def _exercises(number: str) -> list:
     return for_notebook(number)
 
 
-def _grade_in_guest(g: NotebookGrade, nb: Any, exercises: list, tmp: Path, opts: Options, t0: float) -> None:
+def _grade_in_guests(g: NotebookGrade, nb: Any, exercises: list, tmp: Path, opts: Options,
+                     deadline: Deadline) -> None:
+    """Run the notebook against its guest, read what only that guest has,
+    stop it; then judge everything else on a fresh one."""
     from labkit.image import DEFAULT_KERNEL
-    from labkit.lab import Lab
+    kernel = opts.kernel or DEFAULT_KERNEL
     state_root = tmp / "state"
-    with _guests(state_root, opts.kernel or DEFAULT_KERNEL, g.notebook) as (vm, *others):
-        g.kernel_release = vm.run(["uname", "-r"], timeout=30, check=True).stdout.strip()
-        marker = _execute(g, nb, vm, others, state_root, tmp, opts, t0)
+    with _guests(state_root, kernel, g.notebook) as (vm, *others):
+        g.kernel_release = vm.release           # measured by the grader at the start, before any learner code
+        before = judging.read_integrity(judging.Bounded(vm, deadline))
+        run = runner.execute(f"{g.student}/{g.path}", nb, vm, others, state_root, tmp,
+                             runner.Budget(opts.timeout, deadline), opts.limits, opts.disable_userns)
+        g.sandbox_uid, g.cell_errors, g.reason = run.uid, run.cell_errors, run.reason
+        marker = run.marker
         given = grading.answers(nb, marker)
-        g.exercises = judge(exercises, given, Lab(vm), g)
+        g.exercises = _judge_on_learner_guest(exercises, given, vm, before, deadline, g)
+    rest = [e for e in exercises if e.id not in ON_LEARNER_GUEST]
+    g.exercises += _judge_on_fresh_guest(rest, given, tmp / "judge", kernel, deadline, g, before)
+
+
+def _judge_on_learner_guest(exercises: list, given: dict[str, dict], vm: Any, before: judging.Integrity,
+                            deadline: Deadline, g: NotebookGrade) -> list[ExerciseGrade]:
+    todo = [e for e in exercises if e.id in ON_LEARNER_GUEST]
+    if not todo:
+        return []
+    from labkit.lab import Lab
+    machine = judging.Bounded(vm, deadline)
+    try:
+        problem = judging.read_integrity(machine).problem_since(before)
+        if problem:
+            problem = (f"in your guest, which this exercise reads, {problem}; what it reports is not believed "
+                       "(load no module in this notebook)")
+    except LabError as exc:
+        problem = f"the guest did not answer after the notebook ran ({type(exc).__name__}: {exc})"
+    return judge(todo, given, Lab(machine), g, broken=problem, deadline=deadline)
+
+
+def _judge_on_fresh_guest(exercises: list, given: dict[str, dict], root: Path, kernel: str, deadline: Deadline,
+                          g: NotebookGrade, start: judging.Integrity) -> list[ExerciseGrade]:
+    """The checks on a guest restored from the snapshot for them alone. No
+    guest is started when no answer needs one. ``start``: the notebook's own
+    guest as it came from the same snapshot, before any student code (the
+    taint a restore of this image has; a fresh guest must not have more)."""
+    if not any(e.guest and grading._answered(given.get(e.id)) for e in exercises):
+        return judge(exercises, given, None, g)
+    if deadline.expired:
+        return judge(exercises, given, None, g, broken=str(judging.TimeUp(deadline.seconds)))
+    from labkit.lab import Lab
+    from labkit.machine.vm import VM
+    jvm = VM("judge", kernel=kernel, state_dir=root / "vms" / "judge")
+    with judging.kill_at(deadline, jvm.kill, f"the judging guest of {g.student}/{g.path}"):
+        try:
+            jvm.start()
+            machine = judging.Bounded(jvm, deadline)
+            fresh = judging.read_integrity(machine)
+            problem = fresh.problem_since(start)
+            if start.taint:
+                log.warning("guests restored from the %s snapshot are tainted from the start (%s)", kernel,
+                            judging.decode_taint(start.taint))
+            if problem:
+                log.warning("the fresh judging guest of %s/%s: %s", g.student, g.path, problem)
+                problem = f"the judging guest, fresh from the snapshot, is not clean: {problem} (tell your instructor)"
+
+            def guard() -> str:
+                return judging.read_integrity(machine).problem_since(fresh)
+            return judge(exercises, given, Lab(machine), g, broken=problem, guard=guard, deadline=deadline)
+        except LabError as exc:
+            why = str(judging.TimeUp(deadline.seconds)) if deadline.expired else \
+                f"the judging guest did not start ({type(exc).__name__}: {exc})"
+            return judge(exercises, given, None, g, broken=why)
+        finally:
+            jvm.finish()
 
 
 def companion_vms(notebook: str, kernel: str) -> list[tuple[str, str]]:
@@ -210,133 +283,105 @@ def _guests(state_root: Path, kernel: str, notebook: str) -> Iterator[list[Any]]
             raise failed
 
 
-def _execute(g: NotebookGrade, nb: Any, vm: Any, others: list[Any], state_root: Path, tmp: Path,
-             opts: Options, t0: float) -> str:
-    """Run the notebook in the sandbox until it ends or the time is up; the
-    marker of its hidden record cells is returned (answers so far count)."""
-    from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import AsyncKernelManager
-    from jupyter_core.utils import run_sync
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellTimeoutError, DeadKernelError
-    with _uid_lock:
-        uid = UID_BASE + next(_uids) % 1000
-    run_dir = tmp / "run"
-    run_dir.mkdir(mode=0o700)
-    os.chown(run_dir, uid, uid)
-    sandbox.make_vm_view(vm.state_dir, tmp / "vmview", uid)
-    companions = []
-    for other in others:         # exposed exactly like the main guest
-        sandbox.make_vm_view(other.state_dir, tmp / f"vmview-{other.name}", uid)
-        companions.append(sandbox.Companion(other.name, other.state_dir, tmp / f"vmview-{other.name}",
-                                            other.record.ssh_port))
-    sb = sandbox.Sandbox(uid=uid, run_dir=run_dir, vm_state=vm.state_dir, vm_view=tmp / "vmview",
-                         state_root=state_root, vm_name=vm.name, ssh_port=vm.record.ssh_port, limits=opts.limits,
-                         kernel_source=_kernel_source(vm, nb), companions=tuple(companions))
-    marker = grading.prepare_for_execution(nb)
-    with sandbox.cgroups(f"{os.getpid()}-{uid}", opts.limits) as groups:
-        sb = dataclasses.replace(sb, cgroups=groups)
-        name = sandbox.write_kernelspec(sb, tmp / "kernels", sandbox.require_bwrap())
-        # The async manager: with a blocking client nbclient's waits block its event loop, so a
-        # kernel killed at the time limit was never noticed (the grader hung on the iopub channel).
-        km = AsyncKernelManager(kernel_name=name, kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(tmp / "kernels")]),
-                           transport="ipc", ip=str(run_dir / "k"), connection_file=str(run_dir / "kernel.json"))
-        km.write_connection_file()
-        os.chown(run_dir / "kernel.json", uid, uid)
-        remaining = max(10.0, opts.timeout - (time.monotonic() - t0))
-        expired = threading.Event()
-
-        def time_is_up() -> None:
-            expired.set()
-            sandbox.kill_cgroups(groups)
-        timer = threading.Timer(remaining, time_is_up)
-        client = NotebookClient(nb, km=km, timeout=int(remaining) + 1, startup_timeout=120, allow_errors=True,
-                                kernel_name=name, resources={"metadata": {"path": str(run_dir)}})
-        try:
-            with sandbox.ssh_gate(sb):
-                timer.start()
-                client.execute()
-        except CellTimeoutError:
-            g.reason = f"a cell ran past the time limit (--timeout {opts.timeout:.0f} s); graded as far as it got"
-        except DeadKernelError:
-            g.reason = (f"stopped at the time limit (--timeout {opts.timeout:.0f} s); graded as far as it got"
-                        if expired.is_set() else "the notebook's kernel died (killed by a limit of the sandbox, "
-                                                 "or it exited); graded as far as it got")
-        except Exception as exc:      # noqa: BLE001 - nbclient/zmq failures must not stop the other notebooks
-            g.reason = f"the notebook could not be run to the end ({type(exc).__name__}: {str(exc)[:200]})"
-        finally:
-            timer.cancel()
-            atexit.unregister(client._cleanup_kernel)     # nbclient's own exit hook; we shut the kernel down here
-            if km.has_kernel:
-                run_sync(km.shutdown_kernel)(now=True)
-    g.cell_errors = grading.cell_errors(nb)
-    return marker
-
-
-def _kernel_source(vm: Any, nb: Any) -> Path | None:
-    """The guest kernel's source files, fetched by the grader (the sandbox has no
-    network) when the notebook reads them (labkit.course.source); else None."""
-    if not any("labkit.course import source" in c.source or "course.source" in c.source
-               for c in nb.cells if c.cell_type == "code"):
-        return None
-    from labkit.image import build, kernelsrc
-    img = build.load_image(vm.kernel, verify=False)
-    return kernelsrc.fetch(vm.kernel, img.manifest)
-
-
-def judge(exercises: list, given: dict[str, dict], lab: Any, g: NotebookGrade) -> list[ExerciseGrade]:
-    """Each exercise's points and feedback, measured on the notebook's own
-    guest. When the guest stops answering (panic, hang), the exercises that
-    need it get 0 with the reason; the others are still judged."""
+def judge(exercises: list, given: dict[str, dict], lab: Any, g: NotebookGrade, broken: str = "",
+          guard: Callable[[], str] | None = None, deadline: Deadline | None = None) -> list[ExerciseGrade]:
+    """Each exercise's points and feedback, measured on ``lab`` (None: no
+    guest; only the answers that need none are judged). An exercise that needs
+    the guest gets 0 with the reason when the guest is ``broken`` (refused,
+    dead, hung, out of time). The checks that run the learner's code in the
+    guest (code exercises) come last, each followed by ``guard()``: a problem
+    it names (taint, a labkit module) refuses that result and every later one."""
     from labkit.course.exercises import Live
     live = Live(lab)
     live.wanted = {n for e in exercises if grading._answered(given.get(e.id)) for n in e.needs}
-    out = []
-    broken = ""
-    try:
-        lab.sh("true")
-    except LabError as exc:
-        broken = f"the guest did not answer after the notebook ran ({type(exc).__name__}: {exc})"
-    for ex in exercises:
-        if broken and ex.guest and grading._answered(given.get(ex.id)):
-            out.append(ExerciseGrade(ex.id, ex.title, 0, ex.points, f"not graded: {broken}"))
+    if lab is None and not broken:
+        broken = "no guest was started to judge it"
+    elif not broken and any(e.guest and grading._answered(given.get(e.id)) for e in exercises):
+        broken = _no_answer(lab, deadline)
+    out = {}
+    for ex in sorted(exercises, key=lambda e: e.kind == "code"):     # learner code last: it is root there
+        answered = grading._answered(given.get(ex.id))
+        if broken and ex.guest and answered:
+            out[ex.id] = ExerciseGrade(ex.id, ex.title, 0, ex.points, f"not graded: {broken}")
             continue
         try:
             r = grading._one_check(ex, given.get(ex.id), live)
+            problem = guard() if guard is not None and ex.kind == "code" and answered else ""
         except LabError as exc:
-            broken = f"the guest failed during the checks ({type(exc).__name__}: {exc})"
-            out.append(ExerciseGrade(ex.id, ex.title, 0, ex.points, f"not graded: {broken}"))
+            problem = _failure(exc, deadline)
+        if problem:
+            broken = problem if deadline is None or not deadline.expired else str(judging.TimeUp(deadline.seconds))
+            if ex.kind == "code" and not broken.startswith(("the guest", "the notebook's time")):
+                broken = f"while your code ran in the judging guest, {broken}: its answers are not believed"
+            out[ex.id] = ExerciseGrade(ex.id, ex.title, 0, ex.points, f"not graded: {broken}")
             continue
-        out.append(ExerciseGrade(r.id, r.title, r.points, r.max, r.message))
-    if broken and not g.reason:
+        out[ex.id] = ExerciseGrade(r.id, r.title, r.points, r.max, r.message)
+    if broken and not g.reason and any(e.guest and grading._answered(given.get(e.id)) for e in exercises):
         g.reason = broken
-    return out
+    return [out[e.id] for e in exercises]
+
+
+def _no_answer(lab: Any, deadline: Deadline | None) -> str:
+    try:
+        lab.sh("true")
+        return ""
+    except LabError as exc:
+        return _failure(exc, deadline, "the guest did not answer")
+
+
+def _failure(exc: LabError, deadline: Deadline | None, what: str = "the guest failed during the checks") -> str:
+    if isinstance(exc, judging.TimeUp) or (deadline is not None and deadline.expired):
+        return str(judging.TimeUp(deadline.seconds if deadline else 0))
+    if isinstance(exc, judging.OutputTooLarge):
+        return f"{exc}"
+    return f"{what} ({type(exc).__name__}: {str(exc)[:300]})"
 
 
 # -- a class ------------------------------------------------------------------------------
 
 def grade_all(dirs: list[str | os.PathLike], opts: Options, jobs: int,
-              progress: Callable[[str], None] = lambda s: None) -> dict[str, list[NotebookGrade]]:
+              progress: Callable[[str], None] = lambda s: None,
+              out: Path | None = None) -> dict[str, list[NotebookGrade]]:
     """Grade every notebook of every submission, ``jobs`` at a time; returns
-    student -> grades (in notebook order). Progress: "N of M, ETA"."""
-    work = submissions(dirs)
-    sandbox.require_bwrap()
-    from labkit import image
-    kernel = opts.kernel or image.DEFAULT_KERNEL
-    for k in sorted({k for _, p in work for _, k in companion_vms(p.name[:2], kernel)}):
-        image.ensure_image(k)         # build (once) before the guests start, the companions' kernels too
-    results: dict[str, list[NotebookGrade]] = {s: [] for s, _ in work}
+    student -> grades (in notebook order). With ``out``, each student's file
+    and the CSV are written as soon as one of their notebooks is graded (an
+    interrupted run keeps what it graded). Progress: "N of M, ETA"."""
+    work = intake.entries(dirs)
+    opts = _prepare(work, opts, progress)
+    results: dict[str, list[NotebookGrade]] = {e.student: [] for e in work}
     t0 = time.monotonic()
     progress(f"grading {len(work)} notebooks of {len(results)} submissions, {jobs} at a time")
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(grade_notebook, s, p, opts): (s, p) for s, p in work}
+        futures = {pool.submit(grade_notebook, e.student, e.path, opts, e.refused): e for e in work}
         for done, fut in enumerate(as_completed(futures), 1):
-            s, p = futures[fut]
-            g = fut.result()
-            results[s].append(g)
+            e = futures[fut]
+            g = fut.result()         # grade_notebook never raises for a notebook's sake
+            results[e.student].append(g)
+            results[e.student].sort(key=lambda x: x.path)
+            if out is not None:
+                _write(out, e.student, results)
             left = (time.monotonic() - t0) / done * (len(work) - done)
-            progress(f"{done} of {len(work)}, ETA {left:.0f} s: {s}/{p.name} {g.score}/{g.max} "
+            progress(f"{done} of {len(work)}, ETA {left:.0f} s: {e.student}/{e.name} {g.score}/{g.max} "
                      f"in {g.duration_s:.0f} s{' (' + g.reason + ')' if g.reason else ''}")
-    for grades in results.values():
-        grades.sort(key=lambda x: x.path)
     return results
+
+
+def _prepare(work: list[intake.Entry], opts: Options, progress: Callable[[str], None]) -> Options:
+    """The host checks before any guest starts: bwrap and root, the images,
+    whether user namespaces can be switched off in the sandbox here."""
+    bwrap = sandbox.require_bwrap()
+    uids.lock_dir()
+    from labkit import image
+    kernel = opts.kernel or image.DEFAULT_KERNEL
+    for k in sorted({k for e in work if not e.refused for _, k in companion_vms(e.number, kernel)}):
+        image.ensure_image(k)         # build (once) before the guests start, the companions' kernels too
+    problem = sandbox.userns_problem(bwrap)
+    if problem:
+        progress(f"warning: user namespaces stay available inside the sandbox on this host ({problem})")
+    return dataclasses.replace(opts, disable_userns=not problem)
+
+
+def _write(out: Path, student: str, results: dict[str, list[NotebookGrade]]) -> None:
+    gradebook.write_student(out, student, results[student])
+    rows = [r for s, grades in results.items() if grades for r in gradebook.rows(gradebook.student_json(s, grades))]
+    gradebook.write_csv(out / "grades.csv", rows)
