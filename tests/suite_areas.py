@@ -48,11 +48,13 @@ _BY_FILE = {f: area for area, files in FILES.items() for f in files}
 # VMs and sandbox uids are host-wide), the class tests (root-owned users, cgroups, one shared
 # venv) and the fault tests (tmpfs state dirs, killed QEMUs); and the two runs of the whole
 # course by `labkit check`, the longest tests, are groups of their own so that they run side
-# by side on the two workers, each with its own lab VM. (pytest-xdist's own `loadgroup` reads
+# by side on the two workers, each with its own lab VM. (Graders running at once are safe since
+# each takes its sandbox uids from a host-wide lease; test_sandbox and test_grader_hostile still
+# share a group because they look at every process of the graders' uid range.) (pytest-xdist's own `loadgroup` reads
 # `xdist_group` marks through a node-id suffix that pytest 9.2 no longer takes, so the suite
 # has its scheduler, `GroupScheduling` in tests/conftest.py, ask `group_of` instead.)
 GROUPS = {
-    "grading": ["test_summative.py", "test_sandbox.py", "test_nbgrader.py", "test_grader_hostile.py"],
+    "grading": ["test_summative.py", "test_sandbox.py", "test_grader_hostile.py"],
     "class": ["test_hub.py", "test_slurm.py"],
     "faults": ["test_faults.py", "test_faults_lifecycle.py"],
 }
@@ -61,17 +63,26 @@ TEST_GROUPS = {
     "test_check.py::test_blank_notebooks_score_zero": "check-blank",
     "test_check.py::test_reference_solutions_score_full_marks": "check-reference",
 }
+# Files whose tests run once per kernel on the `guest` fixture: a group per file and kernel,
+# so that the kernels of one file can run on different workers (each sets up its own).
+PER_KERNEL = {"test_lab.py", "test_odp.py", "test_observe.py", "test_dashboard.py", "test_guest.py"}
 # Groups that take longest come first, so that neither worker is left with a long one at the
 # end (from the time per area of earlier runs; everything else follows in file order).
-LONGEST_FIRST = ["check-reference", "check-blank", "grading", "class", "test_lab", "faults"]
+LONGEST_FIRST = ["grading", "check-reference", "class", "check-blank", "test_lab-7.3", "test_lab-6.12",
+                 "test_lab-6.1", "faults", "test_nbgrader"]
 
 
 def group_of(nodeid: str) -> str:
     """The group of the test ``nodeid`` (``tests/test_x.py::test_y[param]``)."""
     path, _, rest = nodeid.partition("::")
     filename = path.rsplit("/", 1)[-1]
-    test = f"{filename}::{rest.split('[')[0]}"
-    return TEST_GROUPS.get(test) or _GROUP.get(filename) or filename.removesuffix(".py")
+    name, _, params = rest.partition("[")
+    test = f"{filename}::{name}"
+    group = TEST_GROUPS.get(test) or _GROUP.get(filename) or filename.removesuffix(".py")
+    kernels = [k for k in params.rstrip("]").split("-") if k in image.KERNELS]
+    if filename in PER_KERNEL and kernels:
+        group = f"{group}-{kernels[0]}"
+    return group
 
 
 def run_order(group: str) -> int:

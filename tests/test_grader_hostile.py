@@ -794,6 +794,7 @@ def _ex(nb: dict, ex: str) -> dict:
 
 
 @pytest.mark.integration
+@pytest.mark.fresh_guest("the grader boots a fresh guest per notebook, and one to judge it")
 @pytest.mark.timeout(1800)
 def test_the_honest_students_keep_their_marks(hostile_class):
     alice, carol = hostile_class.got["alice"]["00"], hostile_class.got["carol"]["03"]
@@ -808,6 +809,7 @@ def test_the_honest_students_keep_their_marks(hostile_class):
 
 
 @pytest.mark.integration
+@pytest.mark.fresh_guest("the grader boots a fresh guest per notebook, and one to judge it")
 @pytest.mark.timeout(1800)
 def test_the_guest_the_student_was_root_in_judges_nothing(hostile_class):
     """Item 1: a faked uname, a module loaded by the notebook, a module loaded
@@ -828,6 +830,7 @@ def test_the_guest_the_student_was_root_in_judges_nothing(hostile_class):
 
 
 @pytest.mark.integration
+@pytest.mark.fresh_guest("the grader boots a fresh guest per notebook, and one to judge it")
 @pytest.mark.timeout(1800)
 def test_no_kernel_reaches_another_and_user_namespaces_are_off(hostile_class):
     """Items 2, 3 and 5: the snoop's malformed notebook is graded (its honest
@@ -850,6 +853,7 @@ def test_no_kernel_reaches_another_and_user_namespaces_are_off(hostile_class):
 
 
 @pytest.mark.integration
+@pytest.mark.fresh_guest("the grader boots a fresh guest per notebook, and one to judge it")
 @pytest.mark.timeout(1800)
 def test_refused_files_and_bounded_outputs(hostile_class):
     """Items 4 and 5: duplicates, a link and a FIFO are refused with what to

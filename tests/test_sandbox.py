@@ -108,6 +108,7 @@ def _fork_bomb(nb) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.fresh_guest("the grader boots a fresh guest per notebook, and one to judge it")
 @pytest.mark.timeout(900)
 def test_hostile_submissions_fail_and_the_others_are_graded(tmp_path):
     from conftest import ARTIFACTS, require_image

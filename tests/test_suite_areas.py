@@ -47,11 +47,13 @@ def test_kernels_of_a_parametrised_item():
 
 def test_groups_and_their_order():
     assert sa.group_of("tests/test_hub.py::test_a") == sa.group_of("tests/test_slurm.py::test_b[x]") == "class"
-    assert sa.group_of("tests/test_lab.py::test_mount_warning_depends_on_kernel_and_fs[6.12]") == "test_lab"
+    assert sa.group_of("tests/test_lab.py::test_mount_warning_depends_on_kernel_and_fs[6.12]") == "test_lab-6.12"
+    assert sa.group_of("tests/test_lab.py::test_longterm_pins_refused_on_fsdax[rdma-6.1]") == "test_lab-6.1"
+    assert sa.group_of("tests/test_cli.py::test_run_prints_the_kernel_release[7.3]") == "test_cli"
     assert sa.group_of("tests/test_check.py::test_reference_solutions_score_full_marks") == "check-reference"
     assert sa.group_of("tests/test_check.py::test_bad_input_is_a_clear_error[missing]") == "test_check"
-    order = sorted(["test_cli", "test_lab", "grading", "check-blank", "check-reference"], key=sa.run_order)
-    assert order == ["check-reference", "check-blank", "grading", "test_lab", "test_cli"]
+    order = sorted(["test_cli", "test_lab-6.1", "check-blank", "grading", "check-reference"], key=sa.run_order)
+    assert order == ["grading", "check-reference", "check-blank", "test_lab-6.1", "test_cli"]
 
 
 def test_the_suites_scheduler_keeps_each_group_on_one_worker(tmp_path):

@@ -225,6 +225,7 @@ def graded(tmp_path_factory):
 
 
 @pytest.mark.integration
+@pytest.mark.fresh_guest("the grader boots a fresh guest per notebook, and one to judge it")
 @pytest.mark.timeout(1600)
 def test_reference_solutions_full_marks_blanks_and_forgeries_zero(graded):
     scores = {}
@@ -245,6 +246,7 @@ def test_reference_solutions_full_marks_blanks_and_forgeries_zero(graded):
 
 
 @pytest.mark.integration
+@pytest.mark.fresh_guest("the grader boots a fresh guest per notebook, and one to judge it")
 @pytest.mark.timeout(1600)
 def test_csv_has_one_row_per_exercise_and_gradebook_reproduces_it(graded, tmp_path):
     rows = list(csv.DictReader((graded.out / "grades.csv").open()))
@@ -271,6 +273,7 @@ def _panic(nb) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.fresh_guest("the grader boots a fresh guest per notebook, and one to judge it")
 @pytest.mark.timeout(900)
 def test_a_notebook_that_panics_its_guest_is_graded_with_the_reason(tmp_path):
     from conftest import require_image
@@ -297,6 +300,7 @@ def _companion_qemus() -> list[str]:
 
 
 @pytest.mark.integration
+@pytest.mark.fresh_guest("the grader boots a fresh guest per notebook, and one to judge it")
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("number, other", [("09", "7.3"), ("06", "6.12")])
 def test_a_notebook_comparing_two_kernels_gets_full_marks(number, other, tmp_path):
