@@ -81,6 +81,7 @@ _STARTS = GuestStarts()
 
 def pytest_sessionstart(session):
     if not hasattr(session.config, "workerinput"):    # one counter per run (pytest-xdist: in the controller)
+        _STARTS.single_process = not session.config.getoption("numprocesses", None)
         _STARTS.start()
 
 

@@ -97,8 +97,9 @@ def test_guest_starts_name_tests_that_boot_their_own_guest_without_saying_why():
     gs.starts = [{"test": "tests/test_lab.py::a[6.1]", "kind": "warm", "pool": True},
                  {"test": "tests/test_faults.py::b@faults", "kind": "cold", "pool": False},
                  {"test": "tests/test_x.py::c", "kind": "warm", "pool": False},
-                 {"test": "(between tests)", "kind": "probe", "pool": False}]
+                 {"test": "(between tests)", "kind": "probe", "pool": False},
+                 {"test": sa.OUTSIDE, "kind": "cold", "pool": False}]
     lines = gs.summary(fresh={"tests/test_faults.py::b"})
-    assert "1 cold boots, 2 warm starts (1 of them the pool's shared guests), 1 KVM probes" in lines[0]
+    assert "2 cold boots, 2 warm starts (1 of them the pool's shared guests), 1 KVM probes" in lines[0]
     assert lines[1].startswith("1 tests started a guest of their own") and lines[2] == "  tests/test_x.py::c"
     assert gs.summary(fresh={"tests/test_faults.py::b", "tests/test_x.py::c"})[1:] == []

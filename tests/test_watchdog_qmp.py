@@ -24,7 +24,7 @@ from labkit.machine.vm import VM
 
 from conftest import require_image
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.fresh_guest("it pauses its guest through QMP, cold-booted and warm-started")]
 
 KERNEL = "6.1"
 BOUND = 10.0            # the fault tests' detection bound (tests/test_faults.py)
