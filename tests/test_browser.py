@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -39,7 +40,10 @@ def start_lab(tmp_path: Path, port: int) -> tuple[subprocess.Popen, str, list[st
     # A copy: the browser's autosave must never write outputs into the committed notebook.
     shutil.copy(NOTEBOOK, nbdir / NOTEBOOK.name)
     jdir = tmp_path / "jupyter"
-    env = dict(os.environ, LABKIT_STATE_DIR=str(tmp_path / "state"), LABKIT_NOTEBOOKS_DIR=str(nbdir),
+    # the VM's sockets live in its state dir: keep that path short (a unix socket path has at most
+    # 107 bytes, and pytest-xdist's basetemp of a long-lived machine, pytest-100/popen-gw1/..., came close)
+    state = Path(tempfile.mkdtemp(prefix="lk-browser-"))
+    env = dict(os.environ, LABKIT_STATE_DIR=str(state), LABKIT_NOTEBOOKS_DIR=str(nbdir),
                JUPYTER_CONFIG_DIR=str(jdir / "config"), JUPYTER_RUNTIME_DIR=str(jdir / "runtime"),
                JUPYTERLAB_SETTINGS_DIR=str(jdir / "settings"), JUPYTERLAB_WORKSPACES_DIR=str(jdir / "workspaces"))
     proc = subprocess.Popen([sys.executable, "-m", "labkit", "lab", "--no-browser", "--port", str(port),
@@ -167,3 +171,4 @@ def test_notebook0_dashboard_renders_live_values_in_chromium(tmp_path, artifacts
     (artifacts / "browser.seconds").write_text(f"{wall:.1f}\n")
     assert VM(VM_NAME, persistent=True, state_dir=Path(env["LABKIT_STATE_DIR"]) / "vms" / VM_NAME).status() \
         .value == "stopped"
+    shutil.rmtree(env["LABKIT_STATE_DIR"], ignore_errors=True)
