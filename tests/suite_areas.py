@@ -26,7 +26,7 @@ AREAS = {
 
 FILES = {
     "machine": ["test_guest.py", "test_machine_unit.py", "test_qemu_argv.py", "test_initramfs.py",
-                "test_image_kernels.py", "test_snapshot.py", "test_pmem_data.py"],
+                "test_settings.py", "test_image_kernels.py", "test_snapshot.py", "test_pmem_data.py"],
     "lab": ["test_lab.py", "test_lab_unit.py", "test_observe.py", "test_odp.py", "test_odp_unit.py",
             "test_pinprobe.py", "test_kernel_matrix.py", "test_kernel_73.py", "test_counterfactual.py",
             "test_counterfactual_unit.py", "test_source_unit.py"],
