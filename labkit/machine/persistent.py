@@ -65,9 +65,10 @@ def for_reset(name: str, settings: Settings) -> ForReset | None:
     (set aside by ``load_info``) means the default kernel, said in the note.
     None when the VM does not exist (it was never started)."""
     vm = VM(name, persistent=True, settings=settings)
+    recorded = vm.info_path.exists()     # before status(), which sets an unreadable record aside
     if vm.status() is VMState.RUNNING:
         return ForReset(VM.attach(name, settings=settings))
-    if not vm.info_path.exists():
+    if not recorded:
         return None
     info = vm.sd.load_info()
     note = "" if info is not None else (
