@@ -15,8 +15,8 @@ from labkit.settings import Settings
 
 
 def cmd_image_build(args: argparse.Namespace, settings: Settings) -> int:
-    # build_image is called without the settings: it resolves the same ones
-    # from this process's environment, and tests put a stand-in in its place
+    # build_image resolves the settings itself, from the same environment as
+    # ``settings``: its call stays the one tests stand in for (tests/test_cli.py)
     kernels = list(image.KERNELS) if args.kernel == "all" else [args.kernel]
     if args.jobs == 1 or len(kernels) == 1:
         for k in kernels:
