@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 __all__ = ["VM", "VMState", "LabError", "connect", "__version__"]
 
-_SUBMODULES = ("cli", "command", "course", "dashboard", "deploy", "errors", "grading", "image", "lab", "machine",
-               "paths", "testing", "timeout", "tools", "version")
+_SUBMODULES = ("cli", "command", "commands", "course", "dashboard", "deploy", "errors", "grading", "image", "lab",
+               "machine", "paths", "settings", "testing", "timeout", "tools", "version")
 
 
 def __getattr__(name: str) -> Any:

@@ -120,18 +120,19 @@ def test_lab_starts_jupyterlab_with_a_running_vm(tmp_path):
 
 
 def test_matrix_json_of_one_kernel_prints_that_kernels_matrix(monkeypatch, capsys):
-    """`labkit matrix --json --kernel K` prints the dictionary `_one_matrix` measured on
+    """`labkit matrix --json --kernel K` prints the dictionary `one_matrix` measured on
     a fresh guest of K. The measurement itself is asserted kernel by kernel on live guests
-    in tests/test_kernel_73.py (`--kernel all` runs the same `_one_matrix` per kernel)."""
+    in tests/test_kernel_73.py (`--kernel all` runs the same `one_matrix` per kernel)."""
     import json
 
     from labkit import cli
+    from labkit.commands import lab as lab_commands
     asked = []
 
-    def one(args, kernel, prefix, quiet=False):
+    def one(args, settings, kernel, prefix, quiet=False):
         asked.append((kernel, args.name, prefix))
         return {"kernel": "6.12.0-test", "pins": [], "accel": "tcg"}
-    monkeypatch.setattr(cli, "_one_matrix", one)
+    monkeypatch.setattr(lab_commands, "one_matrix", one)
     assert cli.main(["matrix", "--json", "--kernel", "6.12", "--name", "nonexistent"]) == 0
     assert json.loads(capsys.readouterr().out) == {"kernel": "6.12.0-test", "pins": [], "accel": "tcg"}
     assert asked == [("6.12", "nonexistent", "")]

@@ -43,7 +43,7 @@ from hubsetup import (
     wait_until,
 )
 
-from labkit import paths
+from labkit.settings import from_environment
 from labkit.deploy.cgroups import CONTROLLERS, Group, Limits, group_of, missing_controllers
 from labkit.image import DEFAULT_KERNEL
 from labkit.machine.process import free_port
@@ -136,7 +136,7 @@ def klass(class_tools):
         run(["groupadd", group])
         names = [f"{group}a", f"{group}b"]
         a, b = (add_learner(n, group) for n in names)
-        images = paths.images_dir().resolve()
+        images = from_environment().images_dir.resolve()
         if not _learners_can_read(images, a):       # e.g. a clone under the 0700 /root
             bound = base / "images"
             bound.mkdir()

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from labkit.machine import process, snapshot
+from labkit.settings import Settings, from_environment
 
 # -- the shared snapshot cache ----------------------------------------------------
 
@@ -43,21 +44,21 @@ def caches(tmp_path, monkeypatch):
 
 def test_without_a_host_wide_directory_snapshots_go_to_the_users_cache(caches):
     user, _shared = caches
-    assert snapshot.snapshots_dir() == user
-    assert snapshot.search_dirs() == [user]
+    assert snapshot.snapshots_dir(from_environment()) == user
+    assert snapshot.search_dirs(from_environment()) == [user]
 
 
 def test_an_empty_setting_turns_the_host_wide_cache_off(caches, monkeypatch):
     monkeypatch.setenv("LABKIT_SHARED_CACHE_DIR", "")
-    assert snapshot.shared_snapshots_dir() is None
-    assert snapshot.snapshots_dir() == caches[0]
+    assert snapshot.shared_snapshots_dir(from_environment()) is None
+    assert snapshot.snapshots_dir(from_environment()) == caches[0]
 
 
 def test_the_instructor_writes_the_host_wide_directory(caches):
     _user, shared = caches
     shared.mkdir(parents=True)           # the instructor's opt-in
-    assert snapshot.snapshots_dir() == shared
-    assert snapshot._is_shared(shared / "6.1-abc")
+    assert snapshot.snapshots_dir(from_environment()) == shared
+    assert snapshot._is_shared(from_environment(), shared / "6.1-abc")
 
 
 def test_a_learner_reads_the_host_wide_snapshot_and_writes_only_their_own(caches, monkeypatch):
@@ -66,11 +67,11 @@ def test_a_learner_reads_the_host_wide_snapshot_and_writes_only_their_own(caches
     real_access = os.access
     monkeypatch.setattr(snapshot.os, "access",      # as a learner: the host-wide directory is read-only
                         lambda p, m: real_access(p, m) and not (m & os.W_OK and Path(p) == shared))
-    assert snapshot.snapshots_dir() == user
-    assert snapshot.search_dirs() == [user, shared]
-    found = snapshot.find("k1", "6.1")
+    assert snapshot.snapshots_dir(from_environment()) == user
+    assert snapshot.search_dirs(from_environment()) == [user, shared]
+    found = snapshot.find(from_environment(), "k1", "6.1")
     assert found is not None and found.path == d
-    assert snapshot.find("other", "6.1") is None
+    assert snapshot.find(from_environment(), "other", "6.1") is None
 
 
 def test_a_broken_host_wide_snapshot_is_ignored_not_deleted(caches, monkeypatch):
@@ -81,7 +82,7 @@ def test_a_broken_host_wide_snapshot_is_ignored_not_deleted(caches, monkeypatch)
     real_access = os.access
     monkeypatch.setattr(snapshot.os, "access",
                         lambda p, m: real_access(p, m) and not (m & os.W_OK and Path(p) == shared))
-    assert snapshot.find("k1", "6.1") is None
+    assert snapshot.find(from_environment(), "k1", "6.1") is None
     assert d.exists()
 
 
@@ -89,7 +90,7 @@ def test_a_broken_own_snapshot_is_removed(caches):
     user, _shared = caches
     mine = _fake_snapshot(user, "6.1", "k1", mode=0o600)
     (mine / "state.mig").write_bytes(b"x")
-    assert snapshot.find("k1", "6.1") is None
+    assert snapshot.find(from_environment(), "k1", "6.1") is None
     assert not mine.exists()
 
 
@@ -100,26 +101,21 @@ def test_prune_never_touches_the_host_wide_directory(caches, monkeypatch):
     monkeypatch.setattr(snapshot.os, "access",
                         lambda p, m: real_access(p, m) and not (m & os.W_OK and Path(p) == shared))
     user.mkdir(parents=True)
-    snapshot.prune("6.1", keep=1)
+    snapshot.prune(from_environment(), "6.1", keep=1)
     assert all(d.exists() for d in kept)
 
 
 # -- a persistent VM ends with its learner's server ----------------------------------
 
 
-def test_lifetime_pid_from_the_environment(monkeypatch):
-    monkeypatch.delenv("LABKIT_LIFETIME_PID", raising=False)
-    monkeypatch.delenv("JUPYTERHUB_USER", raising=False)
-    monkeypatch.setenv("JPY_PARENT_PID", "4242")
-    assert process.lifetime_pid() == 0            # a kernel outside a hub: the VM is the learner's own
-    monkeypatch.setenv("JUPYTERHUB_USER", "ada")
-    assert process.lifetime_pid() == 4242         # a kernel of a hub's server: ends with the server
-    monkeypatch.setenv("LABKIT_LIFETIME_PID", "77")
-    assert process.lifetime_pid() == 77           # the hub's setting wins
-    monkeypatch.setenv("LABKIT_LIFETIME_PID", "0")
-    assert process.lifetime_pid() == 0           # turned off
-    monkeypatch.setenv("LABKIT_LIFETIME_PID", "not-a-pid")
-    assert process.lifetime_pid() == 0
+def test_lifetime_pid_from_the_environment():
+    def pid(**env):
+        return Settings.from_env(env).lifetime_pid
+    assert pid(JPY_PARENT_PID="4242") == 0         # a kernel outside a hub: the VM is the learner's own
+    assert pid(JPY_PARENT_PID="4242", JUPYTERHUB_USER="ada") == 4242   # a hub's server's kernel: ends with it
+    assert pid(JPY_PARENT_PID="4242", JUPYTERHUB_USER="ada", LABKIT_LIFETIME_PID="77") == 77  # the hub's wins
+    assert pid(JUPYTERHUB_USER="ada", JPY_PARENT_PID="4242", LABKIT_LIFETIME_PID="0") == 0    # turned off
+    assert pid(LABKIT_LIFETIME_PID="not-a-pid") == 0
 
 
 def _gone_within(pid: int, timeout: float) -> bool:
@@ -136,8 +132,8 @@ def test_a_persistent_vm_dies_with_its_owner_not_with_its_starter(tmp_path, monk
     """Real processes: a 'server' (sleep), a persistent 'QEMU' (sleep) spawned
     by labkit tied to it; the starter's end keeps the VM, the server's ends it."""
     server = subprocess.Popen(["sleep", "300"])
-    monkeypatch.setenv("LABKIT_LIFETIME_PID", str(server.pid))
-    vm = process.spawn(["sleep", "300"], tmp_path / "qemu.log", die_with_parent=False)
+    owner = Settings.from_env({"LABKIT_LIFETIME_PID": str(server.pid)}).lifetime_pid
+    vm = process.spawn(["sleep", "300"], tmp_path / "qemu.log", die_with_parent=False, owner_pid=owner)
     try:
         assert not _gone_within(vm.pid, 1.0)       # the watcher does not kill it by itself
         server.kill()
@@ -154,8 +150,8 @@ def test_a_persistent_vm_dies_with_its_owner_not_with_its_starter(tmp_path, monk
 def test_a_vm_whose_owner_is_already_gone_is_stopped_at_once(tmp_path, monkeypatch):
     dead = subprocess.Popen(["true"])
     dead.wait()
-    monkeypatch.setenv("LABKIT_LIFETIME_PID", str(dead.pid))
-    vm = process.spawn(["sleep", "300"], tmp_path / "qemu.log", die_with_parent=False)
+    owner = Settings.from_env({"LABKIT_LIFETIME_PID": str(dead.pid)}).lifetime_pid
+    vm = process.spawn(["sleep", "300"], tmp_path / "qemu.log", die_with_parent=False, owner_pid=owner)
     try:
         vm.wait(timeout=10)
         assert vm.returncode == -signal.SIGKILL

@@ -10,6 +10,7 @@ import pytest
 from labkit.errors import ConfigError, HostSetupError, ImageMissing
 from labkit.image import build, kernels, sources
 from labkit.image.kernelpkg import image_package, kernel_debs, parse_depends, split_parts
+from labkit.settings import Settings
 
 V73 = kernels.KERNELS["7.3"]
 
@@ -123,11 +124,9 @@ def _apt_dir(tmp_path, name, text):
 
 @pytest.mark.parametrize("name,text", [("debian.sources", DEB822), ("debian.list", LIST)])
 def test_apt_sources_from_the_host_files(tmp_path, monkeypatch, name, text):
-    monkeypatch.delenv("LABKIT_APT_SOURCES", raising=False)
-    monkeypatch.delenv("LABKIT_MIRROR", raising=False)
     out = tmp_path / "out"
     out.mkdir()
-    got = sources.apt_sources(V73, out, _apt_dir(tmp_path, name, text),
+    got = sources.apt_sources(V73, out, Settings.from_env({}), _apt_dir(tmp_path, name, text),
                               {"ID": "debian", "VERSION_CODENAME": "bookworm"})
     assert len(got) == 1 and got[0].endswith(name[name.index("."):])
     written = [ln for ln in (out / got[0].rsplit("/", 1)[1]).read_text().splitlines() if not ln.startswith("#")]
@@ -135,9 +134,8 @@ def test_apt_sources_from_the_host_files(tmp_path, monkeypatch, name, text):
 
 
 def test_mirror_override_lists_the_rows_suites(monkeypatch, tmp_path):
-    monkeypatch.delenv("LABKIT_APT_SOURCES", raising=False)
-    monkeypatch.setenv("LABKIT_MIRROR", "http://mirror.invalid/debian")
-    assert sources.apt_sources(V73, tmp_path) == [
+    settings = Settings.from_env({"LABKIT_MIRROR": "http://mirror.invalid/debian"})
+    assert sources.apt_sources(V73, tmp_path, settings) == [
         "deb http://mirror.invalid/debian trixie main", "deb http://mirror.invalid/debian trixie-updates main",
         "deb http://mirror.invalid/debian trixie-backports main"]
 
@@ -145,16 +143,13 @@ def test_mirror_override_lists_the_rows_suites(monkeypatch, tmp_path):
 def test_sources_file_override_wins(monkeypatch, tmp_path):
     f = tmp_path / "mine.sources"
     f.write_text(DEB822)
-    monkeypatch.setenv("LABKIT_APT_SOURCES", str(f))
-    monkeypatch.setenv("LABKIT_MIRROR", "http://ignored.invalid/")
-    assert sources.apt_sources(V73, tmp_path) == [str(f)]
+    settings = Settings.from_env({"LABKIT_APT_SOURCES": str(f), "LABKIT_MIRROR": "http://ignored.invalid/"})
+    assert sources.apt_sources(V73, tmp_path, settings) == [str(f)]
 
 
 def test_non_debian_host_names_the_suites_it_needs(monkeypatch, tmp_path):
-    monkeypatch.delenv("LABKIT_APT_SOURCES", raising=False)
-    monkeypatch.delenv("LABKIT_MIRROR", raising=False)
     with pytest.raises(HostSetupError) as e:
-        sources.apt_sources(V73, tmp_path, tmp_path, {"ID": "fedora", "PRETTY_NAME": "Fedora"})
+        sources.apt_sources(V73, tmp_path, Settings.from_env({}), tmp_path, {"ID": "fedora", "PRETTY_NAME": "Fedora"})
     assert "trixie-backports" in str(e.value) and "LABKIT_MIRROR" in str(e.value)
 
 # -- kernel packages -------------------------------------------------------------

@@ -19,6 +19,7 @@ from labkit.machine.health import HUNG_AFTER, Evidence, diagnose
 from labkit.machine.state import VMState, recorded_state
 from labkit.machine.statedir import VMInfo, sweep_stale_throwaways
 from labkit.machine.vm import VM
+from labkit.settings import from_environment
 
 LABKIT = [sys.executable, "-m", "labkit"]
 
@@ -207,13 +208,13 @@ def test_half_written_snapshots_of_dead_writers_are_swept(tmp_path, monkeypatch)
     monkeypatch.setenv("LABKIT_CACHE_DIR", str(tmp_path))
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = snapshot.snapshots_dir() / f".tmp-6.1-abc-{dead.pid}"
-    live = snapshot.snapshots_dir() / f".tmp-6.1-abc-{os.getpid()}"
+    stale = snapshot.snapshots_dir(from_environment()) / f".tmp-6.1-abc-{dead.pid}"
+    live = snapshot.snapshots_dir(from_environment()) / f".tmp-6.1-abc-{os.getpid()}"
     for d in (stale, live):
         d.mkdir(parents=True)
         (d / "state.mig").write_bytes(b"x" * 100)
         (d / "state.mig").chmod(0o400)
-    assert snapshot.sweep_stale_tmp() == [stale]
+    assert snapshot.sweep_stale_tmp(from_environment()) == [stale]
     assert not stale.exists() and live.exists()
 
 
@@ -381,9 +382,9 @@ def test_a_second_int3_oops_or_another_panic_is_reported(tmp_path, monkeypatch):
 def test_location_variables_that_are_empty_or_relative(monkeypatch, tmp_path):
     """An empty LABKIT_IMAGES_DIR is unset (it once reached mmdebstrap as a
     relative path it read as a mirror); a relative one is made absolute."""
-    from labkit import paths
     monkeypatch.setenv("LABKIT_IMAGES_DIR", "")
-    assert paths.images_dir() == paths.recipe_dir() / "build" and paths.images_dir().is_absolute()
+    s = from_environment()
+    assert s.images_dir == s.recipe_dir / "build" and s.images_dir.is_absolute()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LABKIT_STATE_DIR", "rel/state")
-    assert paths.state_root() == tmp_path / "rel" / "state"
+    assert from_environment().state_dir == tmp_path / "rel" / "state"

@@ -111,16 +111,18 @@ def test_ssh_key_travels_in_fw_cfg_not_the_kernel_cmdline():
     assert "-fw_cfg" not in build_qemu_argv(cfg(ssh_pubkey=""))
 
 
-def test_the_tcg_cache_is_capped_by_default_and_env_or_caller_can_size_it(monkeypatch):
+def test_the_tcg_cache_is_capped_by_default_and_env_or_caller_can_size_it(tmp_path):
     """QEMU's own 1 GiB translation cache filled to 984 MB in a course-long VM;
     labkit passes 128 MiB unless told otherwise (LABKIT_TCG_CACHE_MB, or the caller)."""
     from labkit.errors import ConfigError
-    from labkit.machine.config import DEFAULT_TCG_CACHE_MB, tcg_cache_mb_from_env
-    monkeypatch.delenv("LABKIT_TCG_CACHE_MB", raising=False)
-    assert tcg_cache_mb_from_env(None) == DEFAULT_TCG_CACHE_MB == 128
-    assert "tcg,thread=multi,tb-size=128" in build_qemu_argv(cfg(tcg_cache_mb=tcg_cache_mb_from_env(None)))
-    monkeypatch.setenv("LABKIT_TCG_CACHE_MB", "1024")
-    assert tcg_cache_mb_from_env(None) == 1024 and tcg_cache_mb_from_env(64) == 64
-    monkeypatch.setenv("LABKIT_TCG_CACHE_MB", "lots")
+    from labkit.machine.vm import VM
+    from labkit.settings import DEFAULT_TCG_CACHE_MB, Settings
+    assert Settings.from_env({}).tcg_cache_mb == DEFAULT_TCG_CACHE_MB == 128
+    assert "tcg,thread=multi,tb-size=128" in build_qemu_argv(cfg(tcg_cache_mb=Settings.from_env({}).tcg_cache_mb))
+    big = Settings.from_env({"LABKIT_TCG_CACHE_MB": "1024"})
+    assert big.tcg_cache_mb == 1024
+    def vm(**kw):
+        return VM("t", persistent=True, state_dir=tmp_path, settings=big, **kw)
+    assert vm().tcg_cache_mb == 1024 and vm(tcg_cache_mb=64).tcg_cache_mb == 64
     with pytest.raises(ConfigError, match="not a number of MiB"):
-        tcg_cache_mb_from_env(None)
+        Settings.from_env({"LABKIT_TCG_CACHE_MB": "lots"})

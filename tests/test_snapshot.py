@@ -17,6 +17,7 @@ from labkit.errors import GuestTimeout
 from labkit.lab import Lab
 from labkit.machine.channels.ssh import SSHChannel
 from labkit.machine.vm import VM
+from labkit.settings import from_environment
 
 from conftest import require_image
 
@@ -159,17 +160,17 @@ def test_a_damaged_snapshot_is_never_restored(tmp_path, private_cache):
     require_image("6.1")
     with VM("dmg", kernel="6.1", state_dir=tmp_path / "a") as vm:
         key = vm.info.snapshot
-    snap = snapshot.find(key, "6.1")
+    snap = snapshot.find(from_environment(), key, "6.1")
     assert snap is not None
     # truncated: noticed before QEMU is even started, and a new snapshot is made
     snap.state_file.chmod(0o600)
     with open(snap.state_file, "r+b") as fh:
         fh.truncate(1000)
-    assert snapshot.find(key, "6.1") is None
+    assert snapshot.find(from_environment(), key, "6.1") is None
     with VM("dmg", kernel="6.1", state_dir=tmp_path / "a") as vm:
         assert vm.info.start_kind == "warm" and vm.info.snapshot == key
     # same size but garbage: QEMU refuses it; the VM boots cold and says why
-    snap = snapshot.find(key, "6.1")
+    snap = snapshot.find(from_environment(), key, "6.1")
     snap.state_file.chmod(0o600)
     size = snap.state_file.stat().st_size
     snap.state_file.write_bytes(b"\0garbage" * (size // 8) + b"\0" * (size % 8))
@@ -177,7 +178,7 @@ def test_a_damaged_snapshot_is_never_restored(tmp_path, private_cache):
         assert vm.info.start_kind == "cold"
         assert vm.info.warm_error
         vm.run("true", check=True)
-    assert snapshot.find(key, "6.1") is None      # thrown away, the next start makes a new one
+    assert snapshot.find(from_environment(), key, "6.1") is None      # thrown away, the next start makes a new one
 
 
 @pytest.mark.integration

@@ -121,9 +121,8 @@ def test_an_image_without_a_recorded_version_says_to_rebuild():
 
 
 def test_private_apt_uses_the_mirror_given_and_never_the_hosts_state(tmp_path, monkeypatch):
-    monkeypatch.setenv("LABKIT_MIRROR", "http://mirror.invalid/debian")
-    monkeypatch.delenv("LABKIT_APT_SOURCES", raising=False)
-    opts = kernelsrc._apt_root("7.3", tmp_path)
+    from labkit.settings import Settings
+    opts = kernelsrc._apt_root("7.3", tmp_path, Settings.from_env({"LABKIT_MIRROR": "http://mirror.invalid/debian"}))
     listed = (tmp_path / "sources.list.d" / "mirror.list").read_text().splitlines()
     assert "deb http://mirror.invalid/debian trixie-backports main" in listed
     joined = " ".join(opts)

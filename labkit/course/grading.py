@@ -407,8 +407,8 @@ def as_json(results: list[NotebookResult]) -> dict:
 
 
 def default_notebooks() -> list[Path]:
-    from labkit import paths
-    return sorted(Path(paths.notebooks_dir()).glob("[0-9][0-9]-*.ipynb"))
+    from labkit.settings import from_environment
+    return sorted(from_environment().notebooks_dir.glob("[0-9][0-9]-*.ipynb"))
 
 
 def dumps(results: list[NotebookResult]) -> str:

@@ -34,6 +34,7 @@ from typing import Any
 
 from labkit import paths
 from labkit.errors import LabError
+from labkit.settings import from_environment
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def release(out_dir: Path | None = None, src: Path | None = None) -> list[Path]:
     (default ``notebooks/``); returns the paths written."""
     import nbformat
     src = src or source_dir()
-    out_dir = out_dir or paths.notebooks_dir()
+    out_dir = out_dir or from_environment().notebooks_dir
     sources = sorted(src.glob(NOTEBOOK_GLOB))
     if not sources:
         raise ReleaseError(f"{src}: no instructor source notebooks (NN-title.ipynb)",

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import errno
 import html
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from labkit.errors import LabError
+from labkit.settings import from_environment
 
 
 class SourceNotFound(LabError):
@@ -224,9 +224,9 @@ def for_lab(lab, progress=None) -> KernelSource:
     """The source of the kernel the lab's guest is running now (by ``uname -r``)."""
     from labkit.image.kernels import VARIANTS
     release = lab.sh("uname -r").stdout.strip()
-    given = os.environ.get("LABKIT_KERNEL_SOURCE")      # set by the grader's sandbox (no network there)
+    given = from_environment().kernel_source   # LABKIT_KERNEL_SOURCE: set by the grader's sandbox (no network)
     if given:
-        root = Path(given)
+        root = given
         if root.name != release:
             raise SourceNotFound(f"the source of {release}", release,
                                  hint=f"LABKIT_KERNEL_SOURCE={given} holds {root.name}'s source")

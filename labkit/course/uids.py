@@ -25,17 +25,18 @@ import os
 import random
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from labkit.errors import ConfigError, LabError
+from labkit.errors import LabError
+from labkit.settings import GRADE_UIDS_COUNT, GRADE_UIDS_FIRST, GRADE_UIDS_VAR, Settings, from_environment
 
 log = logging.getLogger(__name__)
 
-FIRST, COUNT = 62000, 1000
+FIRST, COUNT = GRADE_UIDS_FIRST, GRADE_UIDS_COUNT
 LOCK_DIR = Path("/run/labkit/grade-uids")
-RANGE_ENV = "LABKIT_GRADE_UIDS"
+RANGE_ENV = GRADE_UIDS_VAR
 
 
 class UidError(LabError):
@@ -60,21 +61,11 @@ class Lease:
             self.fd = -1
 
 
-def uid_range(env: dict[str, str] | os._Environ[str] | None = None) -> range:
-    """The uids this process may lease: ``LABKIT_GRADE_UIDS`` (``START-END``,
-    inclusive) or 62000-62999."""
-    text = (os.environ if env is None else env).get(RANGE_ENV, "").strip()
-    if not text:
-        return range(FIRST, FIRST + COUNT)
-    try:
-        start, end = (int(x) for x in text.split("-", 1))
-    except ValueError:
-        raise ConfigError(f"{RANGE_ENV}={text!r} is not a uid range",
-                          hint=f"give START-END, e.g. {RANGE_ENV}=63000-63099") from None
-    if not 1000 <= start <= end < 2**31 - 1:
-        raise ConfigError(f"{RANGE_ENV}={text!r}: the range must lie between 1000 and 2147483646, start <= end",
-                          hint="use uids no account on this host has, e.g. 63000-63099")
-    return range(start, end + 1)
+def uid_range(env: Mapping[str, str] | None = None) -> range:
+    """The uids this process may lease: the settings' ``grade_uids``
+    (``LABKIT_GRADE_UIDS``, ``START-END`` inclusive, or 62000-62999) of ``env``,
+    else of this process's environment."""
+    return (from_environment() if env is None else Settings.from_env(env)).grade_uids
 
 
 def lock_dir(path: Path = LOCK_DIR) -> Path:

@@ -7,6 +7,11 @@ directory with ``vmlinuz``, ``initrd.img``, ``root.ext4`` and ``manifest.json``.
 It is rebuilt only when the recipe (the files of ``images/`` plus the
 initramfs builder) changes, and it is written to a temporary directory first
 so a failed build never replaces a working image.
+
+Where images and the recipe live, and whether a missing image may be built,
+come from ``Settings``: the public functions take ``settings`` (None: this
+process's, for callers that do not resolve them themselves); the build's
+internals take them from those.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from labkit.errors import HostSetupError, ImageBuildError, ImageMissing
 # The kernel table and check_kernel are re-exported: callers use image.build.KERNELS.
 from labkit.image.kernels import DEFAULT_KERNEL, KERNELS, KernelVariant, check_kernel, variant
 from labkit.image.sources import apt_sources, needed_suites
+from labkit.settings import Settings, resolve
 
 ARTIFACTS = ("vmlinuz", "initrd.img", "root.ext4")
 STRIP = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*",
@@ -39,20 +45,21 @@ STRIP = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/shar
 Progress = Callable[[str], None]
 
 
-def recipe_files() -> list[Path]:
+def recipe_files(settings: Settings) -> list[Path]:
     """Everything whose change must trigger a rebuild."""
-    rdir = paths.recipe_dir()
+    rdir = settings.recipe_dir
     files = [p for p in sorted(rdir.rglob("*"))
-             if p.is_file() and paths.images_dir() not in p.parents and "__pycache__" not in p.parts]
+             if p.is_file() and settings.images_dir not in p.parents and "__pycache__" not in p.parts]
     here = Path(__file__).resolve().parent
     return files + [here / "initramfs.py", here / "kernelpkg.py"]
 
 
-def recipe_hash(kernel: str) -> str:
+def recipe_hash(kernel: str, settings: Settings | None = None) -> str:
+    settings = resolve(settings)
     h = hashlib.sha256()
     h.update(f"{variant(kernel).recipe_key()}\n".encode())
     base = paths.PROJECT_DIR
-    for f in recipe_files():
+    for f in recipe_files(settings):
         try:
             name = str(f.relative_to(base))
         except ValueError:
@@ -100,23 +107,23 @@ class Image:
         return self.manifest["kernel_release"]
 
 
-def image_dir(kernel: str) -> Path:
-    return paths.images_dir() / kernel
+def image_dir(kernel: str, settings: Settings | None = None) -> Path:
+    return resolve(settings).images_dir / kernel
 
 
-def verify_image(kernel: str) -> Image:
+def verify_image(kernel: str, settings: Settings | None = None) -> Image:
     """Hash every artifact of ``kernel``'s image against its manifest now
     (``labkit image verify``); ImageMissing if anything differs."""
-    img = load_image(kernel, verify=False)
+    img = load_image(kernel, verify=False, settings=settings)
     _verify_checksums(kernel, img.directory, img.manifest, force=True)
     return img
 
 
-def load_image(kernel: str, verify: bool = True) -> Image:
+def load_image(kernel: str, verify: bool = True, settings: Settings | None = None) -> Image:
     """The built image for ``kernel``; ImageMissing (with a rebuild hint) if it
     is absent, stale, or its files do not match the manifest's sha256."""
     check_kernel(kernel)
-    d = image_dir(kernel)
+    d = image_dir(kernel, settings)
     mf = d / "manifest.json"
     if not mf.exists():
         raise ImageMissing(kernel, f"not built yet ({d} has no manifest.json)")
@@ -160,13 +167,14 @@ def _verify_checksums(kernel: str, d: Path, manifest: dict, force: bool = False)
         pass
 
 
-def image_status(kernel: str) -> tuple[str, Image | None]:
+def image_status(kernel: str, settings: Settings | None = None) -> tuple[str, Image | None]:
     """('ok'|'stale'|'missing'|'corrupt', image) for listing and doctor."""
+    settings = resolve(settings)
     try:
-        img = load_image(kernel)
+        img = load_image(kernel, settings=settings)
     except ImageMissing as exc:
         return ("missing" if "not built" in exc.reason else "corrupt"), None
-    if img.manifest.get("recipe_hash") != recipe_hash(kernel):
+    if img.manifest.get("recipe_hash") != recipe_hash(kernel, settings):
         return "stale", img
     return "ok", img
 
@@ -198,7 +206,7 @@ def _require(tool: str, package: str) -> None:
 
 
 def build_image(kernel: str = DEFAULT_KERNEL, force: bool = False,
-                progress: Progress | None = None) -> Image:
+                progress: Progress | None = None, settings: Settings | None = None) -> Image:
     """Build (or reuse) the image for ``kernel``; return it.
 
     Progress lines go to ``progress`` (default: stderr). The full log is kept in
@@ -206,9 +214,10 @@ def build_image(kernel: str = DEFAULT_KERNEL, force: bool = False,
     caller waits for the first and then finds the image up to date.
     """
     check_kernel(kernel)
+    settings = resolve(settings)
     say = progress or _stderr
-    with _build_lock(kernel, say):
-        status, img = image_status(kernel)
+    with _build_lock(kernel, say, settings.images_dir):
+        status, img = image_status(kernel, settings)
         if status == "ok" and img is not None and not force:
             say(f"image {kernel}: up to date ({img.kernel_release}), not rebuilding")
             return img
@@ -217,7 +226,7 @@ def build_image(kernel: str = DEFAULT_KERNEL, force: bool = False,
             _require(tool, pkg)
         if status == "stale":
             say(f"image {kernel}: recipe changed, rebuilding")
-        return _build(kernel, say)
+        return _build(kernel, say, settings)
 
 
 def _stderr(line: str) -> None:
@@ -227,8 +236,8 @@ def _stderr(line: str) -> None:
 class _build_lock:
     """An exclusive flock on ``images/build/.<kernel>.lock`` for one build."""
 
-    def __init__(self, kernel: str, say: Progress) -> None:
-        self.path = paths.images_dir() / f".{kernel}.lock"
+    def __init__(self, kernel: str, say: Progress, images_dir: Path) -> None:
+        self.path = images_dir / f".{kernel}.lock"
         self.say = say
 
     def __enter__(self) -> None:
@@ -244,20 +253,20 @@ class _build_lock:
         os.close(self.fd)       # closing drops the lock
 
 
-def _build(kernel: str, say: Progress) -> Image:
+def _build(kernel: str, say: Progress, settings: Settings) -> Image:
     v = variant(kernel)
-    final = image_dir(kernel)
+    final = image_dir(kernel, settings)
     work = final.parent / f".{kernel}.building"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     mode = "root" if os.geteuid() == 0 else "unshare"
-    packages = read_packages(paths.recipe_dir() / "packages.txt")
-    argv = mmdebstrap_argv(kernel, packages, apt_sources(v, work), mode)
+    packages = read_packages(settings.recipe_dir / "packages.txt")
+    argv = mmdebstrap_argv(kernel, packages, apt_sources(v, work, settings), mode)
     say(f"image {kernel}: building with mmdebstrap ({mode} mode, {v.suite}, {len(packages)} packages + "
         f"{v.package}{' from ' + v.package_suite if v.package_suite else ''}); log: {final.parent}/{kernel}.log")
     t0 = time.monotonic()
     try:
-        _run_mmdebstrap(kernel, argv, _build_env(v, work), work, say, t0)
+        _run_mmdebstrap(kernel, argv, _build_env(v, work, settings), work, say, t0)
         release = (work / "kernel-release").read_text().strip()
         if not v.release_matches(release):
             raise ImageBuildError(f"{v.package} resolved to kernel {release}, not a {kernel} kernel",
@@ -267,21 +276,25 @@ def _build(kernel: str, say: Progress) -> Image:
         pvh = extract(work / "vmlinuz", work / "vmlinux")
         say(f"  [{time.monotonic() - t0:5.1f}s] " + ("vmlinux extracted: QEMU boots it through the PVH entry"
                                                      if pvh else "no PVH entry in this kernel: booting vmlinuz"))
-        manifest = _write_manifest(kernel, work, recipe_hash(kernel), time.monotonic() - t0, mode)
+        manifest = _write_manifest(kernel, work, recipe_hash(kernel, settings), time.monotonic() - t0, mode)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     _replace(final, work)
     say(f"image {kernel}: built {manifest['kernel_release']} in {time.monotonic() - t0:.0f} s "
         f"(root image {manifest['artifacts']['root.ext4']['bytes'] / 2**20:.0f} MiB)")
-    return load_image(kernel)
+    return load_image(kernel, settings=settings)
 
 
-def _build_env(v: KernelVariant, work: Path) -> dict[str, str]:
-    return dict(os.environ, LABKIT_OUT=str(work), LABKIT_RECIPE=str(paths.recipe_dir()),
-                LABKIT_KERNEL_PACKAGE=v.package, LABKIT_KERNEL_SUITE=v.package_suite,
-                LABKIT_PYTHON=sys.executable,
-                PYTHONPATH=str(paths.PROJECT_DIR) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def _build_env(v: KernelVariant, work: Path, settings: Settings) -> dict[str, str]:
+    # mmdebstrap inherits this process's environment (its own variables,
+    # proxies); the recipe's scripts get theirs on top
+    env = dict(os.environ)
+    env.update(LABKIT_OUT=str(work), LABKIT_RECIPE=str(settings.recipe_dir),
+               LABKIT_KERNEL_PACKAGE=v.package, LABKIT_KERNEL_SUITE=v.package_suite,
+               LABKIT_PYTHON=sys.executable,
+               PYTHONPATH=str(paths.PROJECT_DIR) + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
 
 
 def _run_mmdebstrap(kernel: str, argv: list[str], env: dict[str, str], work: Path, say: Progress,
@@ -321,26 +334,24 @@ def _replace(final: Path, work: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def auto_build_allowed() -> bool:
-    """Whether a missing image may be built on demand (``LABKIT_AUTO_BUILD=0`` refuses)."""
-    return os.environ.get("LABKIT_AUTO_BUILD", "1").strip().lower() not in ("0", "no", "false", "off")
-
-
-def ensure_image(kernel: str, build: bool | None = None, progress: Progress | None = None) -> Image:
+def ensure_image(kernel: str, build: bool | None = None, progress: Progress | None = None,
+                 settings: Settings | None = None) -> Image:
     """The image for ``kernel``, built now (with progress lines) if it was
-    never built. ``build=False``, or ``LABKIT_AUTO_BUILD=0`` when ``build`` is
-    None, refuses with ImageMissing instead. A corrupt image is never rebuilt
-    behind the learner's back: that stays an ImageMissing with its hint."""
+    never built. ``build=False``, or ``settings.auto_build`` false
+    (``LABKIT_AUTO_BUILD=0``) when ``build`` is None, refuses with ImageMissing
+    instead. A corrupt image is never rebuilt behind the learner's back: that
+    stays an ImageMissing with its hint."""
+    settings = resolve(settings)
     try:
-        return load_image(kernel)
+        return load_image(kernel, settings=settings)
     except ImageMissing as exc:
-        allowed = auto_build_allowed() if build is None else build
+        allowed = settings.auto_build if build is None else build
         if not (allowed and _never_built(exc)):
             raise
     say = progress or _stderr
     say(f"image {kernel}: not built yet; building it now (about a minute; "
         f"`labkit image build --kernel {kernel}` does the same)")
-    return build_image(kernel, progress=say)
+    return build_image(kernel, progress=say, settings=settings)
 
 
 def _never_built(exc: ImageMissing) -> bool:
@@ -389,5 +400,6 @@ def _write_manifest(kernel: str, d: Path, rhash: str, seconds: float, mode: str)
     return manifest
 
 
-def list_images() -> list[tuple[str, str, Image | None]]:
-    return [(k, *image_status(k)) for k in KERNELS]
+def list_images(settings: Settings | None = None) -> list[tuple[str, str, Image | None]]:
+    settings = resolve(settings)
+    return [(k, *image_status(k, settings)) for k in KERNELS]

@@ -25,10 +25,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from labkit import paths
 from labkit.errors import HostSetupError, ImageBuildError
 from labkit.image.kernels import variant
 from labkit.image.sources import apt_sources
+from labkit.settings import Settings, resolve
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ def source_package(kernel: str, image_manifest: dict) -> tuple[str, str]:
     return f"linux-source-{major_minor}", version
 
 
-def cache_dir(release: str) -> Path:
-    return paths.cache_dir() / "kernel-source" / release
+def cache_dir(release: str, settings: Settings) -> Path:
+    return settings.cache_dir / "kernel-source" / release
 
 
 MANIFEST = "manifest.json"
@@ -82,11 +82,11 @@ def _complete(dest: Path) -> bool:
         return False
 
 
-def _apt_root(kernel: str, work: Path) -> list[str]:
+def _apt_root(kernel: str, work: Path, settings: Settings) -> list[str]:
     """apt-get options for a private apt over the kernel variant's Debian sources."""
     parts = work / "sources.list.d"
     parts.mkdir(parents=True, exist_ok=True)
-    found = apt_sources(variant(kernel), work)
+    found = apt_sources(variant(kernel), work, settings)
     lines = [m for m in found if m.startswith("deb ")]
     for f in (Path(m) for m in found if not m.startswith("deb ")):
         shutil.copy(f, parts / f"labkit-{f.name}" if f.suffix in (".list", ".sources") else parts / "user.list")
@@ -150,12 +150,14 @@ def _extract(deb: Path, package: str, dest: Path) -> list[str]:
 
 
 def fetch(kernel: str, image_manifest: dict, progress: Progress | None = None,
-          timeout: float = 900.0) -> Path:
+          timeout: float = 900.0, settings: Settings | None = None) -> Path:
     """The directory with the course's files of this image's kernel source,
-    fetched once (about 150 MB downloaded, a few hundred KB kept)."""
+    fetched once (about 150 MB downloaded, a few hundred KB kept) into the
+    settings' cache."""
+    settings = resolve(settings)
     say = progress or (lambda s: None)
     release = image_manifest.get("kernel_release", kernel)
-    dest = cache_dir(release)
+    dest = cache_dir(release, settings)
     if _complete(dest):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +171,7 @@ def fetch(kernel: str, image_manifest: dict, progress: Progress | None = None,
         work.mkdir()
         try:
             t0 = time.monotonic()
-            opts = _apt_root(kernel, work)
+            opts = _apt_root(kernel, work, settings)
             say(f"reading the Debian package lists for the {kernel} kernel's source")
             _run(["apt-get", *opts, "-q", "update"], work, "apt-get update (private lists)", timeout)
             say(f"downloading {package} {version} (about 150 MB, once)")

@@ -8,12 +8,12 @@ The rewriting is pure text -> text (one-line ``.list`` and deb822
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 from labkit.errors import HostSetupError
 from labkit.image.kernels import KernelVariant
+from labkit.settings import Settings
 
 APT_DIR = Path("/etc/apt")
 
@@ -84,20 +84,20 @@ def os_release(path: Path = Path("/etc/os-release")) -> dict[str, str]:
     return out
 
 
-def apt_sources(v: KernelVariant, build_dir: Path, apt_dir: Path = APT_DIR,
+def apt_sources(v: KernelVariant, build_dir: Path, settings: Settings, apt_dir: Path = APT_DIR,
                 osr: dict[str, str] | None = None) -> list[str]:
-    """MIRROR arguments for mmdebstrap: the user's override, else the host's
-    own Debian sources with the suite changed to ``v``'s (files written to
-    ``build_dir``)."""
-    if os.environ.get("LABKIT_APT_SOURCES"):
-        src = Path(os.environ["LABKIT_APT_SOURCES"])
+    """MIRROR arguments for mmdebstrap: the user's override (``settings.apt_sources``,
+    else ``settings.mirror``), else the host's own Debian sources with the
+    suite changed to ``v``'s (files written to ``build_dir``)."""
+    if settings.apt_sources is not None:
+        src = settings.apt_sources
         if not src.is_file():
             raise HostSetupError(f"LABKIT_APT_SOURCES={src} is not a file",
                                  hint="point it to an apt sources.list or deb822 .sources file with "
                                       + needed_suites(v))
         return [str(src)]
-    if os.environ.get("LABKIT_MIRROR"):
-        return mirror_lines(os.environ["LABKIT_MIRROR"], v)
+    if settings.mirror:
+        return mirror_lines(settings.mirror, v)
     osr = os_release() if osr is None else osr
     if osr.get("ID") != "debian":
         raise HostSetupError(

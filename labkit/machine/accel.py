@@ -17,7 +17,7 @@ import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 
-from labkit import paths
+from labkit.settings import Settings
 from labkit.timeout import Deadline
 
 PROBE_SECONDS = 6.0
@@ -97,12 +97,12 @@ def _cache_key(qemu: str) -> str:
     return f"{platform.release()}|{ident}"
 
 
-def choose_accel(qemu: str = "qemu-system-x86_64", use_cache: bool = True) -> AccelChoice:
-    """The accelerator to use: ``LABKIT_ACCEL`` if set, else the (cached) probe."""
-    forced = os.environ.get("LABKIT_ACCEL", "").strip().lower()
-    if forced in ("kvm", "tcg"):
-        return AccelChoice(forced, "set by LABKIT_ACCEL")
-    cache = paths.cache_dir() / "accel.json"
+def choose_accel(settings: Settings, qemu: str = "qemu-system-x86_64", use_cache: bool = True) -> AccelChoice:
+    """The accelerator to use: ``settings.accel`` (``LABKIT_ACCEL``) if set,
+    else the probe, cached in ``settings.cache_dir``."""
+    if settings.accel:
+        return AccelChoice(settings.accel, "set by LABKIT_ACCEL")
+    cache = settings.cache_dir / "accel.json"
     key = _cache_key(qemu)
     if use_cache:
         try:

@@ -22,7 +22,7 @@ from labkit.machine.argv import build_qemu_argv
 from labkit.machine.channels.console import BootInfo, ConsoleChannel
 from labkit.machine.channels.keys import ensure_client_key
 from labkit.machine.channels.ssh import SSHChannel
-from labkit.machine.config import VMConfig, free_page_reporting_from_env
+from labkit.machine.config import VMConfig
 from labkit.machine.process import free_port, is_qemu_of, spawn, start_time, terminate
 from labkit.machine.state import VMState
 from labkit.machine.statedir import VMInfo
@@ -67,9 +67,9 @@ class Starter:
         vm = self.vm
         self.sd.create()
         # A kernel whose image was never built is built now, with progress
-        # (LABKIT_AUTO_BUILD=0 refuses, as the test suite does).
-        vm.image = ensure_image(vm.kernel, progress=vm.progress if vm.on_console_line else None)
-        vm.accel = AccelChoice(vm.accel_forced, "requested") if vm.accel_forced else choose_accel()
+        # (settings.auto_build false, LABKIT_AUTO_BUILD=0, refuses, as the test suite does).
+        vm.image = ensure_image(vm.kernel, settings=vm.settings, progress=vm.progress if vm.on_console_line else None)
+        vm.accel = AccelChoice(vm.accel_forced, "requested") if vm.accel_forced else choose_accel(vm.settings)
         info = self.sd.load_info() or VMInfo(vm.name, vm.kernel)
         if info.kernel != vm.kernel and self.sd.overlay.exists():
             info.base_sha256 = ""      # another kernel's image: start the disk afresh
@@ -89,7 +89,7 @@ class Starter:
                         initrd=vm.image.initrd, accel=vm.accel.accel, memory_mb=vm.memory_mb,
                         smp=vm.smp, nvdimms=vm.nvdimms, ssh_port=free_port(), ssh_pubkey=pubkey,
                         tcg_cache_mb=vm.tcg_cache_mb if vm.accel.accel == "tcg" else None,
-                        free_page_reporting=free_page_reporting_from_env(),
+                        free_page_reporting=vm.settings.free_page_reporting,
                         **kw)  # type: ignore[arg-type]
 
     def spawn_retrying(self, info: VMInfo, pubkey: str, timeout: float, **kw: object) -> VMConfig:
@@ -115,7 +115,8 @@ class Starter:
         argv = build_qemu_argv(cfg)
         self.sd.clear_sockets()
         self.sd.console_log.write_bytes(b"")
-        vm.proc = proc = spawn(argv, self.sd.qemu_log, die_with_parent=not vm.persistent)
+        vm.proc = proc = spawn(argv, self.sd.qemu_log, die_with_parent=not vm.persistent,
+                               owner_pid=vm.settings.lifetime_pid)
         info.pid, info.qemu_started = proc.pid, start_time(proc.pid)
         info.starter_pid, info.state = os.getpid(), "starting"
         info.started_at = time.time()

@@ -3,7 +3,6 @@ line (see ``labkit.machine.argv.build_qemu_argv``)."""
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -119,41 +118,3 @@ def check_sizes(memory_mb: object, nvdimms: Sequence[object]) -> tuple[Nvdimm, .
     if any(not isinstance(n, int) or isinstance(n, bool) for n in nvdimms):
         raise ConfigError(f"NVDIMM sizes {nvdimms!r} must be whole MiB", hint="e.g. nvdimms=(512, 512, 512)")
     return tuple(Nvdimm(n) for n in nvdimms)  # type: ignore[arg-type]
-
-
-# TCG's translation cache under software emulation. QEMU's own default (1 GiB)
-# fills over a long session (984 MB of a course-long VM's 1.6 GB); 128 MiB cost
-# no measurable speed on 2026-12-02 (pin matrix 21.2 s vs 21.0 s, medians of 3;
-# grading notebooks 01+02 45-48 s vs 42-44 s) and saves 123 MB per VM after the
-# matrix (docs/performance.md).
-DEFAULT_TCG_CACHE_MB = 128
-
-
-def tcg_cache_mb_from_env(given: int | None) -> int:
-    """The translation cache size: ``given``, else LABKIT_TCG_CACHE_MB, else 128 MiB."""
-    env = os.environ.get("LABKIT_TCG_CACHE_MB", "")
-    if given is not None:
-        return given
-    if not env:
-        return DEFAULT_TCG_CACHE_MB
-    if not env.isdigit():
-        raise ConfigError(f"LABKIT_TCG_CACHE_MB={env!r} is not a number of MiB",
-                          hint=f"e.g. LABKIT_TCG_CACHE_MB=1024 (QEMU's own default), or unset it for "
-                               f"labkit's {DEFAULT_TCG_CACHE_MB}")
-    return int(env)
-
-
-def managed_elsewhere() -> frozenset[str]:
-    """``LABKIT_MANAGED_VMS``: names (separated by spaces) of VMs whose start
-    and stop belong to another process; the summative grader sets it in its
-    sandbox for the guests it started, which a notebook only attaches to."""
-    return frozenset(os.environ.get("LABKIT_MANAGED_VMS", "").split())
-
-
-def free_page_reporting_from_env() -> bool:
-    """LABKIT_FREE_PAGE_REPORTING=0 leaves the balloon out (to measure what it gains)."""
-    env = os.environ.get("LABKIT_FREE_PAGE_REPORTING", "1")
-    if env not in ("0", "1"):
-        raise ConfigError(f"LABKIT_FREE_PAGE_REPORTING={env!r} is not 0 or 1",
-                          hint="1 (the default) returns memory the guest freed to the host; 0 does not")
-    return env == "1"

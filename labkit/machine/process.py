@@ -121,10 +121,11 @@ def _set_pdeathsig() -> None:   # runs in the child between fork and exec
 _MAIN_THREAD = threading.main_thread().ident
 
 
-def spawn(argv: Sequence[str], log_path: Path, die_with_parent: bool) -> subprocess.Popen[bytes]:
+def spawn(argv: Sequence[str], log_path: Path, die_with_parent: bool, owner_pid: int = 0) -> subprocess.Popen[bytes]:
     """Start QEMU in a session of its own, output to ``log_path``. A
     persistent VM (``die_with_parent`` false) outlives this process, but not
-    the process named by ``lifetime_pid()`` (a learner's Jupyter server)."""
+    the process ``owner_pid`` (a learner's Jupyter server: the settings'
+    ``lifetime_pid``; 0 for none)."""
     log.debug("spawning %s", " ".join(argv))
     with open(log_path, "wb") as out:
         try:
@@ -133,30 +134,10 @@ def spawn(argv: Sequence[str], log_path: Path, die_with_parent: bool) -> subproc
                                     preexec_fn=_set_pdeathsig if die_with_parent else None)
         except OSError as exc:
             raise LaunchError(f"cannot run {argv[0]}: {exc}", argv) from exc
-    owner = 0 if die_with_parent else lifetime_pid()
+    owner = 0 if die_with_parent else owner_pid
     if owner:
         tie_to(proc.pid, owner)
     return proc
-
-
-def lifetime_pid() -> int:
-    """The process whose end must end a persistent VM too, 0 for none.
-
-    ``LABKIT_LIFETIME_PID`` when set (``0`` turns it off; the hub
-    configuration sets it to the learner's Jupyter server). Otherwise, in a
-    Jupyter kernel of a JupyterHub server (``JUPYTERHUB_USER`` set), the
-    server that started the kernel (``JPY_PARENT_PID``, set by jupyter_client).
-    A kernel restart keeps the VM; stopping or culling the server ends it.
-    Outside a hub a persistent VM is the learner's own and outlives everything."""
-    value = os.environ.get("LABKIT_LIFETIME_PID")
-    if value is None and os.environ.get("JUPYTERHUB_USER"):
-        value = os.environ.get("JPY_PARENT_PID")
-    try:
-        pid = int(value or 0)
-    except ValueError:
-        log.warning("LABKIT_LIFETIME_PID=%r is not a PID; the VM is not tied to any process", value)
-        return 0
-    return pid if pid > 0 else 0
 
 
 # The watcher: stdlib only and started with -S -E so it costs a few MiB. It

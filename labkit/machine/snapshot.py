@@ -23,7 +23,7 @@ Per-VM secrets are not in it: QEMU hands each VM's own public key to the
 guest through fw_cfg, and the restored guest's sshd reads it from there.
 
 Where snapshots live: on a host shared by a class, an instructor makes the
-host-wide directory (``paths.shared_cache_dir()/snapshots``, created by hand:
+host-wide directory (``Settings.shared_cache_dir/snapshots``, created by hand:
 its existence is the opt-in) and starts each kernel's VM once; the snapshots
 are written there world-readable. Learners only read that directory; a
 machine it has no snapshot for gets one in the learner's own cache. Each
@@ -45,12 +45,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from labkit import paths
 from labkit.errors import ChannelError, GuestTimeout, LaunchError
 from labkit.image.build import Image
 from labkit.machine.argv import build_qemu_argv
 from labkit.machine.channels.qmp import QMPChannel
 from labkit.machine.config import VMConfig
+from labkit.settings import Settings
 from labkit.timeout import Deadline, flock_before
 
 log = logging.getLogger(__name__)
@@ -112,33 +112,33 @@ def machine_key(cfg: VMConfig, image: Image) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def shared_snapshots_dir() -> Path | None:
+def shared_snapshots_dir(settings: Settings) -> Path | None:
     """The host-wide snapshot directory (None when turned off)."""
-    shared = paths.shared_cache_dir()
+    shared = settings.shared_cache_dir
     return shared / "snapshots" if shared else None
 
 
-def snapshots_dir() -> Path:
+def snapshots_dir(settings: Settings) -> Path:
     """Where this process writes snapshots: the host-wide directory when it
     exists and this user may write it (the instructor), else the user's own cache."""
-    shared = shared_snapshots_dir()
+    shared = shared_snapshots_dir(settings)
     if shared is not None and shared.is_dir() and os.access(shared, os.W_OK | os.X_OK):
         return shared
-    return paths.cache_dir() / "snapshots"
+    return settings.cache_dir / "snapshots"
 
 
-def search_dirs() -> list[Path]:
+def search_dirs(settings: Settings) -> list[Path]:
     """Where snapshots are looked for: the writable directory first (its
     broken snapshots can be removed), then the host-wide read-only one."""
-    dirs = [snapshots_dir()]
-    shared = shared_snapshots_dir()
+    dirs = [snapshots_dir(settings)]
+    shared = shared_snapshots_dir(settings)
     if shared is not None and shared != dirs[0] and shared.is_dir():
         dirs.append(shared)
     return dirs
 
 
-def _is_shared(d: Path) -> bool:
-    shared = shared_snapshots_dir()
+def _is_shared(settings: Settings, d: Path) -> bool:
+    shared = shared_snapshots_dir(settings)
     return shared is not None and d.parent == shared
 
 
@@ -167,11 +167,11 @@ class Snapshot:
         return self.meta["key"]
 
 
-def find(key: str, kernel: str) -> Snapshot | None:
+def find(settings: Settings, key: str, kernel: str) -> Snapshot | None:
     """The valid snapshot for ``key``, or None. A snapshot whose files do not
     match its own record (truncated, half-written) is removed, never used."""
-    writable = snapshots_dir()
-    for root in search_dirs():
+    writable = snapshots_dir(settings)
+    for root in search_dirs(settings):
         snap = _valid(root / f"{kernel}-{key}", key)
         if snap is not None:
             return snap
@@ -210,10 +210,10 @@ def discard(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def list_snapshots(roots: list[Path] | None = None) -> list[Snapshot]:
+def list_snapshots(settings: Settings, roots: list[Path] | None = None) -> list[Snapshot]:
     """The snapshots in ``roots`` (default: every directory searched)."""
     out = []
-    for d in sorted(d for root in (search_dirs() if roots is None else roots) for d in root.glob("*-*")):
+    for d in sorted(d for root in (search_dirs(settings) if roots is None else roots) for d in root.glob("*-*")):
         try:
             out.append(Snapshot(d, json.loads((d / "meta.json").read_text())))
         except (OSError, ValueError):
@@ -222,9 +222,9 @@ def list_snapshots(roots: list[Path] | None = None) -> list[Snapshot]:
 
 
 @contextmanager
-def creation_lock(key: str, timeout: float = 300.0):
+def creation_lock(settings: Settings, key: str, timeout: float = 300.0):
     """One creator per snapshot key across processes; others wait, then reuse."""
-    root = snapshots_dir()
+    root = snapshots_dir(settings)
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(root / f".{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -235,33 +235,34 @@ def creation_lock(key: str, timeout: float = 300.0):
         os.close(fd)
 
 
-def save(qmp: QMPChannel, overlay: Path, key: str, kernel: str, meta: dict,
+def save(settings: Settings, qmp: QMPChannel, overlay: Path, key: str, kernel: str, meta: dict,
          timeout: float = 120.0) -> Snapshot:
     """Migrate the running guest into a new snapshot directory. The source is
     left paused (postmigrate); the caller stops it. Nothing is left behind
     when it fails; a full disk is named as such."""
-    sweep_stale_tmp()
-    final = snapshots_dir() / f"{kernel}-{key}"
-    tmp = snapshots_dir() / f".tmp-{kernel}-{key}-{os.getpid()}"
+    sweep_stale_tmp(settings)
+    final = snapshots_dir(settings) / f"{kernel}-{key}"
+    tmp = snapshots_dir(settings) / f".tmp-{kernel}-{key}-{os.getpid()}"
+    shared = _is_shared(settings, final)
     discard(tmp)
     tmp.mkdir(parents=True, mode=0o700)
     try:
-        meta = _write(qmp, overlay, tmp, dict(meta, key=key, format=FORMAT, kernel=kernel), timeout)
+        meta = _write(qmp, overlay, tmp, dict(meta, key=key, format=FORMAT, kernel=kernel), timeout, shared)
     except (LaunchError, GuestTimeout, ChannelError, OSError) as exc:
         discard(tmp)
-        full = _disk_full(snapshots_dir())
+        full = _disk_full(snapshots_dir(settings))
         if full:
             raise LaunchError(full) from exc
         raise
-    if _is_shared(final):
+    if shared:
         tmp.chmod(0o755)        # learners read it; only its creator writes
     discard(final)
     os.rename(tmp, final)
-    prune(kernel, keep=KEEP_PER_KERNEL)
+    prune(settings, kernel, keep=KEEP_PER_KERNEL)
     return Snapshot(final, meta)
 
 
-def _write(qmp: QMPChannel, overlay: Path, tmp: Path, meta: dict, timeout: float) -> dict:
+def _write(qmp: QMPChannel, overlay: Path, tmp: Path, meta: dict, timeout: float, shared: bool) -> dict:
     state = tmp / "state.mig"
     t0 = time.monotonic()
     qmp.command("migrate-set-capabilities", capabilities=CAPABILITIES)
@@ -273,7 +274,7 @@ def _write(qmp: QMPChannel, overlay: Path, tmp: Path, meta: dict, timeout: float
     meta = dict(meta, created_at=time.time(), save_seconds=round(time.monotonic() - t0, 2),
                 state_bytes=state.stat().st_size, disk_bytes=(tmp / "disk.qcow2").stat().st_size)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    mode = 0o444 if _is_shared(tmp) else 0o400
+    mode = 0o444 if shared else 0o400
     for f in tmp.iterdir():
         f.chmod(mode)
     return meta
@@ -302,13 +303,13 @@ def _disk_full(where: Path) -> str:
             "(free some space or point LABKIT_CACHE_DIR elsewhere; the VM boots cold meanwhile)")
 
 
-def sweep_stale_tmp() -> list[Path]:
+def sweep_stale_tmp(settings: Settings) -> list[Path]:
     """Remove half-written snapshots (``.tmp-<kernel>-<key>-<pid>``) whose
     writer is gone (killed during a save)."""
     from labkit.machine.process import pid_alive
 
     removed = []
-    for d in snapshots_dir().glob(".tmp-*"):
+    for d in snapshots_dir(settings).glob(".tmp-*"):
         pid = d.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not pid_alive(int(pid)):
             discard(d)
@@ -319,14 +320,14 @@ def sweep_stale_tmp() -> list[Path]:
 KEEP_PER_KERNEL = 3
 
 
-def prune(kernel: str, keep: int) -> None:
+def prune(settings: Settings, kernel: str, keep: int) -> None:
     """Old snapshots of a kernel (older images, other machine sizes) are
     ~150 MB each: keep the newest few."""
-    mine = [s for s in list_snapshots([snapshots_dir()]) if s.meta.get("kernel") == kernel]
+    mine = [s for s in list_snapshots(settings, [snapshots_dir(settings)]) if s.meta.get("kernel") == kernel]
     mine.sort(key=lambda s: s.meta.get("created_at", 0), reverse=True)
     for old in mine[keep:]:
         discard(old.path)
-        (snapshots_dir() / f".{old.meta.get('key')}.lock").unlink(missing_ok=True)
+        (snapshots_dir(settings) / f".{old.meta.get('key')}.lock").unlink(missing_ok=True)
 
 
 CAPABILITIES = [{"capability": "x-ignore-shared", "state": True}, {"capability": "events", "state": True}]

@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from labkit import paths
 from labkit.command import CommandResult
 from labkit.errors import StateError
 from labkit.image import DEFAULT_KERNEL, Image
@@ -37,12 +36,13 @@ from labkit.machine.boot import Starter, attach_running
 from labkit.machine.channels.console import BootInfo, ConsoleChannel
 from labkit.machine.channels.qmp import QMPChannel
 from labkit.machine.channels.ssh import SSHChannel
-from labkit.machine.config import check_name, check_sizes, managed_elsewhere, tcg_cache_mb_from_env
+from labkit.machine.config import check_name, check_sizes
 from labkit.machine.locks import LifecycleLock
 from labkit.machine.shutdown import polite_quit
 from labkit.machine.state import VMState, describe, recorded_state
 from labkit.machine.statedir import StateDir, VMInfo, sweep_stale_throwaways
 from labkit.machine.watch import Watch
+from labkit.settings import Settings, resolve
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,13 @@ class VM:
                  state_dir: Path | None = None, memory_mb: int = 1024, smp: int | None = None,
                  nvdimms: Sequence[int] = (512, 512, 512), accel: str | None = None,
                  boot_timeout: float | None = None, warm: bool = True, tcg_cache_mb: int | None = None,
-                 on_console_line: Callable[[str], None] | None = None) -> None:
+                 on_console_line: Callable[[str], None] | None = None, settings: Settings | None = None) -> None:
+        # The facade is an edge (``labkit.VM``): settings not given are
+        # resolved here, once; everything below takes them from the VM.
+        self.settings = resolve(settings)
         self.name = check_name(name)
         self.nvdimms = check_sizes(memory_mb, nvdimms)   # validated before anything is created on disk
-        self.tcg_cache_mb = tcg_cache_mb_from_env(tcg_cache_mb)
+        self.tcg_cache_mb = self.settings.tcg_cache_mb if tcg_cache_mb is None else tcg_cache_mb
         self.kernel, self.persistent, self.memory_mb, self.warm = kernel, persistent, memory_mb, warm
         self.smp = smp or min(2, os.cpu_count() or 1)
         self.accel_forced, self.boot_timeout, self.on_console_line = accel, boot_timeout, on_console_line
@@ -67,7 +70,7 @@ class VM:
             self._tmpdir = tempfile.mkdtemp(prefix=f"labkit-{name}-{os.getpid()}-")
             state_dir = Path(self._tmpdir)
             process.THROWAWAYS.add(self)
-        self.sd = StateDir(Path(state_dir or paths.state_root() / "vms" / name).absolute())
+        self.sd = StateDir(Path(state_dir or self.settings.state_dir / "vms" / name).absolute())
         self.lock_timeout = 30.0     # how long start/stop wait for another process's start/stop
         self._lock = LifecycleLock(self.sd.lock, self.name)
         self.state = VMState.STOPPED
@@ -173,9 +176,10 @@ class VM:
         return process.is_qemu_of(pid, self.sd.pidfile)
 
     @classmethod
-    def attach(cls, name: str = "default", state_dir: Path | None = None, timeout: float = 10.0) -> VM:
+    def attach(cls, name: str = "default", state_dir: Path | None = None, timeout: float = 10.0,
+               settings: Settings | None = None) -> VM:
         """Connect to a persistent VM started by another process."""
-        vm = cls(name, persistent=True, state_dir=state_dir)
+        vm = cls(name, persistent=True, state_dir=state_dir, settings=settings)
         attach_running(vm, timeout)
         return vm
 
@@ -225,12 +229,12 @@ class VM:
     def stop(self, timeout: float = 15.0) -> bool:
         """Polite shutdown, then SIGTERM/SIGKILL; always leaves the VM stopped.
         Returns True if the polite path failed and QEMU had to be killed. A VM
-        another process owns (``LABKIT_MANAGED_VMS``) is left to it: this only
+        another process owns (``settings.managed_vms``) is left to it: this only
         drops our connections."""
         if self.state is VMState.STOPPED and self.status() is VMState.STOPPED:
             return False
-        if self.name in managed_elsewhere():
-            log.info("%s is stopped by the process that started it (the grader); dropping our connections",
+        if self.name in self.settings.managed_vms:
+            log.info("%s is stopped by the process that started it; dropping our connections",
                      self.name)
             self.close_channels()
             self.state = VMState.STOPPED
@@ -345,12 +349,15 @@ class VM:
 
 
 def connect(name: str | None = None, kernel: str = DEFAULT_KERNEL,
-            on_console_line: Callable[[str], None] | None = None) -> VM:
+            on_console_line: Callable[[str], None] | None = None, settings: Settings | None = None) -> VM:
     """The lab VM for a notebook: attach to it if it runs (a kernel restart
-    does not lose the guest), else start it as a persistent VM."""
-    name = name or os.environ.get("LABKIT_VM", "default")
-    vm = VM(name, kernel=kernel, persistent=True, on_console_line=on_console_line)
+    does not lose the guest), else start it as a persistent VM. ``name``
+    defaults to the settings' ``vm_name`` (``LABKIT_VM``); ``labkit.connect``
+    is an edge, so settings not given are resolved here."""
+    settings = resolve(settings)
+    name = name or settings.vm_name
+    vm = VM(name, kernel=kernel, persistent=True, on_console_line=on_console_line, settings=settings)
     if vm.status() is VMState.RUNNING:
-        return VM.attach(name)
+        return VM.attach(name, settings=settings)
     vm.start()
     return vm

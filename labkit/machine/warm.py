@@ -65,11 +65,11 @@ def snapshot_for(st: Starter, info: VMInfo, pubkey: str, timeout: float) -> snap
     """The valid snapshot for this machine, created now if there is none."""
     assert st.vm.image is not None
     key = snapshot.machine_key(st.config(info, ""), st.vm.image)
-    snap = snapshot.find(key, st.vm.kernel)
+    snap = snapshot.find(st.vm.settings, key, st.vm.kernel)
     if snap is not None:
         return snap
-    with snapshot.creation_lock(key):
-        snap = snapshot.find(key, st.vm.kernel)     # another process may have made it
+    with snapshot.creation_lock(st.vm.settings, key):
+        snap = snapshot.find(st.vm.settings, key, st.vm.kernel)     # another process may have made it
         if snap is None:
             snap = create_snapshot(st, key, info, pubkey, timeout)
     return snap
@@ -90,7 +90,7 @@ def create_snapshot(st: Starter, key: str, info: VMInfo, pubkey: str, timeout: f
         vm.ssh_channel = None
         vm.progress("labkit: saving the warm-start snapshot")
         with QMPChannel(cfg.qmp_socket).connect(timeout=5) as qmp:
-            return snapshot.save(qmp, cfg.root_overlay, key, vm.kernel, {
+            return snapshot.save(vm.settings, qmp, cfg.root_overlay, key, vm.kernel, {
                 "host_key": list(info.host_key), "kernel_release": vm.boot.kernel_release,
                 "cold_boot_seconds": info.boot_seconds, "qemu": snapshot.qemu_version(),
                 "accel": cfg.accel, "memory_mb": cfg.memory_mb, "smp": cfg.smp,

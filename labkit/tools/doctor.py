@@ -9,10 +9,10 @@ import socket
 import subprocess
 from dataclasses import dataclass
 
-from labkit import paths
 from labkit.image import build as image
 from labkit.machine import snapshot
 from labkit.machine.accel import choose_accel
+from labkit.settings import Settings, resolve
 
 MIN_QEMU = (7, 0)
 MIN_FREE_GB = 3.0
@@ -36,7 +36,8 @@ def qemu_version(binary: str = "qemu-system-x86_64") -> tuple[int, ...] | None:
     return tuple(int(x) for x in m.groups() if x is not None) if m else None
 
 
-def run_checks(kernels: tuple[str, ...] = (image.DEFAULT_KERNEL,)) -> list[Check]:
+def run_checks(kernels: tuple[str, ...] = (image.DEFAULT_KERNEL,), settings: Settings | None = None) -> list[Check]:
+    settings = resolve(settings)     # an entry point: the command line passes the settings it resolved
     checks: list[Check] = []
     ver = qemu_version()
     if ver is None:
@@ -48,11 +49,11 @@ def run_checks(kernels: tuple[str, ...] = (image.DEFAULT_KERNEL,)) -> list[Check
                             f"QEMU {'.'.join(map(str, MIN_QEMU))} or newer is needed"))
     checks.append(Check("qemu-img", shutil.which("qemu-img") is not None, "disk overlays",
                         "sudo apt-get install qemu-utils"))
-    choice = choose_accel()
+    choice = choose_accel(settings)
     checks.append(Check("accelerator", True, str(choice)))
     checks.append(_builder_check())
     for k, v in image.KERNELS.items():
-        status, img = image.image_status(k)
+        status, img = image.image_status(k, settings)
         detail = f"kernel {k} ({v.suite}): {status}" + (f" ({img.kernel_release})" if img else "")
         if status == "missing" and k not in kernels:
             detail += "; built on first use (about a minute)"
@@ -64,21 +65,21 @@ def run_checks(kernels: tuple[str, ...] = (image.DEFAULT_KERNEL,)) -> list[Check
         checks.append(Check("ports", True, "can bind a free port on 127.0.0.1 for SSH forwarding"))
     except OSError as exc:
         checks.append(Check("ports", False, f"cannot bind on 127.0.0.1: {exc}", "check the loopback interface"))
-    state = paths.state_root()
+    state = settings.state_dir
     probe = state if state.exists() else next((p for p in state.parents if p.exists()), state.anchor)
     free_gb = shutil.disk_usage(probe).free / 2**30
     newest: dict[str, snapshot.Snapshot] = {}
-    for sn in snapshot.list_snapshots():
+    for sn in snapshot.list_snapshots(settings):
         k = str(sn.meta.get("kernel"))
         if k in kernels and sn.meta.get("created_at", 0) >= newest.get(k, sn).meta.get("created_at", 0):
             newest[k] = sn
     checks.append(Check("warm start", True,
                         "; ".join(f"{k}: snapshot of {sn.meta.get('kernel_release')}, "
-                                  f"{sn.meta.get('state_bytes', 0) // 2**20} MiB, in {paths.cache_dir()}"
+                                  f"{sn.meta.get('state_bytes', 0) // 2**20} MiB, in {settings.cache_dir}"
                                   for k, sn in sorted(newest.items()))
                         or "no snapshot yet: the first VM start boots cold and makes one, "
                            "later starts restore it in about a second", required=False))
-    checks.append(_snapshot_space_check())
+    checks.append(_snapshot_space_check(settings))
     checks.append(ksm_check())
     checks.append(Check("disk", free_gb >= MIN_FREE_GB, f"{free_gb:.1f} GiB free for VM state in {state}",
                         f"free at least {MIN_FREE_GB:.0f} GiB or set LABKIT_STATE_DIR elsewhere"))
@@ -97,10 +98,10 @@ def _builder_check() -> Check:
     return Check("mmdebstrap", True, f"builds the guest image {mode}", required=False)
 
 
-def _snapshot_space_check() -> Check:
+def _snapshot_space_check(settings: Settings) -> Check:
     """Room for warm-start snapshots; half-written ones of killed processes are removed first."""
-    where = snapshot.snapshots_dir()
-    swept = snapshot.sweep_stale_tmp() if where.exists() else []
+    where = snapshot.snapshots_dir(settings)
+    swept = snapshot.sweep_stale_tmp(settings) if where.exists() else []
     free = snapshot.free_mb(where)
     note = f" (removed {len(swept)} half-written snapshot(s) left by killed processes)" if swept else ""
     return Check("snapshots", free >= snapshot.NEEDS_MB,

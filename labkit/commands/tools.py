@@ -1,0 +1,84 @@
+"""``labkit doctor`` and ``labkit bench``: is this host ready, and how fast is it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+from labkit.commands.common import err, number, progress_lines
+from labkit.image import build as image
+from labkit.settings import Settings
+
+
+def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    if args.capacity:
+        from labkit.tools.capacity import capacity
+        print(capacity().text())
+        return 0
+    from labkit.tools.doctor import report, run_checks
+    text, ok = report(run_checks(settings=settings))
+    print(text)
+    return 0 if ok else 1
+
+
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from labkit.tools import bench
+    kernels = list(image.KERNELS) if args.kernel == "all" else [args.kernel]
+    grade = tuple(args.grade or ()) or (tuple(bench.bench_class.default_grade_set()) if args.grade == [] else ())
+    missing = [g for g in grade if not os.path.isfile(g)]
+    if missing:
+        err(f"--grade: no such notebook: {missing[0]}")
+        return 2
+    extras = bench.Extras(learners=args.learners, matrix_ratio=args.matrix_ratio, grade=grade,
+                           first_run=args.first_run)
+    say = progress_lines(args.json)
+    results = [bench.run(k, runs=args.runs, matrix=not args.no_matrix, progress=say, extras=extras)
+               for k in kernels]
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else {r["kernel"]: r for r in results}, indent=2))
+    else:
+        print("\n\n".join(bench.format_report(r) for r in results))
+    return 0
+
+
+def add_doctor(sub: Any) -> None:
+    d = sub.add_parser("doctor", help="check that this host can run the lab")
+    d.add_argument("--capacity", action="store_true",
+                   help="how many learners this host holds at once (cores, memory, measured cost per learner)")
+    d.set_defaults(func=cmd_doctor)
+
+
+def add_bench(sub: Any) -> None:
+    bn = sub.add_parser("bench", help="measure cold boot, warm start, reset, SSH, the matrix and memory",
+                        description="Runs, one after the other on this machine: a cold boot to SSH-ready, a "
+                                    "warm start (snapshot restore) to SSH-ready, a reset, SSH round trips, the "
+                                    "full pin matrix on the warm guest, and QEMU's resident memory. Prints "
+                                    "ratios of figures from the same run first (warm start over its floor, reset "
+                                    "over warm start), then medians and min-max over --runs with the machine "
+                                    "and date.")
+    bn.add_argument("--kernel", choices=list(image.KERNELS) + ["all"], default=image.DEFAULT_KERNEL,
+                    help="kernel variant (default %(default)s)")
+    bn.add_argument("--runs", type=number(int, 1, 50, flag="--runs"), default=3,
+                    help="repetitions (default %(default)s)")
+    bn.add_argument("--json", action="store_true",
+                    help="one JSON object: cold_boot_s, warm_start_s, warm_floor_s, reset_s, ssh_rtt_ms, matrix_s, "
+                         "qemu_rss_mb, accel (medians), the ratios warm_over_floor, reset_over_warm, "
+                         "cold_warm_ratio, plus min/max/raw, machine and date (docs/performance.md)")
+    bn.add_argument("--no-matrix", action="store_true", help="skip the pin matrix (much quicker)")
+    bn.add_argument("--learners", type=number(int, 0, 20, flag="--learners", hint="use 1..20, or 0 to skip"),
+                    default=0, metavar="N",
+                    help="N learners' VMs from one snapshot, each running the pin matrix, then one more: "
+                         "learner_marginal_mb (its cost in summed PSS), its USS and PSS")
+    bn.add_argument("--matrix-ratio", action="store_true",
+                    help="matrix_all_over_one: the matrix on every kernel (2 at a time) over one kernel's")
+    bn.add_argument("--grade", nargs="*", metavar="NOTEBOOK",
+                    help="grade_per_core_hour: grade these notebooks (default: notebooks 01 and 02) as "
+                         "submissions with `labkit check`, from the CPU time of the grader and its guest")
+    bn.add_argument("--first-run", action="store_true",
+                    help="first_run_s: a fresh clone of this repository in a scratch directory, set up like "
+                         "`make lab` (no pip cache) to a working first cell of notebook 00; with the download "
+                         "size and the disk used (several minutes)")
+    bn.set_defaults(func=cmd_bench)
+
