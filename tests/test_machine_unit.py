@@ -280,6 +280,46 @@ def test_why_kvm_is_not_used_is_said_in_plain_words(line, words):
     assert words in text and "software emulation" in text
 
 
+@pytest.mark.parametrize("printed, accel, words", [
+    # this host's kind: the firmware and the kernel's real-mode setup run under KVM, long mode never starts
+    ("Probing EDD (edd=off to disable)... ok", "tcg", "64-bit kernel under it stopped"),
+    ("Probing EDD (edd=off to disable)... ok\n[    0.000000] Linux version 6.1.0-test", "kvm",
+     "booted a kernel to 64-bit mode"),
+])
+def test_the_kvm_probe_needs_a_kernel_in_long_mode_not_only_the_firmware(tmp_path, monkeypatch, printed, accel,
+                                                                          words):
+    from labkit.machine import accel as accel_mod
+    qemu = tmp_path / "qemu"
+    qemu.write_text(f"#!/bin/sh\nprintf '%s\\n' '{printed}'\nexec sleep 30\n")
+    qemu.chmod(0o755)
+    monkeypatch.setattr(accel_mod.os.path, "exists", lambda p: True)
+    monkeypatch.setattr(accel_mod.os, "access", lambda p, mode: True)
+    choice = accel_mod.probe_kvm(str(qemu), seconds=1.5, kernel=tmp_path / "vmlinuz")
+    assert choice.accel == accel and words in choice.reason
+    argv = accel_mod.probe_argv("q", tmp_path / "vmlinuz")
+    assert argv[argv.index("-kernel") + 1] == str(tmp_path / "vmlinuz") and "-accel" in argv
+
+
+def test_a_kvm_verdict_from_the_firmware_alone_is_probed_again_once_a_kernel_is_built(tmp_path, monkeypatch):
+    from labkit.machine import accel as accel_mod
+    from labkit.settings import Settings
+    settings = Settings.from_env({"LABKIT_CACHE_DIR": str(tmp_path / "cache"),
+                                  "LABKIT_IMAGES_DIR": str(tmp_path / "images")})
+    probes: list[object] = []
+
+    def probe(qemu, seconds=6.0, kernel=None):
+        probes.append(kernel)
+        return accel_mod.AccelChoice("kvm", "probe")
+
+    monkeypatch.setattr(accel_mod, "probe_kvm", probe)
+    accel_mod.choose_accel(settings)
+    accel_mod.choose_accel(settings)                       # cached
+    (tmp_path / "images" / "6.1").mkdir(parents=True)
+    (tmp_path / "images" / "6.1" / "vmlinuz").write_bytes(b"k")
+    accel_mod.choose_accel(settings)                       # a kernel now: probed again, with it
+    assert probes == [None, tmp_path / "images" / "6.1" / "vmlinuz"]
+
+
 def _fake_image(root: Path, kernel: str = "6.1") -> Path:
     from labkit.image.build import ARTIFACTS, sha256_file
     d = root / kernel
