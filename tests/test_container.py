@@ -19,6 +19,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,7 +163,7 @@ def test_the_container_runs_the_lab_unprivileged(dockerd, tmp_path, monkeypatch)
     monkeypatch.setenv("LABKIT_CACHE_DIR", str(tmp_path / "cache"))
     try:
         t0 = time.monotonic()
-        r = subprocess.run(["labkit", "image", "container", "--kernel", DEFAULT_KERNEL, "--tag", tag,
+        r = subprocess.run([sys.executable, "-m", "labkit", "image", "container", "--kernel", DEFAULT_KERNEL, "--tag", tag,
                             "--runtime", "docker"], capture_output=True, text=True, timeout=1200)
         assert r.returncode == 0, r.stderr[-4000:]
         figures["build_seconds"] = round(time.monotonic() - t0, 1)

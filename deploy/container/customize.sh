@@ -58,13 +58,14 @@ for p in proc sys; do
 done
 install -d -m 0755 "$root/var/cache/labkit/snapshots"
 for k in $kernels; do
+    name="snapshot-$(echo "$k" | tr . -)"       # a VM name has no dots
     step "warm-start snapshot $k (a cold boot under TCG, then QEMU's migration)"
     snapenv="LABKIT_ACCEL=tcg LABKIT_AUTO_BUILD=0 LABKIT_IMAGES_DIR=/opt/labkit/images
              LABKIT_STATE_DIR=/tmp/labkit-snap/state LABKIT_CACHE_DIR=/tmp/labkit-snap/cache"
     # shellcheck disable=SC2086
-    in_root env $snapenv labkit vm start --name "snap-$k" --kernel "$k" >&2
+    in_root env $snapenv labkit vm start --name "$name" --kernel "$k" >&2
     # shellcheck disable=SC2086
-    in_root env $snapenv labkit vm stop --name "snap-$k" >&2
+    in_root env $snapenv labkit vm stop --name "$name" >&2
 done
 rm -rf "$root/tmp/labkit-snap"
 for k in $kernels; do rm -f "$root/opt/labkit/images/$k/.verified"; done
