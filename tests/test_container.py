@@ -190,7 +190,7 @@ def test_the_container_runs_the_lab_unprivileged(dockerd, tmp_path, monkeypatch)
 
         # The guest, seen from outside the notebook: its record and its QEMU, the learner's.
         rec = json.loads(docker("exec", name, "sh", "-c",
-                                f"cat {HOME}/.local/state/labkit/*/vm.json").stdout)
+                                f"cat {HOME}/.local/state/labkit/vms/*/vm.json").stdout)
         assert rec["start_kind"] == "warm", rec          # the snapshot made at build time matched
         assert rec["kernel_release"].startswith(DEFAULT_KERNEL), rec
         figures["vm_boot_seconds"] = rec["boot_seconds"]
@@ -201,7 +201,7 @@ def test_the_container_runs_the_lab_unprivileged(dockerd, tmp_path, monkeypatch)
         # Learner work survives the container: the VM's files are on the volume.
         docker("rm", "-f", name, timeout=120)
         kept = docker("run", "--rm", "-v", f"{volume}:{HOME}", tag, "sh", "-c",
-                      f"ls {HOME}/.local/state/labkit/*/ && ls {HOME}/notebooks").stdout
+                      f"ls {HOME}/.local/state/labkit/vms/*/ && ls {HOME}/notebooks").stdout
         assert "vm.json" in kept and "00-welcome.ipynb" in kept, kept
     finally:
         docker("rm", "-f", name, check=False)
