@@ -11,16 +11,20 @@ BIN := $(VENV)/bin
 # bubblewrap (`labkit course grade` runs each submission's kernel in a bwrap sandbox),
 # slurm-wlm + munge (tests/test_slurm.py starts a real single-node Slurm cluster), python3-venv (the hub
 # and Slurm tests make a venv from Debian's python3 that learners can run) and npm for
-# configurable-http-proxy (Debian's npm unless some other node with its own npm is already there).
+# configurable-http-proxy (Debian's npm unless some other node with its own npm is already there) and
+# docker.io (tests/test_container.py builds and runs the container image with Debian's Docker engine).
 APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs cpio xz-utils openssh-client uidmap
-TEST_APT_PACKAGES := chromium bubblewrap slurm-wlm munge python3-venv $(if $(shell command -v npm),,npm)
+TEST_APT_PACKAGES := chromium bubblewrap slurm-wlm munge python3-venv docker.io $(if $(shell command -v npm),,npm)
 PYTEST_ARGS ?=
 # `make test` runs the suite on this many pytest-xdist workers; tests/suite_areas.py says which
 # tests must share one worker. 1 runs it in one process.
 TEST_WORKERS ?= 2
 XDIST = $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
-.PHONY: lab test unit lint setup host-deps test-deps all-deps venv test-venv images clean help
+# `make container`: the guest images of these kernels go into the container image (or all).
+KERNELS ?= 6.1
+
+.PHONY: lab test unit lint setup host-deps test-deps all-deps venv test-venv images container clean help
 
 help:
 	@echo "make lab    - set up, build the guest image, start the VM and JupyterLab"
@@ -28,6 +32,7 @@ help:
 	@echo "              one area or kernel while working: make test PYTEST_ARGS='-m lab --kernel 6.1'"
 	@echo "make unit   - the offline tests only (no guest), in about a minute"
 	@echo "make lint   - ruff and mypy on labkit/"
+	@echo "make container [KERNELS=6.1|all] - the container image 'labkit' (docker or podman; no registry)"
 
 lab: setup
 	$(BIN)/labkit lab
@@ -91,6 +96,13 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 images: venv
 	$(BIN)/labkit image build --kernel all --jobs 3
+
+# One OCI image with JupyterLab, labkit, the notebooks, QEMU and the guest images (and their
+# warm-start snapshots), from Debian packages with mmdebstrap and `docker import` (or podman's).
+container: host-deps venv
+	$(call apt_install,python3-venv)
+	$(BIN)/labkit image build --kernel $(KERNELS)
+	$(BIN)/labkit image container --kernel $(KERNELS)
 
 clean:
 	rm -rf $(VENV) images/build .pytest_cache

@@ -1,4 +1,4 @@
-"""``labkit image build|verify|list``: the guest images."""
+"""``labkit image build|verify|list|container``: the guest images, and the container image that carries them."""
 
 from __future__ import annotations
 
@@ -59,6 +59,13 @@ def cmd_image_verify(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_image_container(args: argparse.Namespace, settings: Settings) -> int:
+    from labkit.image.container import build_container
+    kernels = list(image.KERNELS) if args.kernel == "all" else [args.kernel]
+    build_container(kernels, settings, tag=args.tag, runtime=args.runtime)
+    return 0
+
+
 def cmd_image_list(args: argparse.Namespace, settings: Settings) -> int:
     rows = []
     for kernel, status, img in image.list_images(settings):
@@ -95,3 +102,10 @@ def add_image(sub: Any) -> None:
     ls = im.add_parser("list", help="show the built images")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_image_list)
+    ct = im.add_parser("container", help="build the container image (JupyterLab, labkit, QEMU, the guest images) "
+                                         "with docker/podman import; no registry needed")
+    ct.add_argument("--kernel", choices=kernels + ["all"], default=image.DEFAULT_KERNEL,
+                    help="the guest images to put in (default %(default)s; they must be built)")
+    ct.add_argument("--tag", default="labkit", help="the image's name (default %(default)s)")
+    ct.add_argument("--runtime", choices=["docker", "podman"], default=None, help="default: docker, else podman")
+    ct.set_defaults(func=cmd_image_container)
