@@ -145,7 +145,8 @@ def build_container(kernels: Sequence[str], settings: Settings, tag: str = DEFAU
     mode = "root" if os.geteuid() == 0 else "unshare"
     mirrors = apt_sources(KernelVariant("container", suite, "-"), work, settings)
     argv = mmdebstrap_argv(suite, read_packages(recipe_dir() / "packages.txt"), mirrors, mode)
-    env = dict(os.environ, LABKIT_CONTAINER_RECIPE=str(recipe_dir()), LABKIT_WHEELS=str(wheels),
+    env = dict(os.environ)      # mmdebstrap's own variables and proxies; the hook's on top
+    env.update(LABKIT_CONTAINER_RECIPE=str(recipe_dir()), LABKIT_WHEELS=str(wheels),
                LABKIT_IMAGES=str(settings.images_dir), LABKIT_KERNELS=" ".join(kernels),
                LABKIT_PROJECT=str(paths.PROJECT_DIR))
     say(f"container: mmdebstrap ({mode} mode, {suite}) | {rt} import {tag}; log: {work}/build.log")
