@@ -487,7 +487,7 @@ def test_the_run_directory_the_kernel_shares_with_the_grader_is_small(tmp_path):
     ``run_mb`` owned by its uid: filling it fails there, never the host's disk."""
     _root()
     run = tmp_path / "run"
-    with sandbox.run_dir_mount(run, 62950, sandbox.Limits(run_mb=8)):
+    with sandbox.run_dir_mount(run, 62950, sandbox.KernelLimits(run_mb=8)):
         assert os.path.ismount(run) and run.stat().st_uid == 62950
         with pytest.raises(OSError) as e, open(run / "fill", "wb") as f:
             for _ in range(16):
@@ -845,7 +845,7 @@ def test_no_kernel_reaches_another_and_user_namespaces_are_off(hostile_class):
     assert {k: found[k] for k in ("environ", "conn", "mem", "signal", "uid_dir")} == dict.fromkeys(
         ("environ", "conn", "mem", "signal", "uid_dir"), 0), report
     assert report.endswith("userns=No space left on device"), report
-    assert found["run_dir_mb"] < sandbox.Limits().run_mb, report
+    assert found["run_dir_mb"] < sandbox.KernelLimits().run_mb, report
     ran = [nb for s, nbs in hostile_class.got.items() for nb in nbs.values() if nb["sandbox_uid"]]
     assert len(ran) == 8 and len({nb["sandbox_uid"] for nb in ran}) == 8, [nb["sandbox_uid"] for nb in ran]
     assert all(not uids._has_processes(nb["sandbox_uid"]) for nb in ran)

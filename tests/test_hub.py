@@ -44,7 +44,7 @@ from hubsetup import (
 )
 
 from labkit import paths
-from labkit.deploy.cgroups import CONTROLLERS, Group, Limits, group_of, missing_controllers
+from labkit.cgroups import CONTROLLERS, Group, Limits, group_of, missing_controllers
 from labkit.image import DEFAULT_KERNEL
 from labkit.machine.process import free_port
 

@@ -95,7 +95,7 @@ class NotebookGrade:
 class Options:
     timeout: float = 900.0        # per notebook: execution and checks
     kernel: str | None = None     # guest kernel variant (default: labkit's default)
-    limits: sandbox.Limits = field(default_factory=sandbox.Limits)
+    limits: sandbox.KernelLimits = field(default_factory=sandbox.KernelLimits)
     disable_userns: bool = False  # the sandbox's inner bwrap (grade_all sets it when the host allows)
 
 
