@@ -17,6 +17,7 @@ import pytest
 
 from labkit.course import grading
 from labkit.course.exercises import BY_ID
+from labkit.course.judge import judge
 
 
 def _cell(ex: str, source: str, payload: dict | None = None, count: int | None = None):
@@ -112,7 +113,7 @@ def test_record_never_raises_and_stays_strict_json(name):
 @pytest.mark.parametrize("ex", ["ex1.2", "ex3.2", "ex5.1", "ex6.2", "ex3.1", "ex7.1", "ex2.0", "ex1.3"])
 def test_hostile_answers_fail_their_check_with_a_message(name, ex):
     payload = grading.answer_payload(ex, HOSTILE[name])
-    result = grading.judge_notebook([BY_ID[ex]], {ex: grading.checked_payload(payload, ex)}, _FakeLab())[0]
+    result = judge([BY_ID[ex]], {ex: grading.checked_payload(payload, ex)}, _FakeLab()).results[0]
     assert result.message and result.points in (0, result.max)
     if "invalid" in payload:
         assert not result.passed and "too large" in result.message
@@ -127,7 +128,7 @@ def test_any_payload_shape_in_a_saved_notebook_is_read_without_crashing(raw):
     cell = _cell("ex3.1", "answer = lab.x()\nrecord('ex3.1', answer)", None, count=1)
     cell.outputs = [nbformat.v4.new_output("display_data", data={grading.MIME: raw})]
     got = grading.answers(_nb(cell))
-    result = grading.judge_notebook([BY_ID["ex3.1"]], got, _FakeLab())[0]
+    result = judge([BY_ID["ex3.1"]], got, _FakeLab()).results[0]
     assert not result.passed and result.message
 
 
@@ -230,7 +231,7 @@ def test_a_computed_answer_without_record_is_found(tmp_path):
     got = grading.answers(nb, marker)
     assert got["ex0.1"] == {"id": "ex0.1", "blank": False, "value": "6.1.0-fake"}, errors
     assert got["ex2.2"].get("blank") and any("NameError" in e for e in errors)
-    checks = grading.judge_notebook([BY_ID["ex0.1"], BY_ID["ex2.2"]], got, _FakeLab())
+    checks = judge([BY_ID["ex0.1"], BY_ID["ex2.2"]], got, _FakeLab()).results
     assert [c.points for c in checks] == [1, 0]
 
 
@@ -240,5 +241,5 @@ def test_an_unhashable_literal_is_no_answer_not_a_crash(source):
     ValueError only, so one answer shape crashed `labkit check`)."""
     assert grading.literal_answer(source) is None
     cell = _cell("ex5.1", source)
-    result = grading.judge_notebook([BY_ID["ex5.1"]], grading.answers(_nb(cell)), _FakeLab())[0]
+    result = judge([BY_ID["ex5.1"]], grading.answers(_nb(cell)), _FakeLab()).results[0]
     assert not result.passed and "no recorded answer" in result.message
