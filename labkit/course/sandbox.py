@@ -328,6 +328,13 @@ def cgroup(name: str, limits: KernelLimits) -> Iterator[labkit.cgroups.Group | N
         return
     try:
         group.create(limits.cgroup, require=False)
+    except labkit.cgroups.CgroupError as exc:      # e.g. a read-only cgroupfs in a container: rlimits only
+        log.warning("no cgroup for the kernel %s: %s", name, exc)
+        with contextlib.suppress(labkit.cgroups.CgroupError):
+            group.remove(timeout=1.0)                # what was made of it
+        yield None
+        return
+    try:
         yield group
     finally:
         try:
