@@ -17,7 +17,8 @@ import pytest
 
 from labkit.course import grading
 from labkit.course.exercises import BY_ID
-from labkit.course.judge import judge
+from labkit.course.judge import ExerciseResult, judge
+from labkit.errors import GuestDied
 
 
 def _cell(ex: str, source: str, payload: dict | None = None, count: int | None = None):
@@ -243,3 +244,44 @@ def test_an_unhashable_literal_is_no_answer_not_a_crash(source):
     cell = _cell("ex5.1", source)
     result = judge([BY_ID["ex5.1"]], grading.answers(_nb(cell)), _FakeLab()).results[0]
     assert not result.passed and "no recorded answer" in result.message
+
+
+# -- one judge, one result model, the output shapes of each face --------------------------------
+
+def test_one_result_serialises_as_each_face_always_showed_it():
+    """``labkit check --json`` shows a result with ``message`` and ``passed``;
+    the gradebook's JSON (and so its CSV) with ``feedback`` (format labkit-grades/1)."""
+    r = ExerciseResult("ex6.2", "History", 2, 2, True, "right")
+    res = grading.NotebookResult("06-x.ipynb", "06", False, checks=[r])
+    assert grading.as_json([res])["notebooks"][0]["checks"] == [
+        {"id": "ex6.2", "title": "History", "points": 2, "max": 2, "passed": True, "message": "right"}]
+    assert list(grading.as_json([res])["notebooks"][0]) == ["path", "notebook", "executed", "cell_errors", "score",
+                                                            "max", "checks"]
+    assert r.gradebook_json() == {"id": "ex6.2", "title": "History", "points": 2, "max": 2, "feedback": "right"}
+
+
+def test_an_unreadable_answer_in_an_autograde_cell_is_a_failed_check_not_a_crash():
+    """The nbgrader cells go through the same judge as ``labkit check``: an answer
+    that cannot be recorded (too large) fails with the reason (it raised KeyError before)."""
+    from labkit.course import autograde
+    with pytest.raises(autograde.NotRight, match="ex6.2: the answer is too large"):
+        autograde.assert_right("ex6.2", ["x" * (grading.MAX_CHARS + 1)])
+
+
+def test_without_containment_a_guest_failure_is_raised_with_it_a_zero_with_the_reason():
+    """``labkit check`` and nbgrader show the guest's error; the summative grader
+    grades what needs no guest and says why the rest was not graded."""
+    class Dead:
+        def __getattr__(self, name):          # whatever the check asks of the guest
+            def died(*args, **kw):
+                raise GuestDied("QEMU exited")
+            return died
+    exs = [BY_ID["ex1.2"], BY_ID["ex6.2"]]
+    given = {"ex1.2": {"id": "ex1.2", "blank": False, "value": 1022},
+             "ex6.2": {"id": "ex6.2", "blank": False,
+                       "value": ["get_user_pages_longterm", "FOLL_LONGTERM", "FOLL_PIN", "check_vma_flags"]}}
+    with pytest.raises(GuestDied):
+        judge(exs, given, Dead())
+    v = judge(exs, given, Dead(), contain=True)
+    assert [(r.id, r.points) for r in v.results] == [("ex1.2", 0), ("ex6.2", 2)]
+    assert v.results[0].message.startswith("not graded: the guest did not answer (GuestDied") and "GuestDied" in v.problem
