@@ -11,9 +11,9 @@ import buffer_fake as bf
 import pytest
 from course_solutions import SOLUTIONS
 
-from labkit.course import grading
 from labkit.course.buffer_exercise import run_learner_buffer, source_problem
 from labkit.course.exercises import BY_ID, Live
+from labkit.course.judge import check_answer
 from labkit.lab import Lab
 
 EX = BY_ID["ex3.8"]
@@ -27,7 +27,7 @@ class FakeLab(bf.FakeHelperHost):
 
 
 def judge(answer, lab=None):
-    return grading.judge(EX, answer, Live(lab or FakeLab()))
+    return check_answer(EX, answer, Live(lab or FakeLab()))
 
 
 @pytest.mark.parametrize("answer, reason", [
@@ -87,11 +87,11 @@ def test_the_live_kernel_judges_the_reference_and_a_shared_mapping(kernel, pool)
     vm = pool.get(kernel)       # the run's shared guest: the judge leaves nothing behind
     lab = Lab(vm)
     live = Live(lab)
-    right = grading.judge(EX, _reference_source(), live)
+    right = check_answer(EX, _reference_source(), live)
     assert right.passed, right.message
     run = live.learner_buffer(_reference_source())
     assert run.ok and run.backed_by_file and not run.shared and run.vmpin_kb_delta == 2048, run.raw
-    shared = grading.judge(EX, bf.SHARED_WRITTEN, live)
+    shared = check_answer(EX, bf.SHARED_WRITTEN, live)
     assert not shared.passed and "shared mapping" in shared.message, shared.message
     refused = run_learner_buffer(lab, bf.SHARED_WRITTEN)
     assert refused.backed_by_file and refused.shared and not refused.ok and refused.errname == "EOPNOTSUPP"

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from labkit.course import grading
 from labkit.course.answers import errno_number
 from labkit.course.exercises import BY_ID, EXERCISES, KINDS, Live, points_by_kind
+from labkit.course.judge import check_answer
 from labkit.course.probe_exercise import parse_probe, probe_values
 from labkit.course.source import KernelSource
 from labkit.lab import MountResult, Namespace, PinResult, TruncateWait
@@ -234,7 +234,7 @@ def test_every_auto_checked_exercise_has_adversarial_cases():
 def test_correct_forms_pass(ex_id):
     ex = BY_ID[ex_id]
     for answer in CASES[ex_id][0]:
-        r = grading.judge(ex, answer, live())
+        r = check_answer(ex, answer, live())
         assert r.passed and r.points == ex.points and r.message == "right", (answer, r)
 
 
@@ -246,9 +246,9 @@ def test_wrong_answers_fail_without_giving_the_answer_away(ex_id):
     if ex_id == "ex6.5":    # the errno the kernel gave the learner's own register_mr is shown as it happened
         secrets.remove("95")
     # the answer-format sentence (shown for a malformed answer, whatever the truth) may list the options
-    shape = grading.judge(ex, object(), live()).message.lower()
+    shape = check_answer(ex, object(), live()).message.lower()
     for answer in CASES[ex_id][1]:
-        r = grading.judge(ex, answer, live())
+        r = check_answer(ex, answer, live())
         assert not r.passed and r.points == 0, (answer, r)
         assert "not right" in r.message
         for s in secrets:
@@ -260,18 +260,18 @@ def test_wrong_answers_fail_without_giving_the_answer_away(ex_id):
 def test_predictions_count_completion_not_correctness(ex_id):
     ex = BY_ID[ex_id]
     for answer in ("I expect both to fail", {"rdma": "ok"}, 113):
-        assert grading.judge(ex, answer, None).passed
+        assert check_answer(ex, answer, None).passed
     for answer in ("", " ", [], {}):
-        assert not grading.judge(ex, answer, None).passed
+        assert not check_answer(ex, answer, None).passed
 
 
 @pytest.mark.parametrize("ex_id", EXPLAINS)
 def test_explanations_are_recorded_for_manual_grading(ex_id):
     ex = BY_ID[ex_id]
     assert ex.points == 0 and ex.manual_points > 0
-    r = grading.judge(ex, "Because the filesystem must be able to reuse its blocks.", None)
+    r = check_answer(ex, "Because the filesystem must be able to reuse its blocks.", None)
     assert r.passed and r.max == 0 and "graded by hand" in r.message
-    assert not grading.judge(ex, "dunno", None).passed
+    assert not check_answer(ex, "dunno", None).passed
 
 
 def test_every_exercise_has_kind_difficulty_and_hints():

@@ -38,7 +38,9 @@ import nbformat
 import pytest
 
 from labkit.course import grading, intake, judging, runner, sandbox, summative, uids
+from labkit.course import judge as judge_module
 from labkit.course.exercises import BY_ID, for_notebook
+from labkit.course.judge import ExerciseResult, judge
 from labkit.errors import ConfigError, GuestDied, LabError
 from labkit.machine.channels.ssh import CommandResult
 from labkit.timeout import Deadline
@@ -216,7 +218,7 @@ def no_guests(monkeypatch):
 
     def fake(g, nb, exercises, tmp, opts, deadline):
         seen.append(SimpleNamespace(g=g, nb=nb))
-        g.exercises = [summative.ExerciseGrade(e.id, e.title, e.points, e.points, "right") for e in exercises]
+        g.exercises = [ExerciseResult(e.id, e.title, e.points, e.points, True, "right") for e in exercises]
     monkeypatch.setattr(summative, "_grade_in_guests", fake)
     return seen
 
@@ -230,7 +232,7 @@ def test_a_refused_file_is_never_read_or_run_and_its_hash_is_empty(tmp_path, no_
             assert g.sha256 == hashlib.sha256(e.path.read_bytes()).hexdigest() and not g.reason
             continue
         assert g.sha256 == "" and g.reason == f"refused: {e.refused}" and g.score == 0, g
-        assert all(x.feedback == f"not graded: refused: {e.refused}" for x in g.exercises)
+        assert all(x.message == f"not graded: refused: {e.refused}" for x in g.exercises)
     assert [s.g.notebook for s in no_guests] == ["07"]
 
 
@@ -301,7 +303,7 @@ def test_one_bad_notebook_never_costs_the_class_its_grades(tmp_path, monkeypatch
     def fake(g, nb, exercises, tmp, opts, deadline):
         if g.student == "bug":
             raise RuntimeError("a bug in the grader")
-        g.exercises = [summative.ExerciseGrade(e.id, e.title, e.points, e.points, "right") for e in exercises]
+        g.exercises = [ExerciseResult(e.id, e.title, e.points, e.points, True, "right") for e in exercises]
     monkeypatch.setattr(summative, "_grade_in_guests", fake)
     monkeypatch.setattr(summative, "_prepare", lambda work, opts, progress: opts)
     out = tmp_path / "out"
@@ -329,7 +331,7 @@ def test_an_interrupted_run_keeps_what_it_graded(tmp_path, monkeypatch):
             while not (out / "grades.csv").exists() and not deadline.expired:
                 time.sleep(0.05)
             raise KeyboardInterrupt
-        g.exercises = [summative.ExerciseGrade(e.id, e.title, e.points, e.points, "right") for e in exercises]
+        g.exercises = [ExerciseResult(e.id, e.title, e.points, e.points, True, "right") for e in exercises]
     monkeypatch.setattr(summative, "_grade_in_guests", fake)
     monkeypatch.setattr(summative, "_prepare", lambda work, opts, progress: opts)
     with pytest.raises(KeyboardInterrupt):
@@ -415,14 +417,13 @@ def test_the_checks_run_inside_timeout(monkeypatch):
     notebook's time is up: the judging guest is killed at the deadline and
     the feedback says the time limit, not a guest failure."""
     lab = _HangingLab()
-    g = summative.NotebookGrade("mallory", NB00.name, "00", "", "0", "now")
     given = {"ex0.1": {"id": "ex0.1", "blank": False, "value": "6.6.6-fake"}}
     deadline = Deadline(0.4)
     t0 = time.monotonic()
     with judging.kill_at(deadline, lab.killed.set, "the judging guest") as fired:
-        out = summative.judge(for_notebook("00"), given, lab, g, deadline=deadline)
+        out = judge(for_notebook("00"), given, lab, contain=True, deadline=deadline).results
     assert fired.is_set() and time.monotonic() - t0 < 10
-    assert out[0].points == 0 and out[0].feedback == ("not graded: the notebook's time limit (--timeout 0 s, checks "
+    assert out[0].points == 0 and out[0].message == ("not graded: the notebook's time limit (--timeout 0 s, checks "
                                                       "included) ran out")
     assert runner.judge_reserve(900) == 180 and runner.judge_reserve(40) == 20 and runner.judge_reserve(20) == 10
     budget = runner.Budget(300, Deadline(300))
@@ -487,7 +488,7 @@ def test_the_run_directory_the_kernel_shares_with_the_grader_is_small(tmp_path):
     ``run_mb`` owned by its uid: filling it fails there, never the host's disk."""
     _root()
     run = tmp_path / "run"
-    with sandbox.run_dir_mount(run, 62950, sandbox.Limits(run_mb=8)):
+    with sandbox.run_dir_mount(run, 62950, sandbox.KernelLimits(run_mb=8)):
         assert os.path.ismount(run) and run.stat().st_uid == 62950
         with pytest.raises(OSError) as e, open(run / "fill", "wb") as f:
             for _ in range(16):
@@ -504,19 +505,18 @@ def test_code_exercises_are_judged_last_and_a_taint_refuses_them(monkeypatch):
 
     def one_check(ex, ans, live):
         order.append(ex.id)
-        return grading.CheckResult(ex.id, ex.title, ex.points, ex.points, True, "right")
-    monkeypatch.setattr(grading, "_one_check", one_check)
+        return ExerciseResult(ex.id, ex.title, ex.points, ex.points, True, "right")
+    monkeypatch.setattr(judge_module, "_result", one_check)
     lab = SimpleNamespace(sh=lambda script, **kw: CommandResult(script, 0, "", "", 0.0))
     exs = [BY_ID[i] for i in ("ex3.1", "ex3.8", "ex3.9")]
     given = {e.id: {"id": e.id, "blank": False, "value": "x"} for e in exs}
-    g = summative.NotebookGrade("mallory", NB03.name, "03", "", "0", "now")
     problem = judging.Integrity(1 << 12 | 1 << 13, ("labkit_no_longterm_check",)).problem_since(judging.Integrity(0, ()))
-    out = summative.judge(exs, given, lab, g, guard=lambda: problem)
+    out = judge(exs, given, lab, contain=True, guard=lambda: problem).results
     assert order == ["ex3.1", "ex3.9", "ex3.8"]          # the learner's code ran after every other check
     got = {e.id: e for e in out}
     assert [e.id for e in out] == ["ex3.1", "ex3.8", "ex3.9"]
     assert got["ex3.1"].points == 1 and got["ex3.9"].points == 0
-    assert got["ex3.8"].points == 0 and got["ex3.8"].feedback == (
+    assert got["ex3.8"].points == 0 and got["ex3.8"].message == (
         "not graded: while your code ran in the judging guest, its kernel became tainted (O (out-of-tree "
         "module), E (unsigned module)) and a labkit module is loaded (labkit_no_longterm_check): its answers are "
         "not believed")
@@ -845,7 +845,7 @@ def test_no_kernel_reaches_another_and_user_namespaces_are_off(hostile_class):
     assert {k: found[k] for k in ("environ", "conn", "mem", "signal", "uid_dir")} == dict.fromkeys(
         ("environ", "conn", "mem", "signal", "uid_dir"), 0), report
     assert report.endswith("userns=No space left on device"), report
-    assert found["run_dir_mb"] < sandbox.Limits().run_mb, report
+    assert found["run_dir_mb"] < sandbox.KernelLimits().run_mb, report
     ran = [nb for s, nbs in hostile_class.got.items() for nb in nbs.values() if nb["sandbox_uid"]]
     assert len(ran) == 8 and len({nb["sandbox_uid"] for nb in ran}) == 8, [nb["sandbox_uid"] for nb in ran]
     assert all(not uids._has_processes(nb["sandbox_uid"]) for nb in ran)

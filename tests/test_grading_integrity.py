@@ -17,6 +17,8 @@ import pytest
 
 from labkit.course import grading
 from labkit.course.exercises import BY_ID
+from labkit.course.judge import ExerciseResult, judge
+from labkit.errors import GuestDied
 
 
 def _cell(ex: str, source: str, payload: dict | None = None, count: int | None = None):
@@ -112,7 +114,7 @@ def test_record_never_raises_and_stays_strict_json(name):
 @pytest.mark.parametrize("ex", ["ex1.2", "ex3.2", "ex5.1", "ex6.2", "ex3.1", "ex7.1", "ex2.0", "ex1.3"])
 def test_hostile_answers_fail_their_check_with_a_message(name, ex):
     payload = grading.answer_payload(ex, HOSTILE[name])
-    result = grading.judge_notebook([BY_ID[ex]], {ex: grading.checked_payload(payload, ex)}, _FakeLab())[0]
+    result = judge([BY_ID[ex]], {ex: grading.checked_payload(payload, ex)}, _FakeLab()).results[0]
     assert result.message and result.points in (0, result.max)
     if "invalid" in payload:
         assert not result.passed and "too large" in result.message
@@ -127,7 +129,7 @@ def test_any_payload_shape_in_a_saved_notebook_is_read_without_crashing(raw):
     cell = _cell("ex3.1", "answer = lab.x()\nrecord('ex3.1', answer)", None, count=1)
     cell.outputs = [nbformat.v4.new_output("display_data", data={grading.MIME: raw})]
     got = grading.answers(_nb(cell))
-    result = grading.judge_notebook([BY_ID["ex3.1"]], got, _FakeLab())[0]
+    result = judge([BY_ID["ex3.1"]], got, _FakeLab()).results[0]
     assert not result.passed and result.message
 
 
@@ -230,7 +232,7 @@ def test_a_computed_answer_without_record_is_found(tmp_path):
     got = grading.answers(nb, marker)
     assert got["ex0.1"] == {"id": "ex0.1", "blank": False, "value": "6.1.0-fake"}, errors
     assert got["ex2.2"].get("blank") and any("NameError" in e for e in errors)
-    checks = grading.judge_notebook([BY_ID["ex0.1"], BY_ID["ex2.2"]], got, _FakeLab())
+    checks = judge([BY_ID["ex0.1"], BY_ID["ex2.2"]], got, _FakeLab()).results
     assert [c.points for c in checks] == [1, 0]
 
 
@@ -240,5 +242,46 @@ def test_an_unhashable_literal_is_no_answer_not_a_crash(source):
     ValueError only, so one answer shape crashed `labkit check`)."""
     assert grading.literal_answer(source) is None
     cell = _cell("ex5.1", source)
-    result = grading.judge_notebook([BY_ID["ex5.1"]], grading.answers(_nb(cell)), _FakeLab())[0]
+    result = judge([BY_ID["ex5.1"]], grading.answers(_nb(cell)), _FakeLab()).results[0]
     assert not result.passed and "no recorded answer" in result.message
+
+
+# -- one judge, one result model, the output shapes of each face --------------------------------
+
+def test_one_result_serialises_as_each_face_always_showed_it():
+    """``labkit check --json`` shows a result with ``message`` and ``passed``;
+    the gradebook's JSON (and so its CSV) with ``feedback`` (format labkit-grades/1)."""
+    r = ExerciseResult("ex6.2", "History", 2, 2, True, "right")
+    res = grading.NotebookResult("06-x.ipynb", "06", False, checks=[r])
+    assert grading.as_json([res])["notebooks"][0]["checks"] == [
+        {"id": "ex6.2", "title": "History", "points": 2, "max": 2, "passed": True, "message": "right"}]
+    assert list(grading.as_json([res])["notebooks"][0]) == ["path", "notebook", "executed", "cell_errors", "score",
+                                                            "max", "checks"]
+    assert r.gradebook_json() == {"id": "ex6.2", "title": "History", "points": 2, "max": 2, "feedback": "right"}
+
+
+def test_an_unreadable_answer_in_an_autograde_cell_is_a_failed_check_not_a_crash():
+    """The nbgrader cells go through the same judge as ``labkit check``: an answer
+    that cannot be recorded (too large) fails with the reason (it raised KeyError before)."""
+    from labkit.course import autograde
+    with pytest.raises(autograde.NotRight, match="ex6.2: the answer is too large"):
+        autograde.assert_right("ex6.2", ["x" * (grading.MAX_CHARS + 1)])
+
+
+def test_without_containment_a_guest_failure_is_raised_with_it_a_zero_with_the_reason():
+    """``labkit check`` and nbgrader show the guest's error; the summative grader
+    grades what needs no guest and says why the rest was not graded."""
+    class Dead:
+        def __getattr__(self, name):          # whatever the check asks of the guest
+            def died(*args, **kw):
+                raise GuestDied("QEMU exited")
+            return died
+    exs = [BY_ID["ex1.2"], BY_ID["ex6.2"]]
+    given = {"ex1.2": {"id": "ex1.2", "blank": False, "value": 1022},
+             "ex6.2": {"id": "ex6.2", "blank": False,
+                       "value": ["get_user_pages_longterm", "FOLL_LONGTERM", "FOLL_PIN", "check_vma_flags"]}}
+    with pytest.raises(GuestDied):
+        judge(exs, given, Dead())
+    v = judge(exs, given, Dead(), contain=True)
+    assert [(r.id, r.points) for r in v.results] == [("ex1.2", 0), ("ex6.2", 2)]
+    assert v.results[0].message.startswith("not graded: the guest did not answer (GuestDied") and "GuestDied" in v.problem

@@ -43,8 +43,8 @@ from hubsetup import (
     wait_until,
 )
 
+from labkit.cgroups import CONTROLLERS, Group, Limits, group_of, missing_controllers
 from labkit.settings import from_environment
-from labkit.deploy.cgroups import CONTROLLERS, Group, Limits, group_of, missing_controllers
 from labkit.image import DEFAULT_KERNEL
 from labkit.machine.process import free_port
 

@@ -197,7 +197,7 @@ def test_the_watcher_is_small():
 
 # -- cgroup-v1 groups -------------------------------------------------------------------
 
-from labkit.deploy import cgroups  # noqa: E402
+from labkit import cgroups  # noqa: E402
 from labkit.tools import capacity as cap  # noqa: E402
 
 
@@ -211,7 +211,7 @@ def _fake_cgroup_root(tmp_path: Path) -> Path:
 def test_a_group_gets_its_limits_in_every_controller(tmp_path):
     root = _fake_cgroup_root(tmp_path)
     g = cgroups.Group("ada-default", parent="labkit-hub", root=root)
-    g.create(cgroups.Limits(memory_bytes=1536 << 20, cpus=1.5, pids=256, cpu_shares=512))
+    g.create(cgroups.Limits(memory_bytes=1536 << 20, cpus=1.5, pids=256, cpu_weight=50))
     assert g.read("memory", "memory.limit_in_bytes") == str(1536 << 20)
     assert g.read("cpu", "cpu.cfs_quota_us") == "150000" and g.read("cpu", "cpu.cfs_period_us") == "100000"
     assert g.read("cpu", "cpu.shares") == "512" and g.read("pids", "pids.max") == "256"

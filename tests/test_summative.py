@@ -28,6 +28,7 @@ import pytest
 
 from labkit.course import gradebook, grading, sandbox, summative
 from labkit.course.exercises import BY_ID, for_notebook
+from labkit.course.judge import ExerciseResult
 from labkit.errors import ConfigError, GuestPanic
 
 from course_solutions import fill
@@ -153,9 +154,9 @@ def test_a_dead_guest_grades_what_needs_no_guest_and_says_why():
     given = {"ex6.1": {"id": "ex6.1", "blank": False, "value": "xfs_break_dax_layouts"},
              "ex6.2": {"id": "ex6.2", "blank": False,
                        "value": ["get_user_pages_longterm", "FOLL_LONGTERM", "FOLL_PIN", "check_vma_flags"]}}
-    out = summative.judge(exs, given, _DeadLab(), g)
+    out = summative._judged(exs, given, _DeadLab(), g)
     assert [(e.id, e.points) for e in out] == [("ex6.1", 0), ("ex6.2", 2)]
-    assert "not graded" in out[0].feedback and "GuestPanic" in out[0].feedback
+    assert "not graded" in out[0].message and "GuestPanic" in out[0].message
     assert "GuestPanic" in g.reason
 
 
@@ -163,7 +164,7 @@ def test_student_json_csv_and_merge(tmp_path):
     def grade(student, number, points):
         g = summative.NotebookGrade(student, f"{number}-x.ipynb", number, "ab" * 32, "0.1.0", "2026-12-01T00:00:00+00:00",
                                     kernel_release="6.1.0-57-amd64", duration_s=3.0)
-        g.exercises = [summative.ExerciseGrade(e.id, e.title, points and e.points, e.points, "right")
+        g.exercises = [ExerciseResult(e.id, e.title, points and e.points, e.points, bool(points), "right")
                        for e in for_notebook(number)]
         return g
     a, b = tmp_path / "run1", tmp_path / "run2"

@@ -17,8 +17,8 @@ import pytest
 from course_solutions import SOLUTIONS
 from hold_fake import LONGTERM, NEVER, NOTHING
 
-from labkit.course import grading
 from labkit.course.exercises import BY_ID, Live
+from labkit.course.judge import check_answer
 from labkit.course.truncate_exercise import HoldRun, from_report, run_learner_hold, source_problem
 from labkit.lab import Lab
 
@@ -53,7 +53,7 @@ def _reference() -> str:
 
 
 def judge(answer, lab=None):
-    return grading.judge(EX, answer, Live(lab or FakeLab()))
+    return check_answer(EX, answer, Live(lab or FakeLab()))
 
 
 @pytest.mark.parametrize("answer, reason", [
@@ -152,7 +152,7 @@ def test_the_live_kernel_judges_the_reference(kernel, pool):
     vm = pool.get(kernel)       # the run's shared guest: the judge leaves nothing behind
     lab = Lab(vm)
     live = Live(lab)
-    right = grading.judge(EX, _reference(), live)
+    right = check_answer(EX, _reference(), live)
     assert right.passed, (right.message, json.dumps(live.learner_hold(_reference()).raw))
     run = live.learner_hold(_reference())
     assert run.blocked and run.completed and run.seconds_after_release < 5, run.raw
@@ -161,7 +161,7 @@ def test_the_live_kernel_judges_the_reference(kernel, pool):
         return
     nothing = run_learner_hold(lab, NOTHING)
     assert not nothing.blocked and nothing.completed, nothing.raw
-    never = grading.judge(EX, NEVER, live)
+    never = check_answer(EX, NEVER, live)
     assert not never.passed and "still waiting" in never.message, never.message
     longterm = run_learner_hold(lab, LONGTERM)
     assert not longterm.blocked and "Errno 95" in (longterm.exception or ""), longterm.raw

@@ -9,7 +9,8 @@ nbgrader test cell whose hidden part is::
 nbgrader's autograde runs the submission in a Jupyter kernel and restores that
 hidden part; a check that fails raises ``AssertionError``, which nbgrader scores
 0, and one that passes scores the cell's points. The answer goes through
-:func:`labkit.course.grading.answer_payload` first, so it is judged as the
+:func:`labkit.course.payload.answer_payload` first and then to the judge of
+``labkit check`` (:func:`labkit.course.judge.judge`), so it is judged as the
 JSON ``labkit check`` would read (sets become lists, a blank ``...`` is "not
 answered"), and the message, like ``labkit check``'s, never shows the expected
 value. The lab guest is ``labkit.connect()``'s (``LABKIT_VM``), connected once
@@ -52,14 +53,14 @@ def assert_right(exercise_id: str, answer: Any) -> None:
     its grade (anything on stderr scores 0, a number is partial credit), so
     whatever the lab writes to stderr while measuring goes to stdout instead."""
     from labkit.course.exercises import BY_ID
-    from labkit.course.grading import answer_payload, judge
+    from labkit.course.judge import answered, judge
+    from labkit.course.payload import answer_payload
     ex = BY_ID.get(exercise_id)
     if ex is None:
         raise NotRight(f"{exercise_id}: no such exercise in this version of labkit")
-    payload = answer_payload(exercise_id, answer)
-    if payload["blank"]:
-        raise NotRight(f"{exercise_id}: not answered yet (answer is still ...)")
+    given = {exercise_id: answer_payload(exercise_id, answer)}    # blank or unreadable: judge says so
     with contextlib.redirect_stderr(sys.stdout):
-        result = judge(ex, payload["value"], _live_for(ex.notebook) if ex.guest else None)
+        live = _live_for(ex.notebook) if ex.guest and answered(given[exercise_id]) else None   # no guest for a blank
+        result = judge([ex], given, live=live).results[0]
     if not result.passed:
         raise NotRight(f"{exercise_id}: {result.message}")

@@ -28,7 +28,7 @@ def student_json(student: str, grades: list) -> dict[str, Any]:
     notebooks = []
     for g in grades:
         d = asdict(g)
-        d.update(score=g.score, max=g.max)
+        d.update(exercises=[e.gradebook_json() for e in g.exercises], score=g.score, max=g.max)
         notebooks.append(d)
     return {"format": FORMAT, "student": student, "notebooks": notebooks,
             "score": sum(g.score for g in grades), "max": sum(g.max for g in grades)}

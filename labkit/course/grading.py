@@ -13,7 +13,8 @@ How a notebook is read (the decision, also in ``labkit check --help``):
   executed headless with nbclient, against the running lab VM (``LABKIT_VM``),
   in memory; after any exercise cell that does not call ``record`` a hidden
   ``record`` cell is added so its answer is seen.
-* Then each check compares the answer with the live guest (see labkit.course).
+* Then each check compares the answer with the live guest
+  (:func:`labkit.course.judge.judge`, the judge of every grading path).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from labkit.course.judge import ExerciseResult, answered, judge
 from labkit.course.payload import (  # noqa: F401 - the payload names are grading's public interface too
     MAX_CHARS,
     MAX_DEPTH,
@@ -258,22 +260,12 @@ def execute(nb, path: Path, timeout: float = 600.0) -> tuple[list[str], str]:
 # -- grading -----------------------------------------------------------------
 
 @dataclass
-class CheckResult:
-    id: str
-    title: str
-    points: int
-    max: int
-    passed: bool
-    message: str
-
-
-@dataclass
 class NotebookResult:
     path: str
     notebook: str
     executed: bool
     cell_errors: list[str] = field(default_factory=list)
-    checks: list[CheckResult] = field(default_factory=list)
+    checks: list[ExerciseResult] = field(default_factory=list)
 
     @property
     def score(self) -> int:
@@ -310,10 +302,10 @@ def grade(paths: list[str | os.PathLike], lab=None, execute_blank: bool = True,
             res.executed = True
             res.cell_errors, marker = execute(nb, path)
         given = answers(nb, marker)
-        if connected is None and any(ex.guest and _answered(given.get(ex.id)) for ex in exercises):
+        if connected is None and any(ex.guest and answered(given.get(ex.id)) for ex in exercises):
             say("connecting to the lab VM for the live checks")
             connected = _connect_lab()
-        res.checks = judge_notebook(exercises, given, connected)
+        res.checks = judge(exercises, given, connected).results    # a Live of this notebook alone
         results.append(res)
     return results
 
@@ -328,55 +320,6 @@ def _load_course_notebook(p: str | os.PathLike) -> tuple[Path, Any, str, list]:
         raise NotebookError(p, "not a labkit course notebook (no exercise cells)",
                             hint="check the notebooks in notebooks/ (00-...09-)")
     return Path(p), nb, number, exercises
-
-
-def _answered(ans: dict | None) -> bool:
-    return ans is not None and not ans.get("blank") and not ans.get("not_run") and "invalid" not in ans
-
-
-def judge_notebook(exercises: list, given: dict[str, dict], lab) -> list[CheckResult]:
-    """The results of one notebook's exercises, measured on ``lab`` with a
-    Live of this notebook alone (its batch of pins is this notebook's)."""
-    from labkit.course.exercises import Live
-    live = Live(lab)
-    live.wanted = {n for e in exercises if _answered(given.get(e.id)) for n in e.needs}
-    return [_one_check(ex, given.get(ex.id), live) for ex in exercises]
-
-
-def _one_check(ex, ans: dict | None, live) -> CheckResult:
-    if ans is None:
-        return CheckResult(ex.id, ex.title, 0, ex.points, False,
-                           f"exercise cell tagged {ex.id} not found in the notebook")
-    if ans.get("not_run"):
-        return CheckResult(ex.id, ex.title, 0, ex.points, False,
-                           "no recorded answer: run the cell (it ends with record(...)) and "
-                           "save the notebook, or write answer = <a literal value>")
-    if ans.get("blank"):
-        return CheckResult(ex.id, ex.title, 0, ex.points, False, "not answered yet (answer is still ...)")
-    if "invalid" in ans:
-        return CheckResult(ex.id, ex.title, 0, ex.points, False,
-                           f"{ans['invalid']}: give a name, a number, a short list or a few sentences")
-    return judge(ex, ans["value"], live)
-
-
-def judge(ex, value, live) -> CheckResult:
-    """One exercise's result. The message says right or wrong (with the first
-    hint), never the expected value; explanations are recorded for the
-    instructor, predictions for completion."""
-    try:
-        ok, why = ex.check(value, live)
-    except LabError:
-        raise
-    except Exception as exc:   # a malformed answer must fail its check, not the grader
-        ok, why = False, f"that answer could not be read ({type(exc).__name__})"
-    if ex.kind == "explain":
-        msg = (f"recorded for your instructor (graded by hand, {ex.manual_points} points)" if ok
-               else ex.feedback(False, why))
-    elif ex.kind == "prediction":
-        msg = "prediction recorded (completion counts, not correctness)" if ok else ex.feedback(False, why)
-    else:
-        msg = ex.feedback(ok, why)
-    return CheckResult(ex.id, ex.title, ex.points if ok else 0, ex.points, ok, msg)
 
 
 def report(results: list[NotebookResult]) -> str:

@@ -63,15 +63,16 @@ class Run:
 
 
 def execute(label: str, nb: Any, vm: Any, others: list[Any], state_root: Path, tmp: Path, budget: Budget,
-            limits: sandbox.Limits, disable_userns: bool) -> Run:
+            limits: sandbox.KernelLimits, disable_userns: bool) -> Run:
     """Run ``nb`` (in place) in the sandbox until it ends or its share of the
     time is up; the cgroup is killed and the uid released on the way out."""
     with uids.leased() as uid, sandbox.run_dir_mount(tmp / "run", uid, limits):
         log.debug("%s: sandbox uid %d", label, uid)
         sb = _sandbox(uid, vm, others, state_root, tmp, limits, nb, disable_userns)
         run = Run(grading.prepare_for_execution(nb), uid)
-        with sandbox.cgroups(f"{os.getpid()}-{uid}", limits) as groups:   # killed on the way out
-            run.reason, dropped = _run_kernel(nb, dataclasses.replace(sb, cgroups=groups), tmp, budget)
+        with sandbox.cgroup(f"{os.getpid()}-{uid}", limits) as group:   # killed on the way out
+            dirs = tuple(group.dirs()) if group is not None else ()
+            run.reason, dropped = _run_kernel(nb, dataclasses.replace(sb, cgroups=dirs), group, tmp, budget)
     run.cell_errors = grading.cell_errors(nb)
     if dropped:
         run.cell_errors.append(f"the notebook's outputs passed {OUTPUT_CAP // 2**20} MiB; {dropped // 2**20} MiB "
@@ -79,7 +80,7 @@ def execute(label: str, nb: Any, vm: Any, others: list[Any], state_root: Path, t
     return run
 
 
-def _sandbox(uid: int, vm: Any, others: list[Any], state_root: Path, tmp: Path, limits: sandbox.Limits,
+def _sandbox(uid: int, vm: Any, others: list[Any], state_root: Path, tmp: Path, limits: sandbox.KernelLimits,
              nb: Any, disable_userns: bool) -> sandbox.Sandbox:
     run_dir = tmp / "run"             # made by sandbox.run_dir_mount
     sandbox.make_vm_view(vm.state_dir, tmp / "vmview", uid)
@@ -94,7 +95,7 @@ def _sandbox(uid: int, vm: Any, others: list[Any], state_root: Path, tmp: Path, 
                            disable_userns=disable_userns)
 
 
-def _run_kernel(nb: Any, sb: sandbox.Sandbox, tmp: Path, budget: Budget) -> tuple[str, int]:
+def _run_kernel(nb: Any, sb: sandbox.Sandbox, group: Any, tmp: Path, budget: Budget) -> tuple[str, int]:
     """Execute ``nb`` with a kernel of this sandbox: why it stopped early (or ""),
     and the bytes of output it sent past OUTPUT_CAP."""
     from jupyter_client.kernelspec import KernelSpecManager
@@ -113,7 +114,7 @@ def _run_kernel(nb: Any, sb: sandbox.Sandbox, tmp: Path, budget: Budget) -> tupl
 
     def time_is_up() -> None:
         expired.set()
-        sandbox.kill_cgroups(sb.cgroups)
+        sandbox.kill(group)
     timer = threading.Timer(cells_s, time_is_up)
     client = capped_client(nb, km=km, timeout=int(cells_s) + 1, startup_timeout=120, allow_errors=True,
                            kernel_name=name, resources={"metadata": {"path": str(sb.run_dir)}},

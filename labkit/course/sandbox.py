@@ -40,10 +40,10 @@ leads only to that guest's port, and a relay inside the sandbox listens on the s
 number on the sandbox's loopback. The kernel's ZeroMQ channels use IPC
 sockets in a directory shared with the grader, so no TCP is needed for them.
 
-Limits: cgroup v1 ``pids``, ``memory`` and ``cpu`` groups (and ``freezer``,
-to stop a fork bomb while it is killed) per kernel when
-the grader is root and the controllers are mounted (FACTS.md: they are on
-the lab machines), plus rlimits (processes per uid, file size, open files,
+Limits: a cgroup per kernel (:mod:`labkit.cgroups`, v1 or v2: ``pids``,
+``memory`` and ``cpu``, frozen to stop a fork bomb while it is killed) when
+the grader is root and the host has the hierarchy (FACTS.md: v1 on the lab
+machines), plus rlimits (processes per uid, file size, open files,
 no core dumps); time is bounded by the grader (``--timeout``), which kills
 the whole cgroup.
 """
@@ -58,23 +58,20 @@ import resource
 import select
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import labkit.cgroups
 from labkit.errors import LabError
 
 log = logging.getLogger(__name__)
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-CONTROLLERS = ("pids", "memory", "cpu", "freezer")
 HOME = "/home/student"
 
 
@@ -87,16 +84,18 @@ class SandboxError(LabError):
 
 
 @dataclass(frozen=True)
-class Limits:
-    """Per-kernel limits (the pids limit counts threads too: ipykernel uses about 10)."""
+class KernelLimits:
+    """Per-kernel limits: its cgroup's (``labkit.cgroups.Limits``; the pids
+    limit counts threads too: ipykernel uses about 10, and is the uid's
+    RLIMIT_NPROC as well), the rlimits, and the sizes of its tmpfs."""
 
-    memory_mb: int = 1536
-    pids: int = 128
+    cgroup: labkit.cgroups.Limits = labkit.cgroups.Limits(
+        memory_bytes=1536 * 2**20, pids=128,
+        cpu_weight=50)             # half the default weight: the guests come first
     nofile: int = 1024
     fsize_mb: int = 256
     home_mb: int = 256
     run_mb: int = 64               # the run directory shared with the grader (sockets, kernel log)
-    cpu_shares: int = 512          # half the default weight: the guests come first
 
 
 @dataclass(frozen=True)
@@ -124,7 +123,7 @@ class Sandbox:
     state_root: Path
     vm_name: str
     ssh_port: int
-    limits: Limits = field(default_factory=Limits)
+    limits: KernelLimits = field(default_factory=KernelLimits)
     cgroups: tuple[Path, ...] = ()
     python: str = sys.executable
     kernel_source: Path | None = None   # the guest kernel's source files (read-only; no network in here)
@@ -229,7 +228,7 @@ def kernel_argv(sb: Sandbox, bwrap: str = "bwrap") -> list[str]:
     for cg in sb.cgroups:
         enter += ["--cgroup", str(cg)]
     lim = sb.limits
-    enter += ["--nproc", str(lim.pids), "--nofile", str(lim.nofile), "--fsize-mb", str(lim.fsize_mb), "--"]
+    enter += ["--nproc", str(lim.cgroup.pids), "--nofile", str(lim.nofile), "--fsize-mb", str(lim.fsize_mb), "--"]
     return enter + bwrap_argv(sb, drop + inside, bwrap)
 
 
@@ -293,7 +292,7 @@ def make_vm_view(state: Path, view: Path, uid: int) -> None:
 
 
 @contextlib.contextmanager
-def run_dir_mount(path: Path, uid: int, limits: Limits) -> Iterator[Path]:
+def run_dir_mount(path: Path, uid: int, limits: KernelLimits) -> Iterator[Path]:
     """``path`` as a tmpfs of ``limits.run_mb`` owned by ``uid``: the one
     directory the kernel writes that the grader sees (IPC sockets, the kernel
     log) lived on the host's /tmp, where a notebook could write files of up
@@ -319,67 +318,40 @@ def run_dir_mount(path: Path, uid: int, limits: Limits) -> Iterator[Path]:
 # -- cgroups -----------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def cgroups(name: str, limits: Limits) -> Iterator[tuple[Path, ...]]:
-    """Per-kernel cgroup v1 groups (pids, memory, cpu) when this host has
-    them and we are root; every process left in them is killed on exit."""
-    made: list[Path] = []
+def cgroup(name: str, limits: KernelLimits) -> Iterator[labkit.cgroups.Group | None]:
+    """The kernel's cgroup (``labkit.cgroups``: v1 or v2, with the controllers
+    this host has) when we are root and the host has a hierarchy, else None;
+    every process left in it is killed and the group removed on exit."""
+    group = labkit.cgroups.Group(name, parent="labkit-grade")
+    if os.geteuid() != 0 or not group.dirs():
+        yield None
+        return
     try:
-        for ctl in CONTROLLERS:
-            base = CGROUP_ROOT / ctl
-            if os.geteuid() != 0 or not (base / "cgroup.procs").exists():
-                continue
-            g = base / "labkit-grade" / name
-            g.mkdir(parents=True, exist_ok=True)
-            made.append(g)
-            settings = {"pids": {"pids.max": str(limits.pids)},
-                        "memory": {"memory.limit_in_bytes": str(limits.memory_mb * 2**20)},
-                        "cpu": {"cpu.shares": str(limits.cpu_shares)}, "freezer": {}}[ctl]
-            for f, v in settings.items():
-                (g / f).write_text(v)
-        yield tuple(made)
+        group.create(limits.cgroup, require=False)
+    except labkit.cgroups.CgroupError as exc:      # e.g. a read-only cgroupfs in a container: rlimits only
+        log.warning("no cgroup for the kernel %s: %s", name, exc)
+        with contextlib.suppress(labkit.cgroups.CgroupError):
+            group.remove(timeout=1.0)                # what was made of it
+        yield None
+        return
+    try:
+        yield group
     finally:
-        kill_cgroups(made)
-        for g in made:
-            with contextlib.suppress(OSError):
-                g.rmdir()
-            with contextlib.suppress(OSError):     # the shared parent, once the last job is done
-                g.parent.rmdir()
+        try:
+            group.remove(timeout=10.0)
+        except labkit.cgroups.CgroupError as exc:
+            log.warning("%s", exc)
 
 
-def cgroup_pids(groups: list[Path] | tuple[Path, ...]) -> set[int]:
-    pids: set[int] = set()
-    for g in groups:
-        with contextlib.suppress(OSError):
-            pids |= {int(p) for p in (g / "cgroup.procs").read_text().split()}
-    return pids
-
-
-def kill_cgroups(groups: list[Path] | tuple[Path, ...], timeout: float = 10.0) -> None:
-    """SIGKILL everything in ``groups`` until they are empty. A fork bomb
-    would refill the group while we kill, so the freezer group (when there
-    is one) is frozen first and thawed after the signals are queued."""
-    freezer = next((g for g in groups if (g / "freezer.state").exists()), None)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pids = cgroup_pids(groups)
-        if not pids:
-            return
-        _freeze(freezer, "FROZEN", deadline)
-        for pid in pids | cgroup_pids(groups):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        _freeze(freezer, "THAWED", deadline)
-        time.sleep(0.05)      # the kernel reaps asynchronously; cgroup.procs has no event to wait on
-    log.warning("processes left in %s after %.0f s", groups, timeout)
-
-
-def _freeze(group: Path | None, state: str, deadline: float) -> None:
+def kill(group: labkit.cgroups.Group | None, timeout: float = 10.0) -> None:
+    """SIGKILL everything in the kernel's cgroup until it is empty (the time
+    limit's kill; the group itself stays until :func:`cgroup` removes it)."""
     if group is None:
         return
-    with contextlib.suppress(OSError):
-        (group / "freezer.state").write_text(state)
-        while (group / "freezer.state").read_text().strip() != state and time.monotonic() < deadline:
-            time.sleep(0.01)  # FREEZING -> FROZEN has no event either
+    try:
+        group.kill(timeout)
+    except labkit.cgroups.CgroupError as exc:
+        log.warning("%s", exc)
 
 
 # -- the SSH relay -------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from typing import Any
 
 from labkit.course import gradebook, grading, intake, judging, runner, sandbox, uids
 from labkit.course.intake import NOTEBOOK_RE, STUDENT_RE  # noqa: F401 - part of this module's interface
+from labkit.course.judge import ExerciseResult, answered, judge
 from labkit.errors import LabError
 from labkit.timeout import Deadline
 
@@ -59,15 +60,6 @@ ON_LEARNER_GUEST = frozenset({"ex7.1"})
 
 
 @dataclass
-class ExerciseGrade:
-    id: str
-    title: str
-    points: int
-    max: int
-    feedback: str
-
-
-@dataclass
 class NotebookGrade:
     student: str
     path: str
@@ -79,7 +71,7 @@ class NotebookGrade:
     duration_s: float = 0.0
     reason: str = ""                      # why it stopped early or was refused ("" if it ran to the end)
     cell_errors: list[str] = field(default_factory=list)
-    exercises: list[ExerciseGrade] = field(default_factory=list)
+    exercises: list[ExerciseResult] = field(default_factory=list)
     sandbox_uid: int = 0                  # the kernel's throwaway uid (0: no kernel ran)
 
     @property
@@ -95,7 +87,7 @@ class NotebookGrade:
 class Options:
     timeout: float = 900.0        # per notebook: execution and checks
     kernel: str | None = None     # guest kernel variant (default: labkit's default)
-    limits: sandbox.Limits = field(default_factory=sandbox.Limits)
+    limits: sandbox.KernelLimits = field(default_factory=sandbox.KernelLimits)
     disable_userns: bool = False  # the sandbox's inner bwrap (grade_all sets it when the host allows)
 
 
@@ -160,7 +152,7 @@ def _complete(g: NotebookGrade) -> None:
     """Every exercise of the notebook has a row, in course order: the ones
     never judged get 0 with the reason."""
     have = {e.id: e for e in g.exercises}
-    g.exercises = [have.get(e.id) or ExerciseGrade(e.id, e.title, 0, e.points, f"not graded: {g.reason}")
+    g.exercises = [have.get(e.id) or ExerciseResult(e.id, e.title, 0, e.points, False, f"not graded: {g.reason}")
                    for e in _exercises(g.notebook)]
 
 
@@ -190,7 +182,7 @@ def _grade_in_guests(g: NotebookGrade, nb: Any, exercises: list, tmp: Path, opts
 
 
 def _judge_on_learner_guest(exercises: list, given: dict[str, dict], vm: Any, before: judging.Integrity,
-                            deadline: Deadline, g: NotebookGrade) -> list[ExerciseGrade]:
+                            deadline: Deadline, g: NotebookGrade) -> list[ExerciseResult]:
     todo = [e for e in exercises if e.id in ON_LEARNER_GUEST]
     if not todo:
         return []
@@ -203,19 +195,19 @@ def _judge_on_learner_guest(exercises: list, given: dict[str, dict], vm: Any, be
                        "(load no module in this notebook)")
     except LabError as exc:
         problem = f"the guest did not answer after the notebook ran ({type(exc).__name__}: {exc})"
-    return judge(todo, given, Lab(machine), g, broken=problem, deadline=deadline)
+    return _judged(todo, given, Lab(machine), g, broken=problem, deadline=deadline)
 
 
 def _judge_on_fresh_guest(exercises: list, given: dict[str, dict], root: Path, kernel: str, deadline: Deadline,
-                          g: NotebookGrade, start: judging.Integrity) -> list[ExerciseGrade]:
+                          g: NotebookGrade, start: judging.Integrity) -> list[ExerciseResult]:
     """The checks on a guest restored from the snapshot for them alone. No
     guest is started when no answer needs one. ``start``: the notebook's own
     guest as it came from the same snapshot, before any student code (the
     taint a restore of this image has; a fresh guest must not have more)."""
-    if not any(e.guest and grading._answered(given.get(e.id)) for e in exercises):
-        return judge(exercises, given, None, g)
+    if not any(e.guest and answered(given.get(e.id)) for e in exercises):
+        return _judged(exercises, given, None, g)
     if deadline.expired:
-        return judge(exercises, given, None, g, broken=str(judging.TimeUp(deadline.seconds)))
+        return _judged(exercises, given, None, g, broken=str(judging.TimeUp(deadline.seconds)))
     from labkit.lab import Lab
     from labkit.machine.vm import VM
     jvm = VM("judge", kernel=kernel, state_dir=root / "vms" / "judge")
@@ -234,11 +226,11 @@ def _judge_on_fresh_guest(exercises: list, given: dict[str, dict], root: Path, k
 
             def guard() -> str:
                 return judging.read_integrity(machine).problem_since(fresh)
-            return judge(exercises, given, Lab(machine), g, broken=problem, guard=guard, deadline=deadline)
+            return _judged(exercises, given, Lab(machine), g, broken=problem, guard=guard, deadline=deadline)
         except LabError as exc:
             why = str(judging.TimeUp(deadline.seconds)) if deadline.expired else \
                 f"the judging guest did not start ({type(exc).__name__}: {exc})"
-            return judge(exercises, given, None, g, broken=why)
+            return _judged(exercises, given, None, g, broken=why)
         finally:
             jvm.finish()
 
@@ -283,58 +275,14 @@ def _guests(state_root: Path, kernel: str, notebook: str) -> Iterator[list[Any]]
             raise failed
 
 
-def judge(exercises: list, given: dict[str, dict], lab: Any, g: NotebookGrade, broken: str = "",
-          guard: Callable[[], str] | None = None, deadline: Deadline | None = None) -> list[ExerciseGrade]:
-    """Each exercise's points and feedback, measured on ``lab`` (None: no
-    guest; only the answers that need none are judged). An exercise that needs
-    the guest gets 0 with the reason when the guest is ``broken`` (refused,
-    dead, hung, out of time). The checks that run the learner's code in the
-    guest (code exercises) come last, each followed by ``guard()``: a problem
-    it names (taint, a labkit module) refuses that result and every later one."""
-    from labkit.course.exercises import Live
-    live = Live(lab)
-    live.wanted = {n for e in exercises if grading._answered(given.get(e.id)) for n in e.needs}
-    if lab is None and not broken:
-        broken = "no guest was started to judge it"
-    elif not broken and any(e.guest and grading._answered(given.get(e.id)) for e in exercises):
-        broken = _no_answer(lab, deadline)
-    out = {}
-    for ex in sorted(exercises, key=lambda e: e.kind == "code"):     # learner code last: it is root there
-        answered = grading._answered(given.get(ex.id))
-        if broken and ex.guest and answered:
-            out[ex.id] = ExerciseGrade(ex.id, ex.title, 0, ex.points, f"not graded: {broken}")
-            continue
-        try:
-            r = grading._one_check(ex, given.get(ex.id), live)
-            problem = guard() if guard is not None and ex.kind == "code" and answered else ""
-        except LabError as exc:
-            problem = _failure(exc, deadline)
-        if problem:
-            broken = problem if deadline is None or not deadline.expired else str(judging.TimeUp(deadline.seconds))
-            if ex.kind == "code" and not broken.startswith(("the guest", "the notebook's time")):
-                broken = f"while your code ran in the judging guest, {broken}: its answers are not believed"
-            out[ex.id] = ExerciseGrade(ex.id, ex.title, 0, ex.points, f"not graded: {broken}")
-            continue
-        out[ex.id] = ExerciseGrade(r.id, r.title, r.points, r.max, r.message)
-    if broken and not g.reason and any(e.guest and grading._answered(given.get(e.id)) for e in exercises):
-        g.reason = broken
-    return [out[e.id] for e in exercises]
-
-
-def _no_answer(lab: Any, deadline: Deadline | None) -> str:
-    try:
-        lab.sh("true")
-        return ""
-    except LabError as exc:
-        return _failure(exc, deadline, "the guest did not answer")
-
-
-def _failure(exc: LabError, deadline: Deadline | None, what: str = "the guest failed during the checks") -> str:
-    if isinstance(exc, judging.TimeUp) or (deadline is not None and deadline.expired):
-        return str(judging.TimeUp(deadline.seconds if deadline else 0))
-    if isinstance(exc, judging.OutputTooLarge):
-        return f"{exc}"
-    return f"{what} ({type(exc).__name__}: {str(exc)[:300]})"
+def _judged(exercises: list, given: dict[str, dict], lab: Any, g: NotebookGrade, broken: str = "",
+            guard: Callable[[], str] | None = None, deadline: Deadline | None = None) -> list[ExerciseResult]:
+    """The grader's judgement (:func:`labkit.course.judge.judge` with its
+    containment: a broken guest is "not graded: why", never an exception);
+    what broke the guest becomes the notebook's reason if it has none."""
+    verdict = judge(exercises, given, lab, contain=True, broken=broken, guard=guard, deadline=deadline)
+    g.reason = g.reason or verdict.problem
+    return verdict.results
 
 
 # -- a class ------------------------------------------------------------------------------

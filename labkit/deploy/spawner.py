@@ -1,5 +1,5 @@
 """``CgroupSpawner``: JupyterHub's LocalProcessSpawner with each learner's
-server in a cgroup-v1 group of its own (``labkit.deploy.cgroups``).
+server in a cgroup of its own (``labkit.cgroups``: v1 or v2).
 
 Everything the server starts inherits the group: kernels, terminals and the
 lab VM's QEMU, so the memory limit covers the VM too, and stopping or culling
@@ -22,7 +22,7 @@ from typing import Any
 from jupyterhub.spawner import LocalProcessSpawner
 from traitlets import Integer, Unicode
 
-from labkit.deploy.cgroups import Group, Limits
+from labkit.cgroups import Group, Limits
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -32,7 +32,7 @@ class CgroupSpawner(LocalProcessSpawner):
 
     pids_limit = Integer(1024, help="Most processes and threads a learner's server may run at once.").tag(
         config=True)
-    cgroup_root = Unicode("/sys/fs/cgroup", help="Where the cgroup-v1 controllers are mounted.").tag(config=True)
+    cgroup_root = Unicode("/sys/fs/cgroup", help="Where the cgroup hierarchy is mounted (v2) or its v1 controllers are.").tag(config=True)
     cgroup_parent = Unicode("labkit-hub", help="The group under which each server gets its own.").tag(config=True)
 
     @property

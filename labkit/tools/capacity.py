@@ -113,16 +113,10 @@ def sample_running(interval: float = 1.0) -> list[VMSample]:
 
 def _cgroup_peak_mb(pid: int) -> float | None:
     """The peak memory of the learner's hub cgroup (``/labkit-hub*/<learner>``) that holds ``pid``, if any."""
-    from labkit.deploy.cgroups import group_of
+    from labkit.cgroups import peak_of
 
-    try:
-        path = group_of(pid).get("memory", "/")
-        if not path.split("/")[1].startswith("labkit-hub"):    # not a learner's group (a session's, a job's)
-            return None
-        peak = int(open(f"/sys/fs/cgroup/memory{path}/memory.max_usage_in_bytes").read())
-    except (OSError, ValueError):
-        return None
-    return peak / 2**20
+    peak = peak_of(pid, "labkit-hub")       # not a learner's group (a session's, a job's): None
+    return None if peak is None else peak / 2**20
 
 
 def capacity(samples: list[VMSample] | None = None) -> Capacity:
