@@ -35,19 +35,19 @@ def _odp_other(kernel: str) -> str:
 
 
 # kind -> (the default other kernel for this VM's kernel, the companion's name for (vm name, other kernel))
-KINDS: dict[str, tuple[Callable[[str], str], Callable[[str, str], str]]] = {
+COMPANION_KINDS: dict[str, tuple[Callable[[str], str], Callable[[str, str], str]]] = {
     "matrix": (_first_other, lambda name, other: f"{name}-other"),
     "odp": (_odp_other, lambda name, other: f"{name}-k{other.replace('.', '')}"),
 }
 
 
 def companion(kind: str, vm_name: str, kernel: str, other_kernel: str | None = None) -> Companion:
-    """The companion of kind ``kind`` (a key of ``KINDS``) for the VM
+    """The companion of kind ``kind`` (a key of ``COMPANION_KINDS``) for the VM
     ``vm_name`` running ``kernel``; ``other_kernel`` overrides its kernel.
     ConfigError for an unknown kind or kernel, or one that equals ``kernel``."""
-    if kind not in KINDS:
-        raise ConfigError(f"unknown companion kind {kind!r}", hint="one of: " + ", ".join(KINDS))
-    default, name = KINDS[kind]
+    if kind not in COMPANION_KINDS:
+        raise ConfigError(f"unknown companion kind {kind!r}", hint="one of: " + ", ".join(COMPANION_KINDS))
+    default, name = COMPANION_KINDS[kind]
     other = check_kernel(other_kernel or default(kernel))
     if other == kernel:
         raise ConfigError(f"the other kernel must differ from this VM's ({kernel})",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from labkit.errors import ConfigError, LabError
+from labkit.lab.guest.vocab import FILESYSTEMS
 from labkit.lab.helper import last_json
 from labkit.lab.tracing import parse_sections
 
@@ -27,7 +28,6 @@ MODULES: dict[str, str] = {
 SCRIPT_PATH = "/run/labkit/counterfactual.py"
 MARKER_PATH = "/run/labkit/modified"
 MODULE_SOURCES = Path(__file__).resolve().parents[3] / "images" / "modules"
-FILESYSTEMS = ("xfs", "ext4")
 MAX_HOLD = 120.0
 # Kernel taint bits (Documentation/admin-guide/tainted-kernels.rst): the ones a lab module can set.
 TAINT_FLAGS = {0: ("P", "proprietary module"), 4: ("M", "machine check"), 7: ("D", "kernel died (oops)"),
