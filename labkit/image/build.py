@@ -4,9 +4,15 @@ with a manifest, and check them before a VM uses them.
 One image per kernel variant (the table in ``labkit.image.kernels``: 6.1 and
 6.12 on bookworm, 7.3 on trixie with trixie-backports' kernel). An image is a
 directory with ``vmlinuz``, ``initrd.img``, ``root.ext4`` and ``manifest.json``.
-It is rebuilt only when the recipe (the files of ``images/`` plus the
-initramfs builder) changes, and it is written to a temporary directory first
-so a failed build never replaces a working image.
+It is rebuilt only when the recipe (the files of ``images/``, the lab's kernel
+module sources and the initramfs builder) changes, and it is written to a
+temporary directory first so a failed build never replaces a working image.
+
+The module sources ship inside the package (``labkit/lab/guest/modules/``,
+found by ``labkit.lab.guest.files``); a build stages ``images/`` with them as
+its ``modules/`` folder, where ``build-modules.sh`` reads them, and the recipe
+hash names them ``images/modules/...`` as before, so moving them into the
+package did not change any image.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +38,7 @@ from labkit.errors import HostSetupError, ImageBuildError, ImageMissing
 # The kernel table and check_kernel are re-exported: callers use image.build.KERNELS.
 from labkit.image.kernels import DEFAULT_KERNEL, KERNELS, KernelVariant, check_kernel, variant
 from labkit.image.sources import apt_sources, needed_suites
+from labkit.lab.guest import files as guest_files
 
 ARTIFACTS = ("vmlinuz", "initrd.img", "root.ext4")
 STRIP = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*",
@@ -39,26 +47,49 @@ STRIP = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/shar
 Progress = Callable[[str], None]
 
 
-def recipe_files() -> list[Path]:
-    """Everything whose change must trigger a rebuild."""
+def recipe_files() -> list[tuple[Path, bytes]]:
+    """Everything whose change must trigger a rebuild: (where the build sees
+    it, its contents). The module sources come from the package and are seen
+    as the recipe's ``modules/`` (``stage_recipe``)."""
     rdir = paths.recipe_dir()
-    files = [p for p in sorted(rdir.rglob("*"))
-             if p.is_file() and paths.images_dir() not in p.parents and "__pycache__" not in p.parts]
+    files = {p: p.read_bytes() for p in rdir.rglob("*")
+             if p.is_file() and paths.images_dir() not in p.parents and "__pycache__" not in p.parts}
+    files.update({rdir / "modules" / name: data for name, data in guest_files.module_sources().items()})
     here = Path(__file__).resolve().parent
-    return files + [here / "initramfs.py", here / "kernelpkg.py"]
+    return sorted(files.items()) + [(here / name, (here / name).read_bytes())
+                                    for name in ("initramfs.py", "kernelpkg.py")]
 
 
 def recipe_hash(kernel: str) -> str:
     h = hashlib.sha256()
     h.update(f"{variant(kernel).recipe_key()}\n".encode())
     base = paths.PROJECT_DIR
-    for f in recipe_files():
+    for f, data in recipe_files():
         try:
             name = str(f.relative_to(base))
         except ValueError:
             name = f.name
-        h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+        h.update(name.encode() + b"\0" + data + b"\0")
     return h.hexdigest()
+
+
+def stage_recipe(into: Path) -> Path:
+    """The recipe as the build reads it: ``images/`` (without built images)
+    plus the package's module sources as ``modules/``, copied under ``into``."""
+    rdir, staged = paths.recipe_dir(), into / "recipe"
+    for f, data in recipe_files():
+        try:
+            rel = f.relative_to(rdir)
+        except ValueError:
+            continue            # the initramfs builder runs from the package (PYTHONPATH)
+        dest = staged / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+        if f.exists():
+            shutil.copymode(f, dest)
+    for d in [into, staged, *(p for p in staged.rglob("*") if p.is_dir())]:
+        d.chmod(0o755)          # read by the customize hook inside mmdebstrap's namespace
+    return staged
 
 
 def sha256_file(path: Path) -> str:
@@ -257,7 +288,8 @@ def _build(kernel: str, say: Progress) -> Image:
         f"{v.package}{' from ' + v.package_suite if v.package_suite else ''}); log: {final.parent}/{kernel}.log")
     t0 = time.monotonic()
     try:
-        _run_mmdebstrap(kernel, argv, _build_env(v, work), work, say, t0)
+        with tempfile.TemporaryDirectory(prefix="labkit-recipe-") as tmp:
+            _run_mmdebstrap(kernel, argv, _build_env(v, work, stage_recipe(Path(tmp))), work, say, t0)
         release = (work / "kernel-release").read_text().strip()
         if not v.release_matches(release):
             raise ImageBuildError(f"{v.package} resolved to kernel {release}, not a {kernel} kernel",
@@ -277,8 +309,8 @@ def _build(kernel: str, say: Progress) -> Image:
     return load_image(kernel)
 
 
-def _build_env(v: KernelVariant, work: Path) -> dict[str, str]:
-    return dict(os.environ, LABKIT_OUT=str(work), LABKIT_RECIPE=str(paths.recipe_dir()),
+def _build_env(v: KernelVariant, work: Path, recipe: Path) -> dict[str, str]:
+    return dict(os.environ, LABKIT_OUT=str(work), LABKIT_RECIPE=str(recipe),
                 LABKIT_KERNEL_PACKAGE=v.package, LABKIT_KERNEL_SUITE=v.package_suite,
                 LABKIT_PYTHON=sys.executable,
                 PYTHONPATH=str(paths.PROJECT_DIR) + os.pathsep + os.environ.get("PYTHONPATH", ""))

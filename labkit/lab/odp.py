@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from labkit.errors import LabError
-from labkit.lab.companion import companion
+from labkit.lab.companion import beside, companion
 from labkit.lab.guest.vocab import MEMORY_KINDS, MR_KINDS, RDMA_OPS
 from labkit.lab.helper import GuestHelper, answer
 from labkit.lab.pmem import Namespace
@@ -203,26 +203,10 @@ def story_on_two_kernels(lab: Any, other_kernel: str | None = None) -> tuple[Odp
     runs 7.3), measured at the same time (the other VM, ``<name>-k<kernel>``
     of ``labkit.lab.companion``, starts or is attached in a thread). Returns
     ``(here, there, other_vm)``; the caller stops ``other_vm``."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from labkit.lab.lab import Lab
-    from labkit.machine import vm as machine
 
     peer = companion("odp", lab.vm.name, lab.vm.describe()["kernel"], other_kernel)
-    box: dict[str, Any] = {}
-
-    def there() -> OdpStory:
-        box["vm"] = machine.connect(name=peer.name, kernel=peer.kernel)
-        return measure_story(Lab(box["vm"]))
-
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labkit-odp-other")
-    try:
-        fut = pool.submit(there)
-        here = measure_story(lab)
-        other = fut.result(timeout=600)
-    finally:
-        pool.shutdown(wait=False)
-    return here, other, box["vm"]
+    return beside(peer, lambda: measure_story(lab), lambda vm: measure_story(Lab(vm)))
 
 
 def _pin_cell(p: Any) -> str:
