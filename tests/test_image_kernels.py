@@ -261,5 +261,5 @@ def test_the_build_sees_the_packages_module_sources_as_the_recipes_modules(tmp_p
     for script in ("customize.sh", "build-modules.sh", "packages.txt", "guest/labkit-init"):
         assert (staged / script).read_bytes() == (paths.recipe_dir() / script).read_bytes()
     assert not (staged / "build").exists()
-    hashed = [str(f.relative_to(paths.PROJECT_DIR)) for f, _ in build.recipe_files()]
+    hashed = [name for name, _ in build.recipe_files()]
     assert "images/modules/Kbuild" in hashed and "images/modules/labkit_no_layout_wait.c" in hashed

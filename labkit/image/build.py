@@ -47,28 +47,30 @@ STRIP = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/shar
 Progress = Callable[[str], None]
 
 
-def recipe_files() -> list[tuple[Path, bytes]]:
-    """Everything whose change must trigger a rebuild: (where the build sees
-    it, its contents). The module sources come from the package and are seen
-    as the recipe's ``modules/`` (``stage_recipe``)."""
+RECIPE = "images"       # the name the recipe's files are hashed under, wherever the recipe lives
+
+
+def recipe_files() -> list[tuple[str, bytes]]:
+    """Everything whose change must trigger a rebuild, by the name it is
+    hashed under: the recipe's files as ``images/...`` (the module sources,
+    which come from the package, as ``images/modules/...``: where the build
+    sees them, ``stage_recipe``) and the two builders as ``labkit/image/...``.
+    The names do not depend on where the recipe or the package are, so an
+    installed labkit pointed at a checkout's recipe (``LABKIT_RECIPE_DIR``)
+    agrees with the checkout about which images are up to date."""
     rdir = paths.recipe_dir()
-    files = {p: p.read_bytes() for p in rdir.rglob("*")
+    files = {p.relative_to(rdir).parts: p.read_bytes() for p in rdir.rglob("*")
              if p.is_file() and paths.images_dir() not in p.parents and "__pycache__" not in p.parts}
-    files.update({rdir / "modules" / name: data for name, data in guest_files.module_sources().items()})
+    files.update({("modules", name): data for name, data in guest_files.module_sources().items()})
     here = Path(__file__).resolve().parent
-    return sorted(files.items()) + [(here / name, (here / name).read_bytes())
-                                    for name in ("initramfs.py", "kernelpkg.py")]
+    return ([("/".join((RECIPE, *parts)), data) for parts, data in sorted(files.items())]
+            + [(f"labkit/image/{name}", (here / name).read_bytes()) for name in ("initramfs.py", "kernelpkg.py")])
 
 
 def recipe_hash(kernel: str) -> str:
     h = hashlib.sha256()
     h.update(f"{variant(kernel).recipe_key()}\n".encode())
-    base = paths.PROJECT_DIR
-    for f, data in recipe_files():
-        try:
-            name = str(f.relative_to(base))
-        except ValueError:
-            name = f.name
+    for name, data in recipe_files():
         h.update(name.encode() + b"\0" + data + b"\0")
     return h.hexdigest()
 
@@ -77,16 +79,15 @@ def stage_recipe(into: Path) -> Path:
     """The recipe as the build reads it: ``images/`` (without built images)
     plus the package's module sources as ``modules/``, copied under ``into``."""
     rdir, staged = paths.recipe_dir(), into / "recipe"
-    for f, data in recipe_files():
-        try:
-            rel = f.relative_to(rdir)
-        except ValueError:
+    for name, data in recipe_files():
+        if not name.startswith(RECIPE + "/"):
             continue            # the initramfs builder runs from the package (PYTHONPATH)
+        rel = name[len(RECIPE) + 1:]
         dest = staged / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(data)
-        if f.exists():
-            shutil.copymode(f, dest)
+        if (rdir / rel).exists():
+            shutil.copymode(rdir / rel, dest)
     for d in [into, staged, *(p for p in staged.rglob("*") if p.is_dir())]:
         d.chmod(0o755)          # read by the customize hook inside mmdebstrap's namespace
     return staged
