@@ -38,7 +38,7 @@ FILES = {
     "class": ["test_hub.py", "test_hub_unit.py", "test_slurm.py", "test_k8s_values.py"],
     "faults": ["test_faults.py", "test_faults_lifecycle.py", "test_hostile.py", "test_security.py",
                "test_watchdog_qmp.py"],
-    "tools": ["test_bench.py", "test_cli.py", "test_suite_areas.py", "test_layers.py"],
+    "tools": ["test_bench.py", "test_cli.py", "test_suite_areas.py", "test_layers.py", "test_install.py"],
 }
 _BY_FILE = {f: area for area, files in FILES.items() for f in files}
 
