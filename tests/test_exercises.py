@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from labkit.course.answers import errno_number
-from labkit.course.exercises import BY_ID, EXERCISES, KINDS, Live, points_by_kind
+from labkit.course.exercises import BY_ID, EXERCISE_KINDS, EXERCISES, Live, points_by_kind
 from labkit.course.judge import check_answer
 from labkit.course.probe_exercise import parse_probe, probe_values
 from labkit.course.source import KernelSource
@@ -276,7 +276,7 @@ def test_explanations_are_recorded_for_manual_grading(ex_id):
 
 def test_every_exercise_has_kind_difficulty_and_hints():
     for e in EXERCISES:
-        assert e.kind in KINDS and e.difficulty in ("intro", "core", "stretch")
+        assert e.kind in EXERCISE_KINDS and e.difficulty in ("intro", "core", "stretch")
         assert e.kind in ("prediction",) or e.hints, e.id
 
 

@@ -243,3 +243,19 @@ def test_zstd_payload_is_found_after_a_false_magic_and_before_trailing_code():
     blob = (b"MZ setup code \x28\xb5\x2f\xfd not a frame" + zstandard.ZstdCompressor(level=19).compress(elf)
             + b"decompressor code after the payload" * 4)
     assert decompress_payload(blob) == elf
+
+
+def test_the_build_sees_the_packages_module_sources_as_the_recipes_modules(tmp_path):
+    """The module sources live in the package (issue 22 item 7); the build script still reads
+    ``$LABKIT_RECIPE/modules`` and the recipe hash still names them ``images/modules/...``."""
+    from labkit.lab.guest import files
+    from labkit.settings import from_environment
+    settings = from_environment()
+    staged = build.stage_recipe(tmp_path, settings)
+    for name, data in files.module_sources().items():
+        assert (staged / "modules" / name).read_bytes() == data
+    for script in ("customize.sh", "build-modules.sh", "packages.txt", "guest/labkit-init"):
+        assert (staged / script).read_bytes() == (settings.recipe_dir / script).read_bytes()
+    assert not (staged / "build").exists()
+    hashed = [name for name, _ in build.recipe_files(settings)]
+    assert "images/modules/Kbuild" in hashed and "images/modules/labkit_no_layout_wait.c" in hashed

@@ -285,3 +285,97 @@ def test_fake_vm_keeps_the_real_vms_contract():
     assert vm.status() is VMState.RUNNING
     vm.reset(pmem=False, timeout=5.0)
     assert vm.calls == ["reset", "start"] and vm.status() is VMState.RUNNING
+
+
+# -- issue 22 items 6, 7: one row per mechanism, one companion runner -------------------
+
+@pytest.mark.parametrize("mechanism, tail", [
+    ("rdma", ["--size", "2097152", "--hold", "0.0"]),
+    ("rdma-odp", ["--size", "2097152", "--hold", "0.0"]),
+    ("v4l2", []),
+    ("odirect", ["--size", "2097152", "--target", "/root/odirect-src.dat"]),
+    ("io_uring", ["--size", "2097152"]),
+])
+def test_each_mechanisms_row_gives_the_arguments_its_guest_command_takes(mechanism, tail):
+    vm = FakeVM()
+    argv = Lab(vm).probes.probe_argv((mechanism, "anon", "shared"), 2 * 2**20, 0.0, None)
+    assert argv == [mechanism, "--memory", "anon", "--mapping", "shared", *tail]
+    assert vm.ssh.commands == []
+
+
+def test_only_a_holdable_mechanism_is_held():
+    vm = FakeVM()
+    with pytest.raises(ConfigError, match="holdable pin mechanism"):
+        Lab(vm).hold_pin("v4l2")
+    assert vm.ssh.commands == []
+
+
+def _peer():
+    from labkit.lab.companion import companion
+    return companion("matrix", "lab", "6.1", "6.12")
+
+
+def test_the_companion_runner_measures_both_and_hands_back_the_vm(monkeypatch):
+    import labkit.machine.vm
+    from labkit.lab.companion import beside
+    other = FakeVM(kernel="6.12")
+    monkeypatch.setattr(labkit.machine.vm, "connect", lambda name, kernel, **_: other)
+    assert beside(_peer(), lambda: "here", lambda vm: ("there", vm.kernel)) == ("here", ("there", "6.12"), other)
+
+
+def test_a_companion_still_booting_at_the_timeout_is_killed_and_its_thread_joined(monkeypatch):
+    """What ``pool.shutdown(wait=False)`` left behind: a thread still booting a VM after the error."""
+    import threading
+
+    import labkit.machine.vm
+    from labkit.errors import GuestTimeout
+    from labkit.lab import companion as comp
+    killed = threading.Event()
+    booting = []
+
+    def slow_connect(name, kernel, **_):     # a boot that ends only when its QEMU is killed
+        booting.append(threading.current_thread())
+        assert killed.wait(30), "the companion was never killed"
+        raise LabError("QEMU was killed during the boot")
+
+    class Handle:                             # the VM handle _cancel makes for the companion's state dir
+        def __init__(self, name, kernel, persistent):
+            assert (name, kernel, persistent) == ("lab-other", "6.12", True)
+
+        def kill(self):
+            killed.set()
+            return True
+
+    monkeypatch.setattr(labkit.machine.vm, "connect", slow_connect)
+    monkeypatch.setattr(labkit.machine.vm, "VM", Handle)
+    monkeypatch.delenv("LABKIT_MANAGED_VMS", raising=False)
+    with pytest.raises(GuestTimeout, match="lab-other"):
+        comp.beside(_peer(), lambda: "here", lambda vm: pytest.fail("measured a VM that never booted"),
+                    timeout=0.5)
+    assert killed.is_set() and booting and not booting[0].is_alive()
+
+
+def test_a_failure_here_cancels_the_companion_too(monkeypatch):
+    import threading
+
+    import labkit.machine.vm
+    from labkit.lab import companion as comp
+    other, started = FakeVM(kernel="6.12"), threading.Event()
+    stopped = []
+    other.stop = lambda *a, **k: stopped.append(True)
+    other.kill = lambda: False
+    monkeypatch.setattr(labkit.machine.vm, "connect", lambda name, kernel, **_: other)
+    monkeypatch.setattr(labkit.machine.vm, "VM", lambda *a, **k: other)    # kill() of a thread still running
+    monkeypatch.delenv("LABKIT_MANAGED_VMS", raising=False)
+
+    def there(vm):
+        started.set()
+        return "there"
+
+    def here():
+        assert started.wait(10)
+        raise LabError("the measurement here failed")
+    with pytest.raises(LabError, match="here failed"):
+        comp.beside(_peer(), here, there)
+    assert stopped == [True]
+    assert not [t for t in threading.enumerate() if t.name.startswith("labkit-companion")]

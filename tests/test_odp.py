@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 
 from labkit.lab import Lab
+from labkit.lab.guest.vocab import MEMORY_KINDS
 
 pytestmark = pytest.mark.integration
 
 IBV_WC_SUCCESS, IBV_WC_REM_ACCESS_ERR = 0, 10
-KINDS = ("anon", "pagecache", "fsdax-xfs", "fsdax-ext4", "devdax")
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def _has_odp(guest) -> bool:
 
 
 def test_odp_registration_on_every_memory_kind(guest, lab):
-    pins = lab.pin_many([("rdma-odp", k, "shared") for k in KINDS] + [("rdma", "fsdax-xfs", "shared")])
+    pins = lab.pin_many([("rdma-odp", k, "shared") for k in MEMORY_KINDS] + [("rdma", "fsdax-xfs", "shared")])
     odp, plain = pins[:-1], pins[-1]
     # the fs-dax rule refuses the pinned registration on every kernel, in check_vma_flags
     assert (plain.ok, plain.errno) == (False, 95) and plain.trace and "check_vma_flags" in plain.why
@@ -44,7 +44,7 @@ def test_odp_registration_on_every_memory_kind(guest, lab):
             assert p.errno == {"6.1": 22, "6.12": 95}[guest.kernel], p.summary()
             assert "no on-demand paging" in p.why
     if guest.kernel == "6.12":      # the same errno as the fs-dax refusal, told apart by the evidence
-        fsdax_odp = odp[KINDS.index("fsdax-xfs")]
+        fsdax_odp = odp[MEMORY_KINDS.index("fsdax-xfs")]
         assert fsdax_odp.errno == plain.errno and fsdax_odp.why != plain.why
 
 

@@ -97,3 +97,44 @@ def test_mount_of_picks_the_innermost_and_topmost_mount():
     assert target.mount_of("/mnt/fsdax-xfsx/pin.dat", MOUNTINFO)["mountpoint"] == "/"
     assert target.mount_of("/mnt/with space/f", MOUNTINFO)["mountpoint"] == "/mnt/with space"
     assert target.mount_of("/root/pin.dat", MOUNTINFO)["options"].startswith("rw,relatime")
+
+
+# -- issue 22 item 6: a mechanism registers itself; item 7: one way to find guest-side files ----------
+
+def test_the_vocabulary_the_guest_commands_and_the_host_rows_name_the_same_mechanisms():
+    from labkit.lab.guest.pinprobe import registry
+    from labkit.lab.guest.vocab import MECHANISMS
+    from labkit.lab.probes import MECHANISM_ROWS
+    assert registry.mechanisms() == list(MECHANISMS)
+    assert list(MECHANISM_ROWS) == list(MECHANISMS)
+
+
+def test_the_command_line_imports_no_mechanism():
+    """Adding a mechanism does not touch cli.py: it imports the registry, not the probes."""
+    import ast
+
+    from labkit.lab.guest import files
+    tree = ast.parse(files.pinprobe_sources()["pinprobe/cli.py"])
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
+    assert imported == {"common", "registry"}
+
+
+def test_the_zipapp_offers_every_registered_command(pyz):
+    from labkit.lab.guest.pinprobe import registry
+    r = subprocess.run([PYTHON, "-I", "-S", str(pyz), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0
+    names = [c.name for c in registry.commands()]
+    assert {"rdma", "v4l2", "status", "batch", "mount", "odp-revoke"} <= set(names)
+    for name in names:
+        assert f"    {name}" in r.stdout, name
+
+
+def test_every_guest_side_file_is_found_through_the_package():
+    from labkit.lab.counterfactual import module_excerpt
+    from labkit.lab.guest import files
+    mods = files.module_sources()
+    assert set(mods) == {"Kbuild", "Makefile", "labkit_no_layout_wait.c", "labkit_no_longterm_check.c"}
+    assert b"labkit_no_longterm_check.o" in mods["Kbuild"]
+    assert files.counterfactual_script().startswith(b"#!/usr/bin/env python3\n")
+    assert "check_vma_flags" in files.module_source("labkit_no_longterm_check")
+    assert "_return(" in module_excerpt("no-longterm-check")

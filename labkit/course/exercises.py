@@ -45,10 +45,10 @@ from labkit.course.probe_exercise import (
 )
 from labkit.course.truncate_exercise import check_hold, run_learner_hold
 from labkit.errors import ConfigError
-from labkit.lab.guest.vocab import MECHANISMS, MEMORY_KINDS
+from labkit.lab.guest.vocab import MECHANISMS, MEMORY_KINDS, PMEM_ROLES
 
 Result = tuple[bool, str]
-KINDS = ("value", "code", "prediction", "explain")
+EXERCISE_KINDS = ("value", "code", "prediction", "explain")
 DIFFICULTIES = ("intro", "core", "stretch")
 RIGHT = "right"
 
@@ -314,8 +314,8 @@ def check_capstone_mount(answer: Any, live: Live) -> Result:
 
 def check_pmem_longterm_kind(answer: Any, live: Live) -> Result:
     kind = _text(answer) if isinstance(answer, str) else ""
-    if kind not in ("fsdax-xfs", "fsdax-ext4", "devdax"):
-        return False, "choose among fsdax-xfs, fsdax-ext4, devdax"
+    if kind not in PMEM_ROLES:      # the persistent-memory kinds
+        return False, "choose among " + ", ".join(PMEM_ROLES)
     return live.pin("rdma", kind).ok, ""
 
 
@@ -400,7 +400,7 @@ EXERCISES: tuple[Exercise, ...] = (
              needs=(("rdma", "fsdax-xfs"),),
              hints=_hints("look at the fs-dax XFS row of the table", "a name like EPERM or its number")),
     Exercise("ex3.2", "03", 1, "memory kinds RDMA can register", check_rdma_kinds,
-             needs=tuple(("rdma", k) for k in ("anon", "pagecache", "fsdax-xfs", "fsdax-ext4", "devdax")),
+             needs=tuple(("rdma", k) for k in MEMORY_KINDS),
              hints=_hints("every kind whose registration returned ok", "device-dax is persistent memory too")),
     Exercise("ex3.3", "03", 1, "the kernel function that refuses", check_refusing_function, needs=(("rdma", "fsdax-xfs"),),
              hints=_hints("the traced line names the function whose return was probed",
@@ -528,7 +528,7 @@ def hint(exercise_id: str) -> str:
 
 def points_by_kind(notebook: str | None = None) -> dict[str, int]:
     """Auto points per kind (explain: the manual points), for the instructor report."""
-    out = {k: 0 for k in KINDS}
+    out = {k: 0 for k in EXERCISE_KINDS}
     for e in EXERCISES:
         if notebook is None or e.notebook == notebook:
             out[e.kind] += e.manual_points if e.kind == "explain" else e.points

@@ -4,9 +4,15 @@ with a manifest, and check them before a VM uses them.
 One image per kernel variant (the table in ``labkit.image.kernels``: 6.1 and
 6.12 on bookworm, 7.3 on trixie with trixie-backports' kernel). An image is a
 directory with ``vmlinuz``, ``initrd.img``, ``root.ext4`` and ``manifest.json``.
-It is rebuilt only when the recipe (the files of ``images/`` plus the
-initramfs builder) changes, and it is written to a temporary directory first
-so a failed build never replaces a working image.
+It is rebuilt only when the recipe (the files of ``images/``, the lab's kernel
+module sources and the initramfs builder) changes, and it is written to a
+temporary directory first so a failed build never replaces a working image.
+
+The module sources ship inside the package (``labkit/lab/guest/modules/``,
+found by ``labkit.lab.guest.files``); a build stages ``images/`` with them as
+its ``modules/`` folder, where ``build-modules.sh`` reads them, and the recipe
+hash names them ``images/modules/...`` as before, so moving them into the
+package did not change any image.
 
 Where images and the recipe live, and whether a missing image may be built,
 come from ``Settings``: the public functions take ``settings`` (None: this
@@ -25,6 +31,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +43,7 @@ from labkit.errors import HostSetupError, ImageBuildError, ImageMissing
 # The kernel table and check_kernel are re-exported: callers use image.build.KERNELS.
 from labkit.image.kernels import DEFAULT_KERNEL, KERNELS, KernelVariant, check_kernel, variant
 from labkit.image.sources import apt_sources, needed_suites
+from labkit.lab.guest import files as guest_files
 from labkit.settings import Settings, resolve
 
 ARTIFACTS = ("vmlinuz", "initrd.img", "root.ext4")
@@ -45,27 +53,51 @@ STRIP = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/shar
 Progress = Callable[[str], None]
 
 
-def recipe_files(settings: Settings) -> list[Path]:
-    """Everything whose change must trigger a rebuild."""
+RECIPE = "images"       # the name the recipe's files are hashed under, wherever the recipe lives
+
+
+def recipe_files(settings: Settings) -> list[tuple[str, bytes]]:
+    """Everything whose change must trigger a rebuild, by the name it is
+    hashed under: the recipe's files as ``images/...`` (the module sources,
+    which come from the package, as ``images/modules/...``: where the build
+    sees them, ``stage_recipe``) and the two builders as ``labkit/image/...``.
+    The names do not depend on where the recipe or the package are, so an
+    installed labkit pointed at a checkout's recipe (``LABKIT_RECIPE_DIR``)
+    agrees with the checkout about which images are up to date."""
     rdir = settings.recipe_dir
-    files = [p for p in sorted(rdir.rglob("*"))
-             if p.is_file() and settings.images_dir not in p.parents and "__pycache__" not in p.parts]
+    files = {p.relative_to(rdir).parts: p.read_bytes() for p in rdir.rglob("*")
+             if p.is_file() and settings.images_dir not in p.parents and "__pycache__" not in p.parts}
+    files.update({("modules", name): data for name, data in guest_files.module_sources().items()})
     here = Path(__file__).resolve().parent
-    return files + [here / "initramfs.py", here / "kernelpkg.py"]
+    return ([("/".join((RECIPE, *parts)), data) for parts, data in sorted(files.items())]
+            + [(f"labkit/image/{name}", (here / name).read_bytes()) for name in ("initramfs.py", "kernelpkg.py")])
 
 
 def recipe_hash(kernel: str, settings: Settings | None = None) -> str:
     settings = resolve(settings)
     h = hashlib.sha256()
     h.update(f"{variant(kernel).recipe_key()}\n".encode())
-    base = paths.PROJECT_DIR
-    for f in recipe_files(settings):
-        try:
-            name = str(f.relative_to(base))
-        except ValueError:
-            name = f.name
-        h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    for name, data in recipe_files(settings):
+        h.update(name.encode() + b"\0" + data + b"\0")
     return h.hexdigest()
+
+
+def stage_recipe(into: Path, settings: Settings) -> Path:
+    """The recipe as the build reads it: ``images/`` (without built images)
+    plus the package's module sources as ``modules/``, copied under ``into``."""
+    rdir, staged = settings.recipe_dir, into / "recipe"
+    for name, data in recipe_files(settings):
+        if not name.startswith(RECIPE + "/"):
+            continue            # the initramfs builder runs from the package (PYTHONPATH)
+        rel = name[len(RECIPE) + 1:]
+        dest = staged / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+        if (rdir / rel).exists():
+            shutil.copymode(rdir / rel, dest)
+    for d in [into, staged, *(p for p in staged.rglob("*") if p.is_dir())]:
+        d.chmod(0o755)          # read by the customize hook inside mmdebstrap's namespace
+    return staged
 
 
 def sha256_file(path: Path) -> str:
@@ -266,7 +298,8 @@ def _build(kernel: str, say: Progress, settings: Settings) -> Image:
         f"{v.package}{' from ' + v.package_suite if v.package_suite else ''}); log: {final.parent}/{kernel}.log")
     t0 = time.monotonic()
     try:
-        _run_mmdebstrap(kernel, argv, _build_env(v, work, settings), work, say, t0)
+        with tempfile.TemporaryDirectory(prefix="labkit-recipe-") as tmp:
+            _run_mmdebstrap(kernel, argv, _build_env(v, work, stage_recipe(Path(tmp), settings)), work, say, t0)
         release = (work / "kernel-release").read_text().strip()
         if not v.release_matches(release):
             raise ImageBuildError(f"{v.package} resolved to kernel {release}, not a {kernel} kernel",
@@ -286,11 +319,11 @@ def _build(kernel: str, say: Progress, settings: Settings) -> Image:
     return load_image(kernel, settings=settings)
 
 
-def _build_env(v: KernelVariant, work: Path, settings: Settings) -> dict[str, str]:
+def _build_env(v: KernelVariant, work: Path, recipe: Path) -> dict[str, str]:
     # mmdebstrap inherits this process's environment (its own variables,
     # proxies); the recipe's scripts get theirs on top
     env = dict(os.environ)
-    env.update(LABKIT_OUT=str(work), LABKIT_RECIPE=str(settings.recipe_dir),
+    env.update(LABKIT_OUT=str(work), LABKIT_RECIPE=str(recipe),
                LABKIT_KERNEL_PACKAGE=v.package, LABKIT_KERNEL_SUITE=v.package_suite,
                LABKIT_PYTHON=sys.executable,
                PYTHONPATH=str(paths.PROJECT_DIR) + os.pathsep + env.get("PYTHONPATH", ""))

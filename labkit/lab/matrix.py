@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from labkit.lab.companion import companion
+from labkit.lab.companion import beside, companion
 from labkit.lab.guest.vocab import ALL_CASES, MECHANISMS, MEMORY_KINDS, SHORT_CASES, result_cell
 from labkit.lab.results import MountResult, PinResult, TruncateWait
 from labkit.lab.validate import Case, check_cases
@@ -95,29 +95,14 @@ def matrices_on_two_kernels(lab: Lab, other_kernel: str | None = None, cases: li
     starts, prepares its persistent memory and measures in a thread while
     ``lab`` measures. Returns ``(here, there, other_vm)``; the caller stops
     ``other_vm`` when done. ``cases`` defaults to ``SHORT_CASES``."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from labkit.lab.lab import Lab
-    from labkit.machine import vm as machine
 
     checked = check_cases(list(SHORT_CASES if cases is None else cases))
     kernel = lab.vm.describe()["kernel"]
     other = companion("matrix", lab.vm.name, kernel, other_kernel)
-    box: dict[str, Any] = {}
-
-    def measure_there() -> MatrixResult:
-        box["vm"] = machine.connect(name=other.name, kernel=other.kernel)
-        return Lab(box["vm"]).matrix(cases=checked, truncate=truncate)
-
     log.debug("measuring %d cases on %s and %s", len(checked), kernel, other.kernel)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labkit-other-kernel")
-    try:
-        there_f = pool.submit(measure_there)
-        here = lab.matrix(cases=checked, truncate=truncate)
-        there = there_f.result(timeout=600)
-    finally:
-        pool.shutdown(wait=False)
-    return here, there, box["vm"]
+    return beside(other, lambda: lab.matrix(cases=checked, truncate=truncate),
+                  lambda vm: Lab(vm).matrix(cases=checked, truncate=truncate))
 
 
 def _cell(p: Mapping[str, Any]) -> str:

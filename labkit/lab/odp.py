@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from labkit.errors import LabError
-from labkit.lab.companion import companion
+from labkit.lab.companion import beside, companion
+from labkit.lab.guest.vocab import MEMORY_KINDS, MR_KINDS, RDMA_OPS
 from labkit.lab.helper import GuestHelper, answer
 from labkit.lab.pmem import Namespace
 from labkit.lab.probes import Probes
@@ -29,9 +30,6 @@ log = logging.getLogger(__name__)
 
 INVALIDATE_EVENT = "labkit_odp_inv"
 INVALIDATE_FUNCTION = "rxe_ib_invalidate_range"
-REVOCABLE = ("anon", "fsdax-xfs", "fsdax-ext4", "devdax", "pagecache")
-KINDS = ("odp", "pinned")
-OPS = ("write", "read")
 # $1 = event name, $2 = function. Exit 3: the live kernel has no such function to probe.
 INVALIDATE_PROBE_SCRIPT = """cd /sys/kernel/tracing || exit 1
 grep -qw "^$2" available_filter_functions || exit 3
@@ -151,9 +149,9 @@ class Odp:
                roles: dict[str, Namespace] | None = None, timeout: float = 20.0) -> RevokeResult:
         """Register ``kind`` MR over ``memory``, RDMA ``op`` through it, revoke
         the memory, RDMA again: measured."""
-        choose(memory, REVOCABLE, "memory kind")
-        choose(kind, KINDS, "MR kind")
-        choose(op, OPS, "RDMA operation")
+        choose(memory, MEMORY_KINDS, "memory kind")     # every kind can be taken away from the process
+        choose(kind, MR_KINDS, "MR kind")
+        choose(op, RDMA_OPS, "RDMA operation")
         check_seconds(timeout, "timeout", 120)
         roles = check_roles(roles)
         self.probes.setup_rdma()
@@ -171,7 +169,6 @@ class Odp:
 
 # -- the notebook's story on one kernel, and on two side by side -------------------
 
-ODP_KINDS = ("anon", "pagecache", "fsdax-xfs", "fsdax-ext4", "devdax")
 REVOCATIONS = (("fsdax-xfs", "odp"), ("anon", "odp"), ("anon", "pinned"))
 
 
@@ -195,7 +192,7 @@ def measure_story(lab: Any) -> OdpStory:
     """``OdpStory`` of ``lab``'s guest (mounts prepared, soft-RoCE up)."""
     lab.prepare_mounts()
     lab.setup_rdma()
-    cases = [("rdma-odp", k, "shared") for k in ODP_KINDS] + [("rdma", "fsdax-xfs", "shared")]
+    cases = [("rdma-odp", k, "shared") for k in MEMORY_KINDS] + [("rdma", "fsdax-xfs", "shared")]
     pins = lab.pin_many(cases)
     revs = [lab.odp_revoke(memory, kind=kind) for memory, kind in REVOCATIONS]
     return OdpStory(kernel=lab.kernel_release(), pins=pins, revocations=revs)
@@ -206,26 +203,10 @@ def story_on_two_kernels(lab: Any, other_kernel: str | None = None) -> tuple[Odp
     runs 7.3), measured at the same time (the other VM, ``<name>-k<kernel>``
     of ``labkit.lab.companion``, starts or is attached in a thread). Returns
     ``(here, there, other_vm)``; the caller stops ``other_vm``."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from labkit.lab.lab import Lab
-    from labkit.machine import vm as machine
 
     peer = companion("odp", lab.vm.name, lab.vm.describe()["kernel"], other_kernel)
-    box: dict[str, Any] = {}
-
-    def there() -> OdpStory:
-        box["vm"] = machine.connect(name=peer.name, kernel=peer.kernel)
-        return measure_story(Lab(box["vm"]))
-
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labkit-odp-other")
-    try:
-        fut = pool.submit(there)
-        here = measure_story(lab)
-        other = fut.result(timeout=600)
-    finally:
-        pool.shutdown(wait=False)
-    return here, other, box["vm"]
+    return beside(peer, lambda: measure_story(lab), lambda vm: measure_story(Lab(vm)))
 
 
 def _pin_cell(p: Any) -> str:

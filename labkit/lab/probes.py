@@ -13,10 +13,19 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from labkit.errors import ConfigError, LabError
-from labkit.lab.guest.vocab import FILESYSTEMS, MAPPINGS, MEMORY_KINDS, fs_of_kind, fsdax_kind, mountpoint_for
+from labkit.lab.guest.vocab import (
+    FILESYSTEMS,
+    MAPPINGS,
+    MECHANISMS,
+    MEMORY_KINDS,
+    fs_of_kind,
+    fsdax_kind,
+    mountpoint_for,
+)
 from labkit.lab.helper import GuestHelper, answer, last_json
 from labkit.lab.pmem import Namespace, Pmem
 from labkit.lab.protocols import Machine
@@ -46,6 +55,29 @@ RDMA_SETUP = ("modprobe rdma_rxe && (test -e /sys/class/infiniband/rxe0 || "
               "rdma link add rxe0 type rxe netdev eth0) && rdma link show rxe0/1")
 VIVID_SETUP = ("modprobe vivid && for i in $(seq 50); do ls /dev/video* >/dev/null 2>&1 && break; "
                "sleep 0.1; done; ls /dev/video*")
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """How the host calls one pin mechanism's guest subcommand (the guest
+    module of the same name registers the subcommand; every mechanism's answer
+    is read by ``PinResult.from_probe``)."""
+
+    sized: bool = True              # takes --size (V4L2: the device's sizeimage decides)
+    holds: bool = False             # takes --hold SECONDS
+    holdable: bool = False          # ``hold_pin`` can keep the pin until released (--hold -1)
+    extra: tuple[str, ...] = ()     # arguments it always gets
+
+
+# One row per name of ``vocab.MECHANISMS`` (a unit test keeps the three in step: vocabulary, guest, rows).
+MECHANISM_ROWS: dict[str, Mechanism] = {
+    "rdma": Mechanism(holds=True, holdable=True),
+    "rdma-odp": Mechanism(holds=True),
+    "v4l2": Mechanism(sized=False),
+    "odirect": Mechanism(extra=("--target", ODIRECT_SOURCE)),
+    "io_uring": Mechanism(),
+}
+HOLDABLE = tuple(m for m in MECHANISMS if MECHANISM_ROWS[m].holdable)
 
 
 def pin_result(case: Case, data: dict | None, kernel_log: list[str], trace: list[str],
@@ -107,14 +139,13 @@ class Probes:
         mechanism, memory, mapping = check_case(case)
         check_size(size)
         check_seconds(hold, "hold time", 600)
+        row = MECHANISM_ROWS[mechanism]
         args = [mechanism, *self.memory_args(memory, mechanism, roles), "--mapping", mapping]
-        if mechanism != "v4l2":
+        if row.sized:
             args += ["--size", str(size)]
-        if mechanism in ("rdma", "rdma-odp"):
+        if row.holds:
             args += ["--hold", str(float(hold))]
-        if mechanism == "odirect":
-            args += ["--target", ODIRECT_SOURCE]
-        return args
+        return args + list(row.extra)
 
     # -- attempts ----------------------------------------------------------
     def pin(self, mechanism: str, memory: str, mapping: str = "shared", size: int = DEFAULT_SIZE,
@@ -161,7 +192,7 @@ class Probes:
         """Register a buffer and keep it pinned until ``.release()`` (a HeldPin),
         so a learner can watch VmPin stay up."""
         from labkit.lab.observe import open_held_pin
-        choose(mechanism, ("rdma",), "holdable pin mechanism")
+        choose(mechanism, HOLDABLE, "holdable pin mechanism")
         choose(memory, MEMORY_KINDS, "memory kind")
         choose(mapping, MAPPINGS, "mapping")
         check_size(size)

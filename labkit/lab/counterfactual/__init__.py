@@ -2,7 +2,7 @@
 guest and measure what it prevents.
 
 Two small kernel modules, built into the guest image by
-``images/build-modules.sh`` from ``images/modules/``:
+``images/build-modules.sh`` from ``labkit/lab/guest/modules/``:
 
 * ``no-longterm-check`` (``labkit_no_longterm_check``): a kretprobe on
   ``check_vma_flags()`` turns its ``-EOPNOTSUPP`` for a ``FOLL_LONGTERM`` pin of

@@ -11,10 +11,11 @@ import shlex
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from labkit.errors import ConfigError, LabError
+from labkit.lab.guest import files as guest_files
+from labkit.lab.guest.vocab import FILESYSTEMS
 from labkit.lab.helper import last_json
 from labkit.lab.tracing import parse_sections
 
@@ -26,8 +27,6 @@ MODULES: dict[str, str] = {
 }
 SCRIPT_PATH = "/run/labkit/counterfactual.py"
 MARKER_PATH = "/run/labkit/modified"
-MODULE_SOURCES = Path(__file__).resolve().parents[3] / "images" / "modules"
-FILESYSTEMS = ("xfs", "ext4")
 MAX_HOLD = 120.0
 # Kernel taint bits (Documentation/admin-guide/tainted-kernels.rst): the ones a lab module can set.
 TAINT_FLAGS = {0: ("P", "proprietary module"), 4: ("M", "machine check"), 7: ("D", "kernel died (oops)"),
@@ -93,7 +92,7 @@ def lines_after(dmesg: str, marker: str) -> list[str]:
 
 def module_excerpt(name: str, max_lines: int = 14) -> str:
     """The heart of a lab module's source (its probe handler), for the notebook."""
-    src = (MODULE_SOURCES / f"{MODULES[check_names([name])[0]]}.c").read_text().splitlines()
+    src = guest_files.module_source(MODULES[check_names([name])[0]]).splitlines()
     start = next(i for i, ln in enumerate(src) if ln.startswith("static int") and "_return(" in ln)
     end = next(i for i in range(start, len(src)) if src[i] == "}")
     return "\n".join(src[start:min(end + 1, start + max_lines)])
@@ -132,7 +131,7 @@ def observe(lab: Guest, script: str, timeout: float = 60.0) -> Observed:
 def ensure_script(lab: Any) -> None:
     """Upload the guest helper unless the guest already has this very version
     (/run is a tmpfs: a reset or reboot removes it)."""
-    src = (Path(__file__).parents[1] / "guest" / "counterfactual.py").read_bytes()
+    src = guest_files.counterfactual_script()
     have = lab.sh(f"sha256sum {SCRIPT_PATH} 2>/dev/null || true", check=False).stdout.split()
     if have and have[0] == hashlib.sha256(src).hexdigest():
         return
@@ -235,4 +234,4 @@ def counterfactual(lab: Guest, *names: str) -> Counterfactual:
     return Counterfactual(lab, names)
 
 
-__all__ = ["Counterfactual", "FILESYSTEMS", "Guest", "LabError", "MARKER_PATH", "MAX_HOLD", "MODULES", "MODULE_SOURCES", "ModuleLoadError", "Observed", "SCRIPT_PATH", "Switch", "TAINT_FLAGS", "WARN_MARKERS", "check_names", "counterfactual", "decode_taint", "ensure_script", "kernel_problems", "last_json", "lines_after", "loaded", "modified", "module_excerpt", "observe", "tainted"]
+__all__ = ["Counterfactual", "FILESYSTEMS", "Guest", "LabError", "MARKER_PATH", "MAX_HOLD", "MODULES", "ModuleLoadError", "Observed", "SCRIPT_PATH", "Switch", "TAINT_FLAGS", "WARN_MARKERS", "check_names", "counterfactual", "decode_taint", "ensure_script", "kernel_problems", "last_json", "lines_after", "loaded", "modified", "module_excerpt", "observe", "tainted"]

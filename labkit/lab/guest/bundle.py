@@ -1,7 +1,7 @@
 """Pack the guest helper (``labkit.lab.guest.pinprobe`` plus the shared
 ``labkit.lab.guest.vocab``) into one stdlib-only zipapp, in memory, from the package's
-own sources: the same code works from a source tree, an editable install and a
-wheel (``importlib.resources`` finds the files in each).
+own sources (read by ``files``, the one place that finds guest-side files): the
+same code works from a source tree, an editable install and a wheel.
 
 Inside the archive the modules keep their package paths, with empty
 ``labkit/__init__.py`` and ``labkit/lab/__init__.py`` stand-ins, so the helper's
@@ -15,11 +15,11 @@ import hashlib
 import io
 import logging
 import zipfile
-from importlib import resources
+
+from labkit.lab.guest import files as guest_files
 
 log = logging.getLogger(__name__)
 
-PACKAGE = "labkit.lab.guest.pinprobe"
 SHEBANG = b"#!/usr/bin/env python3\n"
 MAIN = "import sys\nfrom labkit.lab.guest.pinprobe.cli import main\nsys.exit(main())\n"
 STUB = '"""Stand-in package inside the guest helper zipapp."""\n'
@@ -29,12 +29,8 @@ _EPOCH = (2020, 1, 1, 0, 0, 0)        # fixed timestamps: the same sources give 
 def sources() -> dict[str, str]:
     """Archive path -> source text of every module the guest helper needs."""
     files = {"__main__.py": MAIN, "labkit/__init__.py": STUB, "labkit/lab/__init__.py": STUB,
-             "labkit/lab/guest/__init__.py": STUB,
-             "labkit/lab/guest/vocab.py": resources.files("labkit.lab.guest").joinpath("vocab.py").read_text()}
-    pkg = resources.files(PACKAGE)
-    for entry in sorted(pkg.iterdir(), key=lambda e: e.name):
-        if entry.name.endswith(".py"):
-            files[f"labkit/lab/guest/pinprobe/{entry.name}"] = entry.read_text()
+             "labkit/lab/guest/__init__.py": STUB}
+    files.update({f"labkit/lab/guest/{name}": text for name, text in guest_files.pinprobe_sources().items()})
     return files
 
 

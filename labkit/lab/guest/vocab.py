@@ -16,6 +16,8 @@ FILESYSTEMS = ("xfs", "ext4")
 MEMORY_KINDS = ("anon", "pagecache", "fsdax-xfs", "fsdax-ext4", "devdax")
 MECHANISMS = ("rdma", "rdma-odp", "v4l2", "odirect", "io_uring")
 MAPPINGS = ("shared", "private")
+MR_KINDS = ("odp", "pinned")            # an RDMA memory region: on demand (ODP) or pinned
+RDMA_OPS = ("write", "read")            # the RDMA operation posted through an MR
 NS_MODES = ("fsdax", "devdax", "raw", "sector")
 
 # The namespace role of each kind of persistent memory (``Lab.prepare_pmem``):

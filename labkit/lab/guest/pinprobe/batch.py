@@ -7,6 +7,7 @@ lines that appeared while the case ran.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import importlib
 import json
@@ -18,6 +19,7 @@ import time
 from typing import Any
 
 from .common import TRACE, clear_trace, emit
+from .registry import Command
 
 
 def _kmsg_open() -> int | None:
@@ -126,3 +128,11 @@ def cmd_batch(args: Any) -> dict[str, Any] | None:
         result, klog, trace = run_case([str(a) for a in argv], args.case_timeout)
         emit({"result": result, "kernel_log": klog, "trace": trace})
     return None
+
+
+def _arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--case-timeout", type=float, default=60.0)
+
+
+COMMANDS = (Command("batch", "run many probes (JSON lines of argv lists on stdin), each observed", _arguments,
+                    cmd_batch),)

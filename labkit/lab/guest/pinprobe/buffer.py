@@ -12,7 +12,7 @@ from typing import Any
 from .common import MAP_FAILED, MIB2, PAGE, SetupError, errname, libc
 from .target import check_dax_dir, check_dax_file
 
-MEMORY_KINDS = ("anon", "file", "devdax")     # what a probe maps (the lab's kinds map onto these)
+BUFFER_KINDS = ("anon", "file", "devdax")     # what a probe maps (the lab's kinds map onto these)
 
 
 def devdax_align(path: str) -> int:
@@ -112,7 +112,7 @@ class Buffer:
                 raise SetupError("--memory devdax needs --path /dev/daxX.Y")
             self.fd = _open_devdax(self.path, self.size, self.mapping)
             return mmap.MAP_SHARED
-        raise SetupError(f"unknown memory kind {self.memory!r}; valid: {', '.join(MEMORY_KINDS)}")
+        raise SetupError(f"unknown memory kind {self.memory!r}; valid: {', '.join(BUFFER_KINDS)}")
 
     def view(self, offset: int = 0, length: int | None = None) -> memoryview:
         """A writable memoryview over (part of) the mapping, e.g. for os.preadv."""

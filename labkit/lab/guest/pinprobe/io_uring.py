@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
 import time
 from typing import Any
 
+from .args import memory_args
 from .buffer import Buffer
 from .common import MAX_HOLD_SECONDS, SetupError, base_result, iovec, last_errno, libc, set_error
 from .hold import hold_until_released
 from .measure import Meter
+from .registry import Command
 
 SYS_io_uring_setup = 425
 SYS_io_uring_register = 427
@@ -50,3 +53,11 @@ def cmd_io_uring(args: Any) -> dict[str, Any]:
     r.update(meter.fields())
     buf.close()
     return r
+
+
+def _arguments(sp: argparse.ArgumentParser) -> None:
+    memory_args(sp)
+    sp.add_argument("--hold", type=float, default=0.0, help="seconds to keep the registration")
+
+
+COMMANDS = (Command("io_uring", "IORING_REGISTER_BUFFERS", _arguments, cmd_io_uring, pins=True),)

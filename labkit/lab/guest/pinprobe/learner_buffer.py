@@ -10,6 +10,7 @@ prints sent to stderr, so that only this module writes the one JSON answer."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import mmap
@@ -21,10 +22,12 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, cast
 
+from .args import byte_size, dax_target_args, rdma_device_arg
 from .buffer import _prepare_file
-from .common import PAGE, SetupError, base_result
+from .common import DEFAULT_SIZE, PAGE, SetupError, base_result
 from .measure import Meter
 from .rdma import _open_device, _register
+from .registry import Command
 from .target import check_dax_dir, check_dax_file
 
 MAX_SOURCE = 20_000
@@ -161,3 +164,15 @@ def cmd_learner_buffer(args: Any) -> dict[str, Any]:
     source = source_and_file(args)
     return judge(source, args.path, args.size, args.timeout,
                  lambda r, addr, size: _register_and_measure(r, addr, size, args.device))
+
+
+def _arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--path", required=True, help="the file buffer() is to map (created, every page written)")
+    dax_target_args(sp)
+    sp.add_argument("--size", type=byte_size, default=DEFAULT_SIZE)
+    rdma_device_arg(sp)
+    sp.add_argument("--timeout", type=float, default=20.0, help="max seconds for the learner's code")
+
+
+COMMANDS = (Command("learner-buffer", "run a learner's buffer(path, size) (source on stdin), register it",
+                    _arguments, cmd_learner_buffer),)

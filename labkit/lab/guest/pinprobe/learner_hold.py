@@ -16,6 +16,7 @@ refused). Which one holds a reference truncate must wait for is the exercise.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import mmap
 import os
@@ -24,8 +25,10 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
-from .common import PAGE, base_result, iovec, libc
+from .args import byte_size, dax_target_args
+from .common import DEFAULT_SIZE, PAGE, base_result, iovec, libc
 from .learner_buffer import run_learner, source_and_file
+from .registry import Command
 from .truncate import SPLICE_F_NONBLOCK, Child  # truncate also declares libc.vmsplice's signature
 
 
@@ -144,3 +147,17 @@ def judge(source: str, path: str, size: int, timeout: float, hold_s: float = 2.0
 
 def cmd_learner_hold(args: Any) -> dict[str, Any]:
     return judge(source_and_file(args), args.path, args.size, args.timeout, args.hold, args.after)
+
+
+def _arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--path", required=True, help="the file to map and truncate (created, every page written)")
+    dax_target_args(sp)
+    sp.add_argument("--size", type=byte_size, default=DEFAULT_SIZE)
+    sp.add_argument("--timeout", type=float, default=20.0, help="max seconds for each call of the learner's code")
+    sp.add_argument("--hold", type=float, default=2.0, help="seconds the truncate runs before the release")
+    sp.add_argument("--after", type=float, default=10.0, help="max seconds the truncate may take after the release")
+
+
+COMMANDS = (Command("learner-hold", "run a learner's hold(m) (source on stdin) on a shared mapping of an fs-dax "
+                    "file; truncate the file; call the release function hold returned", _arguments,
+                    cmd_learner_hold),)

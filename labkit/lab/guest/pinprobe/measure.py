@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 from typing import Any
+
+from .registry import Command
 
 
 def read_vmpin_kb(pid: int | str = "self") -> int | None:
@@ -88,3 +92,16 @@ class Meter:
             d["foll_pin_released_delta_total"] = _delta(self.fp0["nr_foll_pin_released"],
                                                         self.fp2["nr_foll_pin_released"])
         return d
+
+
+def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
+    pid = args.pid if args.pid is not None else os.getpid()
+    return {"pid": pid, "alive": os.path.exists(f"/proc/{pid}"), "vmpin_kb": read_vmpin_kb(pid),
+            **read_foll_pins()}
+
+
+def _arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--pid", type=int, default=None, help="default: this process")
+
+
+COMMANDS = (Command("status", "VmPin of --pid and the FOLL_PIN counters", _arguments, cmd_status),)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from typing import Any
 
+from .args import memory_args
 from .buffer import Buffer
 from .common import SetupError, base_result, set_error
 from .measure import Meter
+from .registry import Command
 
 
 def _prepare_source(target: str, size: int) -> int:
@@ -52,3 +55,11 @@ def cmd_odirect(args: Any) -> dict[str, Any]:
     os.close(fd)
     buf.close()
     return r
+
+
+def _arguments(sp: argparse.ArgumentParser) -> None:
+    memory_args(sp)
+    sp.add_argument("--target", required=True, help="regular file on a non-DAX fs to read")
+
+
+COMMANDS = (Command("odirect", "O_DIRECT read into the buffer (transient pin)", _arguments, cmd_odirect, pins=True),)

@@ -11,6 +11,7 @@ trace), and the completion status of the same RDMA operation afterwards.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
 import select
@@ -19,10 +20,13 @@ import struct
 import time
 from typing import Any
 
+from ..vocab import MR_KINDS, RDMA_OPS
+from .args import memory_args, rdma_device_arg
 from .buffer import Buffer
 from .common import PAGE, TRACE, base_result, clear_trace, libc
 from .measure import Meter
 from .rdma import _open_device, _register, device_odp
+from .registry import Command
 from .truncate import _REPORT, _REPORT_SIZE, Child, _fork_truncate
 from .verbs_loop import PATTERN, Loopback
 
@@ -129,3 +133,16 @@ def cmd_odp_revoke(args: Any) -> dict[str, Any]:
         buf.close()
         pd.close()
         ctx.close()
+
+
+def _arguments(sp: argparse.ArgumentParser) -> None:
+    memory_args(sp)
+    sp.add_argument("--kind", choices=MR_KINDS, default="odp", help="on-demand or pinned MR")
+    sp.add_argument("--op", choices=RDMA_OPS, default="write", help="the RDMA operation")
+    rdma_device_arg(sp)
+    sp.add_argument("--trace-event", default=None, help="kprobe event on the invalidation callback to count")
+    sp.add_argument("--timeout", type=float, default=20.0, help="max seconds for the revocation")
+
+
+COMMANDS = (Command("odp-revoke", "register, RDMA, revoke the memory (truncate...), RDMA again", _arguments,
+                    cmd_odp_revoke),)

@@ -7,14 +7,17 @@ rule. pyverbs is imported only here (and in verbs_loop), only when used."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from typing import Any
 
+from .args import memory_args, rdma_device_arg
 from .buffer import Buffer
 from .common import SetupError, base_result, emit, log, set_error
 from .hold import hold_until_released
 from .measure import Meter
+from .registry import Command
 
 
 def _pyverbs() -> Any:
@@ -121,3 +124,13 @@ def cmd_rdma(args: Any) -> dict[str, Any]:
         buf.close()
         pd.close()
         ctx.close()
+
+
+def _arguments(sp: argparse.ArgumentParser) -> None:
+    memory_args(sp)
+    rdma_device_arg(sp)
+    sp.add_argument("--hold", type=float, default=0.0,
+                    help="seconds to keep the MR; -1 = print, then hold until stdin EOF/SIGTERM")
+
+
+COMMANDS = (Command("rdma", "ibv_reg_mr via pyverbs", _arguments, cmd_rdma, pins=True),)

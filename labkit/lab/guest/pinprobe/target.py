@@ -8,12 +8,15 @@ memory (e.g. a file on the root disk after the DAX mount went away).
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
 import subprocess
 from typing import Any
 
+from ..vocab import FILESYSTEMS
 from .common import SetupError, libc
+from .registry import Command
 
 AT_FDCWD = -100
 STATX_BASIC_STATS = 0x7FF
@@ -150,3 +153,19 @@ def cmd_mount(args: Any) -> dict[str, Any]:
     ok = r.returncode == 0
     return {"ok": ok, "mount_error": "" if ok else (r.stderr or r.stdout).strip(),
             "mount": describe(mp) if ok else {}}
+
+
+def _mount_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--fs", choices=FILESYSTEMS, required=True)
+    sp.add_argument("--device", required=True)
+    sp.add_argument("--mountpoint", required=True)
+    sp.add_argument("--options", default="dax")
+
+
+def _mountinfo_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--path", required=True)
+
+
+COMMANDS = (Command("mount", "mount a filesystem; report the mount and its DAX state", _mount_arguments, cmd_mount),
+            Command("mountinfo", "the mount holding --path, and its DAX state", _mountinfo_arguments,
+                    cmd_mountinfo))

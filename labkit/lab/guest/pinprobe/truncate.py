@@ -4,6 +4,7 @@ dropped (ext4_break_layouts / xfs_break_dax_layouts). Watch where it sleeps."""
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
 import re
@@ -13,8 +14,10 @@ import struct
 import time
 from typing import Any
 
+from .args import byte_size, dax_target_args
 from .buffer import Buffer
-from .common import PAGE, SetupError, base_result, errname, iovec, libc, set_error
+from .common import DEFAULT_SIZE, PAGE, SetupError, base_result, errname, iovec, libc, set_error
+from .registry import Command
 
 SPLICE_F_NONBLOCK = 0x02
 libc.vmsplice.restype = ctypes.c_ssize_t
@@ -181,3 +184,16 @@ def cmd_truncate_wait(args: Any) -> dict[str, Any]:
     except OSError:
         pass
     return r
+
+
+def _arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--path", required=True, help="file to create (on an fs-dax mount)")
+    dax_target_args(sp)
+    sp.add_argument("--size", type=byte_size, default=DEFAULT_SIZE)
+    sp.add_argument("--pages", type=int, default=4, help="pages to vmsplice (1..16)")
+    sp.add_argument("--hold", type=float, default=3.0, help="seconds before draining the pipe")
+    sp.add_argument("--timeout", type=float, default=20.0,
+                    help="max seconds to wait for the truncate after the release")
+
+
+COMMANDS = (Command("truncate-wait", "truncate vs. DAX pages referenced by a pipe", _arguments, cmd_truncate_wait),)

@@ -3,6 +3,7 @@ VIDIOC_QBUF (FOLL_LONGTERM, counted in FOLL_PIN, not in VmPin)."""
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
 import re
@@ -12,10 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 from . import v4l2_abi as abi
+from .args import byte_size, memory_args
 from .buffer import Buffer, devdax_align
 from .common import MAX_HOLD_SECONDS, PAGE, SetupError, base_result, errname, log, round_up, set_error
 from .hold import hold_until_released
 from .measure import Meter
+from .registry import Command
 
 
 def _querycap(fd: int) -> abi.v4l2_capability:
@@ -182,3 +185,14 @@ def _stream(fd: int, buf: Buffer, bufsize: int, nbufs: int, frames_wanted: int,
         except OSError as e:
             out["stream_error"] = out["stream_error"] or f"STREAMOFF: {e.strerror}"
     return out
+
+
+def _arguments(sp: argparse.ArgumentParser) -> None:
+    memory_args(sp, sized=False)
+    sp.add_argument("--device", help="/dev/videoN (default: first vivid capture node)")
+    sp.add_argument("--size", type=byte_size, default=None, help="ignored: sizeimage decides")
+    sp.add_argument("--stream", type=int, default=0, metavar="N", help="capture N frames into the pinned buffers")
+    sp.add_argument("--hold", type=float, default=0.0, help="seconds to keep the buffer queued")
+
+
+COMMANDS = (Command("v4l2", "V4L2 USERPTR QBUF on vivid", _arguments, cmd_v4l2, pins=True),)
