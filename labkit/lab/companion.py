@@ -110,18 +110,19 @@ def beside(peer: Companion, here: Callable[[], T], there: Callable[[Any], U],
 def _cancel(peer: Companion, thread: threading.Thread, box: dict[str, Any]) -> None:
     """Stop the companion and join its thread, within ``CANCEL_TIMEOUT``."""
     from labkit.machine import vm as machine
+    from labkit.settings import from_environment
 
     # Not box["vm"].stop(): while the thread boots, the VM object is not ours and its lifecycle
     # lock is held; killing the QEMU of that state dir makes the boot (or the measurement) fail.
-    handle = machine.VM(peer.name, kernel=peer.kernel, persistent=True)
-    elsewhere = peer.name in handle.settings.managed_vms
+    settings = from_environment()     # the companion's VM resolves the same (labkit.VM is an edge)
+    elsewhere = peer.name in settings.managed_vms
     if elsewhere:
         log.info("companion %s belongs to another process (the grader): not stopping it", peer.name)
     deadline = time.monotonic() + CANCEL_TIMEOUT
     while thread.is_alive() and time.monotonic() < deadline:
         if not elsewhere:
             log.debug("cancelling companion %s: killing its QEMU", peer.name)
-            machine.VM(peer.name, kernel=peer.kernel, persistent=True, settings=handle.settings).kill()
+            machine.VM(peer.name, kernel=peer.kernel, persistent=True).kill()
         thread.join(2.0)      # again: a QEMU spawned after the kill above is killed on the next round
     if thread.is_alive():
         log.warning("the companion thread for %s did not end within %.0f s", peer.name, CANCEL_TIMEOUT)
