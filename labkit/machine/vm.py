@@ -81,12 +81,7 @@ class VM:
         self._running: Running | None = None    # the guest this object started or attached (the last one)
         self.watch = Watch()
 
-    # -- the running guest -----------------------------------------------------
-    @property
-    def running(self) -> Running | None:
-        """The guest this object started or attached (kept, closed, after it stopped or died)."""
-        return self._running
-
+    # -- the running guest (the last one, closed, once it stopped or died) -------
     @property
     def info(self) -> VMInfo | None:
         return self._running.info if self._running else None
