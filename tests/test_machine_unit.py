@@ -15,11 +15,15 @@ import pytest
 
 from labkit.errors import GuestDied, GuestHung, GuestPanic
 from labkit.machine import process, snapshot
+from labkit.machine.accel import AccelChoice
+from labkit.machine.channels.console import BootInfo
+from labkit.machine.channels.ssh import SSHChannel
 from labkit.machine.health import HUNG_AFTER, Evidence, diagnose
+from labkit.machine.running import Running, qemu_alive
 from labkit.machine.state import VMState, recorded_state
-from labkit.machine.statedir import VMInfo, sweep_stale_throwaways
+from labkit.machine.statedir import StateDir, VMInfo, sweep_stale_throwaways
 from labkit.machine.vm import VM
-from labkit.settings import from_environment
+from labkit.settings import Settings, from_environment
 
 LABKIT = [sys.executable, "-m", "labkit"]
 
@@ -99,16 +103,17 @@ def test_our_own_running_child_is_alive_whatever_its_recorded_start(tmp_path, pr
     """The QEMU this process started and has not reaped cannot be a stranger
     (its PID cannot be reused), so a wrong recorded start never declares it dead;
     once it exits it is dead."""
-    sd = tmp_path / "c"
-    child = fake_qemu(sd / "qemu.pid")
+    sd = StateDir(tmp_path / "c")
+    child = fake_qemu(sd.pidfile)
     procs.append(child)
-    vm = VM("c", state_dir=sd)
-    vm.proc = child
-    vm.info = VMInfo("c", "6.1", state="running", pid=child.pid, qemu_started=process.start_time(child.pid) - 50)
-    assert vm.qemu_alive()
+    info = VMInfo("c", "6.1", state="running", pid=child.pid, qemu_started=process.start_time(child.pid) - 50)
+    guest = Running(sd, info, BootInfo("6.1.0-test", 1.0, None), AccelChoice("tcg", "test"),
+                    SSHChannel(0, sd.key, ("ssh-ed25519", "AAAA")), proc=child)
+    assert guest.alive() and qemu_alive(sd, info, child)
+    assert not qemu_alive(sd, info, None)      # without the child, the wrong recorded start says "not ours"
     child.kill()
     child.wait()
-    assert not vm.qemu_alive()
+    assert not guest.alive()
 
 
 def test_stop_never_kills_another_vms_qemu_or_a_tail(tmp_path, procs):
@@ -174,7 +179,7 @@ def test_vminfo_round_trip_and_rejects_wrong_types(tmp_path):
 ])
 def test_state_rule(state, alive, busy, expect):
     info = VMInfo("v", "6.1", state=state) if state else None
-    assert recorded_state(info, alive, busy) is expect
+    assert recorded_state(info.lifecycle if info else None, alive, busy) is expect
 
 
 PANIC_TEXT = "[ 1.0] boot\n[ 2.0] Kernel panic - not syncing: sysrq triggered crash\n[ 2.1] ---[ end"
@@ -376,25 +381,26 @@ def test_only_a_tcg_code_patching_oops_earns_a_second_boot(accel, console, again
 
 
 def _cold_starter(tmp_path, monkeypatch, panics: list[str]):
-    """A Starter whose QEMU spawns and console boots are stand-ins: each boot
+    """A Launch whose QEMU spawns and console boots are stand-ins: each boot
     panics with the next console text of ``panics`` until they run out."""
     from types import SimpleNamespace
 
     from labkit.machine import boot
-    from labkit.machine.channels.console import BootInfo
-    vm = VM("cold", state_dir=tmp_path / "cold")
-    vm.image = SimpleNamespace(root=tmp_path / "root.ext4", manifest={"artifacts": {"root.ext4": {"sha256": "x"}}})
-    st = boot.Starter(vm)
+    from labkit.machine.config import Nvdimm
+    image = SimpleNamespace(root=tmp_path / "root.ext4", manifest={"artifacts": {"root.ext4": {"sha256": "x"}}})
+    spec = boot.StartSpec(name="cold", kernel="6.1", sd=StateDir(tmp_path / "cold"), persistent=False,
+                          memory_mb=1024, smp=1, nvdimms=(Nvdimm(),), settings=Settings())
+    st = boot.Launch(spec, image, AccelChoice("tcg", "test"), VMInfo("cold", "6.1"))  # type: ignore[arg-type]
     boots, kills = [], []
     monkeypatch.setattr(boot.disks, "prepare_root", lambda *a, **k: None)
     monkeypatch.setattr(st, "spawn_retrying", lambda *a, **k: SimpleNamespace(accel="tcg", ssh_port=0))
-    monkeypatch.setattr(vm, "kill", lambda: kills.append(1) or True)
+    monkeypatch.setattr(st, "kill", lambda: kills.append(1) or True)
 
-    def wait_console_boot(cfg, info, timeout):
+    def wait_console_boot(cfg, timeout):
         boots.append(1)
         if panics:
             raise GuestPanic(panics.pop(0))
-        vm.boot = BootInfo("6.1.0-test", 1.0, None)
+        st.boot = BootInfo("6.1.0-test", 1.0, None)
 
     monkeypatch.setattr(st, "wait_console_boot", wait_console_boot)
     return st, boots, kills
@@ -403,7 +409,7 @@ def _cold_starter(tmp_path, monkeypatch, panics: list[str]):
 def test_a_tcg_int3_oops_in_early_boot_boots_once_more(tmp_path, monkeypatch):
     st, boots, kills = _cold_starter(tmp_path, monkeypatch, [INT3_OOPS])
     with pytest.raises(Exception) as e:   # past the panic: the stand-in boot announces no host key
-        st.cold(VMInfo("cold", "6.1"), "ssh-ed25519 AAAA", 30)
+        st.cold("ssh-ed25519 AAAA", 30)
     assert not isinstance(e.value, GuestPanic) and "host key" in str(e.value)
     assert (len(boots), len(kills)) == (2, 1)
 
@@ -411,11 +417,11 @@ def test_a_tcg_int3_oops_in_early_boot_boots_once_more(tmp_path, monkeypatch):
 def test_a_second_int3_oops_or_another_panic_is_reported(tmp_path, monkeypatch):
     st, boots, _ = _cold_starter(tmp_path, monkeypatch, [INT3_OOPS, INT3_OOPS])
     with pytest.raises(GuestPanic):
-        st.cold(VMInfo("cold", "6.1"), "ssh-ed25519 AAAA", 30)
+        st.cold("ssh-ed25519 AAAA", 30)
     assert len(boots) == 2
     st, boots, _ = _cold_starter(tmp_path, monkeypatch, ["Kernel panic - not syncing: VFS: Unable to mount root fs"])
     with pytest.raises(GuestPanic):
-        st.cold(VMInfo("cold", "6.1"), "ssh-ed25519 AAAA", 30)
+        st.cold("ssh-ed25519 AAAA", 30)
     assert len(boots) == 1
 
 
@@ -428,3 +434,66 @@ def test_location_variables_that_are_empty_or_relative(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LABKIT_STATE_DIR", "rel/state")
     assert from_environment().state_dir == tmp_path / "rel" / "state"
+
+
+def test_the_record_holds_only_recorded_states():
+    """vm.json's `state` is a VMState (stopped, starting, running), spelled in one place."""
+    info = VMInfo("v", "6.1")
+    assert info.lifecycle is VMState.STOPPED
+    info.lifecycle = VMState.STARTING
+    assert info.state == "starting" and info.lifecycle is VMState.STARTING
+    with pytest.raises(ValueError, match="dead"):
+        info.lifecycle = VMState.DEAD           # read from the facts, never recorded
+    assert VMInfo("v", "6.1", state="bogus").lifecycle is VMState.STOPPED
+
+
+def _guest(sd: StateDir, pid: int, port: int = 2222) -> Running:
+    info = VMInfo("v", "6.1", state="running", pid=pid, ssh_port=port, accel="tcg", accel_reason="test",
+                  kernel_release="6.1.0-test", host_key=["ssh-ed25519", "AAAA"])
+    return Running.from_record(sd, info)
+
+
+def test_the_vm_swaps_a_running_guest_in_whole(tmp_path, monkeypatch):
+    """What a VM says about its guest (record, boot, accelerator, channel)
+    comes from one Running; a new one replaces all of it and closes the old one."""
+    vm = VM("v", state_dir=tmp_path / "v")
+    assert (vm.info, vm.boot, vm.accel, vm.proc, vm.ssh_channel) == (None, None, None, None, None)
+    first, second = _guest(vm.sd, 11, 2222), _guest(vm.sd, 12, 2223)
+    closed: list[Running] = []
+    monkeypatch.setattr(Running, "close", lambda self: closed.append(self))
+    vm._swap_in(first)
+    assert vm.state is VMState.RUNNING and vm.info is first.info and vm.ssh_channel is first.ssh
+    assert vm.boot == BootInfo("6.1.0-test", 0.0, ("ssh-ed25519", "AAAA")) and vm.accel == AccelChoice("tcg", "test")
+    vm._swap_in(second)
+    assert closed == [first] and vm.info is second.info and vm.ssh_channel is second.ssh
+
+
+def test_a_restart_by_another_process_is_a_new_running_guest(tmp_path):
+    sd = StateDir(tmp_path / "v")
+    sd.create()
+    guest = _guest(sd, 11)
+    guest.info.save(sd.info)
+    assert guest.successor() is None                       # the record names this guest
+    _guest(sd, 12, 2223).info.save(sd.info)
+    nxt = guest.successor()
+    assert nxt is not None and nxt.info.pid == 12 and nxt.ssh is not guest.ssh
+    VMInfo("v", "6.1", state="stopped", pid=0).save(sd.info)
+    assert guest.successor() is None                       # stopped elsewhere: nothing to follow
+
+
+def test_nothing_below_the_facade_imports_it():
+    """The strategies (start, boot, warm), the watch and the Running guest
+    never reach into the VM facade: no module of machine/ but vm.py imports it,
+    except the command line's policy for a persistent VM (``persistent.py``),
+    which sits above the facade and drives it."""
+    import ast
+    root = Path(__file__).resolve().parents[1] / "labkit" / "machine"
+    importers = []
+    for f in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [f"{node.module}.{a.name}" for a in node.names] + [node.module or ""] \
+                if isinstance(node, ast.ImportFrom) else []
+            if any(n in ("labkit.machine.vm", "labkit.machine.vm.VM") for n in names):
+                importers.append(f.relative_to(root).as_posix())
+    assert set(importers) <= {"__init__.py", "persistent.py"}, importers

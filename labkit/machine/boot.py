@@ -1,130 +1,137 @@
-"""Starting a VM: choose a warm start (restore the prepared guest from its
-snapshot) or a cold boot, spawn QEMU, follow the boot, connect SSH.
+"""Bringing up one QEMU: spawn it, follow a cold boot on the console,
+connect SSH — and hand the result over whole as a ``Running``.
 
-``Starter`` works on the VM facade's runtime fields (process, channels,
-record); the VM only calls ``Starter(vm).run()`` under its lifecycle lock.
-A start records ``state="starting"`` with the starter's PID until the very
-end, so an interrupted start is never mistaken for a running guest.
+A ``Launch`` is one start in progress. It owns the QEMU it spawned, the
+record it writes (``state="starting"`` with the starter's PID until the very
+end, so an interrupted start is never mistaken for a running guest), what
+the boot announced and the SSH channel, until ``running()`` hands them over
+or ``abort()`` kills the QEMU. The warm start (``warm``) uses the same
+Launch; the choice between them is ``start``'s. Nothing here knows the ``VM``
+facade.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from labkit.errors import ChannelError, GuestPanic, GuestTimeout, HostKeyMismatch, LaunchError, StateError
-from labkit.image import ensure_image
-from labkit.machine import disks, snapshot, warm
-from labkit.machine.accel import AccelChoice, choose_accel
+from labkit.errors import GuestPanic, GuestTimeout, HostKeyMismatch, LaunchError
+from labkit.image import Image
+from labkit.machine import disks
+from labkit.machine.accel import AccelChoice
 from labkit.machine.argv import build_qemu_argv
 from labkit.machine.channels.console import BootInfo, ConsoleChannel
-from labkit.machine.channels.keys import ensure_client_key
 from labkit.machine.channels.ssh import SSHChannel
-from labkit.machine.config import VMConfig
-from labkit.machine.process import free_port, is_qemu_of, spawn, start_time, terminate
+from labkit.machine.config import Nvdimm, VMConfig
+from labkit.machine.process import free_port, spawn, start_time
+from labkit.machine.running import Running, kill_qemu
 from labkit.machine.state import VMState
-from labkit.machine.statedir import VMInfo
+from labkit.machine.statedir import StateDir, VMInfo
+from labkit.settings import Settings
 from labkit.timeout import Deadline
-
-if TYPE_CHECKING:
-    from labkit.machine.vm import VM
 
 log = logging.getLogger(__name__)
 
-BOOT_TIMEOUT = {"tcg": 120.0, "kvm": 60.0}
+
+@dataclass(frozen=True)
+class StartSpec:
+    """What to start: the facade's settings, copied once per start."""
+
+    name: str
+    kernel: str
+    sd: StateDir
+    persistent: bool
+    memory_mb: int
+    smp: int
+    nvdimms: tuple[Nvdimm, ...]
+    settings: Settings               # resolved once, at the edge that made the VM
+    accel_forced: str | None = None
+    boot_timeout: float | None = None
+    warm: bool = True
+    tcg_cache_mb: int | None = None
+    on_console_line: Callable[[str], None] | None = None
+
+    def progress(self, line: str) -> None:
+        if self.on_console_line:
+            self.on_console_line(line)
 
 
-class Starter:
-    """One start of one VM."""
+class Launch:
+    """One start of one VM in progress (see the module's docstring)."""
 
-    def __init__(self, vm: VM) -> None:
-        self.vm = vm
-        self.sd = vm.sd
+    def __init__(self, spec: StartSpec, image: Image, accel: AccelChoice, info: VMInfo) -> None:
+        self.spec, self.sd = spec, spec.sd
+        self.image, self.accel, self.info = image, accel, info
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.boot: BootInfo | None = None
+        self.ssh: SSHChannel | None = None
 
-    def run(self) -> None:
-        """Reap what an earlier start left, launch, and record the VM running."""
-        self.reap_stale()
-        log.debug("starting %s (%s, warm=%s)", self.vm.name, self.vm.kernel, self.vm.warm)
-        self.launch()
-        info = self.vm.info
-        assert info is not None
-        info.state, info.starter_pid = "running", 0
-        info.save(self.sd.info)
-        log.debug("%s running (%s start, %.2f s)", self.vm.name, info.start_kind, info.boot_seconds)
+    def running(self) -> Running:
+        """The guest this launch brought up, handed over whole."""
+        assert self.boot is not None and self.ssh is not None, "running() before the guest came up"
+        return Running(self.sd, self.info, self.boot, self.accel, self.ssh, self.proc, self.image)
 
-    def reap_stale(self) -> None:
-        """Kill a QEMU of this VM left behind by a crashed owner; clear stale files."""
-        info = self.sd.load_info()
-        if terminate([self.sd.read_pid(), info.pid if info else 0],
-                     lambda pid: is_qemu_of(pid, self.sd.pidfile), grace=0.5):
-            log.debug("reaped a stale QEMU of %s", self.vm.name)
-        self.sd.clear_sockets()
-        self.sd.keep_last_console_log()
+    def kill(self) -> bool:
+        """Kill the QEMU this launch spawned (and any of this VM's by its pidfile)."""
+        killed = kill_qemu(self.sd, self.proc)
+        self.proc = None
+        return killed
 
-    def launch(self) -> None:
-        vm = self.vm
-        self.sd.create()
-        # A kernel whose image was never built is built now, with progress
-        # (settings.auto_build false, LABKIT_AUTO_BUILD=0, refuses, as the test suite does).
-        vm.image = ensure_image(vm.kernel, settings=vm.settings, progress=vm.progress if vm.on_console_line else None)
-        vm.accel = AccelChoice(vm.accel_forced, "requested") if vm.accel_forced else choose_accel(vm.settings)
-        info = self.sd.load_info() or VMInfo(vm.name, vm.kernel)
-        if info.kernel != vm.kernel and self.sd.overlay.exists():
-            info.base_sha256 = ""      # another kernel's image: start the disk afresh
-        info.kernel, info.persistent = vm.kernel, vm.persistent
-        info.nvdimm_mb = disks.prepare_pmem(self.sd, vm.nvdimms)
-        pubkey = ensure_client_key(self.sd.key)
-        timeout = vm.boot_timeout or BOOT_TIMEOUT[vm.accel.accel]
-        if vm.warm and warm.try_warm_start(self, info, pubkey, timeout):
-            return
-        self.cold(info, pubkey, timeout)
+    def close_ssh(self) -> None:
+        if self.ssh is not None:
+            self.ssh.close()
+        self.ssh = None
+
+    def abort(self) -> None:
+        """The start failed: nothing of it stays running."""
+        self.kill()
+        self.close_ssh()
 
     # -- QEMU ------------------------------------------------------------------
-    def config(self, info: VMInfo, pubkey: str, **kw: object) -> VMConfig:
-        vm = self.vm
-        assert vm.image is not None and vm.accel is not None
-        return VMConfig(name=vm.name, state_dir=self.sd.path, kernel_image=vm.image.boot_kernel,
-                        initrd=vm.image.initrd, accel=vm.accel.accel, memory_mb=vm.memory_mb,
-                        smp=vm.smp, nvdimms=vm.nvdimms, ssh_port=free_port(), ssh_pubkey=pubkey,
-                        tcg_cache_mb=vm.tcg_cache_mb if vm.accel.accel == "tcg" else None,
-                        free_page_reporting=vm.settings.free_page_reporting,
+    def config(self, pubkey: str, **kw: object) -> VMConfig:
+        spec = self.spec
+        return VMConfig(name=spec.name, state_dir=self.sd.path, kernel_image=self.image.boot_kernel,
+                        initrd=self.image.initrd, accel=self.accel.accel, memory_mb=spec.memory_mb,
+                        smp=spec.smp, nvdimms=spec.nvdimms, ssh_port=free_port(), ssh_pubkey=pubkey,
+                        tcg_cache_mb=spec.tcg_cache_mb if self.accel.accel == "tcg" else None,
+                        free_page_reporting=self.spec.settings.free_page_reporting,
                         **kw)  # type: ignore[arg-type]
 
-    def spawn_retrying(self, info: VMInfo, pubkey: str, timeout: float, **kw: object) -> VMConfig:
+    def spawn_retrying(self, pubkey: str, timeout: float, **kw: object) -> VMConfig:
         """Start QEMU; a new port if the forwarded one was taken between probe and bind."""
         last_error: LaunchError | None = None
         for _attempt in range(3):
-            cfg = self.config(info, pubkey, **kw)
+            cfg = self.config(pubkey, **kw)
             try:
-                self.spawn(cfg, info, timeout)
+                self.spawn(cfg, timeout)
                 return cfg
             except LaunchError as exc:
                 if "host forwarding" not in exc.output:
                     raise
                 log.debug("SSH port %d taken; retrying with another", cfg.ssh_port)
-                self.vm.kill()
+                self.kill()
                 last_error = exc
         raise last_error or LaunchError("could not start QEMU")
 
-    def spawn(self, cfg: VMConfig, info: VMInfo, timeout: float) -> None:
+    def spawn(self, cfg: VMConfig, timeout: float) -> None:
         """Start QEMU, record it as *starting*, wait until its console socket exists."""
-        vm = self.vm
-        assert vm.accel is not None
+        info = self.info
         argv = build_qemu_argv(cfg)
         self.sd.clear_sockets()
         self.sd.console_log.write_bytes(b"")
-        vm.proc = proc = spawn(argv, self.sd.qemu_log, die_with_parent=not vm.persistent,
-                               owner_pid=vm.settings.lifetime_pid)
+        self.proc = proc = spawn(argv, self.sd.qemu_log, die_with_parent=not self.spec.persistent,
+                                 owner_pid=self.spec.settings.lifetime_pid)
         info.pid, info.qemu_started = proc.pid, start_time(proc.pid)
-        info.starter_pid, info.state = os.getpid(), "starting"
+        info.starter_pid, info.lifecycle = os.getpid(), VMState.STARTING
         info.started_at = time.time()
         info.ssh_port = cfg.ssh_port
-        info.accel, info.accel_reason = vm.accel.accel, vm.accel.reason
+        info.accel, info.accel_reason = self.accel.accel, self.accel.reason
         info.qemu_argv = argv
         info.save(self.sd.info)
-        vm.info = info
         deadline = Deadline(timeout)
         while not cfg.console_socket.exists():
             if proc.poll() is not None:
@@ -136,17 +143,36 @@ class Starter:
         log.debug("QEMU %d up (console socket after %.2f s)", proc.pid, deadline.elapsed)
 
     # -- cold boot -----------------------------------------------------------------
-    def cold(self, info: VMInfo, pubkey: str, timeout: float, cmdline_extra: tuple[str, ...] = ()) -> VMConfig:
+    def cold(self, pubkey: str, timeout: float, cmdline_extra: tuple[str, ...] = ()) -> VMConfig:
         """Boot the kernel from scratch; return when SSH works."""
-        vm = self.vm
-        assert vm.image is not None
-        disks.prepare_root(self.sd, info, vm.image.root, vm.image.manifest["artifacts"]["root.ext4"]["sha256"])
+        info = self.info
+        disks.prepare_root(self.sd, info, self.image.root, self.image.manifest["artifacts"]["root.ext4"]["sha256"])
         pinned = info.host_key
+        cfg = self.boot_console(pubkey, timeout, cmdline_extra)
+        assert self.boot is not None
+        if pinned and self.boot.host_key and list(self.boot.host_key) != pinned:
+            raise HostKeyMismatch(" ".join(pinned), " ".join(self.boot.host_key))
+        host_key = tuple(pinned) if pinned else self.boot.host_key
+        if not host_key:
+            raise LaunchError("the guest did not announce its SSH host key on the console",
+                              output=self.sd.console_tail())
+        info.host_key = list(host_key)
+        t_ssh = time.time()
+        self.ssh = SSHChannel(cfg.ssh_port, self.sd.key, (host_key[0], host_key[1])).connect(
+            timeout=max(5.0, timeout - (time.time() - info.started_at)))
+        info.phases = {"boot to ready marker": round(t_ssh - info.started_at, 3),
+                       "ssh connect": round(time.time() - t_ssh, 3)}
+        self.booted("cold", "")
+        return cfg
+
+    def boot_console(self, pubkey: str, timeout: float, cmdline_extra: tuple[str, ...]) -> VMConfig:
+        """Spawn QEMU and follow the boot to the init's readiness marker; once
+        more after a TCG code-patching oops (see ``tcg_code_patching_oops``)."""
         for attempt in (1, 2):
-            cfg = self.spawn_retrying(info, pubkey, timeout, cmdline_extra=cmdline_extra)
+            cfg = self.spawn_retrying(pubkey, timeout, cmdline_extra=cmdline_extra)
             try:
-                self.wait_console_boot(cfg, info, timeout)
-                break
+                self.wait_console_boot(cfg, timeout)
+                return cfg
             except GuestPanic as exc:
                 if attempt == 2 or not tcg_code_patching_oops(cfg.accel, exc.console_tail):
                     raise
@@ -154,87 +180,39 @@ class Starter:
                 # translation of kernel text that another vCPU is live-patching
                 # (text_poke's int3); the kernel then dies in early boot. It is
                 # QEMU's emulation, not the guest kernel: boot once more.
-                vm.progress("labkit: the guest kernel stopped on an int3 while patching its own code under "
-                            "TCG emulation (a known emulation race, not a kernel bug); booting again")
-                log.warning("%s: TCG code-patching oops during boot; booting again", vm.name)
-                vm.kill()
-        assert vm.boot is not None
-        if pinned and vm.boot.host_key and list(vm.boot.host_key) != pinned:
-            raise HostKeyMismatch(" ".join(pinned), " ".join(vm.boot.host_key))
-        host_key = tuple(pinned) if pinned else vm.boot.host_key
-        if not host_key:
-            raise LaunchError("the guest did not announce its SSH host key on the console",
-                              output=self.sd.console_tail())
-        info.host_key = list(host_key)
-        t_ssh = time.time()
-        vm.ssh_channel = SSHChannel(cfg.ssh_port, self.sd.key, (host_key[0], host_key[1])).connect(
-            timeout=max(5.0, timeout - (time.time() - info.started_at)))
-        info.phases = {"boot to ready marker": round(t_ssh - info.started_at, 3),
-                       "ssh connect": round(time.time() - t_ssh, 3)}
-        self.booted(info, "cold", "")
-        return cfg
+                self.spec.progress("labkit: the guest kernel stopped on an int3 while patching its own code "
+                                   "under TCG emulation (a known emulation race, not a kernel bug); booting again")
+                log.warning("%s: TCG code-patching oops during boot; booting again", self.spec.name)
+                self.kill()
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
-    def wait_console_boot(self, cfg: VMConfig, info: VMInfo, timeout: float) -> None:
+    def wait_console_boot(self, cfg: VMConfig, timeout: float) -> None:
         """Follow a cold boot on the console up to the init's readiness marker."""
-        vm = self.vm
-        assert vm.proc is not None
+        info, proc = self.info, self.proc
+        assert proc is not None
         deadline = Deadline(max(1.0, timeout - (time.time() - info.started_at)))
         console = ConsoleChannel(cfg.console_socket).connect(timeout=5)
         try:
-            vm.boot = console.wait_boot(deadline.remaining, on_line=vm.on_console_line)
+            self.boot = boot = console.wait_boot(deadline.remaining, on_line=self.spec.on_console_line)
         except LaunchError as exc:
-            vm.proc.poll()
-            raise LaunchError(str(exc).split("\n")[0], info.qemu_argv, vm.proc.returncode,
+            proc.poll()
+            raise LaunchError(str(exc).split("\n")[0], info.qemu_argv, proc.returncode,
                               self.sd.qemu_log.read_text(errors="replace") + "\n" + exc.output) from exc
         finally:
             console.close()
-        info.kernel_release = vm.boot.kernel_release
-        info.guest_uptime_s = vm.boot.guest_uptime_s
-        log.debug("%s booted %s in %.1f s", vm.name, info.kernel_release, time.time() - info.started_at)
+        info.kernel_release = boot.kernel_release
+        info.guest_uptime_s = boot.guest_uptime_s
+        log.debug("%s booted %s in %.1f s", self.spec.name, info.kernel_release, time.time() - info.started_at)
 
-    def booted(self, info: VMInfo, kind: str, snap_key: str) -> None:
-        """Record how the guest came up; it is not *running* until the VM says so."""
+    def booted(self, kind: str, snap_key: str) -> None:
+        """Record how the guest came up; it is not *running* until the start says so."""
+        info = self.info
         info.boot_seconds = round(time.time() - info.started_at, 2)
         info.start_kind, info.snapshot = kind, snap_key
         info.save(self.sd.info)
-        self.vm.info = info
-
-    def fail_snapshot(self, snap: snapshot.Snapshot, exc: Exception) -> None:
-        """A snapshot that does not come back is thrown away, never retried."""
-        self.vm.kill()
-        self.vm.close_channels()
-        snapshot.discard(snap.path)
-        log.debug("snapshot %s discarded: %s", snap.path, exc)
-
 
 
 def tcg_code_patching_oops(accel: str, console: str) -> bool:
     """Did a boot under TCG die on a stray int3 (a vCPU running kernel text
     another vCPU was live-patching)? Only that panic is worth a second boot."""
     return accel == "tcg" and "Oops: int3" in console
-
-
-def attach_running(vm: VM, timeout: float) -> None:
-    """Make ``vm`` (a fresh object) the handle of its running guest: read its
-    record, check its key, connect SSH; StateError if it is not ready."""
-    st = vm.status()
-    if st is VMState.INCOMPLETE:
-        raise StateError("incomplete (the start that launched it was interrupted, so its guest is not ready)",
-                         "running", vm.name).with_hint(
-            f"`labkit vm start --name {vm.name}` discards it and starts the VM again (pmem is kept)")
-    info = vm.sd.load_info()
-    if st is not VMState.RUNNING or info is None:
-        raise StateError(st, "running", vm.name)
-    if not vm.sd.key.exists():
-        raise StateError("missing its SSH key", "running with its key", vm.name).with_hint(
-            f"{vm.sd.key} was removed; `labkit vm reset --name {vm.name}` makes a new one")
-    vm.info, vm.kernel = info, info.kernel
-    vm.accel = AccelChoice(info.accel, info.accel_reason)
-    host_key = (info.host_key[0], info.host_key[1])
-    vm.boot = BootInfo(info.kernel_release, info.guest_uptime_s, host_key)
-    vm.state = VMState.RUNNING
-    try:
-        vm.ssh_channel = SSHChannel(info.ssh_port, vm.sd.key, host_key).connect(timeout=timeout)
-    except (ChannelError, GuestTimeout) as exc:
-        vm.watch.explain(exc)      # paused, dead or starved: say that instead of "timed out"
-        raise

@@ -1,13 +1,15 @@
 """The lifecycle states of a VM, and the pure rule that reads the state from
 what is recorded (``vm.json``) and what is true (is its QEMU alive, is a
-start in progress somewhere)."""
+start in progress somewhere).
+
+This is the one place a VM's state is spelled: ``VM.state`` (this process's
+view), the record's ``state`` (``VMInfo.lifecycle``, shared between
+processes) and ``VM.status()`` (the rule below) are all ``VMState``.
+"""
 
 from __future__ import annotations
 
 import enum
-from typing import Any
-
-from labkit.machine.statedir import VMInfo
 
 
 class VMState(enum.Enum):
@@ -24,25 +26,26 @@ class VMState(enum.Enum):
         return self.value
 
 
-def recorded_state(info: VMInfo | None, qemu_alive: bool, start_in_progress: bool) -> VMState:
-    """The VM's state from its record and the facts. A record that says
-    *starting* with nobody starting it is an interrupted start."""
-    recorded = info.state if info is not None else "stopped"
-    if recorded == "starting":
+# What a record (vm.json) may say; the other states are read from the facts.
+RECORDED = (VMState.STOPPED, VMState.STARTING, VMState.RUNNING)
+
+
+def from_record(text: str) -> VMState:
+    """The state a record's ``state`` text names (an unknown word is *stopped*:
+    the facts decide, see ``recorded_state``)."""
+    for state in RECORDED:
+        if state.value == text:
+            return state
+    return VMState.STOPPED
+
+
+def recorded_state(recorded: VMState | None, qemu_alive: bool, start_in_progress: bool) -> VMState:
+    """The VM's state from its record (None: no record) and the facts. A
+    record that says *starting* with nobody starting it is an interrupted start."""
+    if recorded is VMState.STARTING:
         if start_in_progress:
             return VMState.STARTING
         return VMState.INCOMPLETE if qemu_alive else VMState.DEAD
-    if recorded == "running":
+    if recorded is VMState.RUNNING:
         return VMState.RUNNING if qemu_alive else VMState.DEAD
     return VMState.RUNNING if qemu_alive else VMState.STOPPED
-
-
-def describe(name: str, state: VMState, state_dir: str, info: VMInfo | None) -> dict[str, Any]:
-    """What ``labkit vm status --json`` prints."""
-    d: dict[str, Any] = {"name": name, "state": str(state), "state_dir": state_dir}
-    if info:
-        d.update(kernel=info.kernel, kernel_release=info.kernel_release, accel=info.accel,
-                 accel_reason=info.accel_reason, ssh_port=info.ssh_port, pid=info.pid,
-                 boot_seconds=info.boot_seconds, nvdimm_mb=info.nvdimm_mb, start_kind=info.start_kind,
-                 snapshot=info.snapshot, warm_error=info.warm_error, phases=info.phases)
-    return d

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from labkit.errors import StateDirError
+from labkit.machine.state import RECORDED, VMState, from_record
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class VMInfo:
 
     name: str
     kernel: str
-    state: str = "stopped"          # stopped | starting | running
+    state: str = "stopped"          # a VMState of RECORDED, as text (read and written through `lifecycle`)
     pid: int = 0
     qemu_started: float = 0.0       # start of that QEMU in seconds since host boot: its identity beyond the PID
     starter_pid: int = 0            # the process that is starting it (while state == "starting")
@@ -51,6 +52,24 @@ class VMInfo:
     snapshot: str = ""             # the snapshot's key, for a warm start
     warm_error: str = ""           # why the last warm start fell back to a cold boot
     phases: dict[str, float] = field(default_factory=dict)   # seconds per start-up phase
+
+    @property
+    def lifecycle(self) -> VMState:
+        """The recorded state (stopped, starting or running)."""
+        return from_record(self.state)
+
+    @lifecycle.setter
+    def lifecycle(self, state: VMState) -> None:
+        if state not in RECORDED:
+            raise ValueError(f"a VM record holds {', '.join(map(str, RECORDED))}, not {state}")
+        self.state = state.value
+
+    def described(self) -> dict[str, Any]:
+        """The recorded facts ``labkit vm status --json`` prints."""
+        return dict(kernel=self.kernel, kernel_release=self.kernel_release, accel=self.accel,
+                    accel_reason=self.accel_reason, ssh_port=self.ssh_port, pid=self.pid,
+                    boot_seconds=self.boot_seconds, nvdimm_mb=self.nvdimm_mb, start_kind=self.start_kind,
+                    snapshot=self.snapshot, warm_error=self.warm_error, phases=self.phases)
 
     @classmethod
     def from_json(cls, data: Any) -> VMInfo | None:
@@ -175,7 +194,7 @@ class StateDir:
     def record_stopped(self) -> None:
         info = self.load_info()
         if info is not None:
-            info.state, info.pid, info.starter_pid = "stopped", 0, 0
+            info.lifecycle, info.pid, info.starter_pid = VMState.STOPPED, 0, 0
             info.save(self.info)
 
     def read_pid(self) -> int:

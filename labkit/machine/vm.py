@@ -4,8 +4,13 @@ explicit lifecycle and a state directory of its own.
 
 This is the facade: the state dir's files (``statedir``), the QEMU process
 (``process``), the lifecycle lock (``locks``), disks (``disks``), cold and warm
-starts (``boot``, ``warm``) and fault detection (``watch``, ``health``) live in
-their own modules.
+starts and attaching (``start``, ``boot``, ``warm``) and fault detection
+(``watch``, ``health``) live in their own modules.
+
+What a running guest is (its QEMU, record, boot, accelerator, channels) is
+one ``Running`` object: a start or an attach returns it whole and the VM
+swaps it in whole (``_running``); ``info``, ``boot``, ``accel``, ``proc`` and
+``ssh_channel`` read it. ``state`` is this process's ``VMState``.
 
 A VM is a context manager. Shutdown is layered: polite (sync over SSH, QMP
 ``quit``), then SIGTERM/SIGKILL, then cleanup in ``finally``. A *persistent* VM
@@ -22,24 +27,26 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from labkit.command import CommandResult
-from labkit.errors import StateError
+from labkit.errors import ChannelError, GuestDied, GuestHung, GuestTimeout, StateError
 from labkit.image import DEFAULT_KERNEL, Image
-from labkit.machine import disks, process
+from labkit.machine import disks, process, start
 from labkit.machine.accel import AccelChoice
-from labkit.machine.boot import Starter, attach_running
+from labkit.machine.boot import StartSpec
 from labkit.machine.channels.console import BootInfo, ConsoleChannel
 from labkit.machine.channels.qmp import QMPChannel
 from labkit.machine.channels.ssh import SSHChannel
 from labkit.machine.config import check_name, check_sizes
 from labkit.machine.locks import LifecycleLock
+from labkit.machine.running import Running, kill_qemu, qemu_alive
 from labkit.machine.shutdown import polite_quit
-from labkit.machine.state import VMState, describe, recorded_state
+from labkit.machine.state import VMState, recorded_state
 from labkit.machine.statedir import StateDir, VMInfo, sweep_stale_throwaways
 from labkit.machine.watch import Watch
 from labkit.settings import Settings, resolve
@@ -74,14 +81,41 @@ class VM:
         self.lock_timeout = 30.0     # how long start/stop wait for another process's start/stop
         self._lock = LifecycleLock(self.sd.lock, self.name)
         self.state = VMState.STOPPED
-        self.info: VMInfo | None = None
-        self.image: Image | None = None
-        self.accel: AccelChoice | None = None
-        self.boot: BootInfo | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.ssh_channel: SSHChannel | None = None
-        self._qmp: QMPChannel | None = None
-        self.watch = Watch(self)
+        self._running: Running | None = None    # the guest this object started or attached (the last one)
+        self.watch = Watch()
+
+    # -- the running guest (the last one, closed, once it stopped or died) -------
+    @property
+    def info(self) -> VMInfo | None:
+        return self._running.info if self._running else None
+
+    @property
+    def image(self) -> Image | None:
+        return self._running.image if self._running else None
+
+    @property
+    def accel(self) -> AccelChoice | None:
+        return self._running.accel if self._running else None
+
+    @property
+    def boot(self) -> BootInfo | None:
+        return self._running.boot if self._running else None
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self._running.proc if self._running else None
+
+    @property
+    def ssh_channel(self) -> SSHChannel | None:
+        return self._running.ssh if self._running else None
+
+    def _swap_in(self, guest: Running) -> None:
+        """Make ``guest`` this VM's running guest; the one before is closed."""
+        old, self._running = self._running, guest
+        if old is not None and old is not guest:
+            old.close()
+        self.kernel = guest.info.kernel
+        self.state = VMState.RUNNING
 
     # -- files ---------------------------------------------------------------
     @property
@@ -129,13 +163,7 @@ class VM:
     # -- status --------------------------------------------------------------
     def qemu_alive(self) -> bool:
         """True if this VM's own QEMU runs (identity checked, not just a PID)."""
-        running_child = self.proc is not None and self.proc.poll() is None   # poll() also reaps a zombie
-        info = self.info or self.sd.load_info()
-        pid = self.sd.read_pid() or (info.pid if info else 0)
-        if running_child and self.proc is not None and self.proc.pid == pid:
-            return True            # our own unreaped child: its PID cannot have been reused
-        started = info.qemu_started if info and info.pid == pid else 0.0
-        return process.is_qemu_of(pid, self.sd.pidfile, started)
+        return qemu_alive(self.sd, self.info, self.proc)
 
     def status(self) -> VMState:
         """The VM's state as recorded on disk and checked against the process table."""
@@ -143,10 +171,14 @@ class VM:
         pid = self.sd.read_pid() or (info.pid if info else 0)
         alive = process.is_qemu_of(pid, self.sd.pidfile, info.qemu_started if info and info.pid == pid else 0.0)
         starting_here = self._lock.held and self.state is VMState.STARTING
-        return recorded_state(info, alive, starting_here or self._lock.busy_elsewhere())
+        return recorded_state(info.lifecycle if info else None, alive,
+                              starting_here or self._lock.busy_elsewhere())
 
     def describe(self) -> dict[str, Any]:
-        return describe(self.name, self.status(), str(self.sd.path), self.sd.load_info())
+        """What ``labkit vm status --json`` prints."""
+        info = self.sd.load_info()
+        return {"name": self.name, "state": str(self.status()), "state_dir": str(self.sd.path),
+                **(info.described() if info else {})}
 
     # -- start ---------------------------------------------------------------
     def start(self) -> VM:
@@ -162,15 +194,20 @@ class VM:
                 self.progress("labkit: an earlier start of this VM was interrupted; discarding its guest")
             self.state = VMState.STARTING
             try:
-                Starter(self).run()
+                guest = start.start(self._spec())
             except BaseException:
                 self.state = VMState.DEAD
                 self.kill()
-                self.close_channels()
                 self.sd.record_stopped()
                 raise
-        self.state = VMState.RUNNING
+            self._swap_in(guest)
         return self
+
+    def _spec(self) -> StartSpec:
+        return StartSpec(name=self.name, kernel=self.kernel, sd=self.sd, persistent=self.persistent,
+                         memory_mb=self.memory_mb, smp=self.smp, nvdimms=self.nvdimms, settings=self.settings,
+                         accel_forced=self.accel_forced, boot_timeout=self.boot_timeout, warm=self.warm,
+                         tcg_cache_mb=self.tcg_cache_mb, on_console_line=self.on_console_line)
 
     def _is_ours(self, pid: int) -> bool:
         return process.is_qemu_of(pid, self.sd.pidfile)
@@ -180,26 +217,28 @@ class VM:
                settings: Settings | None = None) -> VM:
         """Connect to a persistent VM started by another process."""
         vm = cls(name, persistent=True, state_dir=state_dir, settings=settings)
-        attach_running(vm, timeout)
+        vm._swap_in(start.attach(vm.sd, vm.name, vm.status(), timeout))
         return vm
 
     # -- channels -------------------------------------------------------------
+    def _live(self) -> Running:
+        """The running guest; StateError unless this VM is running."""
+        if self.state is not VMState.RUNNING or self._running is None:
+            raise StateError(self.state, "running", self.name)
+        return self._running
+
     @property
     def ssh(self) -> SSHChannel:
-        if self.state is not VMState.RUNNING:
-            raise StateError(self.state, "running", self.name)
-        assert self.ssh_channel is not None
-        if not self.ssh_channel.is_open:
-            self.ssh_channel.connect(timeout=10)
-        return self.ssh_channel
+        ssh = self._live().ssh
+        if not ssh.is_open:
+            ssh.connect(timeout=10)
+        return ssh
 
     @property
     def qmp(self) -> QMPChannel:
-        if self.state not in (VMState.RUNNING, VMState.STOPPING):
+        if self.state not in (VMState.RUNNING, VMState.STOPPING) or self._running is None:
             raise StateError(self.state, "running", self.name)
-        if self._qmp is None:
-            self._qmp = QMPChannel(self.sd.qmp_socket).connect()
-        return self._qmp
+        return self._running.open_qmp()
 
     def console(self) -> ConsoleChannel:
         """A new pexpect console connection (the caller closes it)."""
@@ -215,15 +254,38 @@ class VM:
         A dead QEMU raises GuestDied (GuestPanic after a kernel panic) at once;
         a guest that stops answering during the command raises GuestHung
         instead of waiting for ``timeout``."""
-        with self.watch.command():
+        with self._watched() as guest:
             return self.ssh.run(cmd, timeout=timeout, check=check, stdin=stdin, on_stdout=on_stdout,
-                                on_stderr=on_stderr, watchdog=self.watch.on_quiet)
+                                on_stderr=on_stderr, watchdog=lambda quiet: self.watch.on_quiet(guest, quiet))
 
     def run_passthrough(self, cmd: Sequence[str], stdin: BinaryIO | None = None) -> int:
         """Like ``ssh host cmd`` with this process's stdin/stdout/stderr; the
         same fault detection as ``run``. Returns the command's exit code."""
-        with self.watch.command():
-            return self.ssh.run_passthrough(cmd, stdin=stdin, watchdog=self.watch.on_quiet)
+        with self._watched() as guest:
+            return self.ssh.run_passthrough(cmd, stdin=stdin,
+                                            watchdog=lambda quiet: self.watch.on_quiet(guest, quiet))
+
+    @contextmanager
+    def _watched(self) -> Iterator[Running]:
+        """Around a guest command: check the guest first (following a restart
+        another process made); turn a channel error or timeout into what really
+        happened (QEMU gone, panic, paused, starved). A dead guest marks this VM dead."""
+        guest = self._live()
+        try:
+            successor = self.watch.begin_command(guest)
+            if successor is not guest:
+                self._swap_in(guest := successor)
+            t0 = time.monotonic()
+            try:
+                yield guest
+            except GuestHung:
+                raise
+            except (ChannelError, GuestTimeout) as exc:
+                self.watch.explain(guest, exc, waited=time.monotonic() - t0)
+                raise
+        except GuestDied:
+            self.mark_dead()
+            raise
 
     # -- stop ------------------------------------------------------------------
     def stop(self, timeout: float = 15.0) -> bool:
@@ -234,8 +296,7 @@ class VM:
         if self.state is VMState.STOPPED and self.status() is VMState.STOPPED:
             return False
         if self.name in self.settings.managed_vms:
-            log.info("%s is stopped by the process that started it; dropping our connections",
-                     self.name)
+            log.info("%s is stopped by the process that started it; dropping our connections", self.name)
             self.close_channels()
             self.state = VMState.STOPPED
             return False
@@ -246,8 +307,9 @@ class VM:
             try:
                 if self._is_ours(pid):
                     log.debug("stopping %s: polite quit of QEMU %d", self.name, pid)
-                    polite_quit(self.ssh_channel, self._qmp or QMPChannel(self.sd.qmp_socket), timeout)
-                    self._qmp = None
+                    guest = self._running
+                    polite_quit(guest.ssh if guest else None,
+                                guest.take_qmp() if guest else QMPChannel(self.sd.qmp_socket), timeout)
                     process.wait_gone(pid, timeout)
                     log.debug("QEMU %d gone", pid)
             finally:
@@ -278,20 +340,9 @@ class VM:
 
     def kill(self) -> bool:
         """Hard stop of whatever QEMU is this VM's; True if one was killed."""
-        pids = [self.sd.read_pid()] + ([self.proc.pid] if self.proc is not None else [])
-        killed = process.terminate(pids, self._is_ours)
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-            self.proc = None
-        return killed
-
-    def wait_qemu_gone(self, timeout: float) -> bool:
-        """True if this VM's QEMU is (or becomes) gone within ``timeout``."""
-        pid = self.sd.read_pid() or (self.info.pid if self.info else 0)
-        return not self._is_ours(pid) or process.wait_gone(pid, timeout)
+        if self._running is not None:
+            return self._running.kill()
+        return kill_qemu(self.sd, None)
 
     def mark_dead(self) -> None:
         self.state = VMState.DEAD
@@ -301,10 +352,8 @@ class VM:
             pass
 
     def close_channels(self) -> None:
-        for ch in (self.ssh_channel, self._qmp):
-            if ch is not None:
-                ch.close()
-        self.ssh_channel = self._qmp = None
+        if self._running is not None:
+            self._running.close()
 
     def close(self) -> None:
         """Drop this process's connections; a persistent VM keeps running."""
