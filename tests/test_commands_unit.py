@@ -20,6 +20,7 @@ from labkit.settings import Settings
      "--learners -1 is out of range (use 1..20, or 0 to skip)"),
     (int, dict(low=1024, high=65535, flag="port"), "80", "port 80 is out of range (use 1024..65535)"),
     (int, dict(low=1, high=5), "many", "'many' is not a number"),
+    (int, dict(low=1024, high=65535, flag="port", what="a port number"), "8080x", "'8080x' is not a port number"),
 ])
 def test_number_refuses_with_the_range(kind, args, text, want):
     with pytest.raises(argparse.ArgumentTypeError, match=want.replace("(", r"\(").replace(")", r"\)")):

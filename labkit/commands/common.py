@@ -40,16 +40,17 @@ def end_progress(quiet: bool) -> None:
 
 
 def number(kind: type, low: float | None = None, high: float | None = None, *, above: float | None = None,
-           flag: str = "", hint: str = "") -> Callable[[str], Any]:
+           flag: str = "", hint: str = "", what: str = "a number") -> Callable[[str], Any]:
     """An argparse type: ``kind(text)`` within ``low..high`` (or more than
     ``above``). The one place the command line checks a number's range;
     ``flag`` names the option in the message (argparse prefixes only
-    "argument --x:"), ``hint`` replaces the "use low..high" advice."""
+    "argument --x:"), ``hint`` replaces the "use low..high" advice, ``what``
+    says what the text should have been ("a port number")."""
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         said = f"{flag} {text}" if flag else text
         if above is not None and value <= above:
             raise argparse.ArgumentTypeError(f"{said} must be more than {above:g}")

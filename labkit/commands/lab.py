@@ -86,6 +86,6 @@ def add_lab(sub: Any) -> None:
     lab = sub.add_parser("lab", help="start the VM and JupyterLab on notebooks/")
     lab.add_argument("--name", default="default")
     lab.add_argument("--kernel", choices=list(image.KERNELS), default=image.DEFAULT_KERNEL)
-    lab.add_argument("--port", type=number(int, 1024, 65535, flag="port"), default=8888)
+    lab.add_argument("--port", type=number(int, 1024, 65535, flag="port", what="a port number"), default=8888)
     lab.add_argument("--no-browser", action="store_true")
     lab.set_defaults(func=cmd_lab)
