@@ -221,6 +221,16 @@ def test_half_written_snapshots_of_dead_writers_are_swept(tmp_path, monkeypatch)
         (d / "state.mig").chmod(0o400)
     assert snapshot.sweep_stale_tmp(from_environment()) == [stale]
     assert not stale.exists() and live.exists()
+    # the writer's PID now belongs to a process that started after the file was last written
+    reused = subprocess.Popen(["sleep", "30"])
+    try:
+        taken = snapshot.snapshots_dir(from_environment()) / f".tmp-6.1-abd-{reused.pid}"
+        taken.mkdir()
+        os.utime(taken, (time.time() - 60, time.time() - 60))
+        assert snapshot.sweep_stale_tmp(from_environment()) == [taken] and live.exists()
+    finally:
+        reused.kill()
+        reused.wait()
 
 
 def test_disk_full_is_named(tmp_path, monkeypatch):

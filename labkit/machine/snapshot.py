@@ -306,15 +306,26 @@ def _disk_full(where: Path) -> str:
 def sweep_stale_tmp(settings: Settings) -> list[Path]:
     """Remove half-written snapshots (``.tmp-<kernel>-<key>-<pid>``) whose
     writer is gone (killed during a save)."""
-    from labkit.machine.process import pid_alive
-
     removed = []
     for d in snapshots_dir(settings).glob(".tmp-*"):
         pid = d.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not pid_alive(int(pid)):
+        if pid.isdigit() and not _writer_alive(int(pid), d):
             discard(d)
             removed.append(d)
     return removed
+
+
+def _writer_alive(pid: int, tmp: Path) -> bool:
+    """Whether the process that writes ``tmp`` still runs: ``pid`` runs, is
+    not a zombie, and started before ``tmp`` was last written (PIDs are
+    reused: a suite or a class host wraps a 32768 pid_max within the hour)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and proc.create_time() <= tmp.stat().st_mtime + 1.0
+    except (psutil.Error, OSError):
+        return False
 
 
 KEEP_PER_KERNEL = 3

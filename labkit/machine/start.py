@@ -13,7 +13,7 @@ import logging
 
 from labkit.errors import ChannelError, GuestTimeout, StateError
 from labkit.image import ensure_image
-from labkit.machine import disks, warm
+from labkit.machine import disks, snapshot, warm
 from labkit.machine.accel import AccelChoice, choose_accel
 from labkit.machine.boot import Launch, StartSpec
 from labkit.machine.channels.keys import ensure_client_key
@@ -32,6 +32,7 @@ def start(spec: StartSpec) -> Running:
     """Reap what an earlier start left, launch, and record the guest running."""
     sd = spec.sd
     reap_stale(sd, spec.name)
+    sweep_half_written(spec)
     log.debug("starting %s (%s, warm=%s)", spec.name, spec.kernel, spec.warm)
     sd.create()
     # A kernel whose image was never built is built now, with progress
@@ -62,6 +63,18 @@ def reap_stale(sd: StateDir, name: str) -> None:
         log.debug("reaped a stale QEMU of %s", name)
     sd.clear_sockets()
     sd.keep_last_console_log()
+
+
+def sweep_half_written(spec: StartSpec) -> None:
+    """Remove the half-written snapshots of writers that are gone (a start
+    killed during its save). Done at every start, not only before the next
+    save: a start that boots cold (no warm start, or a snapshot that cannot
+    be made now) must not leave them either."""
+    try:
+        for d in snapshot.sweep_stale_tmp(spec.settings):
+            log.debug("removed a half-written snapshot: %s", d)
+    except OSError as exc:
+        log.debug("could not sweep half-written snapshots: %s", exc)
 
 
 def prepare_record(spec: StartSpec) -> VMInfo:
