@@ -123,6 +123,8 @@ def test_the_installed_package_holds_its_own_guest_side_files(installed):
 @pytest.mark.fresh_guest("it checks that a labkit installed by pip boots a throwaway guest of its own")
 def test_an_installed_labkit_runs_doctor_a_throwaway_guest_and_the_counterfactual(installed, tmp_path):
     py, env, root, times = installed
+    # the fixture's environment was copied during the first test: the guest started here names this one
+    env = dict(env, PYTEST_CURRENT_TEST=os.environ.get("PYTEST_CURRENT_TEST", ""))
     t0 = time.monotonic()
     doctor = _run([str(py.parent / "labkit"), "doctor"], env, tmp_path, 300)
     times["doctor"] = time.monotonic() - t0
