@@ -33,9 +33,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from labkit import paths
 from labkit.errors import HostSetupError, ImageBuildError, ImageMissing
@@ -333,18 +334,12 @@ def _build_env(v: KernelVariant, work: Path, recipe: Path) -> dict[str, str]:
 def _run_mmdebstrap(kernel: str, argv: list[str], env: dict[str, str], work: Path, say: Progress,
                     t0: float) -> None:
     log_path = work.parent / f"{kernel}.log"
-    tail: list[str] = []
     with open(log_path, "w", buffering=1) as log:     # line-buffered: a killed build leaves its log
         log.write("$ " + " ".join(argv) + "\n")
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace", cwd=work)
         assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            tail = (tail + [line.rstrip()])[-40:]
-            msg = _progress_line(line)
-            if msg:
-                say(f"  [{time.monotonic() - t0:5.1f}s] {msg}")
+        tail = follow_output(proc.stdout, log, say, t0)
         rc = proc.wait()
     if rc != 0:
         text = "\n".join(tail)
@@ -389,6 +384,19 @@ def ensure_image(kernel: str, build: bool | None = None, progress: Progress | No
 
 def _never_built(exc: ImageMissing) -> bool:
     return exc.reason.startswith("not built")
+
+
+def follow_output(lines: Iterable[str], log: TextIO, say: Progress, t0: float) -> list[str]:
+    """Follow a build's output (mmdebstrap and the recipe's hooks): every line
+    into ``log``, its progress lines to ``say``; the last 40 lines, for an error."""
+    tail: list[str] = []
+    for line in lines:
+        log.write(line)
+        tail = (tail + [line.rstrip()])[-40:]
+        msg = _progress_line(line)
+        if msg:
+            say(f"  [{time.monotonic() - t0:5.1f}s] {msg}")
+    return tail
 
 
 def _progress_line(line: str) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from labkit import paths
 from labkit.errors import HostSetupError, ImageBuildError
-from labkit.image.build import STRIP, load_image, read_packages
+from labkit.image.build import STRIP, follow_output, load_image, read_packages
 from labkit.image.kernels import KernelVariant, check_kernel
 from labkit.image.sources import apt_sources, os_release
 from labkit.settings import Settings
@@ -206,14 +206,7 @@ def _pipe(mm_argv: list[str], imp_argv: list[str], env: dict[str, str], log_path
         imp_out: list[bytes] = []
         reader = threading.Thread(target=lambda: imp_out.extend(imp.communicate()), daemon=True)
         reader.start()
-        tail: list[str] = []
-        for raw in mm.stderr:
-            line = raw.decode(errors="replace")
-            log.write(line)
-            tail = (tail + [line.rstrip()])[-40:]
-            msg = _progress_line(line)
-            if msg:
-                say(f"  [{time.monotonic() - t0:5.1f}s] {msg}")
+        tail = follow_output((raw.decode(errors="replace") for raw in mm.stderr), log, say, t0)
         rc = mm.wait()
         reader.join()
         out = b"".join(imp_out).decode(errors="replace")
@@ -224,15 +217,6 @@ def _pipe(mm_argv: list[str], imp_argv: list[str], env: dict[str, str], log_path
     if imp.returncode != 0:
         raise ImageBuildError(f"{imp_argv[0]} import failed with exit code {imp.returncode}", log_tail=out,
                               hint=f"see {log_path}")
-
-
-def _progress_line(line: str) -> str:
-    line = line.strip()
-    if line.startswith("labkit-build: "):
-        return line.removeprefix("labkit-build: ")
-    if line.startswith(("I: ", "E: ", "W: ")):
-        return line
-    return ""
 
 
 def _image_bytes(rt: str, tag: str) -> int:

@@ -239,8 +239,8 @@ def save(settings: Settings, qmp: QMPChannel, overlay: Path, key: str, kernel: s
          timeout: float = 120.0) -> Snapshot:
     """Migrate the running guest into a new snapshot directory. The source is
     left paused (postmigrate); the caller stops it. Nothing is left behind
-    when it fails; a full disk is named as such."""
-    sweep_stale_tmp(settings)
+    when it fails; a full disk is named as such. (What a killed save left is
+    swept by every start, ``start.sweep_half_written``, before it gets here.)"""
     final = snapshots_dir(settings) / f"{kernel}-{key}"
     tmp = snapshots_dir(settings) / f".tmp-{kernel}-{key}-{os.getpid()}"
     shared = _is_shared(settings, final)
