@@ -5,13 +5,19 @@ warm start or reset never brings back older pmem contents; only an explicit
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import paramiko
 import pytest
 
-from labkit.machine import snapshot
+from labkit.machine import snapshot, trust
 from labkit.machine.config import Nvdimm, VMConfig
 from labkit.errors import GuestTimeout
 from labkit.lab import Lab
@@ -64,6 +70,106 @@ def test_the_pmem_ready_marker_is_never_the_echo_of_the_typed_line():
     assert re.search(snapshot.PMEM_READY_RE, typed) is None       # the console echoes what we type
     assert re.search(snapshot.PMEM_READY_RE, "labkit: pmem ready rc=0").group(1) == "0"
     assert "{" not in typed and "modprobe -a nfit" in typed
+
+
+# -- trust (pure: the file system's owners and modes) -------------------------
+def test_a_path_only_root_or_i_can_change_is_trusted(tmp_path):
+    d = tmp_path / "snaps"
+    d.mkdir(mode=0o700)
+    assert trust.untrusted(d) == ""
+    d.chmod(0o777)
+    assert "writable by others (mode 0777)" in trust.untrusted(d)
+    d.chmod(0o770)
+    assert "writable by its group" in trust.untrusted(d)
+    assert "cannot inspect" in trust.untrusted(d / "missing")
+    d.chmod(0o755)
+    os.chown(d, 65534, 65534)
+    assert "belongs to uid 65534" in trust.untrusted(d)
+    assert trust.untrusted(d, uid=65534) == ""
+    # a root-owned sticky directory (/tmp) is safe: others cannot replace what is in it
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    (sticky / "mine").mkdir(mode=0o700)
+    assert trust.untrusted(sticky / "mine") == ""
+    # but a sticky directory someone else owns is theirs to change
+    os.chown(sticky, 65534, 65534)
+    assert "belongs to uid 65534" in trust.untrusted(sticky / "mine")
+
+
+def _verifying_cat(path: Path, sha: str) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-I", "-S", "-c", trust.VERIFYING_CAT, str(path), sha]
+    return subprocess.run(argv, capture_output=True, timeout=60)
+
+
+@pytest.mark.parametrize("size", [1000, (3 << 20) + 17])
+def test_the_restore_stream_never_ends_unless_it_matches_its_manifest(tmp_path, size):
+    f = tmp_path / "state.mig"
+    data = os.urandom(size)
+    f.write_bytes(data)
+    good = _verifying_cat(f, hashlib.sha256(data).hexdigest())
+    assert good.returncode == 0 and good.stdout == data
+    bad = _verifying_cat(f, "0" * 64)
+    assert bad.returncode == 3 and b"does not match its manifest" in bad.stderr
+    assert len(bad.stdout) < size and data.startswith(bad.stdout)     # the end is withheld
+    # and the URI QEMU runs is that program with every word quoted
+    snap = snapshot.Snapshot(tmp_path, {"sha256": {"state.mig": "f" * 64}})
+    uri = snapshot.restore_uri(snap)
+    assert uri.startswith("exec:") and "-I -S -c" in uri and str(f) in uri
+
+
+def _plant(root: Path, key: str, kernel: str = "6.1") -> Path:
+    """A snapshot directory whose files match its manifest (fake contents)."""
+    d = root / f"{kernel}-{key}"
+    d.mkdir(parents=True)
+    state, disk = os.urandom(5000), os.urandom(3000)
+    (d / "state.mig").write_bytes(state)
+    (d / "disk.qcow2").write_bytes(disk)
+    (d / "meta.json").write_text(json.dumps({
+        "key": key, "format": snapshot.FORMAT, "kernel": kernel, "state_bytes": len(state),
+        "disk_bytes": len(disk), "host_key": ["ssh-ed25519", "AAAA"],
+        "sha256": {"state.mig": hashlib.sha256(state).hexdigest(),
+                   "disk.qcow2": hashlib.sha256(disk).hexdigest()}}))
+    for f in d.iterdir():
+        f.chmod(0o444)
+    return d
+
+
+def test_a_snapshot_planted_where_others_can_write_is_refused_with_the_reason(tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    monkeypatch.setenv("LABKIT_SHARED_CACHE_DIR", str(shared))
+    monkeypatch.setenv("LABKIT_CACHE_DIR", str(tmp_path / "own"))
+    planted = _plant(shared / "snapshots", "k1")
+    for d in (shared, shared / "snapshots", planted):
+        d.chmod(0o755)
+    settings = from_environment()
+    assert snapshot.find(settings, "k1", "6.1").path == planted       # root-owned, 0755: trusted
+    (shared / "snapshots").chmod(0o777)                               # anyone could have put it there
+    refused: list[str] = []
+    assert snapshot.find(from_environment(), "k1", "6.1", refused) is None
+    assert len(refused) == 1 and "writable by others" in refused[0] and str(shared / "snapshots") in refused[0]
+    assert planted.exists()                                           # not ours to delete
+    # and nothing of ours is written into such a directory
+    assert snapshot.snapshots_dir(from_environment()) == tmp_path / "own" / "snapshots"
+    (shared / "snapshots").chmod(0o755)
+    os.chown(planted / "state.mig", 65534, 65534)                     # a file of another user's
+    refused = []
+    assert snapshot.find(from_environment(), "k1", "6.1", refused) is None
+    assert "belongs to uid 65534" in refused[0]
+
+
+def test_a_snapshot_whose_disk_changed_is_not_valid(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_SHARED_CACHE_DIR", "")
+    monkeypatch.setenv("LABKIT_CACHE_DIR", str(tmp_path / "own"))
+    d = _plant(tmp_path / "own" / "snapshots", "k2")
+    assert snapshot.find(from_environment(), "k2", "6.1") is not None
+    disk = d / "disk.qcow2"
+    disk.chmod(0o600)
+    data = bytearray(disk.read_bytes())
+    data[100] ^= 1                                                    # same size, one bit
+    disk.write_bytes(bytes(data))
+    assert snapshot.find(from_environment(), "k2", "6.1") is None
+    assert not d.exists()                                             # our own broken one is removed
 
 
 # -- on real guests -------------------------------------------------------------
@@ -179,6 +285,46 @@ def test_a_damaged_snapshot_is_never_restored(tmp_path, private_cache):
         assert vm.info.warm_error
         vm.run("true", check=True)
     assert snapshot.find(from_environment(), key, "6.1") is None      # thrown away, the next start makes a new one
+
+
+@pytest.mark.integration
+@pytest.mark.fresh_guest("it makes, changes and plants warm-start snapshots")
+def test_a_changed_or_planted_snapshot_is_never_restored(tmp_path, private_cache, monkeypatch):
+    """One bit changed in RAM (QEMU would load it: a guest that is not the one
+    made) is refused by its manifest; a copy planted in a shared directory
+    anyone can write is refused by its place; each says why and boots anyway."""
+    require_image("6.1")
+    with VM("chg", kernel="6.1", state_dir=tmp_path / "a") as vm:
+        key = vm.info.snapshot
+    snap = snapshot.find(from_environment(), key, "6.1")
+    good = tmp_path / "good"
+    shutil.copytree(snap.path, good)
+    snap.state_file.chmod(0o600)
+    with open(snap.state_file, "r+b") as fh:        # a byte in the middle of the RAM stream
+        fh.seek(snap.state_file.stat().st_size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([byte[0] ^ 0x80]))
+    assert snapshot.find(from_environment(), key, "6.1") is not None     # sizes and disk still match
+    with VM("chg", kernel="6.1", state_dir=tmp_path / "a") as vm:
+        assert vm.info.start_kind == "cold"
+        assert "does not match the SHA-256 its manifest recorded" in vm.info.warm_error
+        vm.run("true", check=True)
+    # the intact snapshot, offered from a host-wide cache that anyone can write
+    shared = tmp_path / "shared"
+    (shared / "snapshots").mkdir(parents=True)
+    for d in (shared, shared / "snapshots"):
+        d.chmod(0o777)
+    shutil.copytree(good, shared / "snapshots" / snap.path.name)
+    for d in (private_cache / "snapshots").glob("6.1-*"):
+        snapshot.discard(d)
+    monkeypatch.setenv("LABKIT_SHARED_CACHE_DIR", str(shared))
+    with VM("chg", kernel="6.1", state_dir=tmp_path / "a") as vm:
+        assert "writable by others" in vm.info.snapshot_refused
+        assert vm.info.start_kind == "warm"          # from a snapshot of its own, made now
+        made = snapshot.find(from_environment(), key, "6.1")
+        assert made is not None and made.path.parent == private_cache / "snapshots"
+        vm.run("true", check=True)
 
 
 @pytest.mark.integration

@@ -28,6 +28,13 @@ its existence is the opt-in) and starts each kernel's VM once; the snapshots
 are written there world-readable. Learners only read that directory; a
 machine it has no snapshot for gets one in the learner's own cache. Each
 learner's disk overlay, pmem files and key stay in their own state dir.
+
+A snapshot is restored only if it is trusted (``labkit.machine.trust``): it
+and every directory above it belong to root or to this user and no one else
+can write them, and its content matches the SHA-256 sums its ``meta.json``
+recorded when it was made (the small disk is checked before QEMU starts, the
+RAM stream while QEMU loads it). A snapshot planted in a directory others can
+write is refused, with the reason, and the VM makes its own.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,6 +55,7 @@ from pathlib import Path
 
 from labkit.errors import ChannelError, GuestTimeout, LaunchError
 from labkit.image.build import Image
+from labkit.machine import trust
 from labkit.machine.argv import build_qemu_argv
 from labkit.machine.channels.qmp import QMPChannel
 from labkit.machine.config import VMConfig
@@ -55,7 +64,7 @@ from labkit.timeout import Deadline, flock_before
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2          # 2: meta.json carries the files' SHA-256 (the manifest)
 
 # Run over SSH in the snapshot guest before it is saved: everything the
 # course starts from that lives in RAM (modules, soft-RoCE, vivid), and the
@@ -120,9 +129,12 @@ def shared_snapshots_dir(settings: Settings) -> Path | None:
 
 def snapshots_dir(settings: Settings) -> Path:
     """Where this process writes snapshots: the host-wide directory when it
-    exists and this user may write it (the instructor), else the user's own cache."""
+    exists, this user may write it (the instructor) and no one else can (a
+    directory anyone can write is no place for what others will restore),
+    else the user's own cache."""
     shared = shared_snapshots_dir(settings)
-    if shared is not None and shared.is_dir() and os.access(shared, os.W_OK | os.X_OK):
+    if (shared is not None and shared.is_dir() and os.access(shared, os.W_OK | os.X_OK)
+            and not trust.untrusted(shared)):
         return shared
     return settings.cache_dir / "snapshots"
 
@@ -167,12 +179,21 @@ class Snapshot:
         return self.meta["key"]
 
 
-def find(settings: Settings, key: str, kernel: str) -> Snapshot | None:
-    """The valid snapshot for ``key``, or None. A snapshot whose files do not
-    match its own record (truncated, half-written) is removed, never used."""
+def find(settings: Settings, key: str, kernel: str, refused: list[str] | None = None) -> Snapshot | None:
+    """The valid, trusted snapshot for ``key``, or None. A snapshot whose
+    files do not match its own record (truncated, half-written, changed) is
+    removed, never used; one that is not trusted (someone else could have put
+    it there) is left alone and the reason appended to ``refused``."""
     writable = snapshots_dir(settings)
     for root in search_dirs(settings):
-        snap = _valid(root / f"{kernel}-{key}", key)
+        d = root / f"{kernel}-{key}"
+        reason = untrusted_reason(d) if d.exists() else ""
+        if reason:
+            log.warning("not restoring the warm-start snapshot %s: %s", d, reason)
+            if refused is not None:
+                refused.append(f"the warm-start snapshot in {root} is not trusted ({reason})")
+            continue
+        snap = _valid(d, key)
         if snap is not None:
             return snap
         if root == writable:
@@ -182,8 +203,20 @@ def find(settings: Settings, key: str, kernel: str) -> Snapshot | None:
     return None
 
 
+def untrusted_reason(d: Path) -> str:
+    """'' if the snapshot directory ``d`` and its files can have been made
+    and changed only by root or this user, else why not."""
+    for p in (d, *(d / n for n in ("meta.json", "state.mig", "disk.qcow2"))):
+        reason = trust.untrusted(p) if p.exists() else ""
+        if reason:
+            return reason
+    return ""
+
+
 def _valid(d: Path, key: str) -> Snapshot | None:
-    """The snapshot in ``d`` if its files match its record and this user can read them."""
+    """The snapshot in ``d`` if its files match its record (sizes, and the
+    disk's hash: it is small; the RAM stream's is checked as QEMU loads it)
+    and this user can read them."""
     try:
         meta = json.loads((d / "meta.json").read_text())
     except (OSError, ValueError):
@@ -193,8 +226,10 @@ def _valid(d: Path, key: str) -> Snapshot | None:
         ok = (meta.get("key") == key and meta.get("format") == FORMAT
               and snap.state_file.stat().st_size == meta["state_bytes"]
               and snap.disk.stat().st_size == meta["disk_bytes"]
-              and os.access(snap.state_file, os.R_OK) and os.access(snap.disk, os.R_OK))
-    except (OSError, KeyError):
+              and os.access(snap.state_file, os.R_OK) and os.access(snap.disk, os.R_OK)
+              and len(str(meta["sha256"]["state.mig"])) == 64
+              and trust.sha256_file(snap.disk) == meta["sha256"]["disk.qcow2"])
+    except (OSError, KeyError, TypeError):
         ok = False
     return snap if ok else None
 
@@ -272,7 +307,8 @@ def _write(qmp: QMPChannel, overlay: Path, tmp: Path, meta: dict, timeout: float
     # Paused after migration with the disk flushed: the overlay matches RAM.
     shutil.copyfile(overlay, tmp / "disk.qcow2")
     meta = dict(meta, created_at=time.time(), save_seconds=round(time.monotonic() - t0, 2),
-                state_bytes=state.stat().st_size, disk_bytes=(tmp / "disk.qcow2").stat().st_size)
+                state_bytes=state.stat().st_size, disk_bytes=(tmp / "disk.qcow2").stat().st_size,
+                sha256={n: trust.sha256_file(tmp / n) for n in ("state.mig", "disk.qcow2")})
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     mode = 0o444 if shared else 0o400
     for f in tmp.iterdir():
@@ -363,11 +399,30 @@ def wait_migration(qmp: QMPChannel, query: str, timeout: float) -> dict:
     return st
 
 
+def restore_uri(snap: Snapshot) -> str:
+    """QEMU's ``exec:`` source for the RAM stream: the verifying copy of
+    ``trust.VERIFYING_CAT`` (runs through /bin/sh; every word quoted)."""
+    argv = [sys.executable, "-I", "-S", "-c", trust.VERIFYING_CAT,
+            str(snap.state_file), str(snap.meta["sha256"]["state.mig"])]
+    return "exec:" + shlex.join(argv)
+
+
 def restore(qmp: QMPChannel, snap: Snapshot, timeout: float = 60.0) -> None:
     """Feed the snapshot to a QEMU started with ``-incoming defer`` and wait
-    for its RESUME event (the guest runs again)."""
+    for its RESUME event (the guest runs again). A stream that does not match
+    its manifest never ends in QEMU, so the guest never runs; that is named."""
+    try:
+        _restore(qmp, snap, timeout)
+    except LaunchError as exc:
+        if trust.sha256_file(snap.state_file) != snap.meta["sha256"]["state.mig"]:
+            raise LaunchError(f"the warm-start snapshot {snap.path} does not match the SHA-256 its "
+                              "manifest recorded (changed after it was made); it was not loaded") from exc
+        raise
+
+
+def _restore(qmp: QMPChannel, snap: Snapshot, timeout: float) -> None:
     qmp.command("migrate-set-capabilities", capabilities=CAPABILITIES)
-    qmp.command("migrate-incoming", uri=f"exec:cat {shlex.quote(str(snap.state_file))}")
+    qmp.command("migrate-incoming", uri=restore_uri(snap))
     deadline = Deadline(timeout)
     status = qmp.status()
     while status != "running":

@@ -51,6 +51,7 @@ class VMInfo:
     start_kind: str = ""           # "cold" or "warm" (restored from a snapshot)
     snapshot: str = ""             # the snapshot's key, for a warm start
     warm_error: str = ""           # why the last warm start fell back to a cold boot
+    snapshot_refused: str = ""     # why a snapshot that was there was not trusted (see machine/trust.py)
     phases: dict[str, float] = field(default_factory=dict)   # seconds per start-up phase
 
     @property
@@ -69,7 +70,8 @@ class VMInfo:
         return dict(kernel=self.kernel, kernel_release=self.kernel_release, accel=self.accel,
                     accel_reason=self.accel_reason, ssh_port=self.ssh_port, pid=self.pid,
                     boot_seconds=self.boot_seconds, nvdimm_mb=self.nvdimm_mb, start_kind=self.start_kind,
-                    snapshot=self.snapshot, warm_error=self.warm_error, phases=self.phases)
+                    snapshot=self.snapshot, warm_error=self.warm_error, snapshot_refused=self.snapshot_refused,
+                    phases=self.phases)
 
     @classmethod
     def from_json(cls, data: Any) -> VMInfo | None:

@@ -70,7 +70,11 @@ def snapshot_for(launch: Launch, pubkey: str, timeout: float) -> snapshot.Snapsh
     """The valid snapshot for this machine, created now if there is none."""
     kernel = launch.spec.kernel
     key = snapshot.machine_key(launch.config(""), launch.image)
-    snap = snapshot.find(launch.spec.settings, key, kernel)
+    refused: list[str] = []
+    snap = snapshot.find(launch.spec.settings, key, kernel, refused)
+    launch.info.snapshot_refused = "; ".join(refused)
+    for why in refused:
+        launch.spec.progress(f"labkit: {why}; not restoring it")
     if snap is not None:
         return snap
     with snapshot.creation_lock(launch.spec.settings, key):
