@@ -19,7 +19,7 @@ import pytest
 
 from labkit.machine import snapshot, trust
 from labkit.machine.config import Nvdimm, VMConfig
-from labkit.errors import GuestTimeout
+from labkit.errors import GuestTimeout, HostKeyMismatch
 from labkit.lab import Lab
 from labkit.machine.channels.ssh import SSHChannel
 from labkit.machine.vm import VM
@@ -70,6 +70,9 @@ def test_the_pmem_ready_marker_is_never_the_echo_of_the_typed_line():
     assert re.search(snapshot.PMEM_READY_RE, typed) is None       # the console echoes what we type
     assert re.search(snapshot.PMEM_READY_RE, "labkit: pmem ready rc=0").group(1) == "0"
     assert "{" not in typed and "modprobe -a nfit" in typed
+    assert re.search(snapshot.NEW_HOSTKEY_RE, typed) is None
+    assert re.search(snapshot.NEW_HOSTKEY_RE, "labkit: new hostkey ssh-ed25519 AAAAC3Nz\r\n").groups() == \
+        ("ssh-ed25519", "AAAAC3Nz")
 
 
 # -- trust (pure: the file system's owners and modes) -------------------------
@@ -220,6 +223,15 @@ def test_a_restored_guest_trusts_only_its_own_vms_key(tmp_path):
         with pytest.raises((GuestTimeout, paramiko.AuthenticationException)):
             SSHChannel(b.info.ssh_port, a.key_path, tuple(b.info.host_key)).connect(timeout=3)
         b.run("true", check=True)
+        # each restored guest has an SSH host key of its own, not the snapshot's (which
+        # every learner who can read the snapshot holds): the client pins the new one
+        snap = snapshot.find(from_environment(), a.info.snapshot, "6.1")
+        keys = {tuple(a.info.host_key), tuple(b.info.host_key), snap.host_key}
+        assert len(keys) == 3
+        with pytest.raises((GuestTimeout, HostKeyMismatch, paramiko.SSHException)):
+            SSHChannel(b.info.ssh_port, b.key_path, snap.host_key).connect(timeout=3)
+        got = b.run("cat /etc/ssh/ssh_host_ed25519_key.pub", check=True).stdout.split()[:2]
+        assert got == b.info.host_key
 
 
 @pytest.mark.integration

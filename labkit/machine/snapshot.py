@@ -89,10 +89,24 @@ sync
 # (each exec costs about 0.1 s under TCG right after a restore). The marker's
 # status is computed by the guest (``$?``), so the typed line, which the
 # console echoes, never matches it.
+#
+# It also gives the guest an SSH host key of its own: every guest restored
+# from one snapshot would otherwise answer with the snapshot's key, which any
+# learner who can read the snapshot holds, so anything listening on the port
+# labkit connects to could pass as the learner's guest. The new key is made in
+# the guest, sshd re-executes on SIGHUP to load it, and the public half comes
+# back on the console (a socket in the VM's 0700 state dir): the host pins it
+# before its first SSH connection (NEW_HOSTKEY_RE; typed split, so the echo
+# never matches).
 RESUME_SCRIPT = ("(modprobe -a nfit nd_pmem dax_pmem device_dax >/dev/null 2>&1; "
                  "rc=$?; : > /run/labkit/pmem-ready; echo \"labkit: pmem ready rc=$rc\") & "
-                 "date -s @{now} >/dev/null")
+                 "date -s @{now} >/dev/null; "
+                 "k=/etc/ssh/ssh_host_ed25519_key; p=$(cat /run/sshd.pid); rm -f $k $k.pub /run/sshd.pid; "
+                 "ssh-keygen -q -t ed25519 -N '' -f $k </dev/null >/dev/null && kill -HUP $p; "
+                 "i=0; while [ ! -s /run/sshd.pid ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done; "
+                 "read -r t h _ < $k.pub; echo \"labkit: new host\"\"key $t $h\"")
 PMEM_READY_RE = r"labkit: pmem ready rc=(\d+)"
+NEW_HOSTKEY_RE = r"labkit: new hostkey (ssh-\S+) ([A-Za-z0-9+/=]+)\r?\n"     # whole line: expect() matches on partial reads
 
 
 @functools.cache

@@ -119,7 +119,6 @@ def restore_into(launch: Launch, snap: snapshot.Snapshot, pubkey: str, timeout: 
 
     create_overlay(launch.sd.overlay, snap.disk, "qcow2")
     info.base_sha256 = "snapshot:" + snap.key   # a later cold boot starts the disk afresh
-    info.host_key = list(snap.host_key)         # the snapshot's guest identity, from our own cache
     phase("disk overlay")
     deadline = Deadline(timeout)
     cfg = launch.spawn_retrying(pubkey, timeout, extra_args=("-incoming", "defer"))
@@ -137,9 +136,14 @@ def restore_into(launch: Launch, snap: snapshot.Snapshot, pubkey: str, timeout: 
             phase("qemu start")
             snapshot.restore(qmp, snap, timeout=deadline.remaining)
         phase("restore")
-        _connect_restored(launch, snap, deadline)
+        seen = _wait_console(launch, console, deadline, (snapshot.NEW_HOSTKEY_RE,), "its new SSH host key")
+        key_type, key = seen[snapshot.NEW_HOSTKEY_RE]
+        host_key = (key_type, key)
+        info.host_key = list(host_key)              # this guest's own, pinned from the console
+        phase("host key")
+        _connect_restored(launch, snap, host_key, deadline)
         phase("ssh connect")
-        _wait_pmem(launch, console, deadline)
+        _wait_pmem(launch, console, deadline, seen)
         phase("nvdimms ready")
     finally:
         console.close()
@@ -156,25 +160,40 @@ def _wait_for(cond: Callable[[], bool], deadline: Deadline, what: str) -> None:
         time.sleep(0.005)
 
 
-def _connect_restored(launch: Launch, snap: snapshot.Snapshot, deadline: Deadline) -> None:
+def _connect_restored(launch: Launch, snap: snapshot.Snapshot, host_key: tuple[str, str],
+                      deadline: Deadline) -> None:
     info = launch.info
-    launch.boot = BootInfo(snap.meta["kernel_release"], 0.0, snap.host_key)
+    launch.boot = BootInfo(snap.meta["kernel_release"], 0.0, host_key)
     info.kernel_release = snap.meta["kernel_release"]
-    launch.ssh = SSHChannel(info.ssh_port, launch.sd.key, snap.host_key).connect(
+    launch.ssh = SSHChannel(info.ssh_port, launch.sd.key, host_key).connect(
         timeout=max(5.0, deadline.remaining))
 
 
-def _wait_pmem(launch: Launch, console: ConsoleChannel, deadline: Deadline) -> None:
+def _wait_console(launch: Launch, console: ConsoleChannel, deadline: Deadline, patterns: tuple[str, ...],
+                  what: str, seen: dict[str, tuple[str, ...]] | None = None) -> dict[str, tuple[str, ...]]:
+    """Read the console until every pattern has matched once; the groups of
+    each (patterns seen earlier are kept in ``seen``: the guest prints its
+    markers in either order)."""
+    seen = {} if seen is None else seen
+    timeout = max(5.0, min(20.0, deadline.remaining))
+    wait = Deadline(timeout)
+    while not all(p in seen for p in patterns):
+        try:
+            i = console.expect([snapshot.NEW_HOSTKEY_RE, snapshot.PMEM_READY_RE], timeout=max(0.01, wait.remaining))
+        except (pexpect.TIMEOUT, pexpect.EOF, OSError) as exc:
+            raise GuestTimeout(f"the restored guest to report {what}", timeout,
+                               launch.sd.console_tail(2000)) from exc
+        assert console.child is not None and console.child.match is not None
+        seen[(snapshot.NEW_HOSTKEY_RE, snapshot.PMEM_READY_RE)[i]] = console.child.match.groups()
+    return seen
+
+
+def _wait_pmem(launch: Launch, console: ConsoleChannel, deadline: Deadline,
+               seen: dict[str, tuple[str, ...]]) -> None:
     """The guest's own word on the console that its NVDIMM drivers loaded
     (usually already there once SSH is up)."""
-    timeout = max(5.0, min(20.0, deadline.remaining))
-    try:
-        console.expect([snapshot.PMEM_READY_RE], timeout=timeout)
-    except (pexpect.TIMEOUT, pexpect.EOF, OSError) as exc:
-        raise GuestTimeout("the restored guest to load its NVDIMM drivers", timeout,
-                           launch.sd.console_tail(2000)) from exc
-    assert console.child is not None and console.child.match is not None
-    rc = console.child.match.group(1)
+    seen = _wait_console(launch, console, deadline, (snapshot.PMEM_READY_RE,), "its NVDIMM drivers loaded", seen)
+    (rc,) = seen[snapshot.PMEM_READY_RE]
     if rc != "0":
         raise LaunchError(f"the restored guest could not load its NVDIMM drivers (modprobe exit {rc})",
                           output=launch.sd.console_tail(2000))
