@@ -5,6 +5,7 @@ capacity estimate. The real hub, users and guests are in tests/test_hub.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -28,7 +29,9 @@ def _fake_snapshot(root: Path, kernel: str, key: str, mode: int = 0o444) -> Path
     (d / "state.mig").write_bytes(b"s" * 10)
     (d / "disk.qcow2").write_bytes(b"d" * 20)
     (d / "meta.json").write_text(json.dumps({"key": key, "format": snapshot.FORMAT, "kernel": kernel,
-                                             "state_bytes": 10, "disk_bytes": 20}))
+                                             "state_bytes": 10, "disk_bytes": 20,
+                                             "sha256": {"state.mig": hashlib.sha256(b"s" * 10).hexdigest(),
+                                                        "disk.qcow2": hashlib.sha256(b"d" * 20).hexdigest()}}))
     for f in d.iterdir():
         f.chmod(mode)
     return d
