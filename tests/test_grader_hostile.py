@@ -417,7 +417,7 @@ def test_the_checks_run_inside_timeout(monkeypatch):
     notebook's time is up: the judging guest is killed at the deadline and
     the feedback says the time limit, not a guest failure."""
     lab = _HangingLab()
-    given = {"ex0.1": {"id": "ex0.1", "blank": False, "value": "6.6.6-fake"}}
+    given = {"ex0.1": {"id": "ex0.1", "blank": False, "value": 6}}     # read, then asked of the guest
     deadline = Deadline(0.4)
     t0 = time.monotonic()
     with judging.kill_at(deadline, lab.killed.set, "the judging guest") as fired:
