@@ -31,7 +31,7 @@ FILES = {
             "test_pinprobe.py", "test_kernel_matrix.py", "test_kernel_73.py", "test_counterfactual.py",
             "test_counterfactual_unit.py", "test_source_unit.py"],
     "course": ["test_notebooks.py", "test_check.py", "test_exercises.py", "test_buffer_exercise.py",
-               "test_truncate_exercise.py", "test_predictions.py", "test_facts.py", "test_release.py",
+               "test_truncate_exercise.py", "test_predictions.py", "test_facts.py", "test_points.py", "test_release.py",
                "test_dashboard.py", "test_dashboard_render.py", "test_browser.py"],
     "grading": ["test_summative.py", "test_sandbox.py", "test_nbgrader.py", "test_grading_integrity.py",
                 "test_grader_hostile.py"],

@@ -11,6 +11,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import buffer_fake
+import hold_fake
 import pytest
 
 from labkit.course.answers import errno_number
@@ -19,17 +21,15 @@ from labkit.course.judge import check_answer
 from labkit.course.probe_exercise import parse_probe, probe_values
 from labkit.course.source import KernelSource
 from labkit.lab import MountResult, Namespace, PinResult, TruncateWait
+from labkit.lab.odp import RdmaOp, RevokeResult
 from labkit.lab.results import MountInfo
-
-import buffer_fake
-import hold_fake
 
 RELEASE = "6.1.0-56-amd64"
 TRACE = "python3-123 [000] d.... 1.0: labkit_cvf: (__get_user_pages+0x1a/0x500 <- check_vma_flags) ret=-95"
 
 
-def pin(mech, mem, ok, errno=None, foll=0, vmpin=0, trace=()):
-    return PinResult(mech, mem, "shared", ok, errno, {95: "EOPNOTSUPP", 14: "EFAULT"}.get(errno), vmpin, foll,
+def pin(mech, mem, ok, errno=None, foll=0, vmpin=0, trace=(), mapping="shared"):
+    return PinResult(mech, mem, mapping, ok, errno, {95: "EOPNOTSUPP", 14: "EFAULT"}.get(errno), vmpin, foll,
                      [], list(trace))
 
 
@@ -50,7 +50,31 @@ PINS = {
     ("io_uring", "devdax"): pin("io_uring", "devdax", False, 14),      # a different refusal, different errno
     # 6.1's answer to an ODP registration: EINVAL, and the device reports no ODP (caps 0)
     ("rdma-odp", "anon"): PinResult("rdma-odp", "anon", "shared", False, 22, "EINVAL", 0, 0, [], [], device_odp=0),
+    ("v4l2", "pagecache"): pin("v4l2", "pagecache", True, foll=113),
+    ("v4l2", "fsdax-ext4"): pin("v4l2", "fsdax-ext4", False, 95, trace=[TRACE]),
+    ("io_uring", "pagecache"): pin("io_uring", "pagecache", True, foll=512),
 }
+# MAP_PRIVATE mappings, never written: the fs-dax VMA is refused for long-term pins all the same (6.1)
+PRIVATE = {
+    ("rdma", "pagecache"): pin("rdma", "pagecache", True, vmpin=2048, foll=512, mapping="private"),
+    ("rdma", "fsdax-xfs"): pin("rdma", "fsdax-xfs", False, 95, trace=[TRACE], mapping="private"),
+    ("v4l2", "fsdax-xfs"): pin("v4l2", "fsdax-xfs", False, 95, trace=[TRACE], mapping="private"),
+    ("odirect", "fsdax-xfs"): pin("odirect", "fsdax-xfs", True, mapping="private"),
+    ("io_uring", "fsdax-xfs"): pin("io_uring", "fsdax-xfs", False, 95, trace=[TRACE], mapping="private"),
+    ("io_uring", "fsdax-ext4"): pin("io_uring", "fsdax-ext4", False, 95, trace=[TRACE], mapping="private"),
+    ("odirect", "fsdax-ext4"): pin("odirect", "fsdax-ext4", True, mapping="private"),
+}
+
+
+def _case(mech, mem, mapping="shared"):
+    return PRIVATE[(mech, mem)] if mapping == "private" else PINS[(mech, mem)]
+
+
+def revoke(memory, kind, op):
+    """6.1's answers: a pinned MR keeps its pages, so the op after the revocation completes."""
+    done = RdmaOp(op, 0, "IBV_WC_SUCCESS", 0.001)
+    return RevokeResult(memory, "shared", kind, True, None, None, 0, 2048, "truncate", 0.01, False, [], None,
+                        done, done, None)
 STACK = ["xfs_break_dax_layouts+0x80/0x120", "xfs_break_layouts+0x50/0x90", "xfs_vn_setattr+0x60/0x100"]
 EXT4_STACK = ["ext4_break_layouts+0x90/0x120", "ext4_setattr+0x2a0/0x9a0", "notify_change+0x1f0/0x4a0"]
 
@@ -76,6 +100,10 @@ class FakeLab(buffer_fake.FakeHelperHost):
             return _R(RELEASE + "\n")
         if script == "getconf PAGESIZE":
             return _R("4096\n")
+        if script == "nproc":
+            return _R("2\n")
+        if script == "cat /sys/kernel/mm/transparent_hugepage/hpage_pmd_size":
+            return _R("2097152\n")
         if script.startswith("grep ' "):
             mp = script.split("'")[1].strip()
             fs = self.mounted.get(mp)
@@ -108,7 +136,8 @@ class FakeLab(buffer_fake.FakeHelperHost):
     def namespaces(self):
         return [Namespace("namespace0.0", "region0", "fsdax", 520093696, blockdev="pmem0", map="dev"),
                 Namespace("namespace1.0", "region1", "fsdax", 520093696, blockdev="pmem1", map="dev"),
-                Namespace("namespace2.0", "region2", "devdax", 520093696, chardev="dax2.0", map="dev")]
+                Namespace("namespace2.0", "region2", "devdax", 520093696, align=2097152, chardev="dax2.0",
+                          map="dev")]
 
     def prepare_mounts(self):
         return [MountResult("xfs", "/dev/pmem0", "/mnt/fsdax-xfs", "dax", True, True, True, []),
@@ -121,11 +150,13 @@ class FakeLab(buffer_fake.FakeHelperHost):
         return None
 
     def pin_many(self, cases):
-        return [PINS[(m, k)] for m, k, _ in cases]
+        return [_case(m, k, mp) for m, k, mp in cases]
 
-    def pin(self, mech, mem, size=2 * 2**20, **_):
+    def pin(self, mech, mem, mapping="shared", size=2 * 2**20, **_):
         if size != 2 * 2**20:
             return pin(mech, mem, True, vmpin=size // 1024)
+        if mapping == "private":
+            return PRIVATE[(mech, mem)]
         if self.kprobes:       # the learner's probe fires on the refusal only, like check_vma_flags would
             symbol = self.kprobes[-1].split()[1]
             fires = symbol in ("check_vma_flags", "__get_user_pages") and not PINS[(mech, mem)].ok
@@ -137,8 +168,11 @@ class FakeLab(buffer_fake.FakeHelperHost):
                           if symbol not in ("do_nothing",) else "")
         return PINS[(mech, mem)]
 
-    def truncate_wait(self, fs):
-        return TruncateWait(fs, True, 3.0, STACK if fs == "xfs" else EXT4_STACK, True)
+    def truncate_wait(self, fs, hold=3.0):
+        return TruncateWait(fs, True, round(hold + 0.1, 1), STACK if fs == "xfs" else EXT4_STACK, True)
+
+    def odp_revoke(self, memory, kind="odp", op="write"):
+        return revoke(memory, kind, op)
 
 
 # check_vma_flags as 6.12 and 7.3 have it: two lines return -EOPNOTSUPP, only one is the fs-dax test's
@@ -174,15 +208,14 @@ def live():
 
 # exercise id -> (answers that must pass, answers that must fail)
 CASES = {
-    "ex0.1": ([RELEASE, f" {RELEASE}\n"], ["", "6.1", "6.1.0", "6.1.0-56", "6.12.1+deb12-amd64", 6.1, None]),
+    "ex0.1": ([2, "2", " 2\n", 2.0], ["", 1, 4, "two", RELEASE, "2 CPUs", True, None]),
     "ex1.1": (["devdax", "DevDax", " devdax "], ["", "dax", "fsdax", "raw", "/dev/dax2.0", ["devdax"]]),
-    "ex1.2": ([496, "496", 496.0, 520093696 // 2**20, 520093696 / 2**20], ["", 512, 536870912, "496 MiB?", 0, True]),
+    "ex1.2": ([2097152, "2097152", "2M", "2 MiB", "2048k"], ["", 4096, 2, 520093696, "2 MB?", 0, True]),
     "ex2.1": ([["xfs"], "xfs", ("XFS",), {"xfs"}], ["", [], ["ext4"], ["xfs", "ext4"], "x", [1], {"xfs": 1}]),
-    "ex2.2": ([4096, "4096", "4k", "4 KiB", 4 * 1024], ["", 1024, 2048, "4", 409, "4096 bytes please", True]),
-    "ex3.1": (["EOPNOTSUPP", "ENOTSUP", "eopnotsupp", 95, -95, "95", "-EOPNOTSUPP", "errno.ENOTSUP"],
-              ["", "EOPNOTSU", "OPNOTSUPP", "EPERM", "EFAULT", 14, "ok", 0, "Operation not supported", True]),
-    "ex3.2": ([["anon", "pagecache", "devdax"], "anon pagecache devdax", ("devdax", "anon", "pagecache")],
-              ["", [], ["anon"], ["anon", "devdax"], ["anon", "pagecache", "devdax", "fsdax-xfs"], "anon,page"]),
+    "ex2.2": ([2097152, "2097152", "2M", "2 MiB", 2 * 2**20], ["", 4096, 1024, "2", 1048576, "huge", True]),
+    "ex3.1": (["ok", "OK", " ok ", "success", 0],
+              ["", "EOPNOTSUPP", "ENOTSUP", 95, "EFAULT", 14, "fails", "yes", True, None]),
+    "ex3.2": ([6144, "6144", 6144.0], ["", 2048, 4096, 6, 6291456, "6 MiB", True]),
     "ex3.3": (["check_vma_flags", "check_vma_flags()", "mm/gup.c:check_vma_flags", "CHECK_VMA_FLAGS"],
               ["", "check", "vma", "check_vma", "labkit_cvf", "__get_user_pages", "gup", "flags"]),
     "ex3.4": (["r check_vma_flags $retval:s32", "r:myprobe check_vma_flags ret=$retval:s32",
@@ -196,31 +229,32 @@ CASES = {
     "ex4.1": ([113, "113", 460800 // 4096 + 1], ["", 112, 460800 / 4096, 512, 0, "113 pages"]),
     "ex4.2": ([0, "0"], ["", 2048, 460, None, False]),
     "ex4.3": (["EOPNOTSUPP", "ENOTSUP", 95], ["", "EFAULT", "ok", "EOPNOTSUP", 22]),
-    "ex5.1": ([{"rdma": "long-term", "v4l2": "long_term", "odirect": "transient", "io_uring": "Long Term"}],
-              ["", {"rdma": "long-term"}, {"rdma": "long-term", "v4l2": "long-term", "odirect": "long-term",
-                                           "io_uring": "long-term"},
-               {"rdma": "long-term", "v4l2": "long-term", "odirect": "transient", "io_uring": "long-term",
-                "extra": "x"}, "rdma long-term"]),
+    "ex5.1": ([{"rdma": "EOPNOTSUPP", "v4l2": 95, "odirect": "ok", "io_uring": "ENOTSUP"}],
+              ["", {"rdma": "EOPNOTSUPP"}, {"rdma": "ok", "v4l2": "ok", "odirect": "ok", "io_uring": "ok"},
+               {"rdma": "EOPNOTSUPP", "v4l2": "EOPNOTSUPP", "odirect": "EOPNOTSUPP", "io_uring": "EOPNOTSUPP"},
+               {"rdma": "long-term", "v4l2": "long-term", "odirect": "transient", "io_uring": "long-term"},
+               {"rdma": 95, "v4l2": 95, "odirect": "ok", "io_uring": 95, "extra": "x"}, "rdma EOPNOTSUPP"]),
     "ex5.2": ([False], ["", "False", 0, None, True]),
-    "ex6.1": (["xfs_break_dax_layouts", "xfs_break_layouts", "xfs_break_dax_layouts()"],
-              ["", "break", "xfs_break", "layouts", "xfs_vn_setattr", "ext4_break_layouts",
-               "xfs_break_dax_layouts+0x80/0x120x"]),
+    "ex6.1": ([(5.0, 5.1), [2, 2.3], (7.5, 7.0)],
+              ["", (3.0, 3.1), (1.0, 1.1), (5.0, 3.0), (5.0, 9.0), (20, 20.1), (5.0,), "5 s", (True, 1.1),
+               "xfs_break_dax_layouts"]),
     "ex6.2": ([["get_user_pages_longterm", "FOLL_LONGTERM", "FOLL_PIN", "check_vma_flags"],
                ("get_user_pages_longterm()", "foll_longterm", "FOLL_PIN", "check_vma_flags()")],
               ["", {"get_user_pages_longterm": "4.15"}, ["FOLL_LONGTERM", "get_user_pages_longterm", "FOLL_PIN",
                                                          "check_vma_flags"], ["get_user_pages_longterm"]]),
     "ex7.1": (["/mnt/capstone", "/mnt/capstone/"], ["", "/mnt/fsdax-xfs", "/mnt/fsdax-ext4", "/mnt", "/mnt/plain",
                                                    "/mnt/nothere", "/mnt/capstone; rm -rf /", "capstone"]),
-    "ex7.2": (["devdax", "DEVDAX"], ["", "fsdax-xfs", "fsdax-ext4", "anon", "pagecache", "dax"]),
-    "ex7.3": (["EOPNOTSUPP", "ENOTSUP", 95, "95"], ["", "EFAULT", 14, "ok", "EOPNOTSUP"]),   # EFAULT: devdax's errno
+    "ex7.2": (["EOPNOTSUPP", "ENOTSUP", 95, "95"], ["", "EFAULT", 14, "ok", "EOPNOTSUP"]),
+    "ex7.3": (["ok", "OK", "success"], ["", "EFAULT", 14, "EOPNOTSUPP", 95, True]),
     "ex7.4": ([4096, "4096"], ["", 2048, 4, 4194304, "4 MiB"]),
-    "ex7.5": (["ext4_break_layouts"], ["", "break", "ext4_break", "xfs_break_dax_layouts", "ext4_setattr"]),
+    "ex7.5": (["ext4_setattr", "ext4_setattr()"], ["", "ext4_break_layouts", "notify_change", "setattr",
+                                                   "xfs_vn_setattr", "ext4"]),
     "ex7.6": ([True], ["", "True", 1, False]),
     "ex8.1": (["check_vma_flags", "check_vma_flags()", " Check_VMA_Flags "],
               ["", "vma_flags", "check_vma", "dax_layout_busy_page", "get_user_pages_longterm", 0, ["check_vma_flags"]]),
-    "ex9.1": (["EINVAL", "einval", 22, "-22", "-EINVAL"],
-              ["", "ok", "EOPNOTSUPP", 95, "EINVA", "Invalid argument", 0, True]),   # 95: 6.12's answer
-    "ex9.2": ([0, "0", "0x0", 0.0], ["", 1, "1", "0x1", None, True, "none"]),
+    "ex9.1": (["IBV_WC_SUCCESS", "SUCCESS", "ibv_wc_success"],
+              ["", "ok", "IBV_WC_REM_ACCESS_ERR", "EOPNOTSUPP", 95, True, "no completion"]),
+    "ex9.2": ([True], ["", "True", 1, False, None]),
 }
 PREDICTIONS = [e.id for e in EXERCISES if e.kind == "prediction"]
 EXPLAINS = [e.id for e in EXERCISES if e.kind == "explain"]
@@ -256,13 +290,36 @@ def test_wrong_answers_fail_without_giving_the_answer_away(ex_id):
                 assert s.lower() not in r.message.lower(), (answer, s, r.message)
 
 
+# exercise id -> well-formed predictions of what it asks, right or wrong
+WELL_FORMED = {
+    "ex2.0": (["xfs"], [], ["xfs", "ext4"], "both", "xfs only", "none"),
+    "ex3.0": ({"anon": "ok", "pagecache": "ok", "fsdax-xfs": "EPERM", "fsdax-ext4": 1, "devdax": "fails"},
+              {k: "ok" for k in ("anon", "pagecache", "fsdax-xfs", "fsdax-ext4", "devdax")}),
+    "ex4.0": ({"pages": 512, "vmpin_kb": 2048, "fsdax-xfs": "ok", "devdax": "EFAULT"},
+              {"pages": "113", "vmpin_kb": 0, "fsdax-xfs": "fails", "devdax": "ok"}),
+    "ex5.0": ({f"{m} {k}": "ok" for m in ("odirect", "io_uring") for k in ("anon", "fsdax-xfs", "devdax")},
+              {f"{m} {k}": "EPERM" for m in ("odirect", "io_uring") for k in ("anon", "fsdax-xfs", "devdax")}),
+    "ex6.0": (True, False, "yes", "no", {"truncate blocked while the page was held": "yes", "seconds": 9}),
+    "ex9.0": (True, "no", {"fsdax-xfs": "ok"}, {"fsdax-xfs": "EOPNOTSUPP", "anon": "fails"}),
+}
+NONSENSE = ("wrong-answer", "", " ", [], {}, "I expect both to fail", None, "...", {"x": "wrong-answer"}, 113)
+
+
+def test_every_prediction_has_its_forms():
+    assert set(WELL_FORMED) == set(PREDICTIONS)
+
+
 @pytest.mark.parametrize("ex_id", PREDICTIONS)
-def test_predictions_count_completion_not_correctness(ex_id):
+def test_predictions_count_well_formed_completion_not_correctness(ex_id):
     ex = BY_ID[ex_id]
-    for answer in ("I expect both to fail", {"rdma": "ok"}, 113):
-        assert check_answer(ex, answer, None).passed
-    for answer in ("", " ", [], {}):
-        assert not check_answer(ex, answer, None).passed
+    for answer in WELL_FORMED[ex_id]:
+        assert check_answer(ex, answer, None).passed, answer
+    for answer in NONSENSE:
+        if answer in WELL_FORMED[ex_id]:       # [] is a prediction for "which filesystems": none
+            continue
+        r = check_answer(ex, answer, None)
+        assert not r.passed and r.points == 0, answer
+        assert "write your prediction as" in r.message, r.message     # says the form expected
 
 
 @pytest.mark.parametrize("ex_id", EXPLAINS)
@@ -278,6 +335,17 @@ def test_every_exercise_has_kind_difficulty_and_hints():
     for e in EXERCISES:
         assert e.kind in EXERCISE_KINDS and e.difficulty in ("intro", "core", "stretch")
         assert e.kind in ("prediction",) or e.hints, e.id
+
+
+# What a last hint must not hand over: the function to probe, the exact action, the call.
+GIVEAWAYS = {"ex3.4": ("check_vma_flags", "__get_user_pages"), "ex3.8": ("touch every page", "m[off]"),
+             "ex6.5": ("vmsplice(", "os.pipe()", "os.close")}
+
+
+def test_the_last_hint_points_at_the_idea_not_the_line():
+    for ex_id, words in GIVEAWAYS.items():
+        last = BY_ID[ex_id].hints[-1].lower()
+        assert not any(w.lower() in last for w in words), (ex_id, last)
 
 
 def test_staged_hints():

@@ -417,7 +417,7 @@ def test_the_checks_run_inside_timeout(monkeypatch):
     notebook's time is up: the judging guest is killed at the deadline and
     the feedback says the time limit, not a guest failure."""
     lab = _HangingLab()
-    given = {"ex0.1": {"id": "ex0.1", "blank": False, "value": "6.6.6-fake"}}
+    given = {"ex0.1": {"id": "ex0.1", "blank": False, "value": 6}}     # read, then asked of the guest
     deadline = Deadline(0.4)
     t0 = time.monotonic()
     with judging.kill_at(deadline, lab.killed.set, "the judging guest") as fired:
@@ -640,9 +640,10 @@ raise RuntimeError("snoop " + json.dumps(got, separators=(",", ":")) + " userns=
 VICTIM_WAITS = FIND_KERNELS + "\nother_graders_kernels(150)\ntime.sleep(20)   # long enough to be found"
 
 FAKE_UNAME = r'''
-script = "#!/bin/sh\nsleep 58\necho 6.6.6-pwned\n"
-vm.run(["sh", "-c", 'printf "%s" "$1" > /root/uname && chmod 755 /root/uname && mount --bind /root/uname /usr/bin/uname',
-        "sh", script], timeout=60, check=True)
+for name, says in (("uname", "6.6.6-pwned"), ("nproc", "64")):      # the release, and what ex0.1's check asks
+    script = f"#!/bin/sh\nsleep 58\necho {says}\n"
+    vm.run(["sh", "-c", f'printf "%s" "$1" > /root/{name} && chmod 755 /root/{name} && mount --bind /root/{name} /usr/bin/{name}',
+            "sh", script], timeout=60, check=True)
 '''
 
 SHARED = '''
@@ -704,7 +705,8 @@ STUDENTS = {
              "namespace; the uid leases; 300 MiB into the run directory; malformed metadata (\"labkit\": 1, "
              "\"tags\": 5)",
     "alice": "honest: notebook 00, the reference solution",
-    "mallory": "uname bind-mounted to a script that sleeps 58 s and prints a chosen release, answered",
+    "mallory": "uname and nproc (what ex0.1's check asks) bind-mounted to scripts that sleep 58 s and print a "
+               "chosen release and count; the count answered",
     "carol": "honest: notebook 03's code exercise 3.8, the reference solution",
     "loader": "labkit_no_longterm_check loaded by the notebook, then a MAP_SHARED buffer for 3.8",
     "smuggler": "3.8's buffer() loads labkit_no_longterm_check itself, in the judging guest",
@@ -718,7 +720,7 @@ def _class(base: Path) -> None:
     ex01 = SOLUTIONS["ex0.1"]
     _write(base / "snoop" / NB00.name, _small("00", SNOOP, answers={"ex0.1": ex01}, edit=_snoop_metadata))
     _write(base / "alice" / NB00.name, _small("00", answers={"ex0.1": ex01}))
-    _write(base / "mallory" / NB00.name, _small("00", FAKE_UNAME, answers={"ex0.1": _answer("ex0.1", "6.6.6-pwned")}))
+    _write(base / "mallory" / NB00.name, _small("00", FAKE_UNAME, answers={"ex0.1": _answer("ex0.1", 64)}))
     _write(base / "carol" / NB03.name, _small("03", answers={"ex3.8": SOLUTIONS["ex3.8"]}))
     _write(base / "loader" / NB03.name, _small("03", 'vm.run(["modprobe", "labkit_no_longterm_check"], timeout=60, '
                                                     'check=True)', answers={"ex3.8": _answer("ex3.8", SHARED)}))

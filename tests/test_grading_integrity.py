@@ -163,7 +163,7 @@ class _FakeLab:
         pass
 
     def sh(self, script):
-        return SimpleNamespace(stdout={"uname -r": "6.1.0-fake"}.get(script, "4096"))
+        return SimpleNamespace(stdout={"uname -r": "6.1.0-fake", "nproc": "2"}.get(script, "4096"))
 
     def pin(self, mechanism, memory, mapping="shared", size=2 * 2**20):
         def res(ok, err=0):
@@ -200,7 +200,7 @@ def test_every_order_gives_the_same_scores(tmp_path, monkeypatch):
     its own ex7.2 is blank)."""
     lab = _FakeLab()
     paths = {
-        "03": _course_nb(tmp_path, "03", [_cell("ex3.1", 'answer = "EOPNOTSUPP"')]),
+        "03": _course_nb(tmp_path, "03", [_cell("ex3.1", 'answer = "ok"')]),   # RDMA: needs soft-RoCE
         "07": _course_nb(tmp_path, "07", [_cell("ex7.2", "answer = ..."), _cell("ex7.4", "answer = 4096")]),
         "08": _course_nb(tmp_path, "08", [_cell("ex8.1", 'answer = "check_vma_flags"')]),
     }
@@ -226,11 +226,11 @@ def test_a_computed_answer_without_record_is_found(tmp_path):
     """Like notebook 00's exercise: the answer is computed (no literal) and the
     cell does not call record(); the exercise after it fails before assigning,
     and must not be credited with the previous answer."""
-    nb = _nb(_cell("ex0.1", 'answer = "-".join(["6.1.0", "fake"])'),
+    nb = _nb(_cell("ex0.1", 'answer = int("".join(["", "2"]))'),
              _cell("ex2.2", "answer = int(undefined_name)"))
     errors, marker = grading.execute(nb, tmp_path / "00-x.ipynb", timeout=120)
     got = grading.answers(nb, marker)
-    assert got["ex0.1"] == {"id": "ex0.1", "blank": False, "value": "6.1.0-fake"}, errors
+    assert got["ex0.1"] == {"id": "ex0.1", "blank": False, "value": 2}, errors
     assert got["ex2.2"].get("blank") and any("NameError" in e for e in errors)
     checks = judge([BY_ID["ex0.1"], BY_ID["ex2.2"]], got, _FakeLab()).results
     assert [c.points for c in checks] == [1, 0]
@@ -283,5 +283,5 @@ def test_without_containment_a_guest_failure_is_raised_with_it_a_zero_with_the_r
     with pytest.raises(GuestDied):
         judge(exs, given, Dead())
     v = judge(exs, given, Dead(), contain=True)
-    assert [(r.id, r.points) for r in v.results] == [("ex1.2", 0), ("ex6.2", 2)]
+    assert [(r.id, r.points) for r in v.results] == [("ex1.2", 0), ("ex6.2", BY_ID["ex6.2"].points)]
     assert v.results[0].message.startswith("not graded: the guest did not answer (GuestDied") and "GuestDied" in v.problem

@@ -11,6 +11,19 @@ Kinds (points are counted per kind in the instructor report):
 * ``explain``    – free text; recorded for manual grading with the rubric in
   ``instructor/rubrics.md`` (outside the package).
 
+Every exercise also says who judges it (``judged_by``, required; the
+per-category point table in docs/instructor.md is computed from it by
+tests/test_points.py, which fails when the table drifts or the course's
+ratios are not met):
+
+* ``live``       – the live kernel judges: code the learner writes, an effect
+  the learner produces in the guest, or a value the learner must design the
+  measurement for (no cell prints it: ``shown_by`` names the words a cell that
+  printed it would contain, and the test scans the released notebooks).
+* ``copyable``   – a value a cell prints or the prose names.
+* ``completion`` – a prediction: a point for a well-formed one.
+* ``manual``     – an explanation graded by hand (no autograded points).
+
 Feedback says right or wrong and, when wrong, the first hint. It never shows
 the expected value or the live measurement (the notebook cells show those to
 a learner who measures). Checks receive a :class:`Live` that measures lazily
@@ -39,16 +52,26 @@ from labkit.course.answers import (
     probed_function,
 )
 from labkit.course.buffer_exercise import check_buffer, run_learner_buffer
+from labkit.course.predictions import (
+    FORM_FILESYSTEMS,
+    FORM_ODP,
+    FORM_V4L2,
+    FORM_YES_NO,
+    Form,
+    form_outcomes,
+    well_formed,
+)
 from labkit.course.probe_exercise import (
     check_probe,
     run_learner_probe,
 )
 from labkit.course.truncate_exercise import check_hold, run_learner_hold
 from labkit.errors import ConfigError
-from labkit.lab.guest.vocab import MECHANISMS, MEMORY_KINDS, PMEM_ROLES
+from labkit.lab.guest.vocab import MECHANISMS, MEMORY_KINDS
 
 Result = tuple[bool, str]
 EXERCISE_KINDS = ("value", "code", "prediction", "explain")
+JUDGED_BY = ("live", "copyable", "completion", "manual")
 DIFFICULTIES = ("intro", "core", "stretch")
 RIGHT = "right"
 
@@ -68,6 +91,17 @@ class Exercise:
     needs: tuple[tuple[str, str], ...] = ()     # (mechanism, memory) pins the check looks at
     guest: bool = True                          # False: graded from the answer alone
     manual_points: int = 0                      # explain: points an instructor awards with the rubric
+    judged_by: str = ""                         # JUDGED_BY: required (see the module's docstring)
+    # A live value's answer is printed by no cell: a released notebook's code cell containing every
+    # word of one of these groups would print it (tests/test_points.py scans them).
+    shown_by: tuple[tuple[str, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.judged_by not in JUDGED_BY:
+            raise ConfigError(f"exercise {self.id}: judged_by must be one of {', '.join(JUDGED_BY)}, "
+                              f"not {self.judged_by!r}",
+                              hint="say who judges it: the live kernel, a copy of a shown value, "
+                                   "completion of a prediction, or an instructor by hand")
 
     def feedback(self, ok: bool, why: str = "") -> str:
         """What a learner sees: right/wrong, and when wrong a reason that
@@ -121,9 +155,14 @@ class Live:
                 self._cache[f"pin:{mech}:{mem}:{mp}"] = res
         return self._cache[key]
 
-    def truncate(self, fs: str):
+    def truncate(self, fs: str, hold: float = 3.0):
         self.ready()
-        return self._once(f"truncate:{fs}", lambda: self.lab.truncate_wait(fs))
+        return self._once(f"truncate:{fs}:{hold}", lambda: self.lab.truncate_wait(fs, hold=hold))
+
+    def revoke(self, memory: str, kind: str, op: str = "write"):
+        """An MR of ``kind`` over ``memory``, revoked around an RDMA ``op`` (labkit.lab.odp)."""
+        self.ready()
+        return self._once(f"revoke:{memory}:{kind}:{op}", lambda: self.lab.odp_revoke(memory, kind=kind, op=op))
 
     def sh(self, script: str) -> str:
         return self._once(f"sh:{script}", lambda: self.lab.sh(script).stdout.strip())
@@ -157,21 +196,10 @@ class Live:
 
 # -- checks: values ----------------------------------------------------------------
 
-def check_release(answer: Any, live: Live) -> Result:
-    return isinstance(answer, str) and answer.strip() == live.sh("uname -r"), ""
-
 
 def check_chardev_mode(answer: Any, live: Live) -> Result:
     modes = {ns.mode for ns in live.namespaces() if ns.chardev}
     return isinstance(answer, str) and _text(answer) in modes, ""
-
-
-def check_fsdax_size(answer: Any, live: Live) -> Result:
-    got = _int(answer) if not isinstance(answer, float) else int(answer)
-    if got is None:
-        return False, "give a whole number of MiB"
-    ns = next(n for n in live.namespaces() if n.mode == "fsdax")
-    return abs(got - ns.size / 2**20) <= 1, ""
 
 
 def check_experimental(answer: Any, live: Live) -> Result:
@@ -179,25 +207,6 @@ def check_experimental(answer: Any, live: Live) -> Result:
     if got is None:
         return False, "give a list of filesystem names, [] for none"
     return got == {m.fs for m in live.mounts() if m.experimental_warning}, ""
-
-
-def check_block_size(answer: Any, live: Live) -> Result:
-    got = _int(answer)
-    if got is None and isinstance(answer, str):
-        m = re.fullmatch(r"\s*(\d+)\s*(k|kb|kib)\s*", answer.lower())
-        got = int(m.group(1)) * 1024 if m else None
-    return got == int(live.sh("getconf PAGESIZE")), ""
-
-
-def check_rdma_fsdax_errno(answer: Any, live: Live) -> Result:
-    return _errno_matches(answer, live.pin("rdma", "fsdax-xfs"))
-
-
-def check_rdma_kinds(answer: Any, live: Live) -> Result:
-    got = _as_set(answer)
-    if got is None:
-        return False, "give a list of memory kinds"
-    return got == {k for k in MEMORY_KINDS if live.pin("rdma", k).ok}, ""
 
 
 def check_refusing_function(answer: Any, live: Live) -> Result:
@@ -230,58 +239,8 @@ def check_refusing_line(answer: Any, live: Live) -> Result:
     return got in right, ""
 
 
-def check_v4l2_pages(answer: Any, live: Live) -> Result:
-    got = _int(answer)
-    return got is not None and got == live.pin("v4l2", "anon").foll_pin_delta, ""
-
-
-def check_v4l2_vmpin(answer: Any, live: Live) -> Result:
-    got = _int(answer)
-    return got is not None and got == live.pin("v4l2", "anon").vmpin_kb_delta, ""
-
-
-def check_v4l2_fsdax(answer: Any, live: Live) -> Result:
-    return _errno_matches(answer, live.pin("v4l2", "fsdax-xfs"))
-
-
-
-
 # The four mechanisms notebook 05 classifies (rdma-odp, notebook 09's, pins nothing).
 CLASSIFIED = tuple(m for m in MECHANISMS if m != "rdma-odp")
-
-
-def check_classify(answer: Any, live: Live) -> Result:
-    if not isinstance(answer, dict) or set(answer) != set(CLASSIFIED):
-        return False, "give a dict with exactly the four mechanisms as keys"
-    for mech in CLASSIFIED:
-        refused = not live.pin(mech, "fsdax-xfs").ok and live.pin(mech, "anon").ok
-        truth = "long-term" if refused else "transient"
-        if _text(answer[mech]).replace("_", "-").replace(" ", "-") != truth:
-            return False, ""
-    return True, ""
-
-
-def check_odirect_follpin(answer: Any, live: Live) -> Result:
-    got = _bool_answer(answer)
-    if got is None:
-        return False, "answer True or False"
-    return got == bool(live.pin("odirect", "fsdax-xfs").foll_pin_delta), ""
-
-
-def _where_matches(answer: Any, tw) -> Result:
-    """A function on the truncating thread's stack that breaks the layouts
-    (exact name, not a substring)."""
-    name = _name(answer)
-    frames = [w.split("+")[0].lower() for w in tw.where]
-    return tw.blocked and name in frames and "break" in name and "layout" in name, ""
-
-
-def check_truncate_xfs(answer: Any, live: Live) -> Result:
-    return _where_matches(answer, live.truncate("xfs"))
-
-
-def check_truncate_ext4(answer: Any, live: Live) -> Result:
-    return _where_matches(answer, live.truncate("ext4"))
 
 
 # The order of the four steps, from the kernel's history (labkit.course.facts).
@@ -312,17 +271,6 @@ def check_capstone_mount(answer: Any, live: Live) -> Result:
     return info.fs == "xfs" and info.dax_active, ""
 
 
-def check_pmem_longterm_kind(answer: Any, live: Live) -> Result:
-    kind = _text(answer) if isinstance(answer, str) else ""
-    if kind not in PMEM_ROLES:      # the persistent-memory kinds
-        return False, "choose among " + ", ".join(PMEM_ROLES)
-    return live.pin("rdma", kind).ok, ""
-
-
-def check_iouring_ext4(answer: Any, live: Live) -> Result:
-    return _errno_matches(answer, live.pin("io_uring", "fsdax-ext4"))
-
-
 def check_capstone_vmpin(answer: Any, live: Live) -> Result:
     got = _int(answer)
     if got is None:
@@ -332,33 +280,160 @@ def check_capstone_vmpin(answer: Any, live: Live) -> Result:
     return got == res.vmpin_kb_delta, ""
 
 
-def check_odirect_ext4(answer: Any, live: Live) -> Result:
+# -- checks: values the learner designs the measurement for ----------------------------
+
+def _bytes(answer: Any) -> int | None:
+    """A size in bytes: 2097152, "2097152", "2M", "2 MiB", "2048k"."""
+    got = _int(answer)
+    if got is None and isinstance(answer, str):
+        m = re.fullmatch(r"\s*(\d+)\s*(k|kb|kib|m|mb|mib)\s*", answer.lower())
+        got = int(m.group(1)) * (1024 if m.group(2).startswith("k") else 2**20) if m else None
+    return got
+
+
+def check_nproc(answer: Any, live: Live) -> Result:
+    got = _int(answer)
+    if got is None:
+        return False, "give a whole number"
+    return got == _int(live.sh("nproc")), ""
+
+
+def check_devdax_align(answer: Any, live: Live) -> Result:
+    got = _bytes(answer)
+    if got is None:
+        return False, "give a number of bytes"
+    ns = next((n for n in live.namespaces() if n.mode == "devdax"), None)
+    return ns is not None and ns.align is not None and got == int(ns.align), ""
+
+
+def check_pmd_size(answer: Any, live: Live) -> Result:
+    got = _bytes(answer)
+    if got is None:
+        return False, "give a number of bytes"
+    return got == _int(live.sh("cat /sys/kernel/mm/transparent_hugepage/hpage_pmd_size")), ""
+
+
+def check_rdma_pagecache_private(answer: Any, live: Live) -> Result:
+    return _errno_matches(answer, live.pin("rdma", "pagecache", "private"))
+
+
+DEVDAX_SIZE = 6 * 2**20      # a multiple of the device-dax alignment, and no size a cell registers
+
+
+def check_devdax_vmpin(answer: Any, live: Live) -> Result:
+    """VmPin (kB) of an RDMA registration of 6 MiB of device-dax memory."""
+    got = _int(answer)
+    if got is None:
+        return False, "give a whole number of kB"
+    live.ready()
+    res = live._once("pin-devdax-6m", lambda: live.lab.pin("rdma", "devdax", size=DEVDAX_SIZE))
+    return got == res.vmpin_kb_delta, ""
+
+
+def check_v4l2_pagecache_pages(answer: Any, live: Live) -> Result:
+    got = _int(answer)
+    return got is not None and got == (live.pin("v4l2", "pagecache").foll_pin_delta or 0), ""
+
+
+def check_v4l2_pagecache_vmpin(answer: Any, live: Live) -> Result:
+    got = _int(answer)
+    return got is not None and got == (live.pin("v4l2", "pagecache").vmpin_kb_delta or 0), ""
+
+
+def check_v4l2_ext4(answer: Any, live: Live) -> Result:
+    return _errno_matches(answer, live.pin("v4l2", "fsdax-ext4"))
+
+
+def check_private_fsdax(answer: Any, live: Live) -> Result:
+    """The four mechanisms on a MAP_PRIVATE mapping of the fs-dax XFS file,
+    pages never written: "ok" or the errno, per mechanism."""
+    if not isinstance(answer, dict) or set(answer) != set(CLASSIFIED):
+        return False, "give a dict with exactly the four mechanisms as keys"
+    for mech in CLASSIFIED:
+        ok, _ = _errno_matches(answer[mech], live.pin(mech, "fsdax-xfs", "private"))
+        if not ok:
+            return False, ""
+    return True, ""
+
+
+def check_odirect_ext4_follpin(answer: Any, live: Live) -> Result:
     got = _bool_answer(answer)
     if got is None:
         return False, "answer True or False"
-    return got == live.pin("odirect", "fsdax-ext4").ok, ""
+    return got == bool(live.pin("odirect", "fsdax-ext4").foll_pin_delta), ""
 
 
-def check_odp_anon(answer: Any, live: Live) -> Result:
-    return _errno_matches(answer, live.pin("rdma-odp", "anon"))
+HOLDS_SHOWN = (1.0, 3.0)        # the holds the notebooks' cells use (06 and the matrix)
 
 
-def check_odp_caps(answer: Any, live: Live) -> Result:
-    got = _int(answer) if not (isinstance(answer, str) and answer.strip().lower().startswith("0x")) \
-        else int(answer.strip(), 16)
+def check_truncate_hold(answer: Any, live: Live) -> Result:
+    """A measurement the learner designs: (hold, seconds) for a hold of their
+    own; the judge truncates with the same hold and compares the wait."""
+    if not isinstance(answer, (list, tuple)) or len(answer) != 2 or \
+            not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in answer):
+        return False, "give a pair (hold, seconds) of numbers"
+    hold, seconds = float(answer[0]), float(answer[1])
+    if not 1.5 <= hold <= 8.0 or hold in HOLDS_SHOWN:
+        return False, "choose a hold of your own between 1.5 and 8 seconds (not one a cell used)"
+    tw = live.truncate("xfs", hold=hold)
+    return tw.blocked and abs(seconds - tw.seconds) <= max(0.75, 0.2 * tw.seconds), ""
+
+
+def check_truncate_caller_ext4(answer: Any, live: Live) -> Result:
+    """The function that called ext4's layout-breaking function on the
+    truncating thread's stack (the frame after the outermost break-layouts one)."""
+    frames = [w.split("+")[0].lower() for w in live.truncate("ext4").where]
+    breaking = [i for i, f in enumerate(frames) if "break" in f and "layout" in f]
+    name = _name(answer)
+    return bool(name) and bool(breaking) and breaking[-1] + 1 < len(frames) and \
+        name == frames[breaking[-1] + 1], ""
+
+
+def check_iouring_ext4_private(answer: Any, live: Live) -> Result:
+    return _errno_matches(answer, live.pin("io_uring", "fsdax-ext4", "private"))
+
+
+def check_iouring_pagecache(answer: Any, live: Live) -> Result:
+    return _errno_matches(answer, live.pin("io_uring", "pagecache"))
+
+
+def check_odirect_ext4_private(answer: Any, live: Live) -> Result:
+    got = _bool_answer(answer)
     if got is None:
-        return False, "give a number (the general_caps bit mask)"
-    caps = live.pin("rdma-odp", "anon").device_odp
-    return caps is not None and got == caps, ""
+        return False, "answer True or False"
+    return got == live.pin("odirect", "fsdax-ext4", "private").ok, ""
+
+
+def _status(answer: Any) -> str:
+    return _text(answer).removeprefix("ibv_wc_") if isinstance(answer, str) else ""
+
+
+def check_pinned_pagecache_write(answer: Any, live: Live) -> Result:
+    """A pinned MR over a page-cache file, the file truncated, an RDMA WRITE
+    after: the completion's status (or the registration's errno)."""
+    rv = live.revoke("pagecache", "pinned", "write")
+    if not rv.registered:
+        return _errno_matches(answer, type("R", (), {"ok": False, "errno": rv.errno})())
+    after = rv.after.status_name if rv.after else "no completion"
+    return bool(_status(answer)) and _status(answer) == _status(after), ""
+
+
+def check_pinned_anon_read(answer: Any, live: Live) -> Result:
+    got = _bool_answer(answer)
+    if got is None:
+        return False, "answer True or False"
+    rv = live.revoke("anon", "pinned", "read")
+    return got == bool(rv.registered and rv.after is not None and rv.after.ok), ""
 
 
 # -- checks: predictions and explanations ---------------------------------------------
 
-def check_prediction(answer: Any, live: Live) -> Result:
-    """Completion only: any non-empty prediction counts."""
-    filled = (isinstance(answer, str) and len(answer.strip()) >= 2) or \
-        (isinstance(answer, (dict, list, tuple)) and bool(answer)) or isinstance(answer, (int, float))
-    return bool(filled), "" if filled else "write your prediction down"
+def prediction(form: Form) -> Callable[[Any, Live], Result]:
+    """Completion only, for a well-formed prediction of ``form`` (never for being right)."""
+    def check(answer: Any, live: Live) -> Result:
+        return well_formed(form, answer)
+    check.__name__ = "check_prediction"
+    return check
 
 
 def check_explain(answer: Any, live: Live) -> Result:
@@ -378,119 +453,154 @@ def check_counterfactual_target(answer: Any, live: Live) -> Result:
     return name == "check_vma_flags", ""
 
 
+def _pin_shown(mech: str, memory: str, mapping: str = "shared") -> tuple[tuple[str, ...], ...]:
+    """The words of a code cell that measures this pin (its memory kind spelled out or via a vocabulary name)."""
+    return ((mech, memory) if mapping == "shared" else (mech, memory, mapping),)
+
+
+LIVE, COPY, DONE, HAND = "live", "copyable", "completion", "manual"
+
 EXERCISES: tuple[Exercise, ...] = (
-    Exercise("ex0.1", "00", 1, "the guest's kernel release", check_release, difficulty="intro",
-             hints=_hints("the guest reports it itself: run uname -r in it",
-                          "exactly as printed, including the Debian suffix")),
+    Exercise("ex0.1", "00", 1, "how many CPUs the guest has", check_nproc, difficulty="intro", judged_by=LIVE,
+             shown_by=(("nproc",), ("cpuinfo",), ("cpu_count",)),
+             hints=_hints("no cell printed it: ask the guest yourself, the way the cell above asked for its release",
+                          "a Linux system counts the processors it may use for you: which coreutils command?")),
     Exercise("ex1.1", "01", 1, "the namespace mode with a character device", check_chardev_mode, difficulty="intro",
+             judged_by=COPY,
              hints=_hints("which mode has no block device and no filesystem?", "look at the device names ndctl shows")),
-    Exercise("ex1.2", "01", 1, "usable size of the fsdax namespace", check_fsdax_size, difficulty="intro",
-             hints=_hints("not the DIMM's size: the namespace's, as ndctl reports it", "bytes / 2**20")),
+    Exercise("ex1.2", "01", 1, "the alignment of the devdax namespace", check_devdax_align, difficulty="intro",
+             judged_by=LIVE, shown_by=(("align",),),
+             hints=_hints("the cells printed some of each namespace's fields, not all: lab.namespaces() has more",
+                          "a device-dax mapping must be sized and placed at this boundary; bytes")),
     Exercise("ex1.3", "01", 0, "why raw mode cannot do DAX", check_explain, kind="explain", manual_points=2,
-             guest=False, hints=_hints("what does every page the kernel hands to a device need?")),
-    Exercise("ex2.0", "02", 1, "prediction: which filesystems warn", check_prediction, kind="prediction",
-             guest=False),
+             guest=False, judged_by=HAND, hints=_hints("what does every page the kernel hands to a device need?")),
+    Exercise("ex2.0", "02", 1, "prediction: which filesystems warn", prediction(FORM_FILESYSTEMS),
+             kind="prediction", guest=False, judged_by=DONE),
     Exercise("ex2.1", "02", 1, "which filesystems print the EXPERIMENTAL warning", check_experimental,
-             hints=_hints("the kernel log of your own mounts answers it", "a list, possibly empty")),
-    Exercise("ex2.2", "02", 1, "the block size ext4 needs for DAX", check_block_size, difficulty="intro",
-             hints=_hints("a DAX mapping maps one file block per page-table entry", "getconf PAGESIZE")),
-    Exercise("ex3.0", "03", 1, "prediction: RDMA on five memory kinds", check_prediction, kind="prediction",
-             guest=False),
-    Exercise("ex3.1", "03", 1, "RDMA on fs-dax: the errno", check_rdma_fsdax_errno,
+             judged_by=COPY, hints=_hints("the kernel log of your own mounts answers it", "a list, possibly empty")),
+    Exercise("ex2.2", "02", 1, "the largest page a DAX mapping can use", check_pmd_size, difficulty="intro",
+             judged_by=LIVE, shown_by=(("hpage_pmd_size",),),
+             hints=_hints("one page-table entry one level above the PTE maps a whole huge page",
+                          "the kernel publishes the size of a PMD-mapped transparent huge page in sysfs")),
+    Exercise("ex3.0", "03", 1, "prediction: RDMA on five memory kinds",
+             prediction(form_outcomes(MEMORY_KINDS, "anon")), kind="prediction", guest=False, judged_by=DONE),
+    Exercise("ex3.1", "03", 1, "RDMA on a private mapping of a page-cache file", check_rdma_pagecache_private,
+             judged_by=LIVE, shown_by=_pin_shown("rdma", "pagecache", "private"),
+             hints=_hints("the table measured MAP_SHARED mappings only: lab.pin takes a mapping too",
+                          "\"ok\" if it registered, else the errno's name or number")),
+    Exercise("ex3.2", "03", 1, "VmPin of a 6 MiB device-dax registration", check_devdax_vmpin,
+             judged_by=LIVE, shown_by=(("6 * 2**20",), ("6291456",), ("size=6",)),
+             hints=_hints("the table registered 2 MiB of each kind: lab.pin takes a size too",
+                          "a device-dax mapping's size is a multiple of its alignment (notebook 1)")),
+    Exercise("ex3.3", "03", 1, "the kernel function that refuses", check_refusing_function, judged_by=COPY,
              needs=(("rdma", "fsdax-xfs"),),
-             hints=_hints("look at the fs-dax XFS row of the table", "a name like EPERM or its number")),
-    Exercise("ex3.2", "03", 1, "memory kinds RDMA can register", check_rdma_kinds,
-             needs=tuple(("rdma", k) for k in MEMORY_KINDS),
-             hints=_hints("every kind whose registration returned ok", "device-dax is persistent memory too")),
-    Exercise("ex3.3", "03", 1, "the kernel function that refuses", check_refusing_function, needs=(("rdma", "fsdax-xfs"),),
              hints=_hints("the traced line names the function whose return was probed",
                           "just the function's name, not its caller")),
     Exercise("ex3.4", "03", 4, "write a kretprobe that catches the refusal", check_probe, kind="code",
-             difficulty="stretch",
+             difficulty="stretch", judged_by=LIVE,
              hints=_hints("a return probe is  r FUNCTION $retval:s32  (Documentation/trace/kprobetrace.rst)",
                           "which function returns -EOPNOTSUPP when the VMA is fs-dax?",
-                          "probe check_vma_flags, or a caller that returns its error")),
+                          "a return probe sees the errno in the function that decides it or in any caller that "
+                          "passes it up: the decision is about the whole mapping, made before any page is taken")),
     Exercise("ex3.5", "03", 0, "why EOPNOTSUPP and not EPERM", check_explain, kind="explain", manual_points=3,
-             guest=False, hints=_hints("is the caller forbidden something, or is the operation unsupported "
-                                       "for this kind of memory?")),
-    Exercise("ex3.6", "03", 2, "the line of the kernel's source that refused", check_refusing_line,
-             needs=(("rdma", "fsdax-xfs"),),
+             guest=False, judged_by=HAND,
+             hints=_hints("is the caller forbidden something, or is the operation unsupported "
+                          "for this kind of memory?")),
+    Exercise("ex3.6", "03", 1, "the line of the kernel's source that refused", check_refusing_line,
+             needs=(("rdma", "fsdax-xfs"),), judged_by=COPY,
              hints=_hints("the marked lines return the errno the kretprobe saw; more than one may",
                           "which marked line follows a test of FOLL_LONGTERM and fs-dax?",
                           "give the line number printed at the left of the listing")),
     Exercise("ex3.7", "03", 0, "why gup-fast must fall back for DAX", check_explain, kind="explain",
-             manual_points=3, guest=False,
+             manual_points=3, guest=False, judged_by=HAND,
              hints=_hints("what can the lockless fast path see of a page, and what can it not see of the VMA?")),
     Exercise("ex3.8", "03", 3, "a buffer on the fs-dax file that RDMA may pin", check_buffer, kind="code",
-             difficulty="stretch",
+             difficulty="stretch", judged_by=LIVE,
              hints=_hints("the registration above was of a MAP_SHARED mapping: which pages does the device get?",
                           "mmap flags: MAP_SHARED or MAP_PRIVATE (mmap.ACCESS_WRITE or mmap.ACCESS_COPY)",
-                          "after a write to a private mapping, whose page is it? Touch every page before you return")),
+                          "after a write to a private mapping, whose page is it: the file's or the process's? "
+                          "The device must be given only pages of the second kind")),
     Exercise("ex3.9", "03", 0, "why a written private mapping may be pinned", check_explain, kind="explain",
-             manual_points=3, guest=False,
+             manual_points=3, guest=False, judged_by=HAND,
              hints=_hints("after copy-on-write, who owns the pages the device would get: the file or the process?")),
-    Exercise("ex4.0", "04", 1, "prediction: pages pinned by one buffer", check_prediction, kind="prediction",
-             guest=False),
-    Exercise("ex4.1", "04", 1, "pages pinned by one USERPTR buffer", check_v4l2_pages, needs=(("v4l2", "anon"),),
-             hints=_hints("nr_foll_pin_acquired counts pages", "a partly used page is pinned whole")),
-    Exercise("ex4.2", "04", 1, "VmPin change for V4L2", check_v4l2_vmpin, needs=(("v4l2", "anon"),),
-             hints=_hints("VmPin is accounted by the driver, not by GUP", "read the VmPin column")),
-    Exercise("ex4.3", "04", 1, "V4L2 USERPTR on fs-dax: the errno", check_v4l2_fsdax, needs=(("v4l2", "fsdax-xfs"),),
-             hints=_hints("the fs-dax row of the V4L2 table", "a name or a number")),
-    Exercise("ex5.0", "05", 1, "prediction: transient pins on fs-dax", check_prediction, kind="prediction",
-             guest=False),
-    Exercise("ex5.1", "05", 2, "long-term or transient", check_classify,
-             needs=tuple((m, k) for m in CLASSIFIED for k in ("anon", "fsdax-xfs")),
-             hints=_hints("refused on fs-dax but allowed on anonymous memory means the caller asked for FOLL_LONGTERM",
-                          "all four keys: rdma, v4l2, odirect, io_uring")),
-    Exercise("ex5.2", "05", 1, "does O_DIRECT use FOLL_PIN here", check_odirect_follpin, needs=(("odirect", "fsdax-xfs"),),
-             hints=_hints("did the nr_foll_pin_acquired column move for O_DIRECT?",)),
+    Exercise("ex4.0", "04", 1, "prediction: pages pinned by one buffer", prediction(FORM_V4L2), kind="prediction",
+             guest=False, judged_by=DONE),
+    Exercise("ex4.1", "04", 1, "pages pinned by one USERPTR buffer in the page cache", check_v4l2_pagecache_pages,
+             needs=(("v4l2", "pagecache"),), judged_by=LIVE, shown_by=_pin_shown("v4l2", "pagecache"),
+             hints=_hints("measure it: the table had no page-cache row", "nr_foll_pin_acquired counts pages; "
+                          "a refused pin pins nothing")),
+    Exercise("ex4.2", "04", 1, "VmPin change for V4L2 in the page cache", check_v4l2_pagecache_vmpin,
+             needs=(("v4l2", "pagecache"),), judged_by=LIVE, shown_by=_pin_shown("v4l2", "pagecache"),
+             hints=_hints("VmPin is accounted by the driver that pins, not by GUP", "the same measurement as 4.1")),
+    Exercise("ex4.3", "04", 1, "V4L2 USERPTR on fs-dax ext4: the errno", check_v4l2_ext4,
+             needs=(("v4l2", "fsdax-ext4"),), judged_by=LIVE, shown_by=_pin_shown("v4l2", "fsdax-ext4"),
+             hints=_hints("the table measured the XFS file only: measure the ext4 one", "a name or a number")),
+    Exercise("ex5.0", "05", 1, "prediction: transient pins on fs-dax",
+             prediction(form_outcomes(tuple(f"{m} {k}" for m in ("odirect", "io_uring")
+                                            for k in ("anon", "fsdax-xfs", "devdax")), "odirect anon")),
+             kind="prediction", guest=False, judged_by=DONE),
+    Exercise("ex5.1", "05", 2, "four mechanisms on a private fs-dax mapping", check_private_fsdax, judged_by=LIVE,
+             shown_by=tuple((m, "private") for m in CLASSIFIED),
+             hints=_hints("does the kernel decide by the kind of mapping or by the kind of pin? Measure with "
+                          "mapping=\"private\"", "all four keys: rdma, v4l2, odirect, io_uring; \"ok\" or an errno")),
+    Exercise("ex5.2", "05", 1, "does O_DIRECT into fs-dax ext4 use FOLL_PIN", check_odirect_ext4_follpin,
+             needs=(("odirect", "fsdax-ext4"),), judged_by=LIVE, shown_by=_pin_shown("odirect", "fsdax-ext4"),
+             hints=_hints("the table measured the XFS file: measure the ext4 one and read nr_foll_pin_acquired",)),
     Exercise("ex5.3", "05", 0, "why a transient pin is acceptable", check_explain, kind="explain", manual_points=3,
-             guest=False, hints=_hints("who decides when it ends, and how long can that take?")),
-    Exercise("ex6.0", "06", 1, "prediction: does truncate wait", check_prediction, kind="prediction", guest=False),
-    Exercise("ex6.1", "06", 1, "where truncate waits (xfs)", check_truncate_xfs,
-             hints=_hints("read the waiting thread's stack", "the XFS function that breaks the layouts")),
-    Exercise("ex6.2", "06", 2, "the history in order", check_history, difficulty="core", guest=False,
+             guest=False, judged_by=HAND, hints=_hints("who decides when it ends, and how long can that take?")),
+    Exercise("ex6.0", "06", 1, "prediction: does truncate wait", prediction(FORM_YES_NO), kind="prediction",
+             guest=False, judged_by=DONE),
+    Exercise("ex6.1", "06", 1, "how long truncate waits for a hold of your choice", check_truncate_hold,
+             judged_by=LIVE, shown_by=(),
+             hints=_hints("lab.truncate_wait takes the hold, in seconds", "give (hold, seconds waited) as measured")),
+    Exercise("ex6.2", "06", 1, "the history in order", check_history, difficulty="core", guest=False,
+             judged_by=COPY,
              hints=_hints("the history table above", "oldest first: a function, a flag, a new kind of pin, "
                                                       "then where the check lives")),
     Exercise("ex6.3", "06", 0, "why device-dax is exempt", check_explain, kind="explain", manual_points=3,
-             guest=False, hints=_hints("what operation makes a filesystem wait for a page?")),
+             guest=False, judged_by=HAND, hints=_hints("what operation makes a filesystem wait for a page?")),
     Exercise("ex6.4", "06", 0, "the deliberate -stable regression", check_explain, kind="explain",
-             manual_points=3, guest=False,
+             manual_points=3, guest=False, judged_by=HAND,
              hints=_hints("what did tagging the patches for -stable break, on purpose, and for whom?")),
     Exercise("ex6.5", "06", 3, "make truncate wait, then let it finish", check_hold, kind="code",
-             difficulty="stretch",
+             difficulty="stretch", judged_by=LIVE,
              hints=_hints("an RDMA registration (register_mr) of fs-dax is refused since v4.15 (5f1d43de5416): "
                           "which other reference to a page lasts until you drop it?",
-                          "the measurement above held the page with a pipe: vmsplice(w, m, length) into os.pipe()",
-                          "a pipe drops its page references when it is read empty or closed; return a function "
-                          "that does that")),
-    Exercise("ex7.1", "07", 2, "a DAX mount of your own", check_capstone_mount, difficulty="stretch",
+                          "the demonstration above held a page without pinning it: how, according to the prose? "
+                          "Which of the helpers your code is given takes the same kind of reference?",
+                          "what holds the references must be able to let them go on request: the function you "
+                          "return undoes what hold took")),
+    Exercise("ex7.1", "07", 2, "a DAX mount of your own", check_capstone_mount, difficulty="stretch", judged_by=LIVE,
              hints=_hints("lab.mount(fs, device, mountpoint, options=...)", "a new mount point, with DAX on")),
-    Exercise("ex7.2", "07", 1, "persistent memory that may be pinned long-term", check_pmem_longterm_kind,
-             needs=(("rdma", "devdax"),), hints=_hints("try the registration on each persistent kind",)),
-    Exercise("ex7.3", "07", 1, "io_uring fixed buffers on fs-dax (ext4)", check_iouring_ext4,
-             needs=(("io_uring", "fsdax-ext4"),), hints=_hints("measure io_uring on fsdax-ext4 itself",)),
+    Exercise("ex7.2", "07", 1, "io_uring on a private fs-dax ext4 mapping", check_iouring_ext4_private,
+             judged_by=LIVE, shown_by=_pin_shown("io_uring", "fsdax-ext4", "private"),
+             hints=_hints("measure it: lab.pin(mechanism, memory, mapping)", "\"ok\" or the errno")),
+    Exercise("ex7.3", "07", 1, "io_uring fixed buffers in the page cache", check_iouring_pagecache,
+             needs=(("io_uring", "pagecache"),), judged_by=LIVE, shown_by=_pin_shown("io_uring", "pagecache"),
+             hints=_hints("measure io_uring on the page-cache file itself", "\"ok\" or the errno")),
     Exercise("ex7.4", "07", 2, "VmPin of a 4 MiB registration", check_capstone_vmpin, difficulty="stretch",
-             hints=_hints("read VmPin while the registration is held, then release it",)),
-    Exercise("ex7.5", "07", 1, "where truncate waits (ext4)", check_truncate_ext4,
-             hints=_hints("run the truncate demonstration on ext4 and read the stack",)),
-    Exercise("ex7.6", "07", 1, "O_DIRECT into fs-dax (ext4)", check_odirect_ext4, needs=(("odirect", "fsdax-ext4"),),
-             hints=_hints("measure it: lab.pin('odirect', ...)",)),
+             judged_by=LIVE, shown_by=(("4 * 2**20",), ("4194304",), ("size=4",)), hints=_hints("read VmPin while the registration is held, then release it",)),
+    Exercise("ex7.5", "07", 1, "who asked ext4 to break the layouts", check_truncate_caller_ext4, judged_by=LIVE,
+             shown_by=(("truncate_wait", "ext4"),),
+             hints=_hints("run the truncate demonstration on ext4 and read the whole stack",
+                          "the frame right after (outside) the layout-breaking one")),
+    Exercise("ex7.6", "07", 1, "O_DIRECT into a private fs-dax ext4 mapping", check_odirect_ext4_private,
+             judged_by=LIVE, shown_by=_pin_shown("odirect", "fsdax-ext4", "private"),
+             hints=_hints("measure it: lab.pin('odirect', ..., mapping=...)", "True if it succeeded")),
     Exercise("ex8.1", "08", 1, "the function whose answer module 1 changes", check_counterfactual_target,
-             guest=False, hints=_hints("the module's kretprobe names it", "the function that refuses in notebook 3")),
-    Exercise("ex9.0", "09", 1, "prediction: does truncate wait under an ODP MR", check_prediction,
-             kind="prediction", guest=False),
-    Exercise("ex9.1", "09", 1, "an ODP registration of anonymous memory, on this guest", check_odp_anon,
-             needs=(("rdma-odp", "anon"),),
-             hints=_hints("the rdma-odp anon row measured on this notebook's own guest, not the other one",
-                          "\"ok\" if it registered, else the errno's name or number")),
-    Exercise("ex9.2", "09", 1, "the device's ODP capability bits, on this guest", check_odp_caps,
-             needs=(("rdma-odp", "anon"),),
-             hints=_hints("every RDMA result carries it: PinResult.device_odp",
-                          "odp_caps.general_caps as an int; bit 0 is IBV_ODP_SUPPORT")),
+             guest=False, judged_by=COPY,
+             hints=_hints("the module's kretprobe names it", "the function that refuses in notebook 3")),
+    Exercise("ex9.0", "09", 1, "prediction: does truncate wait under an ODP MR", prediction(FORM_ODP),
+             kind="prediction", guest=False, judged_by=DONE),
+    Exercise("ex9.1", "09", 1, "a pinned MR over the page cache, truncated", check_pinned_pagecache_write,
+             judged_by=LIVE, shown_by=(("odp_revoke", "pagecache"),),
+             hints=_hints("lab.odp_revoke takes the memory kind and the MR kind",
+                          "the completion's status name of the WRITE after (or the errno if it did not register)")),
+    Exercise("ex9.2", "09", 1, "an RDMA READ through a pinned MR after MADV_DONTNEED", check_pinned_anon_read,
+             judged_by=LIVE, shown_by=(("odp_revoke", "read"),),
+             hints=_hints("lab.odp_revoke takes the RDMA operation too", "True if the READ completed successfully")),
     Exercise("ex9.3", "09", 0, "why truncate need not wait for an ODP MR", check_explain, kind="explain",
-             manual_points=3, guest=False,
+             manual_points=3, guest=False, judged_by=HAND,
              hints=_hints("what does the kernel do to the device's mapping instead of waiting, and what did "
                           "the next RDMA WRITE get?")),
 )
