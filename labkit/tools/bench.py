@@ -52,12 +52,14 @@ LABELS = {
     "warm_start_s": ("warm start to SSH-ready", "s"),
     "warm_disk_s": ("  disk overlay", "s"),
     "warm_qemu_s": ("  QEMU start", "s"),
-    "warm_restore_s": ("  restore of the saved state", "s"),
+    "warm_restore_s": ("  restore of the saved state (hashed as it loads)", "s"),
+    "warm_hostkey_s": ("  the guest's own SSH host key made and loaded", "s"),
     "warm_ssh_s": ("  SSH connect", "s"),
     "warm_nvdimm_s": ("  NVDIMMs probed, clock set", "s"),
     "warm_floor_s": ("warm start floor (QEMU start + restore)", "s"),
     "reset_s": ("reset (running guest -> prepared)", "s"),
     "reset_stop_s": ("  stop of the old guest (sync, QMP quit)", "s"),
+    "reset_hostkey_s": ("  restored guest: its own SSH host key", "s"),
     "reset_ssh_s": ("  restored guest: SSH connect", "s"),
     "reset_nvdimm_s": ("  restored guest: NVDIMMs probed (its namespaces)", "s"),
     "ssh_rtt_ms": ("SSH round trip (`true`)", "ms"),
@@ -114,9 +116,9 @@ INIT_STARTED = "Run /init as init process"
 ROOT_MOUNTED = "EXT4-fs (vda): mounted filesystem"
 
 
-RESET_PHASES = {"ssh connect": "reset_ssh_s", "nvdimms ready": "reset_nvdimm_s"}
+RESET_PHASES = {"host key": "reset_hostkey_s", "ssh connect": "reset_ssh_s", "nvdimms ready": "reset_nvdimm_s"}
 WARM_PHASES = {"disk overlay": "warm_disk_s", "qemu start": "warm_qemu_s", "restore": "warm_restore_s",
-               "ssh connect": "warm_ssh_s", "nvdimms ready": "warm_nvdimm_s"}
+               "host key": "warm_hostkey_s", "ssh connect": "warm_ssh_s", "nvdimms ready": "warm_nvdimm_s"}
 
 
 def _stamp(dmesg: str, text: str) -> float | None:
