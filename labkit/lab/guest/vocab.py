@@ -18,6 +18,7 @@ MECHANISMS = ("rdma", "rdma-odp", "v4l2", "odirect", "io_uring")
 MAPPINGS = ("shared", "private")
 MR_KINDS = ("odp", "pinned")            # an RDMA memory region: on demand (ODP) or pinned
 RDMA_OPS = ("write", "read")            # the RDMA operation posted through an MR
+SHRINK_OPS = ("truncate", "punch")      # what frees a file's blocks: truncate, or a hole punch (fallocate)
 NS_MODES = ("fsdax", "devdax", "raw", "sector")
 
 # The namespace role of each kind of persistent memory (``Lab.prepare_pmem``):
