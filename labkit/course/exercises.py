@@ -39,6 +39,7 @@ from labkit.course.answers import (
     probed_function,
 )
 from labkit.course.buffer_exercise import check_buffer, run_learner_buffer
+from labkit.course.fence_exercise import check_fence_probe, run_fence_probe
 from labkit.course.probe_exercise import (
     check_probe,
     run_learner_probe,
@@ -141,6 +142,16 @@ class Live:
         allowed registration (see :func:`judge_probe`)."""
         self.ready()
         return self._once(f"probe:{definition}", lambda: run_learner_probe(self.lab, definition))
+
+    def fence_probe(self, definition: str):
+        """A learner's kretprobe around the second fence, on a 7.3 guest
+        (see :mod:`labkit.course.fence_exercise`)."""
+        return self._once(f"fence:{definition}", lambda: run_fence_probe(self.lab, definition))
+
+    def shrink(self, fs: str, op: str):
+        """Truncate or hole punch of a mapped fs-dax file while a page is referenced."""
+        self.ready()
+        return self._once(f"shrink:{fs}:{op}", lambda: self.lab.truncate_wait(fs, op=op))
 
     def learner_buffer(self, source: str):
         """Run a learner's ``buffer(path, size)`` in the guest and register
@@ -373,6 +384,29 @@ def _hints(*h: str) -> tuple[str, ...]:
     return h
 
 
+# -- notebook 06: the hole punch; notebook 08: the taint ------------------------------
+
+def check_punch_ext4(answer: Any, live: Live) -> Result:
+    """A function on the hole-punching process's stack that breaks the layouts or
+    waits for the page, on ext4 (the notebook's cell shows XFS only)."""
+    tw = live.shrink("ext4", "punch")
+    name = _name(answer)
+    frames = [w.split("+")[0].lower() for w in tw.where]
+    waits = "layout" in name or ("wait" in name and "dax" in name)
+    return tw.blocked and bool(name) and name in frames and waits, ""
+
+
+def check_taint_bits(answer: Any, live: Live) -> Result:
+    """The bits of /proc/sys/kernel/tainted that loading the unsigned, out-of-tree
+    module sets: the kernel ABI's O and E (Documentation/admin-guide/tainted-kernels.rst)."""
+    from labkit.lab.counterfactual import TAINT_FLAGS
+    if not isinstance(answer, (list, tuple, set)) or not all(isinstance(b, int) and not isinstance(b, bool)
+                                                              for b in answer):
+        return False, "give a list of bit numbers, e.g. [3, 5]"
+    want = {bit for bit, (letter, _) in TAINT_FLAGS.items() if letter in ("O", "E")}
+    return set(answer) == want, ""
+
+
 def check_counterfactual_target(answer: Any, live: Live) -> Result:
     name = _text(answer).removesuffix("()") if isinstance(answer, str) else ""
     return name == "check_vma_flags", ""
@@ -465,6 +499,10 @@ EXERCISES: tuple[Exercise, ...] = (
                           "the measurement above held the page with a pipe: vmsplice(w, m, length) into os.pipe()",
                           "a pipe drops its page references when it is read empty or closed; return a function "
                           "that does that")),
+    Exercise("ex6.6", "06", 2, "where a hole punch waits (ext4)", check_punch_ext4, difficulty="stretch",
+             hints=_hints("the cell above measured XFS; measure the other filesystem yourself",
+                          "lab.truncate_wait(fs, op=...) returns where the process slept",
+                          "the frame that breaks the layouts or waits for the DAX page, not the system call")),
     Exercise("ex7.1", "07", 2, "a DAX mount of your own", check_capstone_mount, difficulty="stretch",
              hints=_hints("lab.mount(fs, device, mountpoint, options=...)", "a new mount point, with DAX on")),
     Exercise("ex7.2", "07", 1, "persistent memory that may be pinned long-term", check_pmem_longterm_kind,
@@ -479,6 +517,16 @@ EXERCISES: tuple[Exercise, ...] = (
              hints=_hints("measure it: lab.pin('odirect', ...)",)),
     Exercise("ex8.1", "08", 1, "the function whose answer module 1 changes", check_counterfactual_target,
              guest=False, hints=_hints("the module's kretprobe names it", "the function that refuses in notebook 3")),
+    Exercise("ex8.2", "08", 3, "a kretprobe that shows the second fence (7.3)", check_fence_probe, kind="code",
+             difficulty="stretch",
+             hints=_hints("the table of the fence trace says which function answers something other than a "
+                          "page count, each round",
+                          "a return probe is  r FUNCTION $retval:s32; probe the step after the pages are pinned",
+                          "which step decides that fs-dax folios must move, and what does it answer when it "
+                          "cannot move them?")),
+    Exercise("ex8.3", "08", 1, "the taint bits module 1 sets", check_taint_bits, guest=False,
+             hints=_hints("the value printed after the load is a sum of powers of two",
+                          "bit n is 2**n; Documentation/admin-guide/tainted-kernels.rst lists the letters")),
     Exercise("ex9.0", "09", 1, "prediction: does truncate wait under an ODP MR", check_prediction,
              kind="prediction", guest=False),
     Exercise("ex9.1", "09", 1, "an ODP registration of anonymous memory, on this guest", check_odp_anon,
@@ -505,7 +553,7 @@ def for_notebook(number: str) -> list[Exercise]:
 
 # The companion VMs (kinds of labkit.lab.companion) a notebook's cells attach to or
 # start next to its lab VM; the summative grader starts them outside its sandbox.
-COMPANIONS: dict[str, tuple[str, ...]] = {"06": ("matrix",), "09": ("odp",)}
+COMPANIONS: dict[str, tuple[str, ...]] = {"06": ("matrix",), "08": ("fences",), "09": ("odp",)}
 
 
 def companions_for(number: str) -> tuple[str, ...]:

@@ -37,6 +37,7 @@ FENCE_FUNCTIONS: tuple[str, ...] = (
     "folio_isolate_lru:u8", "migrate_longterm_unpinnable_folios:s32",
 )
 MAX_SECONDS = 30.0
+FENCE_KERNEL = "7.3"            # the lab's kernel with e5cb23256347
 
 
 def _name(spec: str) -> str:
@@ -146,4 +147,35 @@ def fence_trace(lab: Any, fs: str = "xfs", seconds: float = 3.0) -> FenceTrace:
     return FenceTrace.from_guest(data, o, fs, loaded(lab))
 
 
-__all__ = ["FENCE_FUNCTIONS", "FenceTrace", "errno_text", "fence_trace"]
+def fence_lab(lab: Any) -> tuple[Any, bool]:
+    """A Lab on a guest with the second fence (7.3): ``lab`` itself when it runs 7.3, else
+    its "fences" companion (``labkit.lab.companion``), attached or started, DAX mounts and
+    soft-RoCE ready. Returns ``(lab, is_companion)``."""
+    from labkit.lab.companion import companion
+    from labkit.lab.counterfactual.experiments import prepare
+    from labkit.lab.lab import Lab
+    from labkit.machine import vm as machine
+
+    kernel = lab.vm.describe()["kernel"]
+    if kernel == FENCE_KERNEL:
+        return lab, False
+    peer = companion("fences", lab.vm.name, kernel, FENCE_KERNEL)
+    other = Lab(machine.connect(name=peer.name, kernel=peer.kernel))
+    prepare(other)
+    return other, True
+
+
+def fences_on_7_3(lab: Any, seconds: float = 3.0) -> tuple[FenceTrace, FenceTrace, Any]:
+    """The fence trace on a 7.3 guest (``fence_lab``), without and then with module 1;
+    the guest is reset afterwards, so it leaves no taint behind. Returns
+    ``(real, switched, vm)``; the caller stops ``vm`` when it is a companion."""
+    from labkit.lab.counterfactual.switch import counterfactual
+    other, _ = fence_lab(lab)
+    real = fence_trace(other, seconds=seconds)
+    with counterfactual(other, "no-longterm-check"):
+        switched = fence_trace(other, seconds=seconds)
+    other.vm.reset()
+    return real, switched, other.vm
+
+
+__all__ = ["FENCE_FUNCTIONS", "FENCE_KERNEL", "FenceTrace", "errno_text", "fence_lab", "fence_trace", "fences_on_7_3"]

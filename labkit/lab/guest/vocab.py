@@ -28,9 +28,10 @@ PMEM_ROLES = {"fsdax-xfs": "fsdax", "fsdax-ext4": "fsdax", "devdax": "devdax"}
 MOUNT_ROOT = "/mnt"
 
 # A few pin attempts that tell the story (long-term vs transient, fs-dax vs
-# device-dax) for comparing kernels quickly; ``Lab.matrix(cases=SHORT_CASES)``.
+# device-dax, and the page cache, where v6.5 added a rule of its own) for
+# comparing kernels quickly; ``Lab.matrix(cases=SHORT_CASES)``.
 SHORT_CASES = [(mech, mem, "shared") for mech in ("rdma", "v4l2", "io_uring", "odirect")
-               for mem in ("anon", "fsdax-xfs", "devdax")]
+               for mem in ("anon", "pagecache", "fsdax-xfs", "devdax")]
 
 # Every case ``Lab.matrix()`` measures by default: all shared mappings, and
 # private ones where they teach something (RDMA on anon and fs-dax).
