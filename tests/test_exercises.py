@@ -11,6 +11,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import buffer_fake
+import hold_fake
 import pytest
 
 from labkit.course.answers import errno_number
@@ -21,9 +23,6 @@ from labkit.course.probe_exercise import parse_probe, probe_values
 from labkit.course.source import KernelSource
 from labkit.lab import MountResult, Namespace, PinResult, TruncateWait
 from labkit.lab.results import MountInfo
-
-import buffer_fake
-import hold_fake
 
 RELEASE = "6.1.0-56-amd64"
 TRACE = "python3-123 [000] d.... 1.0: labkit_cvf: (__get_user_pages+0x1a/0x500 <- check_vma_flags) ret=-95"
