@@ -79,6 +79,24 @@ def test_the_second_fence_sends_gup_round_until_killed(guest73):
     assert not held.register_completed and not held.registered and "did not return" in held.verdict(), held
 
 
+def test_ex8_2_second_fence_probe_judged_live(guest73):
+    """Exercise 8.2's judge on the live 7.3 kernel (without the reset it does after grading):
+    the reference probe catches the loop's answer, a probe on check_vma_flags does not."""
+    from labkit.course.exercises import BY_ID, Live
+    from labkit.course.fence_exercise import _measure
+    from labkit.lab import Lab
+    vm, _ = guest73
+    lab = Lab(vm)
+    ex = BY_ID["ex8.2"]
+
+    def judged(answer):
+        return ex.check(answer, Live(lab, fence_runner=_measure))
+
+    assert judged("r migrate_longterm_unpinnable_folios $retval:s32") == (True, "")
+    assert not judged("r check_vma_flags $retval:s32")[0]
+    assert not judged("")[0]
+
+
 def check_one_kernels_matrix(kernel: str, m: dict) -> None:
     """One kernel's full matrix, as `labkit matrix --json` measures it on a fresh guest
     (this used to be a `labkit matrix --kernel K` run per kernel in tests/test_lab.py)."""

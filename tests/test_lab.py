@@ -253,3 +253,14 @@ def test_a_second_mount_of_the_device_does_not_hide_the_mount_warning(lab):
         assert info.is_mountpoint and info.fs == "xfs" and info.dax_active, info
     finally:
         lab.umount("/mnt/second")
+
+
+def test_ex6_6_hole_punch_judged_live(lab):
+    """Exercise 6.6 on the live guest: the frame the learner measured passes, a blank and
+    the system call's own frame do not."""
+    from labkit.course.exercises import BY_ID, Live
+    pe = lab.truncate_wait("ext4", hold=1.5, op="punch")
+    answer = next(f for f in pe.where if "layout" in f or "wait_dax" in f)
+    ex = BY_ID["ex6.6"]
+    assert ex.check(answer, Live(lab)) == (True, ""), pe.where
+    assert not ex.check("", Live(lab))[0] and not ex.check("ext4_fallocate", Live(lab))[0]
