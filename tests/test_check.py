@@ -14,14 +14,13 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from course_solutions import SOLUTIONS, fill
 
 from labkit.course import grading
 from labkit.course.exercises import EXERCISES, Live, check_history, check_release
 from labkit.lab import Lab
 from labkit.machine.channels.qmp import QMPChannel
 from labkit.machine.vm import VM
-
-from course_solutions import SOLUTIONS, fill
 
 ROOT = Path(__file__).parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]-*.ipynb"))
@@ -124,6 +123,7 @@ def test_help_documents_exit_codes_and_reading_rule():
 @pytest.fixture(scope="module")
 def check_vm():
     from conftest import require_image
+
     from labkit import image
     for k in image.KERNELS:
         require_image(k)
