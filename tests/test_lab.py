@@ -261,6 +261,6 @@ def test_ex6_6_hole_punch_judged_live(lab):
     from labkit.course.exercises import BY_ID, Live
     pe = lab.truncate_wait("ext4", hold=1.5, op="punch")
     answer = next(f for f in pe.where if "layout" in f or "wait_dax" in f)
-    ex = BY_ID["ex6.6"]
-    assert ex.check(answer, Live(lab)) == (True, ""), pe.where
-    assert not ex.check("", Live(lab))[0] and not ex.check("ext4_fallocate", Live(lab))[0]
+    ex, live = BY_ID["ex6.6"], Live(lab)
+    assert ex.check(answer, live) == (True, ""), pe.where
+    assert not ex.check("", live)[0] and not ex.check("ext4_fallocate", live)[0]

@@ -390,11 +390,13 @@ def _hints(*h: str) -> tuple[str, ...]:
 def check_punch_ext4(answer: Any, live: Live) -> Result:
     """A function on the hole-punching process's stack that breaks the layouts or
     waits for the page, on ext4 (the notebook's cell shows XFS only)."""
-    tw = live.shrink("ext4", "punch")
     name = _name(answer)
+    if not name:
+        return False, "give a function name"
+    tw = live.shrink("ext4", "punch")
     frames = [w.split("+")[0].lower() for w in tw.where]
     waits = "layout" in name or ("wait" in name and "dax" in name)
-    return tw.blocked and bool(name) and name in frames and waits, ""
+    return tw.blocked and name in frames and waits, ""
 
 
 def check_taint_bits(answer: Any, live: Live) -> Result:
