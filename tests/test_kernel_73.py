@@ -85,8 +85,10 @@ def test_ex8_2_second_fence_probe_judged_live(guest73):
     from labkit.course.exercises import BY_ID, Live
     from labkit.course.fence_exercise import _measure
     from labkit.lab import Lab
+    from labkit.lab import counterfactual as cf
     vm, _ = guest73
     lab = Lab(vm)
+    cf.prepare(lab)
     ex = BY_ID["ex8.2"]
 
     def judged(answer):

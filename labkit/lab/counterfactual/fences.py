@@ -158,6 +158,7 @@ def fence_lab(lab: Any) -> tuple[Any, bool]:
 
     kernel = lab.vm.describe()["kernel"]
     if kernel == FENCE_KERNEL:
+        prepare(lab)
         return lab, False
     peer = companion("fences", lab.vm.name, kernel, FENCE_KERNEL)
     other = Lab(machine.connect(name=peer.name, kernel=peer.kernel))
