@@ -16,10 +16,11 @@ loop's answer is read from the live kernel."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from labkit.course.probe_exercise import INSTALL, PROBE_GROUP, REMOVE, TRACING, parse_probe, probe_values
+from labkit.course.probe_exercise import INSTALL, PROBE_GROUP, REMOVE, TRACING, parse_probe
 
 if TYPE_CHECKING:
     from labkit.course.exercises import Live
@@ -38,12 +39,29 @@ class FenceProbeRun:
     anon_values: list[int] = field(default_factory=list)     # ... and during an anonymous registration
 
 
-def _clear_trace(lab: Any) -> None:
-    lab.vm.run(["sh", "-c", f": > {TRACING}/trace"], timeout=30)
+# The learner's event counts its first fetched value in a hist trigger, not in the trace buffer:
+# removing the fence trace's own probes resets the trace buffer, a hist map survives it.
+# $1: the group; $2: "on" (a fresh, empty count) or "off".
+HIST = ('t="/sys/kernel/tracing/events/$1/ex_probe/trigger"; echo "!hist:keys=v0" >> "$t" 2>/dev/null; '
+        'if [ "$2" = on ]; then echo "hist:keys=v0" >> "$t"; fi')
+_HIST_ROW = re.compile(r"\{\s*v0:\s*(-?\d+)\s*\}\s*hitcount:\s*(\d+)")
 
 
-def _trace_values(lab: Any) -> list[int]:
-    return probe_values(lab.vm.run(["cat", f"{TRACING}/trace"], timeout=30).stdout)
+def _signed(value: int) -> int:
+    for bits in (32, 64):
+        if 2 ** (bits - 1) <= value < 2 ** bits:
+            return value - 2 ** bits
+    return value
+
+
+def _hist(lab: Any, on: bool) -> None:
+    lab.vm.run(["sh", "-c", HIST, "hist", PROBE_GROUP, "on" if on else "off"], timeout=30)
+
+
+def _hist_values(lab: Any, limit: int = 64) -> list[int]:
+    """The values the learner's probe counted (each repeated up to ``limit`` times)."""
+    text = lab.vm.run(["cat", f"{TRACING}/events/{PROBE_GROUP}/ex_probe/hist"], timeout=30).stdout
+    return [_signed(int(v)) for v, n in _HIST_ROW.findall(text) for _ in range(min(int(n), limit))]
 
 
 def _measure(lab73: Any, definition: str) -> FenceProbeRun:
@@ -54,14 +72,15 @@ def _measure(lab73: Any, definition: str) -> FenceProbeRun:
     if lab73.vm.run(["sh", "-c", INSTALL, "install", event, PROBE_GROUP], timeout=30).rc != 0:
         return FenceProbeRun(False, "the kernel did not accept that probe (is the function probe-able?)")
     try:
-        _clear_trace(lab73)
+        _hist(lab73, True)
         with counterfactual(lab73, "no-longterm-check"):
             ft = fence_trace(lab73, seconds=2.0)
-        fsdax = _trace_values(lab73)
-        _clear_trace(lab73)
+        fsdax = _hist_values(lab73)
+        _hist(lab73, True)
         lab73.pin("rdma", "anon")
-        anon = _trace_values(lab73)
+        anon = _hist_values(lab73)
     finally:
+        _hist(lab73, False)
         lab73.vm.run(["sh", "-c", REMOVE, "remove", PROBE_GROUP], timeout=30)
     answers = {v for v in ft.counts.get(LOOP_FUNCTION, {}) if v < 0}
     return FenceProbeRun(True, "", not ft.completed and ft.second_fence, answers, fsdax, anon)
