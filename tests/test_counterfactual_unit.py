@@ -167,3 +167,43 @@ def test_guest_parser_errors_are_json(capsys):
     with pytest.raises(SystemExit) as ei:
         guest.build_parser().parse_args(["hold-truncate"])
     assert ei.value.code == 2 and '"error"' in capsys.readouterr().out
+
+
+def fence_answer(**kw):
+    """What the guest's fence-trace reported on 7.3 with module 1 (3 s, KVM), as the hist triggers count it."""
+    d = {"kernel": "7.3.4+deb13-amd64", "size": 2 * 2**20, "deadline": 3.0, "completed": False,
+         "registered": False, "errno": None, "errname": None, "seconds": 3.0, "not_probed": [], "overrides": 923,
+         "counts": {"__gup_longterm_locked": {"-4": 1}, "__get_user_pages": {"512": 922, "-4": 1},
+                    "check_vma_flags": {"0": 923}, "collect_longterm_unpinnable_folios": {"512": 922},
+                    "folio_isolate_lru": {"0": 472064}, "migrate_longterm_unpinnable_folios": {"-11": 922}}}
+    d.update(kw)
+    return d
+
+
+def test_fence_trace_tells_two_fences_from_one():
+    g = UploadingGuest(helper_answers=[
+        fence_answer(),
+        fence_answer(completed=True, registered=True, seconds=0.6, counts={
+            "__gup_longterm_locked": {"512": 1}, "check_vma_flags": {"0": 1}}, not_probed=[
+            "collect_longterm_unpinnable_folios", "migrate_longterm_unpinnable_folios"]),
+        fence_answer(completed=True, errno=95, errname="EOPNOTSUPP", seconds=0.9,
+                     counts={"check_vma_flags": {"-95": 1}, "__gup_longterm_locked": {"-95": 1}})])
+    looped = cf.fence_trace(g)
+    assert looped.second_fence and looped.retries == 922 and looped.pages == 512
+    assert looped.verdict().startswith("two fences") and "-EAGAIN (-11) 922 times" in looped.verdict()
+    assert "folio_isolate_lru" in looped.table() and "472064" in looped.table()
+    one = cf.fence_trace(g)
+    assert not one.second_fence and "one fence" in one.verdict() and "(not probe-able here)" in one.table()
+    refused = cf.fence_trace(g)
+    assert refused.verdict() == ("ibv_reg_mr refused: EOPNOTSUPP (95) in 0.90 s; "
+                                 "refused by check_vma_flags() -EOPNOTSUPP (-95)")
+    with pytest.raises(ConfigError):
+        cf.fence_trace(g, seconds=0)
+
+
+def test_a_registration_that_never_returns_is_reported_not_waited_for():
+    g = UploadingGuest(helper_answers=[hold_answer(registered=False, register_completed=False, hold=None,
+                                                   register_seconds=15.0, overrides=39135, truncate_seconds=None,
+                                                   deregistered_at=None)])
+    r = cf.hold_and_truncate(g, 1.0)
+    assert not r.register_completed and "did not return within 15.0 s" in r.verdict() and "39135" in r.verdict()

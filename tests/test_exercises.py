@@ -17,6 +17,7 @@ import pytest
 
 from labkit.course.answers import errno_number
 from labkit.course.exercises import BY_ID, EXERCISE_KINDS, EXERCISES, Live, points_by_kind
+from labkit.course.fence_exercise import FenceProbeRun
 from labkit.course.judge import check_answer
 from labkit.course.probe_exercise import parse_probe, probe_values
 from labkit.course.source import KernelSource
@@ -77,6 +78,8 @@ def revoke(memory, kind, op):
                         done, done, None)
 STACK = ["xfs_break_dax_layouts+0x80/0x120", "xfs_break_layouts+0x50/0x90", "xfs_vn_setattr+0x60/0x100"]
 EXT4_STACK = ["ext4_break_layouts+0x90/0x120", "ext4_setattr+0x2a0/0x9a0", "notify_change+0x1f0/0x4a0"]
+EXT4_PUNCH_STACK = ["ext4_break_layouts+0x90/0x120", "ext4_punch_hole+0x1a0/0x4a0", "ext4_fallocate+0x2a/0x60",
+                    "vfs_fallocate+0x13a/0x340"]
 
 
 @dataclass
@@ -168,7 +171,10 @@ class FakeLab(buffer_fake.FakeHelperHost):
                           if symbol not in ("do_nothing",) else "")
         return PINS[(mech, mem)]
 
-    def truncate_wait(self, fs, hold=3.0):
+    def truncate_wait(self, fs, hold=3.0, op="truncate", **_):
+        if op == "punch":
+            return TruncateWait(fs, True, round(hold + 0.1, 1), EXT4_PUNCH_STACK if fs == "ext4" else STACK, True,
+                                op="punch")
         return TruncateWait(fs, True, round(hold + 0.1, 1), STACK if fs == "xfs" else EXT4_STACK, True)
 
     def odp_revoke(self, memory, kind="odp", op="write"):
@@ -202,8 +208,25 @@ def _fake_source(lab):
     return KernelSource(root, RELEASE)
 
 
+# What each function returns on 7.3 while GUP goes round (module 1 loaded), and during an anonymous
+# registration, as the kernel's own counters (labkit.lab.counterfactual.fences) measured it.
+LOOP_RETURNS = {"migrate_longterm_unpinnable_folios": -11, "check_vma_flags": 0, "__get_user_pages": 512,
+                "collect_longterm_unpinnable_folios": 512, "__gup_longterm_locked": -4}
+ANON_RETURNS = {"check_vma_flags": 0, "__get_user_pages": 512, "__gup_longterm_locked": 512}
+
+
+def _fake_fence(lab, definition):
+    """Like fence_exercise.run_fence_probe on a 7.3 guest: the learner's probe sees what its function returns."""
+    parsed = parse_probe(definition)
+    if parsed is None or parsed[0] == "nonexistent_fn":
+        return FenceProbeRun(False, "the kernel did not accept that probe (is the function probe-able?)")
+    fn = parsed[0]
+    looped = [LOOP_RETURNS[fn]] * 40 if fn in LOOP_RETURNS else []
+    return FenceProbeRun(True, "", True, {-11}, looped, [ANON_RETURNS[fn]] if fn in ANON_RETURNS else [])
+
+
 def live():
-    return Live(FakeLab(), source_loader=_fake_source)
+    return Live(FakeLab(), source_loader=_fake_source, fence_runner=_fake_fence)
 
 
 # exercise id -> (answers that must pass, answers that must fail)
@@ -252,6 +275,13 @@ CASES = {
     "ex7.6": ([True], ["", "True", 1, False]),
     "ex8.1": (["check_vma_flags", "check_vma_flags()", " Check_VMA_Flags "],
               ["", "vma_flags", "check_vma", "dax_layout_busy_page", "get_user_pages_longterm", 0, ["check_vma_flags"]]),
+    "ex6.6": (["ext4_break_layouts", "EXT4_BREAK_LAYOUTS", "ext4_break_layouts()"],
+              ["", "ext4_punch_hole", "ext4_fallocate", "vfs_fallocate", "xfs_break_dax_layouts", "break", "layouts"]),
+    "ex8.2": (["r migrate_longterm_unpinnable_folios $retval:s32", "r:g/e migrate_longterm_unpinnable_folios $retval"],
+              ["", "r check_vma_flags $retval:s32", "r __get_user_pages $retval:s64", "r nonexistent_fn $retval",
+               "r __gup_longterm_locked $retval:s32", "p migrate_longterm_unpinnable_folios",
+               "r collect_longterm_unpinnable_folios $retval", "migrate_longterm_unpinnable_folios"]),
+    "ex8.3": ([[12, 13], (13, 12), {12, 13}], ["", [12], [13], [12, 13, 0], "12 13", 12288, ["O", "E"], [True]]),
     "ex9.1": (["IBV_WC_SUCCESS", "SUCCESS", "ibv_wc_success"],
               ["", "ok", "IBV_WC_REM_ACCESS_ERR", "EOPNOTSUPP", 95, True, "no completion"]),
     "ex9.2": ([True], ["", "True", 1, False, None]),

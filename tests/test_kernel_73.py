@@ -54,6 +54,51 @@ def test_rxe_and_vivid_load(guest73):
     assert "netdev eth0" in r.stdout and "ACTIVE" in r.stdout and "/dev/video" in r.stdout
 
 
+def test_the_second_fence_sends_gup_round_until_killed(guest73):
+    """With module 1 loaded, 7.3 lets the fs-dax pin past check_vma_flags() and then finds the
+    folios not long-term pinnable (e5cb23256347): migration answers -EAGAIN every round and the
+    registration never returns; the lab reports that, bounded, instead of hanging. Last in the
+    file's guest73 tests: it taints that guest."""
+    import errno
+
+    from labkit.lab import Lab
+    from labkit.lab import counterfactual as cf
+    vm, _ = guest73
+    lab = Lab(vm)
+    cf.prepare(lab)
+    real = cf.fence_trace(lab, seconds=2.0)
+    assert real.completed and not real.registered and real.returned("check_vma_flags", -errno.EOPNOTSUPP), real
+    with cf.counterfactual(lab, "no-longterm-check"):
+        ft = cf.fence_trace(lab, seconds=2.0)
+        held = cf.hold_and_truncate(lab, 1.0)
+    assert not ft.completed and ft.second_fence, ft.table()
+    rounds = ft.retries
+    assert rounds >= 2 and ft.returned("check_vma_flags", 0) >= rounds, ft.table()
+    assert ft.returned("collect_longterm_unpinnable_folios", ft.pages) == rounds, ft.table()
+    assert "two fences" in ft.verdict()
+    assert not held.register_completed and not held.registered and "did not return" in held.verdict(), held
+
+
+def test_ex8_2_second_fence_probe_judged_live(guest73):
+    """Exercise 8.2's judge on the live 7.3 kernel (without the reset it does after grading):
+    the reference probe catches the loop's answer, a probe on check_vma_flags does not."""
+    from labkit.course.exercises import BY_ID, Live
+    from labkit.course.fence_exercise import _measure
+    from labkit.lab import Lab
+    from labkit.lab import counterfactual as cf
+    vm, _ = guest73
+    lab = Lab(vm)
+    cf.prepare(lab)
+    ex = BY_ID["ex8.2"]
+
+    def judged(answer):
+        return ex.check(answer, Live(lab, fence_runner=_measure))
+
+    assert judged("r migrate_longterm_unpinnable_folios $retval:s32") == (True, "")
+    assert not judged("r check_vma_flags $retval:s32")[0]
+    assert not judged("")[0]
+
+
 def check_one_kernels_matrix(kernel: str, m: dict) -> None:
     """One kernel's full matrix, as `labkit matrix --json` measures it on a fresh guest
     (this used to be a `labkit matrix --kernel K` run per kernel in tests/test_lab.py)."""

@@ -217,3 +217,50 @@ def test_a_written_private_mapping_of_an_fsdax_file_is_pinned_by_gup_fast(lab):
         assert not any("check_vma_flags" in t for t in r.trace), r.trace
         shared = lab.pin("rdma", mem, "shared")
         assert not shared.ok and shared.errname == "EOPNOTSUPP", shared
+
+
+def test_the_slow_path_refuses_the_same_private_mapping_untouched(lab):
+    """vma_is_fsdax() does not ask whether the VMA is shared: a MAP_PRIVATE mapping
+    of the fs-dax file whose pages nobody wrote goes to GUP's slow path, and
+    check_vma_flags() refuses it with the shared mapping's errno (notebook 03)."""
+    shared = lab.pin("rdma", "fsdax-xfs", "shared")
+    r = lab.pin_untouched("fsdax-xfs", "private")
+    assert not r.ok and r.errno == shared.errno, r
+    assert any("check_vma_flags" in t and f"ret=-{shared.errno}" in t for t in r.trace), r.trace
+
+
+@pytest.mark.parametrize("fs", ["xfs", "ext4"])
+def test_a_hole_punch_waits_in_the_break_layouts_step_like_truncate(lab, fs):
+    """fallocate(PUNCH_HOLE) of a mapped fs-dax file with a referenced page sleeps until
+    the reference goes, in the filesystem's break-layouts step, entered from fallocate."""
+    pw = lab.truncate_wait(fs, hold=1.5, op="punch")
+    assert pw.op == "punch" and pw.blocked and pw.completed, pw
+    assert any("fallocate" in f for f in pw.where), pw.where
+    assert any("layout" in f or "wait_dax" in f for f in pw.where), pw.where
+    assert not any("truncate" in f for f in pw.where), pw.where
+
+
+def test_a_second_mount_of_the_device_does_not_hide_the_mount_warning(lab):
+    """A capstone's second mount of the XFS device keeps its superblock alive, so a new
+    mount would print nothing: prepare_mounts takes it down and puts it back (ex2.1)."""
+    before = {m.fs: m for m in lab.prepare_mounts()}
+    dev = before["xfs"].device
+    assert lab.mount("xfs", dev, "/mnt/second", options="dax").ok
+    try:
+        again = {m.fs: m for m in lab.prepare_mounts()}
+        assert again["xfs"].experimental_warning is before["xfs"].experimental_warning is is_61(lab)
+        info = lab.mount_info("/mnt/second")
+        assert info.is_mountpoint and info.fs == "xfs" and info.dax_active, info
+    finally:
+        lab.umount("/mnt/second")
+
+
+def test_ex6_6_hole_punch_judged_live(lab):
+    """Exercise 6.6 on the live guest: the frame the learner measured passes, a blank and
+    the system call's own frame do not."""
+    from labkit.course.exercises import BY_ID, Live
+    pe = lab.truncate_wait("ext4", hold=1.5, op="punch")
+    answer = next(f for f in pe.where if "layout" in f or "wait_dax" in f)
+    ex, live = BY_ID["ex6.6"], Live(lab)
+    assert ex.check(answer, live) == (True, ""), pe.where
+    assert not ex.check("", live)[0] and not ex.check("ext4_fallocate", live)[0]

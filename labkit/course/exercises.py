@@ -52,6 +52,7 @@ from labkit.course.answers import (
     probed_function,
 )
 from labkit.course.buffer_exercise import check_buffer, run_learner_buffer
+from labkit.course.fence_exercise import check_fence_probe, run_fence_probe
 from labkit.course.predictions import (
     FORM_FILESYSTEMS,
     FORM_ODP,
@@ -120,6 +121,7 @@ class Live:
     wanted: set[tuple[str, str]] = field(default_factory=set)
     _cache: dict[str, Any] = field(default_factory=dict)
     source_loader: Callable[[Any], Any] = field(default=None)  # type: ignore[assignment]
+    fence_runner: Callable[[Any, str], Any] = field(default=run_fence_probe)    # the seam for ex8.2's unit tests
 
     def __post_init__(self) -> None:
         if self.source_loader is None:
@@ -180,6 +182,16 @@ class Live:
         allowed registration (see :func:`judge_probe`)."""
         self.ready()
         return self._once(f"probe:{definition}", lambda: run_learner_probe(self.lab, definition))
+
+    def fence_probe(self, definition: str):
+        """A learner's kretprobe around the second fence, on a 7.3 guest
+        (see :mod:`labkit.course.fence_exercise`)."""
+        return self._once(f"fence:{definition}", lambda: self.fence_runner(self.lab, definition))
+
+    def shrink(self, fs: str, op: str):
+        """Truncate or hole punch of a mapped fs-dax file while a page is referenced."""
+        self.ready()
+        return self._once(f"shrink:{fs}:{op}", lambda: self.lab.truncate_wait(fs, op=op))
 
     def learner_buffer(self, source: str):
         """Run a learner's ``buffer(path, size)`` in the guest and register
@@ -448,6 +460,31 @@ def _hints(*h: str) -> tuple[str, ...]:
     return h
 
 
+# -- notebook 06: the hole punch; notebook 08: the taint ------------------------------
+
+def check_punch_ext4(answer: Any, live: Live) -> Result:
+    """A function on the hole-punching process's stack that breaks the layouts or
+    waits for the page, on ext4 (the notebook's cell shows XFS only)."""
+    name = _name(answer)
+    if not name:
+        return False, "give a function name"
+    tw = live.shrink("ext4", "punch")
+    frames = [w.split("+")[0].lower() for w in tw.where]
+    waits = "layout" in name or ("wait" in name and "dax" in name)
+    return tw.blocked and name in frames and waits, ""
+
+
+def check_taint_bits(answer: Any, live: Live) -> Result:
+    """The bits of /proc/sys/kernel/tainted that loading the unsigned, out-of-tree
+    module sets: the kernel ABI's O and E (Documentation/admin-guide/tainted-kernels.rst)."""
+    from labkit.lab.counterfactual import TAINT_FLAGS
+    if not isinstance(answer, (list, tuple, set)) or not all(isinstance(b, int) and not isinstance(b, bool)
+                                                              for b in answer):
+        return False, "give a list of bit numbers, e.g. [3, 5]"
+    want = {bit for bit, (letter, _) in TAINT_FLAGS.items() if letter in ("O", "E")}
+    return set(answer) == want, ""
+
+
 def check_counterfactual_target(answer: Any, live: Live) -> Result:
     name = _text(answer).removesuffix("()") if isinstance(answer, str) else ""
     return name == "check_vma_flags", ""
@@ -540,7 +577,7 @@ EXERCISES: tuple[Exercise, ...] = (
                                             for k in ("anon", "fsdax-xfs", "devdax")), "odirect anon")),
              kind="prediction", guest=False, judged_by=DONE),
     Exercise("ex5.1", "05", 2, "four mechanisms on a private fs-dax mapping", check_private_fsdax, judged_by=LIVE,
-             shown_by=tuple((m, "private") for m in CLASSIFIED),
+             shown_by=tuple((m, "fsdax-xfs", "private") for m in CLASSIFIED),
              hints=_hints("does the kernel decide by the kind of mapping or by the kind of pin? Measure with "
                           "mapping=\"private\"", "all four keys: rdma, v4l2, odirect, io_uring; \"ok\" or an errno")),
     Exercise("ex5.2", "05", 1, "does O_DIRECT into fs-dax ext4 use FOLL_PIN", check_odirect_ext4_follpin,
@@ -570,6 +607,11 @@ EXERCISES: tuple[Exercise, ...] = (
                           "Which of the helpers your code is given takes the same kind of reference?",
                           "what holds the references must be able to let them go on request: the function you "
                           "return undoes what hold took")),
+    Exercise("ex6.6", "06", 2, "where a hole punch waits (ext4)", check_punch_ext4, difficulty="stretch",
+             judged_by=LIVE, shown_by=(("truncate_wait", "ext4", "punch"),),
+             hints=_hints("the cell above measured XFS; measure the other filesystem yourself",
+                          "lab.truncate_wait(fs, op=...) returns where the process slept",
+                          "the frame that breaks the layouts or waits for the DAX page, not the system call")),
     Exercise("ex7.1", "07", 2, "a DAX mount of your own", check_capstone_mount, difficulty="stretch", judged_by=LIVE,
              hints=_hints("lab.mount(fs, device, mountpoint, options=...)", "a new mount point, with DAX on")),
     Exercise("ex7.2", "07", 1, "io_uring on a private fs-dax ext4 mapping", check_iouring_ext4_private,
@@ -590,6 +632,16 @@ EXERCISES: tuple[Exercise, ...] = (
     Exercise("ex8.1", "08", 1, "the function whose answer module 1 changes", check_counterfactual_target,
              guest=False, judged_by=COPY,
              hints=_hints("the module's kretprobe names it", "the function that refuses in notebook 3")),
+    Exercise("ex8.2", "08", 3, "a kretprobe that shows the second fence (7.3)", check_fence_probe, kind="code",
+             difficulty="stretch", judged_by=LIVE,
+             hints=_hints("the table of the fence trace says which function answers something other than a "
+                          "page count, each round",
+                          "a return probe is  r FUNCTION $retval:s32; probe the step after the pages are pinned",
+                          "which step decides that fs-dax folios must move, and what does it answer when it "
+                          "cannot move them?")),
+    Exercise("ex8.3", "08", 1, "the taint bits module 1 sets", check_taint_bits, guest=False, judged_by=COPY,
+             hints=_hints("the value printed after the load is a sum of powers of two",
+                          "bit n is 2**n; Documentation/admin-guide/tainted-kernels.rst lists the letters")),
     Exercise("ex9.0", "09", 1, "prediction: does truncate wait under an ODP MR", prediction(FORM_ODP),
              kind="prediction", guest=False, judged_by=DONE),
     Exercise("ex9.1", "09", 1, "a pinned MR over the page cache, truncated", check_pinned_pagecache_write,
@@ -615,7 +667,7 @@ def for_notebook(number: str) -> list[Exercise]:
 
 # The companion VMs (kinds of labkit.lab.companion) a notebook's cells attach to or
 # start next to its lab VM; the summative grader starts them outside its sandbox.
-COMPANIONS: dict[str, tuple[str, ...]] = {"06": ("matrix",), "09": ("odp",)}
+COMPANIONS: dict[str, tuple[str, ...]] = {"06": ("matrix",), "08": ("fences",), "09": ("odp",)}
 
 
 def companions_for(number: str) -> tuple[str, ...]:

@@ -149,7 +149,7 @@ FACTS: tuple[Fact, ...] = (
          "Writable FOLL_LONGTERM pins of file-backed shared mappings that need dirty tracking (page cache) "
          "are refused (the GUP-fast half is a6e79df92e4a).",
          "8ac268436e6d", "mm/gup: disallow FOLL_LONGTERM GUP-nonfast writing to file-backed mappings", "6.5",
-         ("03",),
+         ("03", "08"),
          "cited by id and subject in KVM SEV and guest_memfd threads; the akpm/mm mm-stable revlist of "
          "2023-06-10 has 8ac268436e6d52f3",
          "in mm-stable on 2023-06-10 (kernel.org post-receive mail) and 'from May 2023' (its author): "
@@ -180,10 +180,20 @@ FACTS: tuple[Fact, ...] = (
          "folio fix (April 2025) and in Souvik Banerjee's fs/dax fixes; akpm/mm mm-stable push of 2025-03-18 "
          "lists 38607c62b34b46317c46d5baf1df03ac6e48a1c6",
          "Souvik Banerjee's fixes for it carry 'Cc: stable@vger.kernel.org # v6.15+'"),
+    Fact("gup-fsdax-not-longterm-pinnable",
+         "folio_is_longterm_pinnable() answers false for fs-dax folios, so a FOLL_LONGTERM pin of fs-dax "
+         "memory that gets past check_vma_flags() is handed to the migration step after pinning (a second "
+         "fence behind the VMA test).",
+         "e5cb23256347", "mm/gup: don't allow FOLL_LONGTERM pinning of FS DAX pages", "6.15", ("08",),
+         "akpm/mm post-receive mail of 2025-03-18 (mm-everything revlist) lists "
+         "e5cb23256347469c80138a2a8804887239465d0b with this subject, next to 38607c62b34b in the fs-dax "
+         "refcount series; the printk tree's for-linus revlist of 2025-08-04 lists it among mainline commits",
+         "same series and the same mm-stable push (2025-03-18) as 38607c62b34b, whose fixes are tagged "
+         "stable v6.15+; the lab's 7.3 guest shows the test in include/linux/mm.h"),
     Fact("dax-break-layout",
          "A common dax_break_layout() replaces the per-filesystem wait loops (ext4_break_layouts' and "
          "xfs_break_dax_layouts' own waits).",
-         "d5b3afea22a5", "fs/dax: create a common implementation to break DAX layouts", "6.15", ("09",),
+         "d5b3afea22a5", "fs/dax: create a common implementation to break DAX layouts", "6.15", ("06", "09"),
          "akpm/mm mm-stable push of 2025-03-18 lists d5b3afea22a52517e6bc835432e6dfd079b8bf7c with this "
          "subject, in the same series as 38607c62b34b",
          "same series and the same mm-stable push as 38607c62b34b (fixes tagged stable v6.15+)"),

@@ -53,6 +53,8 @@ def _odp_other(kernel: str) -> str:
 COMPANION_KINDS: dict[str, tuple[Callable[[str], str], Callable[[str, str], str]]] = {
     "matrix": (_first_other, lambda name, other: f"{name}-other"),
     "odp": (_odp_other, lambda name, other: f"{name}-k{other.replace('.', '')}"),
+    # notebook 08's second fence: a 7.3 guest of its own, since loading a lab module taints it
+    "fences": (lambda kernel: "7.3", lambda name, other: f"{name}-cf{other.replace('.', '')}"),
 }
 
 

@@ -127,9 +127,15 @@ class Lab:
         """VmPin (kB) of guest process ``pid``; None if gone or not reported."""
         return self.probes.vmpin_kb(pid)
 
-    def truncate_wait(self, fs: str = "xfs", hold: float = 3.0) -> TruncateWait:
-        """Truncate a mapped fs-dax file while one of its pages is referenced."""
-        return self.probes.truncate_wait(fs, hold=hold)
+    def pin_untouched(self, memory: str = "fsdax-xfs", mapping: str = "private") -> PinResult:
+        """RDMA on a mapping whose pages were never written before the registration:
+        the slow path of GUP, whose check_vma_flags() is traced (``PinResult.trace``)."""
+        return self.probes.rdma_untouched(memory, mapping)
+
+    def truncate_wait(self, fs: str = "xfs", hold: float = 3.0, op: str = "truncate") -> TruncateWait:
+        """Truncate (``op="punch"``: punch a hole over) a mapped fs-dax file while
+        one of its pages is referenced; where the operation slept is in ``where``."""
+        return self.probes.truncate_wait(fs, hold=hold, op=op)
 
     def odp_revoke(self, memory: str = "fsdax-xfs", kind: str = "odp", op: str = "write",
                    roles: dict[str, Namespace] | None = None) -> RevokeResult:

@@ -99,8 +99,26 @@ class Mounts:
         log.debug("umount %s", mountpoint)
         self.vm.run(["umount", mountpoint])
 
+    def other_mounts(self, device: str, mountpoint: str) -> list[tuple[str, str, str]]:
+        """Other mounts of ``device`` under /mnt (a capstone's second mount, say):
+        (mount point, filesystem, options as /proc/mounts shows them), innermost last."""
+        text = self.vm.run(["cat", "/proc/mounts"], timeout=30).stdout
+        out = []
+        for line in text.splitlines():
+            f = line.split()
+            if len(f) >= 4 and f[0] == device and f[1] != mountpoint:
+                try:
+                    check_mountpoint(f[1])      # only mount points the lab could have made (under /mnt)
+                except ConfigError:
+                    continue
+                out.append((f[1], f[2], f[3]))
+        return out
+
     def prepare(self, options: str = "dax") -> list[MountResult]:
-        """Both fs-dax namespaces formatted (only if empty) and mounted with ``options``."""
+        """Both fs-dax namespaces formatted (only if empty) and mounted with ``options``.
+        Other mounts of the same device are taken down first and put back after: while
+        one of them holds the filesystem, a new mount reuses its superblock and the
+        kernel prints nothing (no EXPERIMENTAL warning to measure)."""
         check_mount_options(options)
         roles = self.pmem.prepare()
         results = []
@@ -108,6 +126,14 @@ class Mounts:
             dev = f"/dev/{roles[fsdax_kind(fs)].blockdev}"
             if self.fs_type(dev) != fs:
                 self.mkfs(fs, dev, force=True)
-            self.umount(mountpoint_for(fs))
+            mp = mountpoint_for(fs)
+            others = self.other_mounts(dev, mp)
+            for other_mp, _, _ in reversed(others):
+                self.umount(other_mp)
+            self.umount(mp)
             results.append(self.mount(fs, dev, options=options))
+            for other_mp, other_fs, other_opts in others:
+                back = self.vm.run(["mount", "-t", other_fs, "-o", other_opts, dev, other_mp], timeout=60)
+                if back.rc != 0:
+                    log.warning("could not put back %s on %s: %s", dev, other_mp, back.stderr.strip())
         return results

@@ -22,6 +22,7 @@ from labkit.lab.guest.vocab import (
     MAPPINGS,
     MECHANISMS,
     MEMORY_KINDS,
+    SHRINK_OPS,
     fs_of_kind,
     fsdax_kind,
     mountpoint_for,
@@ -155,6 +156,14 @@ class Probes:
         argv = self.probe_argv(case, size, hold, roles)
         return self._observed(argv, check_case(case), timeout=120 + float(hold))
 
+    def rdma_untouched(self, memory: str, mapping: str = "private", size: int = DEFAULT_SIZE) -> PinResult:
+        """An RDMA registration of a mapping whose pages nobody wrote before
+        (``--touch none``): the registration faults them in itself, so it takes
+        GUP's slow path, where check_vma_flags() sees the VMA (traced)."""
+        case = ("rdma", memory, mapping)
+        argv = self.probe_argv(case, size, 0.0, None) + ["--touch", "none"]
+        return self._observed(argv, check_case(case), timeout=120)
+
     def _observed(self, argv: list[str], case: Case, timeout: float) -> PinResult:
         obs: Observation = self.tracer.observe(self.helper.argv(*argv), timeout=timeout)
         return pin_result(case, last_json(obs.result.stdout), obs.kernel_log, obs.trace,
@@ -207,14 +216,16 @@ class Probes:
         m = re.search(r"VmPin:\s+(\d+)\s*kB", r.stdout)
         return int(m.group(1)) if m else None
 
-    def truncate_wait(self, fs: str = "xfs", hold: float = 3.0) -> TruncateWait:
-        """Truncate a mapped fs-dax file while a pipe references one of its
-        pages: on a DAX mount the truncate waits until the reference is gone."""
+    def truncate_wait(self, fs: str = "xfs", hold: float = 3.0, op: str = "truncate") -> TruncateWait:
+        """Truncate (``op="punch"``: punch a hole over) a mapped fs-dax file while
+        a pipe references one of its pages: on a DAX mount the operation waits
+        until the reference is gone."""
         choose(fs, FILESYSTEMS, "filesystem")
+        choose(op, SHRINK_OPS, "operation")
         hold = check_seconds(hold, "hold time", 20)
         args = ["truncate-wait", "--path", f"{mountpoint_for(fs)}/truncate.dat", *self.dax_target_args(fs),
-                "--hold", str(hold), "--timeout", "30"]
+                "--op", op, "--hold", str(hold), "--timeout", "30"]
         log.debug("truncate-wait on %s, hold %.1f s", fs, hold)
         data = answer(self.vm.run(self.helper.argv(*args), timeout=90), "truncate demonstration")
-        return TruncateWait(fs=fs, blocked=bool(data.get("blocked")), seconds=data.get("seconds"),
+        return TruncateWait(fs=fs, op=op, blocked=bool(data.get("blocked")), seconds=data.get("seconds"),
                             where=list(data.get("where", [])), completed=bool(data.get("completed")), detail=data)

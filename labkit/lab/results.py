@@ -152,6 +152,7 @@ class TruncateWait:
     where: list[str]
     completed: bool
     detail: dict[str, Any] = field(default_factory=dict)
+    op: str = "truncate"            # or "punch": fallocate(PUNCH_HOLE) over the file
 
     def to_dict(self) -> dict[str, Any]:
         return {"fs": self.fs, "blocked": self.blocked, "seconds": self.seconds, "where": self.where,

@@ -16,12 +16,16 @@ reset) and unloads them on exit. The experiments run
 ``guest/counterfactual.py`` in the guest and return what the live kernel did:
 errno, waits, block numbers, checksums, kernel log lines (WARNs included). A
 verdict says in words whether the kernel did what the story predicts, and if
-not, which evidence says otherwise.
+not, which evidence says otherwise. ``fence_trace`` counts what each GUP
+function returns during one registration: on 7.3 it shows the second fence
+(``folio_is_longterm_pinnable()``, e5cb23256347) that module 1 does not touch.
 """
 
 from labkit.lab.counterfactual.experiments import *  # noqa: F403
 from labkit.lab.counterfactual.experiments import __all__ as _experiments
+from labkit.lab.counterfactual.fences import *  # noqa: F403
+from labkit.lab.counterfactual.fences import __all__ as _fences
 from labkit.lab.counterfactual.switch import *  # noqa: F403
 from labkit.lab.counterfactual.switch import __all__ as _switch
 
-__all__ = _switch + _experiments
+__all__ = _switch + _experiments + _fences

@@ -27,6 +27,10 @@ from labkit.lab.counterfactual.switch import (
 
 log = logging.getLogger(__name__)
 
+# How long a registration may take before the experiment reports that it never returned (7.3 with
+# module 1: GUP retries for ever, see labkit.lab.counterfactual.fences); generous for a TCG guest.
+REGISTER_TIMEOUT = 15.0
+
 # -- experiment 1: one registration holds the filesystem hostage --------------------------
 
 @dataclass
@@ -49,6 +53,7 @@ class HoldTruncate:
     kernel_log: list[str]
     taint: int
     detail: dict = field(default_factory=dict)
+    register_completed: bool = True     # False: ibv_reg_mr had not returned by the deadline (then killed)
 
     @property
     def after_deregistration(self) -> float | None:
@@ -63,6 +68,10 @@ class HoldTruncate:
                 and self.truncate_seconds >= 0.8 * self.hold and (self.after_deregistration or 0) >= -0.1)
 
     def verdict(self) -> str:
+        if not self.register_completed:
+            return (f"ibv_reg_mr did not return within {self.detail.get('register_seconds', '?')} s (killed): "
+                    f"check_vma_flags() was overridden {self.detail.get('overrides', '?')} times so far, yet "
+                    f"no pin completed: another fence stops it (cf.fence_trace shows which)")
         if not self.registered:
             t = "" if self.truncate_seconds is None else f"; truncate returned in {self.truncate_seconds:.3f} s"
             return f"ibv_reg_mr refused: {self.errname} ({self.errno}){t}"
@@ -78,13 +87,13 @@ class HoldTruncate:
 
     @classmethod
     def from_guest(cls, data: dict, o: Observed, fs: str, modules: list[str]) -> HoldTruncate:
-        return cls(kernel=data.get("kernel", "?"), modules=modules, fs=fs, hold=float(data.get("hold", 0)),
+        return cls(kernel=data.get("kernel", "?"), modules=modules, fs=fs, hold=float(data.get("hold") or 0),
                    registered=bool(data.get("registered")), errno=data.get("errno"), errname=data.get("errname"),
                    vmpin_kb_delta=data.get("vmpin_kb_delta"), truncate_seconds=data.get("truncate_seconds"),
                    truncate_finished=data.get("truncate_finished"), deregistered_at=data.get("deregistered_at"),
                    truncate_completed=bool(data.get("truncate_completed")),
                    where=list(data.get("truncate_where", [])), kernel_log=o.kernel_log, taint=o.taint,
-                   detail=data)
+                   detail=data, register_completed=data.get("register_completed", True) is not False)
 
 
 def _fs(fs: str) -> str:
@@ -110,20 +119,24 @@ def hold_and_truncate(lab: Any, hold: float, fs: str = "xfs", size: int = 2 * 2*
     if isinstance(hold, bool) or not isinstance(hold, (int, float)) or not 0 <= hold <= MAX_HOLD:
         raise ConfigError(f"hold time {hold!r} s is out of range", hint=f"use 0..{MAX_HOLD:g} s")
     argv = ["hold-truncate", "--path", f"/mnt/fsdax-{fs}/cf-hold.dat", "--size", str(int(size)),
-            "--hold", str(float(hold)), "--timeout", "30"]
-    data, o = _run_guest(lab, argv, timeout=90 + hold)
+            "--hold", str(float(hold)), "--timeout", "30", "--register-timeout", str(REGISTER_TIMEOUT)]
+    data, o = _run_guest(lab, argv, timeout=90 + hold + REGISTER_TIMEOUT)
     return HoldTruncate.from_guest(data, o, fs, loaded(lab))
 
 
 def mr_lifetime_vs_truncate(lab: Any, holds: Sequence[float] = (2.0, 4.0, 8.0), fs: str = "xfs",
                             progress=None) -> list[HoldTruncate]:
-    """Experiment 1 for several hold times (for a plot of truncate wait against MR lifetime)."""
+    """Experiment 1 for several hold times (for a plot of truncate wait against MR lifetime).
+    A registration that never returns is measured once, not once per hold time."""
     say = progress or (lambda s: None)
     out = []
     for h in holds:
         say(f"MR held {h:g} s ...")
         out.append(hold_and_truncate(lab, h, fs))
         say("  " + out[-1].verdict())
+        if not out[-1].register_completed:
+            say("  (the other hold times would end the same way: not run)")
+            break
     return out
 
 
@@ -192,6 +205,9 @@ class StaleWrite:
         return kernel_problems(self.kernel_log)
 
     def verdict(self) -> str:
+        if self.stage == "registration never returned":
+            return (f"ibv_reg_mr did not return within {self.detail.get('register_seconds', '?')} s (killed): "
+                    f"no MR, nothing to corrupt (cf.fence_trace shows what stops the pin)")
         if not self.registered:
             return f"ibv_reg_mr refused: {self.errname} ({self.errno}): no stale MR, nothing to corrupt"
         if self.stage == "truncate waited":
@@ -240,9 +256,9 @@ def stale_mr_write(lab: Any, fs: str = "xfs", size: int = 2 * 2**20) -> StaleWri
     """Experiment 2 (needs both modules for the corruption; measured whatever is loaded)."""
     _fs(fs)
     argv = ["stale-write", "--path", f"/mnt/fsdax-{fs}/cf-mr.dat", "--victim", f"/mnt/fsdax-{fs}/cf-victim.dat",
-            "--size", str(int(size))]
+            "--size", str(int(size)), "--register-timeout", str(REGISTER_TIMEOUT)]
     lab.sh(f"rm -f /mnt/fsdax-{fs}/cf-*.dat", check=False)
-    data, o = _run_guest(lab, argv, timeout=180)
+    data, o = _run_guest(lab, argv, timeout=180 + REGISTER_TIMEOUT)
     return StaleWrite.from_guest(data, o, fs, loaded(lab))
 
 
@@ -252,4 +268,4 @@ def prepare(lab: Any) -> None:
     lab.setup_rdma()
 
 
-__all__ = ["HoldTruncate", "StaleWrite", "hold_and_truncate", "mr_lifetime_vs_truncate", "prepare", "stale_mr_write", "wait_plot_svg"]
+__all__ = ["REGISTER_TIMEOUT", "HoldTruncate", "StaleWrite", "hold_and_truncate", "mr_lifetime_vs_truncate", "prepare", "stale_mr_write", "wait_plot_svg"]

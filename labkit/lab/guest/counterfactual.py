@@ -13,6 +13,15 @@ hold-truncate  register an RDMA MR (ibv_reg_mr) on a MAP_SHARED file, truncate
 stale-write    register an MR on file A, truncate A, write file B until it
                reuses A's blocks (FIEMAP), then RDMA WRITE through A's MR over
                a loopback RC queue pair: did B's bytes change?
+fence-trace    one registration of a MAP_SHARED file, in a child killed after
+               --seconds if it has not returned, while kretprobes count what
+               each of --functions returned (tracefs hist triggers): which
+               fence refused, or where GUP went round in circles?
+
+A registration runs in a forked child with a deadline first (``--register-timeout``):
+on a kernel where GUP retries for ever (7.3 with module 1: the fs-dax folios are
+not long-term pinnable, migration answers -EAGAIN) ibv_reg_mr never returns, and
+only SIGKILL ends it; the experiment then reports that instead of hanging.
 
 Contract (as pinprobe.py): exactly one JSON object on stdout, last line. Exit 0
 when the experiment ran, whatever the kernel answered; exit 2 with
@@ -271,6 +280,131 @@ class Rdma:
         return {"completed": False, "wc_status": None, "wc_ok": False, "seconds": timeout, "qp_num": qp.qp_num}
 
 
+def register_bounded(device: str | None, addr: int, size: int, deadline: float) -> dict[str, Any]:
+    """ibv_reg_mr of [addr, addr+size) in a forked child that gets ``deadline``
+    seconds: {"completed", "registered", "errno", "seconds"}. The child opens its
+    own device context (verbs objects do not cross a fork) and deregisters by exiting."""
+    rep_r, rep_w = os.pipe()
+    t0 = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(rep_r)
+            mr, err, _ = Rdma(device).register(addr, size)
+            code = 0 if mr is not None else (err or 1)
+            os.write(rep_w, struct.pack("=ii", int(mr is not None), code))
+        finally:
+            os._exit(0)
+    os.close(rep_w)
+    ready, _, _ = select.select([rep_r], [], [], deadline)
+    data = os.read(rep_r, 8) if ready else b""
+    seconds = round(time.monotonic() - t0, 3)
+    if len(data) != 8:
+        os.kill(pid, signal.SIGKILL)       # GUP's loop checks for a fatal signal between rounds
+    os.waitpid(pid, 0)
+    os.close(rep_r)
+    if len(data) != 8:
+        return {"completed": False, "registered": False, "errno": None, "seconds": seconds}
+    ok, code = struct.unpack("=ii", data)
+    return {"completed": True, "registered": bool(ok), "errno": code or None, "seconds": seconds}
+
+
+# -- kretprobes that count return values (tracefs hist triggers) ----------------
+
+TRACEFS = "/sys/kernel/tracing"
+FENCE_GROUP = "labkit_fence"
+
+
+PROBE_ERRORS: list[str] = []
+
+
+def _tracefs(name: str, text: str, append: bool = False) -> bool:
+    """One write to a tracefs file, unbuffered (a buffered append seeks first, and the
+    kernel's answer to the write itself is what matters); errors are kept for the report."""
+    try:
+        fd = os.open(f"{TRACEFS}/{name}", os.O_WRONLY | (os.O_APPEND if append else os.O_TRUNC))
+        try:
+            os.write(fd, (text + "\n").encode())
+        finally:
+            os.close(fd)
+        return True
+    except OSError as e:
+        if not text.startswith("-:"):        # removing a probe that is not there is expected
+            PROBE_ERRORS.append(f"{name} <- {text!r}: {e.strerror}")
+        return False
+
+
+def install_counters(functions: list[str]) -> dict[str, str | None]:
+    """A kretprobe with a ``hist:keys=ret`` trigger on each function that can be
+    probed here: {function: event name, or None when this kernel cannot probe it}."""
+    out: dict[str, str | None] = {}
+    for i, spec in enumerate(functions):
+        fn, _, kind = spec.partition(":")
+        ev = f"f{i}"
+        _tracefs("kprobe_events", f"-:{FENCE_GROUP}/{ev}", append=True)
+        ok = (_tracefs("kprobe_events", f"r:{FENCE_GROUP}/{ev} {fn} ret=$retval:{kind or 's64'}", append=True)
+              and _tracefs(f"events/{FENCE_GROUP}/{ev}/trigger", "hist:keys=ret")
+              and _tracefs(f"events/{FENCE_GROUP}/{ev}/enable", "1"))
+        out[fn] = ev if ok else None
+    _tracefs("tracing_on", "1")
+    return out
+
+
+_HIST_ROW = re.compile(r"\{\s*ret:\s*(-?\d+)\s*\}\s*hitcount:\s*(\d+)")
+
+
+def read_and_remove_counters(events: dict[str, str | None]) -> dict[str, dict[str, int]]:
+    """{function: {return value: how often}} (values as signed 64-bit numbers), probes removed."""
+    out: dict[str, dict[str, int]] = {}
+    for fn, ev in events.items():
+        if ev is None:
+            continue
+        d = f"events/{FENCE_GROUP}/{ev}"
+        counts: dict[str, int] = {}
+        try:
+            with open(f"{TRACEFS}/{d}/hist") as f:
+                for m in _HIST_ROW.finditer(f.read()):
+                    v = int(m.group(1))
+                    v = v - 2 ** 64 if v >= 2 ** 63 else v
+                    counts[str(v)] = counts.get(str(v), 0) + int(m.group(2))
+        except OSError:
+            pass
+        out[fn] = counts
+        _tracefs(f"{d}/enable", "0")
+        _tracefs(f"{d}/trigger", "!hist:keys=ret")
+        _tracefs("kprobe_events", f"-:{FENCE_GROUP}/{ev}", append=True)
+    return out
+
+
+def module_overrides() -> int | None:
+    try:
+        with open("/sys/module/labkit_no_longterm_check/parameters/overrides") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def cmd_fence_trace(args: argparse.Namespace) -> dict[str, Any]:
+    functions = [f for f in args.functions.split(",") if f]
+    if not functions or not all(re.fullmatch(r"[A-Za-z_][\w.]{0,63}(:[su](8|16|32|64))?", f) for f in functions):
+        raise SetupError("--functions: comma-separated kernel function names (optionally NAME:u8 ...)")
+    m = Mapping(args.path, args.size)
+    before = module_overrides()
+    events = install_counters(functions)
+    try:
+        reg = register_bounded(args.device, m.addr, m.size, args.seconds)
+    finally:
+        counts = read_and_remove_counters(events)
+        m.close()
+    after = module_overrides()
+    return {"kernel": os.uname().release, "path": args.path, "size": m.size, "deadline": args.seconds, **reg,
+            "errname": errname(reg["errno"]), "counts": counts,
+            "not_probed": [f.partition(":")[0] for f in functions if events.get(f.partition(":")[0]) is None],
+            "probe_errors": PROBE_ERRORS[:8],
+            "overrides": None if after is None or before is None else after - before}
+
+
 # -- a truncate in another process ---------------------------------------------
 
 _STACK_FN = re.compile(r"\]\s+([A-Za-z0-9_.$]+)\+0x")
@@ -340,9 +474,28 @@ def _truncate_fields(child: TruncateChild, t_ref: float) -> dict[str, Any]:
 
 # -- experiment 1 ----------------------------------------------------------------
 
+def _register_never_returned(args: argparse.Namespace, m: Mapping) -> dict[str, Any] | None:
+    """Try the registration in a child first: when it does not return within
+    --register-timeout, the result says so (no MR, no truncate) instead of the
+    experiment hanging in the kernel."""
+    if args.register_timeout <= 0:
+        return None
+    probe = register_bounded(args.device, m.addr, m.size, args.register_timeout)
+    if probe["completed"]:
+        return None
+    return {"kernel": os.uname().release, "path": args.path, "size": m.size,
+            "hold": getattr(args, "hold", None), "registered": False, "register_completed": False, "register_seconds": probe["seconds"],
+            "errno": None, "errname": None, "message": f"ibv_reg_mr did not return in {probe['seconds']} s",
+            "vmpin_kb_delta": None, "deregistered_at": None, "truncate_where": [], "overrides": module_overrides()}
+
+
 def cmd_hold_truncate(args: argparse.Namespace) -> dict[str, Any]:
     rd = Rdma(args.device)
     m = Mapping(args.path, args.size)
+    hung = _register_never_returned(args, m)
+    if hung is not None:
+        m.close()
+        return hung
     pin0 = vmpin_kb()
     t_ref = time.monotonic()
     mr, err, msg = rd.register(m.addr, m.size)
@@ -396,6 +549,10 @@ def _grow_until_reuse(path: str, freed: list[dict[str, int]], chunk: int, limit:
 def cmd_stale_write(args: argparse.Namespace) -> dict[str, Any]:
     rd = Rdma(args.device)
     m = Mapping(args.path, args.size)
+    hung = _register_never_returned(args, m)
+    if hung is not None:
+        m.close()
+        return dict(hung, victim=args.victim, stage="registration never returned")
     ext_a = fiemap(m.fd)
     t_ref = time.monotonic()
     mr, err, msg = rd.register(m.addr, m.size)
@@ -465,7 +622,15 @@ def build_parser() -> JSONArgumentParser:
     h.add_argument("--size", type=int, default=2 * 1024 * 1024)
     h.add_argument("--hold", type=float, required=True)
     h.add_argument("--timeout", type=float, default=30.0)
+    h.add_argument("--register-timeout", type=float, default=0.0,
+                   help="try the registration in a child first; give up after this many seconds (0: do not)")
     h.add_argument("--device")
+    f = sub.add_parser("fence-trace")
+    f.add_argument("--path", required=True)
+    f.add_argument("--size", type=int, default=2 * 1024 * 1024)
+    f.add_argument("--seconds", type=float, default=3.0)
+    f.add_argument("--functions", required=True)
+    f.add_argument("--device")
     s = sub.add_parser("stale-write")
     s.add_argument("--path", required=True)
     s.add_argument("--victim", required=True)
@@ -473,6 +638,7 @@ def build_parser() -> JSONArgumentParser:
     s.add_argument("--victim-limit", type=int, default=256 * 1024 * 1024)
     s.add_argument("--truncate-timeout", type=float, default=10.0)
     s.add_argument("--write-timeout", type=float, default=20.0)
+    s.add_argument("--register-timeout", type=float, default=0.0)
     s.add_argument("--device")
     return p
 
@@ -480,7 +646,8 @@ def build_parser() -> JSONArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        emit({"hold-truncate": cmd_hold_truncate, "stale-write": cmd_stale_write}[args.cmd](args))
+        emit({"hold-truncate": cmd_hold_truncate, "stale-write": cmd_stale_write,
+              "fence-trace": cmd_fence_trace}[args.cmd](args))
     except SetupError as e:
         fail(str(e))
     except Exception as e:    # a bug here, not a kernel answer

@@ -29,6 +29,8 @@ def memory_args(sp: argparse.ArgumentParser, sized: bool = True) -> None:
                     help="anon, file (page cache or fs-dax, via --path) or devdax")
     sp.add_argument("--path", help="file for --memory file, /dev/daxX.Y for devdax")
     sp.add_argument("--mapping", choices=MAPPINGS, default="shared")
+    sp.add_argument("--touch", choices=("write", "none"), default="write",
+                    help="write every page before pinning (default), or leave them untouched")
     dax_target_args(sp)
     if sized:
         sp.add_argument("--size", type=byte_size, default=DEFAULT_SIZE,

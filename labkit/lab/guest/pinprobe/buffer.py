@@ -67,7 +67,7 @@ class Buffer:
     that filesystem (device), checked before and after it is created."""
 
     def __init__(self, memory: str, size: int, mapping: str = "shared", path: str | None = None,
-                 dax_fs: str | None = None, dax_device: str | None = None) -> None:
+                 dax_fs: str | None = None, dax_device: str | None = None, touch: str = "write") -> None:
         if size <= 0 or size % PAGE:
             raise SetupError(f"--size must be a positive multiple of {PAGE}, got {size}")
         self.memory, self.size, self.mapping, self.path = memory, size, mapping, path
@@ -82,6 +82,8 @@ class Buffer:
                              f"{errname(err)} {os.strerror(err)}")
         self.addr: int = addr
         self.mapped = True
+        if touch == "none":     # the pin itself faults the pages in (a private mapping's are still the file's)
+            return
         # Fault every page in for writing: pins of not-yet-present pages would
         # measure page-fault behaviour rather than pinning.
         for off in range(0, size, PAGE):

@@ -95,7 +95,8 @@ def cmd_rdma(args: Any) -> dict[str, Any]:
     odp = bool(getattr(args, "odp", False))
     name, ctx, pd = _open_device(args.device)
     try:
-        buf = Buffer(args.memory, args.size, args.mapping, args.path, args.dax_fs, args.dax_device)
+        buf = Buffer(args.memory, args.size, args.mapping, args.path, args.dax_fs, args.dax_device,
+                     touch=getattr(args, "touch", "write"))
     except BaseException:
         pd.close()
         ctx.close()

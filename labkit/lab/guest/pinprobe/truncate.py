@@ -1,6 +1,8 @@
 """truncate-wait: a truncate of a mapped fs-dax file while a pipe holds page
 references to it (vmsplice, never read) has to wait until the references are
-dropped (ext4_break_layouts / xfs_break_dax_layouts). Watch where it sleeps."""
+dropped (ext4_break_layouts / xfs_break_dax_layouts). Watch where it sleeps.
+``--op punch`` does the cover letter's other operation instead: a hole punch
+(``fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)``) over the whole file."""
 
 from __future__ import annotations
 
@@ -14,12 +16,17 @@ import struct
 import time
 from typing import Any
 
+from ..vocab import SHRINK_OPS
 from .args import byte_size, dax_target_args
 from .buffer import Buffer
 from .common import DEFAULT_SIZE, PAGE, SetupError, base_result, errname, iovec, libc, set_error
 from .registry import Command
 
 SPLICE_F_NONBLOCK = 0x02
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+libc.fallocate.restype = ctypes.c_int
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 libc.vmsplice.restype = ctypes.c_ssize_t
 libc.vmsplice.argtypes = [ctypes.c_int, ctypes.POINTER(iovec), ctypes.c_size_t, ctypes.c_uint]
 
@@ -88,8 +95,23 @@ def _check_args(args: Any) -> tuple[float, float]:
     return hold, timeout
 
 
-def _fork_truncate(path: str, close_fds: list[int]) -> Child:
-    """Fork a child that only truncates ``path``, timed from its own point of view."""
+def _shrink(path: str, op: str, size: int) -> None:
+    """The operation that frees the file's blocks: truncate to 0, or punch a
+    hole over ``size`` bytes from offset 0 (the file keeps its size)."""
+    if op == "truncate":
+        os.truncate(path, 0)
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, size) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+
+
+def _fork_truncate(path: str, close_fds: list[int], op: str = "truncate", size: int = 0) -> Child:
+    """Fork a child that only truncates (or hole-punches) ``path``, timed from its own point of view."""
     rep_r, rep_w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -99,7 +121,7 @@ def _fork_truncate(path: str, close_fds: list[int]) -> Child:
             c0 = time.monotonic()
             code = 0
             try:
-                os.truncate(path, 0)
+                _shrink(path, op, size)
             except OSError as e:
                 code = e.errno or 1
             os.write(rep_w, struct.pack(_REPORT, time.monotonic() - c0, code))
@@ -146,15 +168,15 @@ def _finish(child: Child, timeout: float, r: dict[str, Any], t0: float) -> None:
     r["completed"] = code == 0
     if code:
         r["errno"], r["errname"] = code, errname(code)
-        r["message"] = f"truncate failed: {os.strerror(code)}"
+        r["message"] = f"{r.get('op', 'truncate')} failed: {os.strerror(code)}"
     else:
-        r["message"] = "truncate completed"
+        r["message"] = f"{r.get('op', 'truncate')} completed"
 
 
 def cmd_truncate_wait(args: Any) -> dict[str, Any]:
     hold, timeout = _check_args(args)
     buf = Buffer("file", args.size, "shared", args.path, args.dax_fs, args.dax_device)
-    r = base_result("truncate-wait", buf, hold=hold, timeout=timeout, blocked=False, seconds=None,
+    r = base_result("truncate-wait", buf, op=args.op, hold=hold, timeout=timeout, blocked=False, seconds=None,
                     released_after=None, completed=False, where=[], wchan=[], stacks=[],
                     spliced_bytes=None, size_after=None)
     rfd, wfd = os.pipe()
@@ -168,7 +190,7 @@ def cmd_truncate_wait(args: Any) -> dict[str, Any]:
         return r
     r.update(spliced_bytes=n, ok=True)
     t0 = time.monotonic()
-    child = _fork_truncate(args.path, [rfd, wfd])
+    child = _fork_truncate(args.path, [rfd, wfd], args.op, args.size)
     child.watch(hold)                        # the references are held: where does the truncate sleep?
     done_before_release = child.done()
     r["released_after"] = round(time.monotonic() - t0, 3)
@@ -190,6 +212,8 @@ def _arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--path", required=True, help="file to create (on an fs-dax mount)")
     dax_target_args(sp)
     sp.add_argument("--size", type=byte_size, default=DEFAULT_SIZE)
+    sp.add_argument("--op", choices=SHRINK_OPS, default="truncate",
+                    help="truncate to 0, or punch a hole over the file (fallocate PUNCH_HOLE|KEEP_SIZE)")
     sp.add_argument("--pages", type=int, default=4, help="pages to vmsplice (1..16)")
     sp.add_argument("--hold", type=float, default=3.0, help="seconds before draining the pipe")
     sp.add_argument("--timeout", type=float, default=20.0,
