@@ -40,6 +40,9 @@ class KernelVariant:
 
 
 VARIANTS: tuple[KernelVariant, ...] = (
+    KernelVariant("5.10", "bullseye", "linux-image-amd64",
+                  notes="Debian 11's own kernel, before v5.11 moved the fs-dax test into check_vma_flags(); "
+                        "bullseye userland (Python 3.9)"),
     KernelVariant("6.1", "bookworm", "linux-image-amd64",
                   notes="Debian 12's own kernel; still prints XFS's EXPERIMENTAL DAX warning"),
     KernelVariant("6.12", "bookworm", "linux-image-6.12-amd64",

@@ -7,9 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from labkit.command import CommandResult
-from labkit.lab.guest.vocab import result_cell
-
-KPROBE = "labkit_cvf"
+from labkit.lab.guest.vocab import KPROBE, result_cell
 
 
 @dataclass(frozen=True)
