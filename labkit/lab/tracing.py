@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from labkit.command import CommandResult
-from labkit.errors import LabError
+from labkit.errors import ConfigError, LabError
 from labkit.lab.protocols import Machine
 from labkit.lab.results import KPROBE, Observation
 
@@ -85,8 +85,8 @@ def probe_names(count: int) -> list[str]:
 KPROBE_SCRIPT = """cd /sys/kernel/tracing || exit 1
 while [ $# -ge 2 ]; do
   if ! grep -q "kprobes/$1 " kprobe_events; then
-    grep -q " $2\$" /proc/kallsyms || { echo "no symbol $2 to probe in this kernel" >&2; exit 3; }
-    echo "r:$1 $2 ret=\$retval:s32" >> kprobe_events || exit 1
+    grep -q " $2\\$" /proc/kallsyms || { echo "no symbol $2 to probe in this kernel" >&2; exit 3; }
+    echo "r:$1 $2 ret=\\$retval:s32" >> kprobe_events || exit 1
   fi
   echo 1 > "events/kprobes/$1/enable" || exit 1
   shift 2
@@ -137,29 +137,32 @@ def refusal_lines(trace: str) -> list[str]:
             if KPROBE in ln and re.search(r"ret=-\d+", ln)]
 
 
-def traced_function(line: str) -> str:
-    """The probed function of a kretprobe trace line: tracefs prints
-    ``(CALLER+0x../0x.. <- FUNCTION) ret=-95``; '' when there is none."""
-    m = re.search(r"<- ([A-Za-z_][\w.]*)\)", line)
-    return m.group(1) if m else ""
-
-
 class Tracer:
     """The kprobe, set up once per guest, and observed command runs."""
 
     def __init__(self, vm: Machine) -> None:
         self.vm = vm
         self.functions: tuple[str, ...] = ()
+        self._release = ""
+
+    def release(self) -> str:
+        """The guest kernel's ``uname -r`` (asked once)."""
+        if not self._release:
+            self._release = self.vm.run(["uname", "-r"], check=True).stdout.strip()
+        return self._release
+
+    def kernel_version(self) -> tuple[int, int]:
+        return release_version(self.release())
 
     def ensure_kprobe(self) -> None:
         """Install and enable a kretprobe on each function that refuses on the
         guest's kernel (``REFUSAL_SITES``; idempotent)."""
         if self.functions:
             return
-        release = self.vm.run(["uname", "-r"], check=True).stdout.strip()
+        release = self.release()
         functions = refusing_functions(release)
         if not functions:
-            raise LabError(f"no known refusal site for kernel {release}",
+            raise ConfigError(f"no known refusal site for kernel {release}",
                            hint="add a row for it to REFUSAL_SITES in labkit/lab/tracing.py")
         pairs = [a for pair in zip(probe_names(len(functions)), functions) for a in pair]
         log.debug("installing kretprobes on %s (%s)", ", ".join(functions), release)
