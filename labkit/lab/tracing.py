@@ -41,17 +41,19 @@ class RefusalSite:
     how: str                # what refuses there, as the source reads
 
 
-# Newest first. v5.11 (52650c8b466b) moved the GUP test into check_vma_flags();
-# before it, __gup_longterm_locked() (v5.2, FOLL_LONGTERM) refused after the
-# pin through check_dax_vmas() (inlined), and get_vaddr_frames() (V4L2 USERPTR's
-# frame vector) tested vma_is_fsdax() itself until v5.11's frame-vector change
-# made it a plain FOLL_LONGTERM pin that check_vma_flags() refuses.
+# Newest first (the commits are in labkit/course/facts.py). v5.11 (52650c8b466b)
+# moved the GUP test into check_vma_flags(); before it, __gup_longterm_locked()
+# (v5.2, 932f4a630a69) refused after the pin through check_dax_vmas(), which is
+# inlined on 5.10 (as check_vma_flags is: neither has a symbol to probe there).
+# get_vaddr_frames() (V4L2 USERPTR's frame vector) tested vma_is_fsdax() itself
+# (v4.15, b7f0554a56f2) until v5.12's 04769cb1c45a made it a FOLL_LONGTERM pin
+# that GUP refuses.
 REFUSAL_SITES: tuple[RefusalSite, ...] = (
     RefusalSite("check_vma_flags", (5, 11), None,
                 "if ((gup_flags & FOLL_LONGTERM) && vma_is_fsdax(vma)) return -EOPNOTSUPP;"),
     RefusalSite("__gup_longterm_locked", (5, 2), (5, 11),
                 "if (check_dax_vmas(vmas_tmp, rc)) { ... rc = -EOPNOTSUPP; }"),
-    RefusalSite("get_vaddr_frames", (4, 15), (5, 11),
+    RefusalSite("get_vaddr_frames", (4, 15), (5, 12),
                 "if (vma_is_fsdax(vma)) { ret = -EOPNOTSUPP; goto out; }"),
 )
 
