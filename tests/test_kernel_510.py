@@ -103,3 +103,18 @@ def test_rdma_without_odp_and_the_truncate_wait(matrix510):
     assert not odp["ok"] and odp["device_odp"] == 0 and not odp["trace"], odp     # rxe has no ODP before v6.15
     tw = matrix510["truncate_wait"]
     assert tw["blocked"] and tw["completed"] and "xfs_break_layouts" in tw["where"], tw
+
+
+@pytest.mark.parametrize("answer, right", [
+    ("r __gup_longterm_locked $retval:s32", True),       # where 5.10 refuses a GUP long-term pin of fs-dax
+    ("r:mine __gup_longterm_locked ret=$retval:s64", True),
+    ("r check_vma_flags $retval:s32", False),            # v5.11's place: no symbol to probe on 5.10
+    ("r get_vaddr_frames $retval:s32", False),           # V4L2's refusal, not RDMA's
+])
+def test_the_probe_judge_on_5_10_wants_the_function_that_refuses_there(lab510, answer, right):
+    """The kretprobe exercise's judge (labkit.course.probe_exercise.check_probe), run live on
+    the 5.10 guest around a refused fs-dax reg_mr and an allowed anonymous one."""
+    from labkit.course.exercises import Live
+    from labkit.course.probe_exercise import check_probe
+    ok, why = check_probe(answer, Live(lab510))
+    assert ok is right, (answer, why)
