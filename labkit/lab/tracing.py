@@ -38,7 +38,7 @@ class RefusalSite:
     function: str
     since: tuple[int, int]
     until: tuple[int, int] | None
-    how: str                # what refuses there, as the source reads
+    test: str               # the fs-dax test in the function's source (a regex of its line)
 
 
 # Newest first (the commits are in labkit/course/facts.py). v5.11 (52650c8b466b)
@@ -49,12 +49,9 @@ class RefusalSite:
 # (v4.15, b7f0554a56f2) until v5.12's 04769cb1c45a made it a FOLL_LONGTERM pin
 # that GUP refuses.
 REFUSAL_SITES: tuple[RefusalSite, ...] = (
-    RefusalSite("check_vma_flags", (5, 11), None,
-                "if ((gup_flags & FOLL_LONGTERM) && vma_is_fsdax(vma)) return -EOPNOTSUPP;"),
-    RefusalSite("__gup_longterm_locked", (5, 2), (5, 11),
-                "if (check_dax_vmas(vmas_tmp, rc)) { ... rc = -EOPNOTSUPP; }"),
-    RefusalSite("get_vaddr_frames", (4, 15), (5, 12),
-                "if (vma_is_fsdax(vma)) { ret = -EOPNOTSUPP; goto out; }"),
+    RefusalSite("check_vma_flags", (5, 11), None, r"FOLL_LONGTERM\)\s*&&\s*vma_is_fsdax\(vma\)"),
+    RefusalSite("__gup_longterm_locked", (5, 2), (5, 11), r"if \(check_dax_vmas\("),
+    RefusalSite("get_vaddr_frames", (4, 15), (5, 12), r"if \(vma_is_fsdax\(vma\)\)"),
 )
 
 
