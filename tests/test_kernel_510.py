@@ -71,6 +71,10 @@ def test_fsdax_longterm_pins_are_refused_in_the_5_10_functions(matrix510):
             assert [traced_function(t) for t in p["trace"]] == [function], p["trace"]
             assert "ret=-95" in p["trace"][0]
     assert "refused in __gup_longterm_locked" in pins[("rdma", "fsdax-xfs", "shared")]["why"]
+    # refused *after* the pin: the pages were pinned (nr_foll_pin_acquired moved), then unpinned
+    for mech in ("rdma", "io_uring"):
+        p = pins[(mech, "fsdax-xfs", "shared")]
+        assert p["foll_pin_delta"] > 0 and p["vmpin_kb_delta"] == 0, p
 
 
 def test_device_dax_and_anon_pin_and_o_direct_is_legal(matrix510):
