@@ -37,7 +37,7 @@ help:
 lab: setup
 	$(BIN)/labkit lab
 
-# One apt round for everything, then the three images (built at once) beside the linters.
+# One apt round for everything, then the four images (three at once) beside the linters.
 test: all-deps test-venv
 	$(MAKE) --no-print-directory -j2 images lint
 	$(BIN)/labkit doctor

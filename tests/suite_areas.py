@@ -28,7 +28,7 @@ FILES = {
     "machine": ["test_guest.py", "test_machine_unit.py", "test_qemu_argv.py", "test_initramfs.py",
                 "test_settings.py", "test_image_kernels.py", "test_snapshot.py", "test_pmem_data.py"],
     "lab": ["test_lab.py", "test_lab_unit.py", "test_observe.py", "test_odp.py", "test_odp_unit.py",
-            "test_pinprobe.py", "test_kernel_matrix.py", "test_kernel_73.py", "test_counterfactual.py",
+            "test_pinprobe.py", "test_kernel_matrix.py", "test_kernel_73.py", "test_kernel_510.py", "test_counterfactual.py",
             "test_counterfactual_unit.py", "test_source_unit.py"],
     "course": ["test_notebooks.py", "test_check.py", "test_exercises.py", "test_buffer_exercise.py",
                "test_truncate_exercise.py", "test_predictions.py", "test_facts.py", "test_points.py", "test_release.py",

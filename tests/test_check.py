@@ -132,7 +132,7 @@ def check_vm():
     try:
         yield vm
     finally:
-        for name in (VM_NAME, f"{VM_NAME}-other", f"{VM_NAME}-cf73", f"{VM_NAME}-k73"):   # 06, 08, 09 companions
+        for name in (VM_NAME, f"{VM_NAME}-other", f"{VM_NAME}-cf73", f"{VM_NAME}-k73", f"{VM_NAME}-k510"):   # 06, 08, 09, 10
             VM(name, persistent=True).stop()
 
 

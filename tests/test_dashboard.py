@@ -16,6 +16,8 @@ from labkit.errors import LabError, LaunchError
 from labkit.testing.fakes import FakeVM
 from labkit.lab import Lab
 from labkit.lab.observe import LogLine
+from labkit.lab.results import traced_function
+from labkit.lab.tracing import refusing_functions
 from labkit.timeout import Deadline
 from labkit.machine.vm import VM, VMState
 
@@ -507,7 +509,8 @@ def test_log_pane_highlights_a_live_refusal(guest):
         assert f"{info['errname']} ({info['errno']})" in pins.message
         line = eventually(lambda: next((ln for ln in list(log.model.lines) if ln.kind == "refusal"), None),
                           timeout=20, what="the traced refusal")
-        assert "check_vma_flags" in line.text and f"ret=-{info['errno']}" in line.text
+        refusers = refusing_functions(guest.run(["uname", "-r"], check=True).stdout)   # check_vma_flags since v5.11
+        assert traced_function(line.text) in refusers and f"ret=-{info['errno']}" in line.text
         eventually(lambda: "labkit-log-refusal" in log.text.value, timeout=5, what="it rendered highlighted")
     finally:
         pins.close()
@@ -552,3 +555,16 @@ def test_vm_panel_reset_and_start_on_a_real_vm():
             assert m.pins.sampling
         finally:
             w.close()
+
+
+def test_the_refusal_pane_follows_the_functions_of_the_guests_kernel():
+    """On 5.10 the pane's kretprobes are those of the lab's tracer (same names), with errors only:
+    __gup_longterm_locked returns a page count when it pins."""
+    from labkit.course.dashboard.models import RefusalTrace
+    t = RefusalTrace(FakeVM(kernel="5.10"))
+    script = t.script(since_now=True)
+    assert t.functions() == ("__gup_longterm_locked", "get_vaddr_frames")
+    assert "'r:labkit_cvf __gup_longterm_locked ret=$retval:s32'" in script
+    assert "'r:labkit_cvf_1 get_vaddr_frames ret=$retval:s32'" in script
+    assert script.count("echo 'ret < 0' >") == 2 and "check_vma_flags" not in script
+    assert "'r:labkit_cvf check_vma_flags ret=$retval:s32'" in RefusalTrace(FakeVM(kernel="6.1")).script(True)

@@ -225,8 +225,30 @@ def _fake_fence(lab, definition):
     return FenceProbeRun(True, "", True, {-11}, looped, [ANON_RETURNS[fn]] if fn in ANON_RETURNS else [])
 
 
-def live():
-    return Live(FakeLab(), source_loader=_fake_source, fence_runner=_fake_fence)
+@dataclass
+class FakeLab510(FakeLab):
+    """Answers like the 5.10 guest for a learner's kretprobe: the reg_mr of fs-dax memory is refused
+    in __gup_longterm_locked (check_dax_vmas after the pin); check_vma_flags has no symbol to probe."""
+
+    def sh(self, script, check=True, timeout=60):
+        return _R("5.10.0-46-amd64\n") if script == "uname -r" else super().sh(script, check, timeout)
+
+    def run(self, argv, timeout=60, check=False, stdin=None):
+        if argv[:2] == ["sh", "-c"] and argv[3] == "install" and " check_vma_flags " in argv[4]:
+            return _R("", rc=1)
+        return super().run(argv, timeout, check, stdin)
+
+    def pin(self, mech, mem, size=2 * 2**20, **_):
+        if self.kprobes:
+            symbol = self.kprobes[-1].split()[1]
+            fires = symbol == "__gup_longterm_locked" and not PINS[(mech, mem)].ok
+            self.trace = f"p-1 [0] 1.0: ex_probe: (x+0x1/0x2 <- {symbol}) v0={'-95' if fires else '512'}"
+        return PINS[(mech, mem)]
+
+
+def live(ex_id=""):
+    lab = FakeLab510() if ex_id == "ex10.1" else FakeLab()
+    return Live(lab, source_loader=_fake_source, fence_runner=_fake_fence)
 
 
 # exercise id -> (answers that must pass, answers that must fail)
@@ -285,6 +307,10 @@ CASES = {
     "ex9.1": (["IBV_WC_SUCCESS", "SUCCESS", "ibv_wc_success"],
               ["", "ok", "IBV_WC_REM_ACCESS_ERR", "EOPNOTSUPP", 95, True, "no completion"]),
     "ex9.2": ([True], ["", "True", 1, False, None]),
+    # judged on the 5.10 guest (FakeLab510): the refusal returns from __gup_longterm_locked
+    "ex10.1": (["r __gup_longterm_locked $retval:s32", "r:mine __gup_longterm_locked ret=$retval:s64"],
+               ["", "r check_vma_flags $retval:s32", "r __get_user_pages $retval:s32", "__gup_longterm_locked",
+                "p __gup_longterm_locked", "r do_nothing $retval", "r get_vaddr_frames $retval:s32"]),
 }
 PREDICTIONS = [e.id for e in EXERCISES if e.kind == "prediction"]
 EXPLAINS = [e.id for e in EXERCISES if e.kind == "explain"]
@@ -298,7 +324,7 @@ def test_every_auto_checked_exercise_has_adversarial_cases():
 def test_correct_forms_pass(ex_id):
     ex = BY_ID[ex_id]
     for answer in CASES[ex_id][0]:
-        r = check_answer(ex, answer, live())
+        r = check_answer(ex, answer, live(ex_id))
         assert r.passed and r.points == ex.points and r.message == "right", (answer, r)
 
 
@@ -310,9 +336,9 @@ def test_wrong_answers_fail_without_giving_the_answer_away(ex_id):
     if ex_id == "ex6.5":    # the errno the kernel gave the learner's own register_mr is shown as it happened
         secrets.remove("95")
     # the answer-format sentence (shown for a malformed answer, whatever the truth) may list the options
-    shape = check_answer(ex, object(), live()).message.lower()
+    shape = check_answer(ex, object(), live(ex_id)).message.lower()
     for answer in CASES[ex_id][1]:
-        r = check_answer(ex, answer, live())
+        r = check_answer(ex, answer, live(ex_id))
         assert not r.passed and r.points == 0, (answer, r)
         assert "not right" in r.message
         for s in secrets:

@@ -17,8 +17,8 @@ V73 = kernels.KERNELS["7.3"]
 # -- the table ----------------------------------------------------------------
 
 
-def test_table_has_the_three_kernels_default_first():
-    assert list(kernels.KERNELS) == ["6.1", "6.12", "7.3"]
+def test_table_has_the_four_kernels_default_first():
+    assert list(kernels.KERNELS) == ["6.1", "6.12", "7.3", "5.10"]
     assert kernels.DEFAULT_KERNEL == "6.1"
     assert all(name == v.name for name, v in kernels.KERNELS.items())
 

@@ -113,7 +113,7 @@ def check_one_kernels_matrix(kernel: str, m: dict) -> None:
     assert {"blocked", "seconds", "where"} <= set(m["truncate_wait"])
 
 
-def check_three_kernel_matrix(out: dict) -> None:
+def check_every_kernels_matrix(out: dict) -> None:
     """What `labkit matrix --kernel all --json` must show, kernel by kernel."""
     assert list(out["kernels"]) == list(image.KERNELS)
     for k, m in out["kernels"].items():
@@ -122,17 +122,28 @@ def check_three_kernel_matrix(out: dict) -> None:
     pins = {k: {(p["mechanism"], p["memory"], p["mapping"]): p for p in m["pins"]} for k, m in out["kernels"].items()}
     warned = {k: {mt["fs"] for mt in m["mounts"] if mt["experimental_warning"]} for k, m in out["kernels"].items()}
     # XFS dropped its EXPERIMENTAL DAX message in v6.8 (ext4 in v5.17)
-    assert warned == {"6.1": {"xfs"}, "6.12": set(), "7.3": set()}
+    assert warned == {"6.1": {"xfs"}, "6.12": set(), "7.3": set(), "5.10": {"xfs", "ext4"}}
+    # the same refusal everywhere, traced where each kernel makes it (v5.11's 52650c8b466b moved it)
+    refused_in = {"6.1": "check_vma_flags", "6.12": "check_vma_flags", "7.3": "check_vma_flags",
+                  "5.10": "__gup_longterm_locked"}
     for k in out["kernels"]:
         p = pins[k][("rdma", "fsdax-xfs", "shared")]
         assert (p["ok"], p["errno"]) == (False, 95) and p["trace"], (k, p)
+        assert f"<- {refused_in[k]})" in p["trace"][0], (k, p["trace"])
     # v6.5 (8ac268436e6d): writable long-term pins of a dirty-tracked file mapping are refused with EFAULT
     got = {k: pins[k][("rdma", "pagecache", "shared")]["errno"] for k in out["kernels"]}
-    assert got == {"6.1": None, "6.12": 14, "7.3": 14}, got
+    assert got == {"6.1": None, "6.12": 14, "7.3": 14, "5.10": None}, got
     rows = {d["row"]: d for d in out["differences"]}
     assert "result" in rows["rdma pagecache shared"]["fields"]
     assert "EXPERIMENTAL" in rows["mount xfs -o dax"]["fields"]
-    assert "rdma fsdax-xfs shared" not in rows
+    assert "EXPERIMENTAL" in rows["mount ext4 -o dax"]["fields"]
+    # 5.10 refuses after the pin (check_dax_vmas, then unpin): its refused registration still counts
+    # FOLL_PIN acquisitions; since v5.11 the VMA is refused before any page is pinned
+    assert rows["rdma fsdax-xfs shared"]["fields"] == ["foll_pin", "refused in"]
+    assert {k: c["refused in"] for k, c in rows["rdma fsdax-xfs shared"]["kernels"].items()} == refused_in
+    assert {k: c["foll_pin"] != "+0" for k, c in rows["rdma fsdax-xfs shared"]["kernels"].items()} == {
+        "6.1": False, "6.12": False, "7.3": False, "5.10": True}
+    assert rows["v4l2 fsdax-xfs shared"]["kernels"]["5.10"]["refused in"] == "get_vaddr_frames"
 
 
 @pytest.mark.timeout(1200)
@@ -142,4 +153,4 @@ def test_matrix_of_all_kernels_side_by_side():
     r = subprocess.run([sys.executable, "-m", "labkit", "matrix", "--kernel", "all", "--json", "--name", "none"],
                        capture_output=True, text=True, timeout=1100)
     assert r.returncode == 0, r.stderr
-    check_three_kernel_matrix(json.loads(r.stdout))
+    check_every_kernels_matrix(json.loads(r.stdout))

@@ -23,12 +23,15 @@ def _matrix(release, pins, warning=False, blocked=True):
                               "completed": True}}
 
 
+CVF = "python3-1 [000] 1.0: labkit_cvf: (__get_user_pages+0x98/0x660 <- check_vma_flags) ret=-95"
+GUP510 = "python3-1 [000] 1.0: labkit_cvf: (internal_get_user_pages_fast+0x274/0xde0 <- __gup_longterm_locked) ret=-95"
+
 M = {
     "6.1": _matrix("6.1.0-37-amd64", [_pin("rdma", "anon", True, vmpin=2048, fp=0),
-                                      _pin("rdma", "fsdax-xfs", False, 95, trace=["cvf ret=-95"]),
+                                      _pin("rdma", "fsdax-xfs", False, 95, trace=[CVF]),
                                       _pin("rdma", "pagecache", True, vmpin=2048)], warning=True),
     "7.3": _matrix("7.3.4+deb13-amd64", [_pin("rdma", "anon", True, vmpin=2048, fp=0),
-                                         _pin("rdma", "fsdax-xfs", False, 95, trace=["cvf ret=-95"]),
+                                         _pin("rdma", "fsdax-xfs", False, 95, trace=[CVF]),
                                          _pin("rdma", "pagecache", False, 14)]),
 }
 
@@ -45,7 +48,7 @@ def test_side_by_side_has_a_column_per_kernel_and_marks_differences():
     row = next(ln for ln in lines if ln.startswith("rdma pagecache"))
     assert "ok" in row and "EFAULT (14)" in row and row.endswith("<- differs: VmPin kB, result")
     same = next(ln for ln in lines if ln.startswith("rdma fsdax-xfs"))
-    assert "differs" not in same and same.count("EOPNOTSUPP (95) [cvf]") == 2
+    assert "differs" not in same and same.count("EOPNOTSUPP (95) [check_vma_flags]") == 2
     assert "2 of 5 rows differ" in text
     assert "blocked in xfs_break_dax_layouts <- xfs_break_layouts |" in text
 
@@ -84,3 +87,17 @@ def test_cli_accepts_every_kernel_and_all():
     for k in ("6.1", "6.12", "7.3", "all"):
         assert p.parse_args(["matrix", "--kernel", k]).kernel == k
     assert p.parse_args(["image", "build", "--kernel", "7.3"]).kernel == "7.3"
+
+
+def test_a_refusal_traced_in_another_function_is_a_difference():
+    """5.10 refuses the same pin with the same errno, in __gup_longterm_locked (before v5.11's move)."""
+    m = dict(M, **{"5.10": _matrix("5.10.0-46-amd64", [_pin("rdma", "anon", True, vmpin=2048, fp=0),
+                                                        _pin("rdma", "fsdax-xfs", False, 95, trace=[GUP510]),
+                                                        _pin("rdma", "pagecache", True, vmpin=2048)], warning=True)})
+    diffs = {d["row"]: d for d in kernel_matrix.differences(m)}
+    assert diffs["rdma fsdax-xfs shared"]["fields"] == ["refused in"]
+    cells = diffs["rdma fsdax-xfs shared"]["kernels"]
+    assert [cells[k]["refused in"] for k in ("6.1", "7.3", "5.10")] == ["check_vma_flags", "check_vma_flags",
+                                                                      "__gup_longterm_locked"]
+    row = next(ln for ln in kernel_matrix.side_by_side(m).splitlines() if ln.startswith("rdma fsdax-xfs"))
+    assert "[__gup_longterm_locked]" in row and row.endswith("<- differs: refused in")

@@ -2,6 +2,7 @@
 never reaches the guest (the fake records every command)."""
 
 import json
+import shlex
 
 import pytest
 
@@ -162,7 +163,7 @@ def test_compare_matrices_marks_only_rows_that_differ():
 
 @pytest.mark.parametrize("kw, says", [
     ({"other_kernel": "6.1"}, "must differ"),
-    ({"other_kernel": "5.10"}, "5.10"),
+    ({"other_kernel": "4.19"}, "4.19"),
     ({"cases": [("rdma", "hugetlb", "shared")]}, "memory kind"),
 ])
 def test_two_kernel_comparison_checks_before_starting_anything(kw, says, monkeypatch):
@@ -380,3 +381,88 @@ def test_a_failure_here_cancels_the_companion_too(monkeypatch):
         comp.beside(_peer(), here, there)
     assert stopped == [True]
     assert not [t for t in threading.enumerate() if t.name.startswith("labkit-companion")]
+
+
+# -- issue 23: the refusal's function per kernel, 5.10's XFS, the guest on Python 3.9 --
+
+@pytest.mark.parametrize("release, functions", [
+    ("5.10.0-46-amd64", ("__gup_longterm_locked", "get_vaddr_frames")),
+    ("6.1.0-57-amd64", ("check_vma_flags",)),
+    ("6.12.38+deb12-amd64", ("check_vma_flags",)),
+    ("7.3.4+deb13-amd64", ("check_vma_flags",)),
+    ("5.4.0-1-amd64", ("__gup_longterm_locked", "get_vaddr_frames")),
+])
+def test_the_functions_traced_come_from_the_release(release, functions):
+    from labkit.lab.tracing import refusing_functions
+    assert refusing_functions(release) == functions
+
+
+def test_every_lab_kernel_has_a_refusal_site_and_an_unknown_release_is_an_error():
+    from labkit import image
+    from labkit.lab.tracing import Tracer, refusing_functions
+    for k in image.KERNELS:
+        assert refusing_functions(f"{k}.0-1-amd64"), k
+    vm = FakeVM(rules=[(r"^uname -r$", "4.9.0-1-amd64\n", 0)])
+    with pytest.raises(LabError, match="no known refusal site for kernel 4.9") as e:
+        Tracer(vm).ensure_kprobe()
+    assert "REFUSAL_SITES" in e.value.hint
+
+
+def test_the_tracer_probes_each_function_under_its_own_name():
+    from labkit.lab.tracing import Tracer
+    vm = FakeVM(kernel="5.10")
+    t = Tracer(vm)
+    t.ensure_kprobe()
+    t.ensure_kprobe()                       # once per guest
+    probes = [c for c in vm.ssh.commands if "kprobe_events" in c]
+    assert len(probes) == 1 and probes[0].endswith(
+        "sh labkit_cvf __gup_longterm_locked labkit_cvf_1 get_vaddr_frames")
+    assert t.functions == ("__gup_longterm_locked", "get_vaddr_frames")
+
+
+def test_refusals_of_every_probe_are_kept_and_page_counts_are_not():
+    from labkit.lab.results import traced_function
+    trace = ("p-1 [000] 1.0: labkit_cvf: (internal_get_user_pages_fast+0x274/0xde0 <- __gup_longterm_locked) ret=512\n"
+             "p-1 [000] 1.1: labkit_cvf: (internal_get_user_pages_fast+0x274/0xde0 <- __gup_longterm_locked) ret=-95\n"
+             "p-1 [000] 1.2: labkit_cvf_1: (vb2_create_framevec+0x52/0xa0 [videobuf2_memops] <- get_vaddr_frames) "
+             "ret=-95\n")
+    lines = refusal_lines(trace)
+    assert [traced_function(ln) for ln in lines] == ["__gup_longterm_locked", "get_vaddr_frames"]
+
+
+@pytest.mark.parametrize("kernel, argv", [
+    ("5.10", ["mkfs.xfs", "-q", "-f", "-m", "reflink=0", "/dev/pmem0"]),   # "DAX and reflink cannot be used together!"
+    ("6.1", ["mkfs.xfs", "-q", "-f", "/dev/pmem0"]),
+])
+def test_xfs_is_made_without_reflink_where_the_kernel_refuses_dax_on_it(kernel, argv):
+    vm = FakeVM(kernel=kernel)
+    Lab(vm).mkfs("xfs", "/dev/pmem0", force=True)
+    assert shlex.join(argv) in vm.ssh.commands
+
+
+def test_the_guest_helper_parses_as_python_3_9():
+    """bullseye (the 5.10 image) has Python 3.9: no 3.10+ grammar in the guest package, and no
+    ``X | Y`` of types evaluated at run time (annotations are strings there: ``from __future__``)."""
+    import ast
+    from pathlib import Path
+
+    import labkit.lab.guest as guest
+    root = Path(guest.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        src = path.read_text()
+        tree = ast.parse(src, filename=str(path), feature_version=(3, 9))
+        annotations = {id(n) for node in ast.walk(tree) for a in (getattr(node, "annotation", None),
+                                                                   getattr(node, "returns", None))
+                       if a is not None for n in ast.walk(a)}
+        uses_union = any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) for n in ast.walk(tree)
+                         if id(n) in annotations)
+        assert not uses_union or "from __future__ import annotations" in src, path
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                kws = {k.arg for k in node.keywords}
+                name = ast.unparse(node.func)
+                assert not (name.endswith("dataclass") and kws & {"slots", "kw_only"}), (path, node.lineno)
+                assert not (name == "zip" and "strict" in kws), (path, node.lineno)
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr) and id(node) not in annotations:
+                sides = (node.left, node.right)
+                assert not any(isinstance(s, ast.Constant) and s.value is None for s in sides), (path, node.lineno)

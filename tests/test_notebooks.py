@@ -17,7 +17,7 @@ VM_NAME = "test-nb"
 
 def test_there_are_notebooks():
     names = [p.name[:3] for p in NOTEBOOKS]
-    assert names == [f"{i:02d}-" for i in range(10)], names
+    assert names == [f"{i:02d}-" for i in range(11)], names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -26,7 +26,7 @@ def _read(path: Path):
 
 def test_one_source_per_notebook():
     assert [p.name for p in SOURCES] == sorted(p.name for p in STUDENT.glob("[0-9][0-9]-*.ipynb"))
-    assert len(SOURCES) == 10
+    assert len(SOURCES) == 11
 
 
 @pytest.fixture(scope="module")

@@ -137,3 +137,13 @@ def test_a_cached_fetch_of_fewer_files_is_not_complete(tmp_path):
     (tmp_path / kernelsrc.MANIFEST).write_text(json.dumps({"requested": list(kernelsrc.FILES)}))
     assert kernelsrc._complete(tmp_path)
     assert not kernelsrc._complete(tmp_path / "missing")
+
+
+def test_an_errno_set_and_returned_through_a_label_is_marked_too():
+    """5.10's __gup_longterm_locked() sets ``rc = -EOPNOTSUPP;`` and jumps to ``out:``, which returns rc."""
+    lines = ["static long __gup_longterm_locked(struct mm_struct *mm, unsigned int gup_flags)", "{",
+             "\tlong rc = 0;", "\tif (check_dax_vmas(vmas_tmp, rc)) {", "\t\trc = -EOPNOTSUPP;", "\t\tgoto out;",
+             "\t}", "out:", "\treturn rc;", "}"]
+    listing = source.Listing("mm/gup.c", "__gup_longterm_locked", 1, tuple(lines))
+    assert listing.returning(-95) == [5]
+    assert listing.returning(-14) == []

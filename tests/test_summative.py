@@ -115,6 +115,26 @@ def test_the_grader_starts_the_companion_vms_the_notebook_attaches_to(notebook, 
     assert asked == companions and (here, there) == (kernel, companions[0][1])
 
 
+@pytest.mark.parametrize("kernel, companions", [("6.1", [("grade-k510", "5.10")]), ("7.3", [("grade-k510", "5.10")]),
+                                                ("5.10", [])])
+def test_notebook_10_is_graded_beside_a_5_10_guest_unless_it_runs_5_10(kernel, companions, monkeypatch):
+    """Notebook 10's cells and its judge attach to the 5.10 guest the grader starts (none when "grade" runs 5.10)."""
+    import labkit.machine.vm
+    from labkit.lab.companion import attach
+    from labkit.testing.fakes import FakeVM
+    assert summative.companion_vms("10", kernel) == [("grade", kernel)] + companions
+    asked = []
+
+    def connect(name, kernel, **_):
+        asked.append((name, kernel))
+        return FakeVM(kernel=kernel)
+    monkeypatch.setattr(labkit.machine.vm, "connect", connect)
+    vm = FakeVM(kernel=kernel)
+    vm.name = "grade"
+    got = attach("before511", vm)
+    assert asked == companions and (got is vm) == (not companions)
+
+
 def test_the_sandbox_exposes_each_companion_like_the_main_guest(tmp_path):
     comp = sandbox.Companion("grade-k73", tmp_path / "state/vms/grade-k73", tmp_path / "view-k73", 40023)
     sb = sandbox.Sandbox(uid=62001, run_dir=tmp_path / "run", vm_state=tmp_path / "state/vms/grade",

@@ -657,6 +657,42 @@ EXERCISES: tuple[Exercise, ...] = (
                           "the next RDMA WRITE get?")),
 )
 
+
+# -- notebook 10: where the rule lived before v5.11 (issue 23) ---------------------------------
+# One code exercise, judged on a 5.10 guest by exercise 3.4's judge (check_probe): this notebook's
+# lab VM when it runs 5.10, else its "before511" companion (labkit.lab.companion), which the
+# grader starts next to the lab VM (COMPANIONS) and the notebook attaches to.
+
+def live_before_511(live: Live) -> Live:
+    """``live`` when its guest runs the kernel before v5.11, else a Live on the companion."""
+    from labkit.lab.companion import BEFORE_511, attach
+
+    def make() -> Live:
+        if live.sh("uname -r").startswith(BEFORE_511 + "."):
+            return live
+        from labkit.lab.lab import Lab
+        return Live(Lab(attach("before511", live.lab.vm)), source_loader=live.source_loader)
+    return live._once("before511", make)
+
+
+def check_probe_before_511(answer: Any, live: Live) -> Result:
+    """ex10.1: the learner's kretprobe must catch the fs-dax refusal of a reg_mr on 5.10,
+    where check_vma_flags() has no fs-dax test (and no symbol to probe)."""
+    from labkit.course.probe_exercise import parse_probe
+    if parse_probe(answer) is None:
+        return False, "write one return probe line:  r FUNCTION $retval:s32"
+    return check_probe(answer, live_before_511(live))
+
+
+EXERCISES = EXERCISES + (
+    Exercise("ex10.1", "10", 3, "a kretprobe that catches the refusal on 5.10", check_probe_before_511,
+             kind="code", difficulty="stretch", judged_by=LIVE,
+             hints=_hints("on 5.10 the function that refuses since v5.11 has no fs-dax test (and no symbol to "
+                          "probe): look for the GUP function that sets the errno after the pin",
+                          "labkit source FUNCTION --kernel 5.10 --mark-return -95 marks the lines that "
+                          "return the errno; /proc/kallsyms says which functions can be probed")),
+)
+
 BY_ID = {e.id: e for e in EXERCISES}
 
 
@@ -667,7 +703,7 @@ def for_notebook(number: str) -> list[Exercise]:
 
 # The companion VMs (kinds of labkit.lab.companion) a notebook's cells attach to or
 # start next to its lab VM; the summative grader starts them outside its sandbox.
-COMPANIONS: dict[str, tuple[str, ...]] = {"06": ("matrix",), "08": ("fences",), "09": ("odp",)}
+COMPANIONS: dict[str, tuple[str, ...]] = {"06": ("matrix",), "08": ("fences",), "09": ("odp",), "10": ("before511",)}
 
 
 def companions_for(number: str) -> tuple[str, ...]:

@@ -104,9 +104,13 @@ FACTS: tuple[Fact, ...] = (
          "get_vaddr_frames() itself takes FOLL_LONGTERM (Daniel Vetter's series, which also moved "
          "frame_vector into the media subsystem); until then videobuf2's refusal was get_vaddr_frames()' "
          "own vma_is_fsdax() test.",
-         None, "mm/frame-vector: Use FOLL_LONGTERM", None, ("04",),
+         "04769cb1c45a", "mm/frame-vector: Use FOLL_LONGTERM", "5.12", ("04", "10"),
          "patch 05 of 'follow_pfn and other iomap races' v2-v5 (Oct-Nov 2020), next to 'media: videobuf2: Move "
-         "frame_vector into media subsystem'; the merged commit id was not found", ""),
+         "frame_vector into media subsystem'; a linux-next revlist lists 04769cb1c45a919cd94b931e6494d2a9afc32914 "
+         "with this subject, followed by eb83b8e3e647 (the move)",
+         "that revlist sits among branches queued for v5.12 (after \"Merge tag 'v5.11-rc2'\" and "
+         "'renesas-pinctrl-for-v5.12-tag1'), so it is not in v5.11; the lab's 5.10 source still has the "
+         "vma_is_fsdax() test in mm/frame_vector.c"),
     Fact("check-vma-flags-fsdax",
          "The fs-dax test moves into check_vma_flags(), the per-VMA check every GUP walk already ran: "
          "FOLL_LONGTERM && vma_is_fsdax(vma) -> -EOPNOTSUPP (check_vma_flags() itself is older; it existed "
@@ -118,6 +122,17 @@ FACTS: tuple[Fact, ...] = (
          "linux-dev) of 52650c8b466bac399aec213c61d74bfe6f7af1a4, author Jason Gunthorpe",
          "committed to mainline by Linus Torvalds on 2020-12-15 (mirrored commit page): after v5.10 (tagged "
          "2020-12-13) and before v5.11-rc1 (2020-12-27), i.e. in the v5.11 merge window (mirrored tag pages)"),
+    Fact("gup-longterm-locked-5.10",
+         "Before v5.11 the GUP path refused after the pin: __gup_longterm_locked() pinned the pages, walked "
+         "their VMAs with check_dax_vmas() (inlined: no symbol of its own) and, on an fs-dax VMA, unpinned "
+         "them again and set rc = -EOPNOTSUPP; check_vma_flags() had no fs-dax test. A kretprobe on "
+         "__gup_longterm_locked sees the refusal; check_vma_flags has no symbol to probe on 5.10.",
+         "932f4a630a69", "mm/gup: replace get_user_pages_longterm() with FOLL_LONGTERM", "5.2", ("10",),
+         "read in the lab's 5.10 source (Debian linux-source-5.10 5.10.262-1, mm/gup.c: __gup_longterm_locked "
+         "at lines 1707-1758, check_dax_vmas at 1577-1594; `labkit source __gup_longterm_locked --kernel 5.10`); "
+         "the 5.10 guest's /proc/kallsyms has __gup_longterm_locked and get_vaddr_frames, not check_vma_flags "
+         "or check_dax_vmas; __gup_longterm_locked() came with FOLL_LONGTERM (see foll-longterm)",
+         "same commit as foll-longterm (v5.2); still there in 5.10 and moved by 52650c8b466b (v5.11)"),
     Fact("dax-layout-busy-page",
          "dax_layout_busy_page(): find a DAX page that is still referenced before a filesystem frees its blocks.",
          "5fac7408d828", "mm, fs, dax: handle layout changes to pinned dax mappings", "4.18", ("08",),
@@ -206,6 +221,10 @@ FACTS: tuple[Fact, ...] = (
     Fact("lab-kernel-7.3", "The lab's third guest kernel image.", None, "labkit.image.KERNELS", "7.3",
          ("09",), "the lab builds and boots it; notebooks print the live uname -r",
          "Debian trixie-backports' linux-image-7.3.4+deb13-amd64"),
+    Fact("lab-kernel-5.10", "The lab's fourth guest kernel image: the kernel before v5.11's move of the "
+         "fs-dax test (Debian 11's own kernel, bullseye userland).", None, "labkit.image.KERNELS", "5.10",
+         ("10",), "the lab builds and boots it; notebooks print the live uname -r",
+         "Debian bullseye's linux-image-amd64 (linux-image-5.10.0-46-amd64 5.10.262-1)"),
 )
 
 BY_KEY = {f.key: f for f in FACTS}

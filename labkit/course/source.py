@@ -128,7 +128,9 @@ class Listing:
 
     def returning(self, retval: int) -> list[int]:
         """Lines that return the errno a kretprobe saw (``-95`` -> every
-        ``return -EOPNOTSUPP;`` and ``return -ENOTSUP;``): the candidates for
+        ``return -EOPNOTSUPP;`` and ``return -ENOTSUP;``, and every
+        ``rc = -EOPNOTSUPP;`` that a ``goto out`` returns, the shape of 5.10's
+        __gup_longterm_locked() and get_vaddr_frames()): the candidates for
         the line the probe caught."""
         if retval >= 0:
             return self.matching(rf"\breturn\s+{retval}\s*;")
@@ -136,7 +138,7 @@ class Listing:
         if not names:
             return []
         alternatives = "|".join(names)
-        return self.matching(rf"\breturn\s+-(?:{alternatives})\s*;")
+        return self.matching(rf"(?:\breturn\s+|\b\w+\s*=\s*)-(?:{alternatives})\s*;")
 
     def text(self, mark: list[int] | None = None) -> str:
         marked = set(mark or ())

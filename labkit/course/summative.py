@@ -240,8 +240,8 @@ def companion_vms(notebook: str, kernel: str) -> list[tuple[str, str]]:
     the companion VMs its cells attach to (``labkit.lab.companion``, declared
     in ``labkit.course.exercises.COMPANIONS``)."""
     from labkit.course.exercises import companions_for
-    from labkit.lab.companion import companion
-    others = [companion(kind, "grade", kernel) for kind in companions_for(notebook)]
+    from labkit.lab.companion import companion, needed
+    others = [companion(kind, "grade", kernel) for kind in companions_for(notebook) if needed(kind, kernel)]
     return [("grade", kernel)] + [(c.name, c.kernel) for c in others]
 
 

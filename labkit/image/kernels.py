@@ -47,6 +47,11 @@ VARIANTS: tuple[KernelVariant, ...] = (
     KernelVariant("7.3", "trixie", "linux-image-amd64",
                   extra_suites=("trixie-backports",), package_suite="trixie-backports",
                   notes="trixie userland + trixie-backports kernel; rxe has on-demand paging (v6.15)"),
+    # Last, not first: the rows' order is the order tables show them and which kernel is
+    # "the other one" beside 6.1; 5.10 came later to the lab, as the kernel before v5.11.
+    KernelVariant("5.10", "bullseye", "linux-image-amd64",
+                  notes="Debian 11's own kernel, before v5.11 moved the fs-dax test into check_vma_flags(); "
+                        "bullseye userland (Python 3.9)"),
 )
 
 KERNELS: dict[str, KernelVariant] = {v.name: v for v in VARIANTS}

@@ -49,12 +49,21 @@ def _odp_other(kernel: str) -> str:
     return "7.3" if kernel != "7.3" else "6.1"     # the kernel with rxe's ODP, or the oldest one to compare
 
 
+# the kernel before v5.11 moved the fs-dax test into check_vma_flags() (notebook 10)
+BEFORE_511 = "5.10"
+
+
+def _before_511(kernel: str) -> str:
+    return BEFORE_511
+
+
 # kind -> (the default other kernel for this VM's kernel, the companion's name for (vm name, other kernel))
 COMPANION_KINDS: dict[str, tuple[Callable[[str], str], Callable[[str, str], str]]] = {
     "matrix": (_first_other, lambda name, other: f"{name}-other"),
     "odp": (_odp_other, lambda name, other: f"{name}-k{other.replace('.', '')}"),
     # notebook 08's second fence: a 7.3 guest of its own, since loading a lab module taints it
     "fences": (lambda kernel: "7.3", lambda name, other: f"{name}-cf{other.replace('.', '')}"),
+    "before511": (_before_511, lambda name, other: f"{name}-k{other.replace('.', '')}"),
 }
 
 
@@ -70,6 +79,28 @@ def companion(kind: str, vm_name: str, kernel: str, other_kernel: str | None = N
         raise ConfigError(f"the other kernel must differ from this VM's ({kernel})",
                           hint="choose one of: " + ", ".join(k for k in KERNELS if k != kernel))
     return Companion(kind, name(vm_name, other), other)
+
+
+def needed(kind: str, kernel: str) -> bool:
+    """False when a VM running ``kernel`` is already what a companion of ``kind``
+    would run (notebook 10's 5.10 guest, when the lab VM itself runs 5.10)."""
+    default, _ = COMPANION_KINDS[kind]
+    return default(kernel) != kernel
+
+
+def attach(kind: str, vm: Any) -> Any:
+    """The VM a companion of ``kind`` names for the running ``vm``: ``vm`` itself
+    when it already runs that kernel, else the companion, attached when it runs
+    (the grader starts it before the notebook) or started (a persistent VM the
+    notebook stops at its end)."""
+    from labkit.machine import vm as machine
+
+    kernel = vm.describe()["kernel"]
+    if not needed(kind, kernel):
+        return vm
+    peer = companion(kind, vm.name, kernel)
+    log.debug("attaching companion %s (%s) of %s", peer.name, peer.kernel, vm.name)
+    return machine.connect(name=peer.name, kernel=peer.kernel)
 
 
 def beside(peer: Companion, here: Callable[[], T], there: Callable[[Any], U],

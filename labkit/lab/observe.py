@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 HIGHLIGHTS = {
     "experimental": re.compile(r"DAX enabled\. Warning: EXPERIMENTAL"),
     "pin-refused": re.compile(r"Unable to pin|pin.*err = -\d+"),
-    "refusal": re.compile(r"check_vma_flags.*ret=-\d+"),
+    "refusal": re.compile(r"labkit_cvf\w*:.*ret=-\d+"),     # the lab's kretprobes (lab/tracing.py)
     "dax": re.compile(r"\bDAX\b|\bdax\b"),
 }
 

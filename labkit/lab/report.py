@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from labkit.lab.guest.vocab import result_cell
+from labkit.lab.results import traced_function
 
 
 def format_matrix(m: Mapping[str, Any]) -> str:
@@ -26,9 +27,10 @@ def format_matrix(m: Mapping[str, Any]) -> str:
         res = result_cell(p["ok"], p["errno"], p["errname"])
         vp = "-" if p["vmpin_kb_delta"] is None else f"{p['vmpin_kb_delta']:+d}"
         fp = "-" if p["foll_pin_delta"] is None else f"{p['foll_pin_delta']:+d}"
-        tr = p["trace"][0].split("check_vma_flags", 1)[-1].strip(" )") if p["trace"] else ""
+        fn = traced_function(p["trace"][0]) if p["trace"] else ""
+        tr = p["trace"][0].split(fn, 1)[-1].strip(" )") if fn else ""
         lines.append(f"  {p['mechanism']:9s} {p['memory']:11s} {p['mapping']:8s} {res:14s} {vp:>9s} {fp:>9s}  "
-                     + (f"<- check_vma_flags {tr}" if tr else ""))
+                     + (f"<- {fn} {tr}" if fn else ""))
         for ln in p["kernel_log"]:
             lines.append(f"        {ln}")
     tw = m["truncate_wait"]

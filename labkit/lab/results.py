@@ -3,13 +3,12 @@ truncate that waits, and the kernel log and tracing around a guest command."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from labkit.command import CommandResult
-from labkit.lab.guest.vocab import result_cell
-
-KPROBE = "labkit_cvf"
+from labkit.lab.guest.vocab import KPROBE, result_cell
 
 
 @dataclass(frozen=True)
@@ -69,23 +68,31 @@ class MountResult:
                 "kernel_log": self.kernel_log, "ok": self.ok, "options": self.options, "error": self.error}
 
 
+def traced_function(line: str) -> str:
+    """The probed function of a kretprobe trace line: tracefs prints
+    ``(CALLER+0x../0x.. <- FUNCTION) ret=-95``; '' when there is none."""
+    m = re.search(r"<- ([A-Za-z_][\w.]*)\)", line)
+    return m.group(1) if m else ""
+
+
 ODP_SUPPORT = 0x1       # IBV_ODP_SUPPORT in odp_caps.general_caps
 
 
 def pin_why(mechanism: str, ok: bool, device_odp: int | None, trace: list[str]) -> str:
     """Why the kernel answered so, from this attempt's own evidence only: the
-    device's ODP capabilities and whether check_vma_flags refused (traced).
-    Two refusals with the same errno are told apart this way."""
+    device's ODP capabilities and whether a function of the fs-dax rule refused
+    (traced: check_vma_flags since v5.11). Two refusals with the same errno are
+    told apart this way."""
     if trace:
-        return "refused in check_vma_flags: no long-term pin of this memory (the fs-dax rule)"
+        return f"refused in {traced_function(trace[0]) or '?'}: no long-term pin of this memory (the fs-dax rule)"
     odp = mechanism == "rdma-odp"
     has_odp = device_odp is not None and bool(device_odp & ODP_SUPPORT)
     if ok:
         return f"registered on demand (device ODP caps {device_odp:#x}): no page pinned" if odp and has_odp else ""
     if odp and device_odp is not None and not has_odp:
-        return (f"the device has no on-demand paging (ODP caps {device_odp:#x}); check_vma_flags did not "
-                "refuse: not the fs-dax rule")
-    return "refused; check_vma_flags did not refuse (not the fs-dax rule)"
+        return (f"the device has no on-demand paging (ODP caps {device_odp:#x}); the fs-dax rule did not "
+                "refuse (nothing traced)")
+    return "refused; the fs-dax rule did not refuse (nothing traced)"
 
 
 @dataclass

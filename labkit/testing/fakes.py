@@ -95,7 +95,9 @@ class FakeVM:
     itself, with the same signatures and ``VMState`` values as the real VM."""
 
     def __init__(self, rules: list[tuple[str, str, int]] | None = None, kernel: str = "6.1") -> None:
-        self.ssh = FakeSSH(rules or [])
+        # `uname -r` answers like the kernel the fake stands for, after any rule of the test's own
+        # (the lab reads it once, to choose the functions it traces)
+        self.ssh = FakeSSH([*(rules or []), (r"^uname -r$", f"{kernel}.0-fake-amd64\n", 0)])
         self.accel: AccelChoice | None = AccelChoice("tcg", "fake")
         self.name = "fake"
         self.kernel = kernel

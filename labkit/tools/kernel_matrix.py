@@ -14,6 +14,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from labkit.lab.results import traced_function
+
 log = logging.getLogger(__name__)
 
 Matrix = dict[str, Any]
@@ -41,7 +43,7 @@ def _pin_cells(p: dict) -> dict[str, str]:
     vp, fp = p.get("vmpin_kb_delta"), p.get("foll_pin_delta")
     return {"result": res, "VmPin kB": "-" if vp is None else f"{vp:+d}",
             "foll_pin": "-" if fp is None else f"{fp:+d}",
-            "check_vma_flags": "refused" if p.get("trace") else "-"}
+            "refused in": (traced_function(p["trace"][0]) or "?") if p.get("trace") else "-"}
 
 
 def _mount_cells(mt: dict) -> dict[str, str]:
@@ -93,8 +95,8 @@ def _cell_text(cells: dict[str, str]) -> str:
             parts.append(f"{name.split()[0]} {cells[name]}")
     if "mounted" in cells:
         parts = [f"mounted={cells['mounted']} dax={cells['dax']} EXPERIMENTAL={cells['EXPERIMENTAL']}"]
-    if cells.get("check_vma_flags") == "refused":
-        parts.append("[cvf]")
+    if cells.get("refused in", "-") != "-":
+        parts.append(f"[{cells['refused in']}]")
     return " ".join(p for p in parts if p)
 
 
@@ -113,8 +115,8 @@ def side_by_side(matrices: dict[str, Matrix]) -> str:
         text = " | ".join(c.ljust(cols[i]) for i, c in enumerate(cells))
         mark = f"  {MARK}: {', '.join(diff[label])}" if label in diff else ""
         lines.append(f"{label:{width}s}   {text}{mark}".rstrip())
-    lines += ["", f"{len(diff)} of {len(table)} rows differ between kernels. [cvf]: the kretprobe on "
-              "check_vma_flags saw the refusal; VmPin in kB; foll_pin = nr_foll_pin_acquired delta."]
+    lines += ["", f"{len(diff)} of {len(table)} rows differ between kernels. [function]: the kretprobe on "
+              "that function saw the refusal; VmPin in kB; foll_pin = nr_foll_pin_acquired delta."]
     return "\n".join(lines)
 
 

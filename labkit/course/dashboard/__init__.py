@@ -38,7 +38,6 @@ from labkit.course.dashboard.api import (
 )
 from labkit.course.dashboard.models import (
     BOOT_MILESTONES,
-    TRACE_SCRIPT,
     BootProgressModel,
     Cell,
     DashboardModel,
@@ -49,6 +48,7 @@ from labkit.course.dashboard.models import (
     PinModel,
     RefusalTrace,
     VMPanelModel,
+    trace_script,
 )
 from labkit.course.dashboard.render import (
     HIGHLIGHT_LABELS,
@@ -89,6 +89,6 @@ __all__ = [
 ]
 
 # Also reachable as attributes (not exported by ``import *``), as before the split.
-_internal = (BOOT_MILESTONES, TRACE_SCRIPT, Cell, FollowedDmesg, Model, RefusalTrace, HIGHLIGHT_LABELS,
+_internal = (BOOT_MILESTONES, trace_script, Cell, FollowedDmesg, Model, RefusalTrace, HIGHLIGHT_LABELS,
              LOG_COLOURS, MISSING_BG, OK_BG, REFUSED_BG, BootProgress, Dashboard, LogPane, MatrixTable, PinPanel,
              VMPanel)

@@ -27,6 +27,11 @@ PMEM_ROLES = {"fsdax-xfs": "fsdax", "fsdax-ext4": "fsdax", "devdax": "devdax"}
 
 MOUNT_ROOT = "/mnt"
 
+# The kretprobes the lab puts on the functions that refuse a long-term pin of
+# fs-dax memory are all named with this prefix (``labkit_cvf``, ``labkit_cvf_1``,
+# ...), so that the guest and the host pick their lines out of the trace alike.
+KPROBE = "labkit_cvf"
+
 # A few pin attempts that tell the story (long-term vs transient, fs-dax vs
 # device-dax, and the page cache, where v6.5 added a rule of its own) for
 # comparing kernels quickly; ``Lab.matrix(cases=SHORT_CASES)``.

@@ -10,16 +10,16 @@ from labkit.course.dashboard.models.base import Model, Periodic, message
 from labkit.course.dashboard.models.boot import BOOT_MILESTONES, BootProgressModel
 from labkit.course.dashboard.models.dashboard import DashboardModel
 from labkit.course.dashboard.models.followers import (
-    TRACE_SCRIPT,
     FollowedDmesg,
     GuestFollower,
     RefusalTrace,
+    trace_script,
 )
 from labkit.course.dashboard.models.kernel_log import KernelLogModel
 from labkit.course.dashboard.models.matrix import Cell, MatrixModel
 from labkit.course.dashboard.models.pins import PinModel
 from labkit.course.dashboard.models.vm_panel import VMPanelModel
 
-__all__ = ["BOOT_MILESTONES", "TRACE_SCRIPT", "BootProgressModel", "Cell", "DashboardModel", "FollowedDmesg",
+__all__ = ["BOOT_MILESTONES", "trace_script", "BootProgressModel", "Cell", "DashboardModel", "FollowedDmesg",
            "GuestFollower", "KernelLogModel", "MatrixModel", "Model", "Periodic", "PinModel", "RefusalTrace",
            "VMPanelModel", "message"]

@@ -11,6 +11,7 @@ import uuid
 from labkit.course.dashboard.protocols import GuestMachine
 from labkit.errors import LabError, StateError
 from labkit.lab.observe import KernelLog, LogLine
+from labkit.lab.tracing import probe_names, refusing_functions
 
 log = logging.getLogger(__name__)
 
@@ -63,27 +64,41 @@ class FollowedDmesg(GuestFollower):
         return "exec dmesg --follow-new" if since_now else "exec dmesg --follow"
 
 
-# A second ftrace instance follows the lab's kretprobe on check_vma_flags, with
-# a filter for failures only. It has its own buffer, so reading its trace_pipe
-# never takes events away from Lab.observe (which reads the global trace).
-TRACE_SCRIPT = (
-    "cd /sys/kernel/tracing || exit 1; "
-    "grep -q 'labkit_cvf' kprobe_events || echo 'r:labkit_cvf check_vma_flags ret=$retval:s32' >> kprobe_events; "
-    "mkdir -p instances/{inst} && echo 'ret != 0' > instances/{inst}/events/kprobes/labkit_cvf/filter && "
-    "echo 1 > instances/{inst}/events/kprobes/labkit_cvf/enable || exit 1; "
-    "exec cat instances/{inst}/trace_pipe")
+# A second ftrace instance follows the lab's kretprobes (labkit.lab.tracing: check_vma_flags since
+# v5.11, the older functions before), with a filter for failures only. It has its own buffer, so
+# reading its trace_pipe never takes events away from Lab.observe (which reads the global trace).
+# The names come from the lab's own table (REFUSAL_SITES) and a uuid, never from a learner.
+def trace_script(instance: str, functions: tuple[str, ...]) -> str:
+    """The guest script: a kretprobe per refusing function (shared with Lab's tracer, same
+    names), each enabled in ``instance`` with a filter for errors, then its trace_pipe."""
+    parts = ["cd /sys/kernel/tracing || exit 1"]
+    for name, fn in zip(probe_names(len(functions)), functions):
+        ev = f"instances/{instance}/events/kprobes/{name}"
+        parts.append(f"{{ grep -q 'kprobes/{name} ' kprobe_events || "
+                     f"echo 'r:{name} {fn} ret=$retval:s32' >> kprobe_events; }}")
+        parts.append(f"mkdir -p instances/{instance} && echo 'ret < 0' > {ev}/filter && "
+                     f"echo 1 > {ev}/enable || exit 1")
+    parts.append(f"exec cat instances/{instance}/trace_pipe")
+    return "; ".join(parts)
 
 
 class RefusalTrace(GuestFollower):
-    """``check_vma_flags`` calls that returned an error, as they happen (kretprobe,
+    """The refusing functions' calls that returned an error, as they happen (kretprobes,
     own ftrace instance). Lines look like ``... <- check_vma_flags) ret=-95``."""
 
     def __init__(self, vm: GuestMachine, maxlen: int = 500) -> None:
         super().__init__(vm, maxlen)
         self.instance = f"labkit-log-{uuid.uuid4().hex[:8]}"
+        self._functions: tuple[str, ...] = ()
+
+    def functions(self) -> tuple[str, ...]:
+        """What the guest's kernel refuses in (by its ``uname -r``; asked once)."""
+        if not self._functions:
+            self._functions = refusing_functions(self.vm.run(["uname", "-r"], timeout=10).stdout)
+        return self._functions
 
     def script(self, since_now: bool) -> str:
-        return TRACE_SCRIPT.format(inst=self.instance)
+        return trace_script(self.instance, self.functions())
 
     def cleanup_script(self) -> str:
         return f"sleep 0.1; rmdir /sys/kernel/tracing/instances/{self.instance} 2>/dev/null;"

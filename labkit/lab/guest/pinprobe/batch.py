@@ -1,8 +1,8 @@
 """Batch mode: one Python start-up (and one pyverbs import) for a whole matrix.
 
 Each case runs in a forked child, so pins and counters never leak between
-cases; the parent records the kernel log records and check_vma_flags trace
-lines that appeared while the case ran.
+cases; the parent records the kernel log records and the refusal kretprobes'
+trace lines that appeared while the case ran.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import sys
 import time
 from typing import Any
 
+from ..vocab import KPROBE
 from .common import TRACE, clear_trace, emit
 from .registry import Command
 
@@ -55,7 +56,7 @@ def _kmsg_drain(fd: int | None) -> list[str]:
 def _read_trace() -> list[str]:
     try:
         with open(TRACE) as f:
-            return [ln.rstrip() for ln in f if "check_vma_flags" in ln]
+            return [ln.rstrip() for ln in f if KPROBE in ln]
     except OSError:
         return []
 
