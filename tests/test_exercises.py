@@ -246,8 +246,23 @@ class FakeLab510(FakeLab):
         return PINS[(mech, mem)]
 
 
+@dataclass
+class FakeLab73(FakeLab):
+    """Answers like the 7.3 guest, whose soft-RoCE does ODP: an ODP MR over the ext4 DAX file
+    survives the truncate, and the WRITE after it is answered by the device (a remote access error
+    once the pages are gone)."""
+
+    def sh(self, script, check=True, timeout=60):
+        return _R("7.3.0-1-amd64\n") if script == "uname -r" else super().sh(script, check, timeout)
+
+    def odp_revoke(self, memory, kind="odp", op="write"):
+        after = RdmaOp(op, 10, "IBV_WC_REM_ACCESS_ERR", 0.001)
+        return RevokeResult(memory, "shared", kind, True, None, None, 1, 0, "truncate", 0.01, False, [], 1,
+                            RdmaOp(op, 0, "IBV_WC_SUCCESS", 0.001), after, None)
+
+
 def live(ex_id=""):
-    lab = FakeLab510() if ex_id == "ex10.1" else FakeLab()
+    lab = FakeLab510() if ex_id == "ex10.1" else FakeLab73() if ex_id == "ex9.4" else FakeLab()
     return Live(lab, source_loader=_fake_source, fence_runner=_fake_fence)
 
 
@@ -307,6 +322,9 @@ CASES = {
     "ex9.1": (["IBV_WC_SUCCESS", "SUCCESS", "ibv_wc_success"],
               ["", "ok", "IBV_WC_REM_ACCESS_ERR", "EOPNOTSUPP", 95, True, "no completion"]),
     "ex9.2": ([True], ["", "True", 1, False, None]),
+    # judged on the 7.3 guest (FakeLab73): the status of the WRITE after the truncate
+    "ex9.4": (["IBV_WC_REM_ACCESS_ERR", "rem_access_err", " ibv_wc_rem_access_err "],
+              ["", "IBV_WC_SUCCESS", "ok", "EINVAL", 22, True, "no completion"]),
     # judged on the 5.10 guest (FakeLab510): the refusal returns from __gup_longterm_locked
     "ex10.1": (["r __gup_longterm_locked $retval:s32", "r:mine __gup_longterm_locked ret=$retval:s64"],
                ["", "r check_vma_flags $retval:s32", "r __get_user_pages $retval:s32", "__gup_longterm_locked",

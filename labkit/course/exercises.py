@@ -684,7 +684,44 @@ def check_probe_before_511(answer: Any, live: Live) -> Result:
     return check_probe(answer, live_before_511(live))
 
 
+# The kernel whose soft-RoCE does on-demand paging (rxe ODP, v6.15): notebook 09's
+# ODP exercises are judged there, on the notebook's own guest or its "odp" companion.
+ODP_KERNEL = "7.3"
+
+
+def live_with_odp(live: Live) -> Live:
+    """``live`` when its guest runs ODP_KERNEL, else a Live on the notebook's 7.3 companion."""
+    def make() -> Live:
+        if live.sh("uname -r").startswith(ODP_KERNEL + "."):
+            return live
+        from labkit.lab.companion import companion
+        from labkit.lab.lab import Lab
+        from labkit.machine import vm as machine
+        vm = live.lab.vm
+        peer = companion("odp", vm.name, vm.describe()["kernel"], ODP_KERNEL)
+        return Live(Lab(machine.connect(name=peer.name, kernel=peer.kernel)), source_loader=live.source_loader)
+    return live._once("odp-kernel", make)
+
+
+def check_odp_ext4_truncated(answer: Any, live: Live) -> Result:
+    """ex9.4: an ODP MR over the fs-dax ext4 file on the ODP kernel, the file
+    truncated under it, an RDMA WRITE after: that WRITE's completion status
+    (or the registration's errno)."""
+    if not str(answer or "").strip():
+        return False, "give the completion's status name (IBV_WC_...) or the errno's name"
+    rv = live_with_odp(live).revoke("fsdax-ext4", "odp", "write")
+    if not rv.registered:
+        return _errno_matches(answer, type("R", (), {"ok": False, "errno": rv.errno})())
+    after = rv.after.status_name if rv.after else "no completion"
+    return bool(_status(answer)) and _status(answer) == _status(after), ""
+
+
 EXERCISES = EXERCISES + (
+    Exercise("ex9.4", "09", 2, "an ODP MR over the ext4 DAX file, truncated (7.3)", check_odp_ext4_truncated,
+             judged_by=LIVE, shown_by=(("odp_revoke", "fsdax-ext4"),), difficulty="core",
+             hints=_hints("the story measured XFS; measure the other filesystem's DAX file on the guest whose "
+                          "device can do ODP (its caps bit 0)",
+                          "the revocation runs the same steps; the WRITE after the truncate is the one asked for")),
     Exercise("ex10.1", "10", 3, "a kretprobe that catches the refusal on 5.10", check_probe_before_511,
              kind="code", difficulty="stretch", judged_by=LIVE,
              hints=_hints("on 5.10 the function that refuses since v5.11 has no fs-dax test (and no symbol to "
