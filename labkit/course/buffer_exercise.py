@@ -101,6 +101,9 @@ def check_buffer(answer: Any, live: Live) -> Result:
         return False, PROBLEMS.get(run.problem, run.problem)
     if not run.backed_by_file:
         return False, "the buffer is not a mapping of the file at path (look at /proc/self/maps)"
+    if not run.ok and not run.errname:
+        return False, ("no RDMA registration of your buffer was seen in your process: the kernel never "
+                       "registered it")
     if not run.ok:
         if run.shared:
             return False, ("the kernel refused to register it: in a shared mapping the pages are still the "

@@ -121,7 +121,7 @@ def check_hold(answer: Any, live: Live) -> Result:
         return False, ("truncate did not wait: when it ran, nothing held a reference to the file's pages "
                        "(a copy of the data, or a reference already dropped, is nothing to wait for)")
     if run.stopped or run.traced or not run.layout_wait:
-        how = "it was stopped" if run.stopped else "it was traced" if run.traced else \
+        how = "it was traced" if run.traced else "it was stopped" if run.stopped else \
             f"it slept in {', '.join(run.where[:3]) or 'an unknown place'}"
         return False, (f"truncate was held up, but not waiting for the file's pages ({how}): only the "
                        "filesystem's wait for references to its pages counts")

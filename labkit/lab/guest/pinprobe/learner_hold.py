@@ -36,7 +36,7 @@ from typing import Any
 
 from .args import byte_size, dax_target_args
 from .common import DEFAULT_SIZE, PAGE, base_result, iovec, libc
-from .learner_buffer import run_learner, source_and_file
+from .learner_buffer import learner_user_arg, run_learner, source_and_file
 from .learner_proc import LEARNER_USER, Channel, LearnerProcess, learner_ids
 from .registry import Command
 from .truncate import SPLICE_F_NONBLOCK, Child  # truncate also declares libc.vmsplice's signature
@@ -263,7 +263,8 @@ def _hold_phase(r: dict[str, Any], t: Truncate, child: LearnerProcess, hold_s: f
 
 
 def cmd_learner_hold(args: Any) -> dict[str, Any]:
-    return judge(source_and_file(args), args.path, args.size, args.timeout, args.hold, args.after)
+    return judge(source_and_file(args), args.path, args.size, args.timeout, args.hold, args.after,
+                 user=args.learner_user)
 
 
 def _arguments(sp: argparse.ArgumentParser) -> None:
@@ -273,6 +274,7 @@ def _arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--timeout", type=float, default=20.0, help="max seconds for each call of the learner's code")
     sp.add_argument("--hold", type=float, default=2.0, help="seconds the truncate runs before the release")
     sp.add_argument("--after", type=float, default=10.0, help="max seconds the truncate may take after the release")
+    learner_user_arg(sp)
 
 
 COMMANDS = (Command("learner-hold", "run a learner's hold(m) (source on stdin) on a shared mapping of an fs-dax "

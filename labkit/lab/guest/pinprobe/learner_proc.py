@@ -68,7 +68,7 @@ class LearnerProcess:
                  before_drop: Callable[[], Any] | None = None) -> None:
         cmd_r, self._cmd_w = os.pipe()
         self._msg_r, msg_w = os.pipe()
-        self.uid = ids[0] if ids else None
+        self.uid = ids[0] if ids and ids[0] != 0 else None      # never "every process of root"
         self.status: int | None = None
         self._buf = b""
         pid = os.fork()
