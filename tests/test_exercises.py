@@ -314,7 +314,7 @@ def test_points_by_kind_cover_every_notebook():
 # -- forgeries of the code exercises' judges -------------------------------------------------------
 # What a determined student would try against the judges of 3.8 and 6.5 (issue 28): each is learner
 # code, each must fail for its own reason. The judge runs the learner's code in a process of its own as
-# nobody and reads the verdict from the kernel, outside that process (labkit/lab/guest/pinprobe/
+# an unprivileged uid of its own and reads the verdict from the kernel, outside that process (labkit/lab/guest/pinprobe/
 # learner_proc.py); the fd 1/2 forgeries are judged here on the host too (tests/buffer_fake.py,
 # hold_fake.py: the real guest-side judge, the kernel's DAX answers modelled), all of them live below.
 
@@ -344,7 +344,30 @@ def find():
                 pass
         time.sleep(0.005)
 '''
-STOP_TRUNCATE = FIND_TRUNCATE + '''
+# As root a learner could also slow the judge's truncate down before it reaches the filesystem (here: a
+# script bind-mounted over the truncate command, which sleeps first); the stop and the trace below then
+# catch it every time, not only when they win a race with a truncate that has nothing to wait for.
+SLOWED = '''
+import shutil, subprocess
+REAL, SCRIPT = "/tmp/labkit-truncate.real", "/tmp/labkit-truncate.sh"
+def slow(seconds):
+    if os.geteuid() != 0:
+        return                              # unprivileged: no mount (the forgeries then race, and lose)
+    shutil.copy("/usr/bin/truncate", REAL)
+    with open(SCRIPT, "w") as f:
+        f.write(f"#!/bin/sh\\nsleep {seconds}\\nexec {REAL} \\"$@\\"\\n")
+    os.chmod(SCRIPT, 0o755)
+    subprocess.run(["mount", "--bind", SCRIPT, "/usr/bin/truncate"], check=True, timeout=10)
+def unslow():
+    if os.geteuid() == 0:
+        subprocess.run(["umount", "/usr/bin/truncate"], timeout=10)
+'''
+DELAY_TRUNCATE = FIND_TRUNCATE + SLOWED + '''
+def hold(m):
+    slow(3)                                 # the truncate "waits" 3 s, holding nothing of the file
+    return unslow
+'''
+STOP_TRUNCATE = FIND_TRUNCATE + SLOWED + '''
 def stop():
     pid = find()
     try:
@@ -353,19 +376,21 @@ def stop():
     except (OSError, TypeError) as e:
         GOT.append(e)
 def hold(m):
+    slow(0.5)
     threading.Thread(target=stop, daemon=True).start()
-    return lambda: [os.kill(p, signal.SIGCONT) for p in GOT if isinstance(p, int)]
+    return lambda: (unslow(), [os.kill(p, signal.SIGCONT) for p in GOT if isinstance(p, int)])
 '''
-PTRACE_TRUNCATE = FIND_TRUNCATE + '''
+PTRACE_TRUNCATE = FIND_TRUNCATE + SLOWED + '''
 def trace():
     pid = find()
     if pid and libc.ptrace(16, pid, None, None) == 0:      # PTRACE_ATTACH: the truncate stops, traced
         DONE.wait(10)
         libc.ptrace(17, pid, None, None)                   # PTRACE_DETACH, from the tracing thread
 def hold(m):
+    slow(0.5)
     t = threading.Thread(target=trace, daemon=True)
     t.start()
-    return lambda: (DONE.set(), t.join(5))
+    return lambda: (unslow(), DONE.set(), t.join(5))
 '''
 KILL_JUDGE = "import os, signal\ndef hold(m):\n    os.kill(os.getppid(), signal.SIGKILL)\n    return lambda: None\n"
 KILL_JUDGE_BUFFER = ("import os, signal\ndef buffer(path, size):\n    os.kill(os.getppid(), signal.SIGKILL)\n"
@@ -408,21 +433,23 @@ ENDED_BUFFER = "your code ended the process before the buffer could be registere
 
 # (exercise, learner code, the user the guest judge runs it as, what the feedback must say)
 FORGERIES = {
-    "buffer-fd1-exit": ("ex3.8", _report_and_exit("buffer(path, size)", 1, FORGED_BUFFER), "nobody", ENDED_BUFFER),
-    "buffer-fd2-exit": ("ex3.8", _report_and_exit("buffer(path, size)", 2, FORGED_BUFFER), "nobody", ENDED_BUFFER),
-    "buffer-forged-message": ("ex3.8", FORGED_MESSAGE_BUFFER, "nobody", NOT_REGISTERED),
-    "buffer-kill-judge": ("ex3.8", KILL_JUDGE_BUFFER, "nobody", "raised on line 3: PermissionError"),
-    "buffer-edit-files": ("ex3.8", EDIT_FILES_BUFFER, "nobody", "raised on line 5: PermissionError"),
-    "hold-fd1-exit": ("ex6.5", _report_and_exit("hold(m)", 1, FORGED_HOLD), "nobody", ENDED_HOLD),
-    "hold-fd2-exit": ("ex6.5", _report_and_exit("hold(m)", 2, FORGED_HOLD), "nobody", ENDED_HOLD),
-    "hold-report-exit-in-release": ("ex6.5", REPORT_THEN_EXIT_IN_RELEASE, "nobody",
+    "buffer-fd1-exit": ("ex3.8", _report_and_exit("buffer(path, size)", 1, FORGED_BUFFER), "sandbox", ENDED_BUFFER),
+    "buffer-fd2-exit": ("ex3.8", _report_and_exit("buffer(path, size)", 2, FORGED_BUFFER), "sandbox", ENDED_BUFFER),
+    "buffer-forged-message": ("ex3.8", FORGED_MESSAGE_BUFFER, "sandbox", NOT_REGISTERED),
+    "buffer-kill-judge": ("ex3.8", KILL_JUDGE_BUFFER, "sandbox", "raised on line 3: PermissionError"),
+    "buffer-edit-files": ("ex3.8", EDIT_FILES_BUFFER, "sandbox", "raised on line 5: PermissionError"),
+    "hold-fd1-exit": ("ex6.5", _report_and_exit("hold(m)", 1, FORGED_HOLD), "sandbox", ENDED_HOLD),
+    "hold-fd2-exit": ("ex6.5", _report_and_exit("hold(m)", 2, FORGED_HOLD), "sandbox", ENDED_HOLD),
+    "hold-report-exit-in-release": ("ex6.5", REPORT_THEN_EXIT_IN_RELEASE, "sandbox",
                                     "process ended while the truncate was being watched"),
-    "hold-kill-judge": ("ex6.5", KILL_JUDGE, "nobody", "raised on line 3: PermissionError"),
-    "hold-edit-files": ("ex6.5", EDIT_FILES, "nobody", "raised on line 5: PermissionError"),
-    # as nobody the kernel refuses the signal and the trace (EPERM): nothing holds the truncate up
-    "hold-stop-truncate": ("ex6.5", STOP_TRUNCATE, "nobody", "truncate did not wait"),
-    "hold-ptrace-truncate": ("ex6.5", PTRACE_TRUNCATE, "nobody", "truncate did not wait"),
-    # as root they would hold it up (a delay, not a wait for the pages): the truncate's stack and state say so
+    "hold-kill-judge": ("ex6.5", KILL_JUDGE, "sandbox", "raised on line 3: PermissionError"),
+    "hold-edit-files": ("ex6.5", EDIT_FILES, "sandbox", "raised on line 5: PermissionError"),
+    # unprivileged, the kernel refuses the signal and the trace (EPERM): nothing holds the truncate up
+    "hold-stop-truncate": ("ex6.5", STOP_TRUNCATE, "sandbox", "truncate did not wait"),
+    "hold-ptrace-truncate": ("ex6.5", PTRACE_TRUNCATE, "sandbox", "truncate did not wait"),
+    # as root they hold it up (a delay, not a wait for the pages): the truncate's stack and state say so
+    "hold-delay-truncate-as-root": ("ex6.5", DELAY_TRUNCATE, "root",
+                                    "not waiting for the file's pages (it slept in "),
     "hold-stop-truncate-as-root": ("ex6.5", STOP_TRUNCATE, "root", "not waiting for the file's pages (it was stopped)"),
     "hold-ptrace-truncate-as-root": ("ex6.5", PTRACE_TRUNCATE, "root",
                                      "not waiting for the file's pages (it was traced)"),
@@ -475,7 +502,9 @@ def test_every_forgery_of_the_code_judges_fails_on_the_live_guest_for_its_own_re
         (ok, why), raw = _guest_verdict(lab, ex_id, source, user)
         if ok or reason not in why:
             failures[name] = (ok, why, raw)
-    lab.vm.run(["rm", "-f", "/tmp/labkit-verdict.json"], timeout=30)
+    lab.vm.run(["sh", "-c", "umount /usr/bin/truncate 2>/dev/null; rm -f /tmp/labkit-verdict.json "
+                "/tmp/labkit-truncate.real /tmp/labkit-truncate.sh; exit 0"], timeout=30)
     assert not failures, failures
-    left = lab.vm.run(["sh", "-c", "pgrep -u nobody; pgrep -x truncate; exit 0"], timeout=30).stdout.split()
+    left = lab.vm.run(["sh", "-c", "ps -eo uid=,pid= | awk '$1 >= 61000 && $1 < 62000'; pgrep -x truncate; exit 0"],
+                      timeout=30).stdout.split()
     assert left == [], left                # the judge leaves no process of the learner's, nor a truncate

@@ -3,7 +3,7 @@
 ``path`` that RDMA registration will accept. The source reaches the guest on
 the helper's stdin (never as shell text); the guest helper
 (``pinprobe learner-buffer``) runs it there in a process of its own as
-``nobody``, which registers what it returned with ibv_reg_mr; the judge reads
+an unprivileged uid of its own, which registers what it returned with ibv_reg_mr; the judge reads
 that process from outside (its /proc/<pid>/maps, its VmPin, the FOLL_PIN
 counters, the RDMA regions the kernel lists for its pid) and believes
 nothing it prints. The check judges the kernel's answer; the feedback says why an attempt failed

@@ -3,7 +3,7 @@
 mapping of a file on the fs-dax XFS mount) which a truncate of the file must
 wait for, and returns a function that drops them. The source reaches the
 guest on the helper's stdin (never as shell text); the guest helper
-(``pinprobe learner-hold``) runs it in a process of its own as ``nobody``,
+(``pinprobe learner-hold``) runs it in a process of its own as an unprivileged uid,
 truncates the file itself, has the learner's process call the release
 function, and reports what it read of the truncate from outside: whether it
 waited, whether its kernel stack was the filesystem's wait for the pages

@@ -5,7 +5,7 @@ reports what the kernel did: whether the buffer is the file's (its VMA in
 /proc/<pid>/maps names the file's inode), shared or private, whether the
 registration was refused, and how much was pinned (VmPin, nr_foll_pin_*).
 
-The learner's code runs in a process of its own as ``nobody``
+The learner's code runs in a process of its own, as an unprivileged uid of its own
 (:mod:`.learner_proc`), which also makes the registration (an RDMA region
 belongs to the process whose memory it maps; ``/dev/infiniband/uverbs*`` is
 open to every user and 2 MiB is within the default RLIMIT_MEMLOCK). The

@@ -3,7 +3,7 @@ source on stdin, never shell text) receives ``m``, a writable MAP_SHARED mmap
 of an fs-dax file whose pages are all present, and must take references on
 its pages that a truncate of the file has to wait for; it returns a function
 that drops them. The learner's code runs in a process of its own as
-``nobody`` (:mod:`.learner_proc`; the mapping is made before it gives up
+an unprivileged uid of its own (:mod:`.learner_proc`; the mapping is made before it gives up
 root), which can signal, trace or write nothing of the judge's. The judge
 truncates the file itself (``truncate -s 0``, all descriptors closed),
 watches from outside where that process sleeps (a break-layouts frame in
@@ -155,7 +155,7 @@ def _watch(t: Truncate, seconds: float, child: LearnerProcess | None = None) -> 
     while time.monotonic() < end:
         if t.poll() is not None:
             return True
-        if child is not None and not child.alive():
+        if child is not None and not child.running():
             return False
         t.sample()
         time.sleep(0.05)
@@ -235,11 +235,11 @@ def judge(source: str, path: str, size: int, timeout: float, hold_s: float = 2.0
             r.update({k: said[k] for k in ("stage", "exception", "line") if k in said})
         finished = _watch(t, after_s, child)
         if finished:
-            r["completed"] = t.poll() == 0 and child.alive()
+            r["completed"] = t.poll() == 0 and child.running()
             r["seconds_after_release"] = round(time.monotonic() - t_release, 3)
             if t.poll():
                 r["truncate_error"] = t.error()
-        if not child.alive():
+        if not child.running():
             r.update(learner_exited=True, completed=False)
         elif not finished:
             r["message"] = f"truncate still waited {after_s:.0f} s after the release; killed"
@@ -247,13 +247,14 @@ def judge(source: str, path: str, size: int, timeout: float, hold_s: float = 2.0
         if t is not None:
             t.stop()
         child.finish()
+        r["learner_status"] = child.status         # how the learner's process ended (waitpid status)
     return r
 
 
 def _hold_phase(r: dict[str, Any], t: Truncate, child: LearnerProcess, hold_s: float) -> None:
     """Watch the truncate while the learner holds its references."""
     finished = _watch(t, hold_s, child)
-    r["learner_exited"] = not finished and not child.alive()
+    r["learner_exited"] = not child.running()
     r["blocked"] = not finished and not r["learner_exited"]
     # where it slept: its latest distinct kernel stack while the references were held
     r["where"] = t.stacks[-1] if r["blocked"] and t.stacks else []

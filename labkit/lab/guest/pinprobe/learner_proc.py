@@ -2,8 +2,8 @@
 guest: the learner's code never runs in the judge's own process.
 
 :class:`LearnerProcess` forks a child that gives up root (``setgroups``,
-``setresgid``, ``setresuid`` to ``nobody`` unless the judge runs unprivileged
-already, as in the unit tests on the host), starts its own session, has
+``setresgid``, ``setresuid`` to a uid of its own that no other process has,
+from ``SANDBOX_UIDS``; a judge that is not root keeps its own), starts its own session, has
 ``/dev/null`` as stdin, stdout and stderr, and talks to the judge over two
 pipes: commands from the judge ("go on", "exit") and short JSON messages to
 it. Those messages only sequence the run and describe the learner's own
@@ -23,23 +23,48 @@ import contextlib
 import json
 import os
 import pwd
+import random
 import select
 import signal
 import time
 from collections.abc import Callable
 from typing import Any
 
-LEARNER_USER = "nobody"
+LEARNER_USER = "sandbox"           # a uid of its own for each run, that no other process has
+SANDBOX_UIDS = range(61000, 62000)  # Debian's dynamic range ends at 59999 (adduser.conf); no account has these
 MESSAGE_MAX = 4096
+PF_EXITING = 0x4                  # include/linux/sched.h: the flags field of /proc/<pid>/stat
 
 
 def learner_ids(user: str | None = LEARNER_USER) -> tuple[int, int] | None:
-    """(uid, gid) the learner's code runs as; None to keep the judge's own
-    (only when the judge is not root: the unit tests on the host)."""
+    """(uid, gid) the learner's code runs as: for "sandbox", a uid no process
+    has (so that killing every process of it at the end kills the learner's
+    and nothing else, even beside another judge); else the named account's.
+    None keeps the judge's own (a judge that is not root cannot change it)."""
     if user is None or os.geteuid() != 0:
         return None
+    if user == LEARNER_USER:
+        taken = _uids_in_use()
+        # at random among the free ones: two judges starting at once hardly ever pick the same
+        uid = random.SystemRandom().choice([u for u in SANDBOX_UIDS if u not in taken])
+        return uid, uid
     pw = pwd.getpwnam(user)
     return pw.pw_uid, pw.pw_gid
+
+
+def _uids_in_use() -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, StopIteration):
+                found.add(_real_uid(entry))
+    return found
+
+
+def _real_uid(pid: str) -> int:
+    # the real uid from status: /proc/<pid> itself is root's once a process gave up root (not dumpable)
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("Uid:"))
 
 
 class Channel:
@@ -88,6 +113,20 @@ class LearnerProcess:
                 if p == self.pid:
                     self.status = st
         return self.status is None
+
+    def running(self) -> bool:
+        """Alive and not on its way out: a process that exits drops its files
+        (and the page references they hold) after the kernel marks it
+        PF_EXITING and before its parent can reap it, so ``alive`` alone
+        would take a dying process for a living one."""
+        if not self.alive():
+            return False
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return False
+        return fields[0] not in ("Z", "X", "x") and not int(fields[6]) & PF_EXITING
 
     def tell(self, command: str) -> None:
         with contextlib.suppress(OSError):
@@ -145,11 +184,8 @@ def kill_uid(uid: int) -> None:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        with contextlib.suppress(OSError, ValueError):
-            # the real uid from status: /proc/<pid> itself is root's once a process gave up root (not dumpable)
-            with open(f"/proc/{entry}/status") as f:
-                real = next((int(ln.split()[1]) for ln in f if ln.startswith("Uid:")), None)
-            if real == uid:
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            if _real_uid(entry) == uid:
                 os.kill(int(entry), signal.SIGKILL)
 
 
