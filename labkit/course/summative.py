@@ -9,8 +9,11 @@ persistent memory), by a Jupyter kernel in the sandbox of
 exercises are *not* judged there: once it is gone, a second fresh guest is
 restored from the snapshot, one the student's notebook never reached, and
 the checks measure what they need on it (:mod:`labkit.course.judging`: taint
-and labkit modules read before and after any learner code runs there,
-output capped, everything within ``--timeout``). The one exception is an
+and labkit modules read before and after any learner code runs there, a
+guest tainted by foreign code or with a labkit module loaded refused with
+the reason said, output capped, everything within ``--timeout``; the code
+exercises run the learner's code there unprivileged, in a process of its
+own, and read the verdict from the kernel). The one exception is an
 answer that *is* state the learner made in their own guest (``ON_LEARNER_GUEST``:
 ex7.1, a mount of their own), read there before it is stopped, and refused if
 its kernel got tainted or a labkit module was loaded.
