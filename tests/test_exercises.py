@@ -427,6 +427,20 @@ def buffer(path, size):
             pass
     return m
 '''
+ANON_REGISTERED_BUFFER = '''
+import mmap
+from pyverbs.device import Context, get_device_list
+from pyverbs.enums import IBV_ACCESS_LOCAL_WRITE
+from pyverbs.mr import MR
+from pyverbs.pd import PD
+KEEP = []
+def buffer(path, size):
+    ctx = Context(name=get_device_list()[0].name.decode())
+    pd = PD(ctx)
+    KEEP.append((ctx, pd, MR(pd, size, IBV_ACCESS_LOCAL_WRITE)))    # a region of anonymous memory, pinned
+    with open(path, "r+b") as f:
+        return mmap.mmap(f.fileno(), size)                           # ... and the file's shared mapping
+'''
 NOT_REGISTERED = "no RDMA registration of your buffer was seen"
 ENDED_HOLD = "your code ended the process before the truncate could be watched"
 ENDED_BUFFER = "your code ended the process before the buffer could be registered"
@@ -436,6 +450,8 @@ FORGERIES = {
     "buffer-fd1-exit": ("ex3.8", _report_and_exit("buffer(path, size)", 1, FORGED_BUFFER), "sandbox", ENDED_BUFFER),
     "buffer-fd2-exit": ("ex3.8", _report_and_exit("buffer(path, size)", 2, FORGED_BUFFER), "sandbox", ENDED_BUFFER),
     "buffer-forged-message": ("ex3.8", FORGED_MESSAGE_BUFFER, "sandbox", NOT_REGISTERED),
+    # a region of the learner's process, pinned, but not over the file: the judge's probe on the pin says so
+    "buffer-anon-region-beside": ("ex3.8", ANON_REGISTERED_BUFFER, "sandbox", NOT_REGISTERED),
     "buffer-kill-judge": ("ex3.8", KILL_JUDGE_BUFFER, "sandbox", "raised on line 3: PermissionError"),
     "buffer-edit-files": ("ex3.8", EDIT_FILES_BUFFER, "sandbox", "raised on line 5: PermissionError"),
     "hold-fd1-exit": ("ex6.5", _report_and_exit("hold(m)", 1, FORGED_HOLD), "sandbox", ENDED_HOLD),

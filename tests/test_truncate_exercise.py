@@ -154,7 +154,7 @@ def test_the_learners_prints_do_not_forge_the_report():
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("kernel", ["6.1", "7.3"])
+@pytest.mark.parametrize("kernel", ["6.1", "6.12", "7.3"])
 def test_the_live_kernel_judges_the_reference(kernel, pool):
     vm = pool.get(kernel)       # the run's shared guest: the judge leaves nothing behind
     lab = Lab(vm)

@@ -21,6 +21,7 @@ import ctypes
 import json
 import mmap
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -126,9 +127,77 @@ def file_mapping(pid: int, addr: int, size: int, path: str) -> dict[str, Any]:
     return {"backed_by_file": backed, "shared": shared, "vmas": found[:4]}
 
 
+TRACEFS = "/sys/kernel/tracing"
+_UMEM = re.compile(r"-(?P<tid>\d+)\s+\[\d+\].*?\s(?P<event>umem|umem_ret):.*?"
+                   r"(?:addr=(?P<addr>0x[0-9a-f]+) size=(?P<size>0x[0-9a-f]+)|ret=(?P<ret>0x[0-9a-f]+))")
+
+
+class UmemWatch:
+    """Every ib_umem_get (the RDMA core's pin of a user range for a memory
+    region: rxe's ibv_reg_mr goes through it) with its range and whether it
+    succeeded, per thread, seen by a kprobe and a kretprobe the judge owns
+    and read in a tracefs instance of its own (the lab's trace is untouched).
+    ``ok`` is False when the kernel would not take the probes."""
+
+    def __init__(self) -> None:
+        self.group = f"labkit_judge_{os.getpid()}"
+        self.instance = f"{TRACEFS}/instances/{self.group}"
+        self.ok = False
+        try:
+            self._events(f"p:{self.group}/umem ib_umem_get addr=$arg2:x64 size=$arg3:x64",
+                         f"r:{self.group}/umem_ret ib_umem_get ret=$retval:x64")
+            os.mkdir(self.instance)
+            for event in ("umem", "umem_ret"):
+                with open(f"{self.instance}/events/{self.group}/{event}/enable", "w") as f:
+                    f.write("1")
+            self.ok = True
+        except OSError:
+            self.close()
+
+    def _events(self, *lines: str) -> None:
+        for line in lines:
+            with open(f"{TRACEFS}/kprobe_events", "a") as f:
+                f.write(line + "\n")
+
+    def calls(self, tids: set[int]) -> list[dict[str, Any]]:
+        """The ib_umem_get calls of threads ``tids``: addr, size, ok."""
+        with open(f"{self.instance}/trace") as f:
+            text = f.read(4 * 2**20)
+        out: list[dict[str, Any]] = []
+        open_call: dict[int, dict[str, Any]] = {}
+        for m in _UMEM.finditer(text):
+            tid = int(m.group("tid"))
+            if tid not in tids:
+                continue
+            if m.group("event") == "umem":
+                open_call[tid] = {"addr": int(m.group("addr"), 16), "size": int(m.group("size"), 16), "ok": False}
+                out.append(open_call[tid])
+            elif tid in open_call:
+                ret = int(m.group("ret"), 16)
+                open_call.pop(tid)["ok"] = ret != 0 and ret < 2**64 - 4095      # not NULL, not an ERR_PTR
+        return out
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            for event in ("umem", "umem_ret"):
+                with contextlib.suppress(OSError), open(f"{self.instance}/events/{self.group}/{event}/enable",
+                                                        "w") as f:
+                    f.write("0")
+            with contextlib.suppress(OSError):
+                os.rmdir(self.instance)
+            for event in ("umem", "umem_ret"):
+                with contextlib.suppress(OSError):
+                    self._events(f"-:{self.group}/{event}")
+
+
 class Kernel:
     """What the judge reads of the kernel from outside the learner's process
     (the seam the unit tests replace)."""
+
+    def watch_umem(self) -> UmemWatch | None:
+        """The ib_umem_get calls from now on (None: not observable here)."""
+        w = UmemWatch()
+        return w if w.ok else None
 
     def mrs(self, pid: int) -> list[dict[str, Any]] | None:
         """The RDMA memory regions process ``pid`` holds (``rdma resource``;
@@ -197,6 +266,7 @@ def judge(source: str, path: str, size: int, timeout: float,
     if ids is not None:
         os.chown(path, ids[0], ids[1])        # the learner's code opens the file itself
     before = kernel.foll_pins()
+    watch = kernel.watch_umem()
     child = LearnerProcess(_child_body(source, path, size, timeout, register), ids)
     try:
         said = child.receive(timeout + 30) or {}
@@ -211,9 +281,35 @@ def judge(source: str, path: str, size: int, timeout: float,
             r.update(problem="no_answer", learner_exited=True)
             return r
         _observe(r, child.pid, int(said.get("addr") or 0), size, path, kernel, before)
+        if watch is not None:
+            _registered_on_file(r, child.pid, size, path, watch)
     finally:
         child.finish()
+        if watch is not None:
+            watch.close()
     return r
+
+
+def _tids(pid: int) -> set[int]:
+    try:
+        return {int(t) for t in os.listdir(f"/proc/{pid}/task")} | {pid}
+    except OSError:
+        return {pid}
+
+
+def _registered_on_file(r: dict[str, Any], pid: int, size: int, path: str, watch: UmemWatch) -> None:
+    """Whether the kernel pinned the *file's* range for an RDMA region of
+    ``pid`` (ib_umem_get over a range of its mapping of ``path`` succeeded),
+    not just any range of that process: the region's address is nowhere in
+    /proc, so the judge's own probe on the pin says which range it was."""
+    calls = watch.calls(_tids(pid))
+    r["umem"] = calls[:4]
+    on_file = [c for c in calls if c["ok"] and c["size"] >= size
+               and file_mapping(pid, c["addr"], size, path)["backed_by_file"]]
+    if on_file:
+        r.update(file_mapping(pid, on_file[0]["addr"], size, path))
+    elif r["ok"]:
+        r.update(ok=False, message="no region over the file's pages")
 
 
 def _observe(r: dict[str, Any], pid: int, addr: int, size: int, path: str, kernel: Kernel,
