@@ -142,7 +142,7 @@ class UmemWatch:
     def __init__(self) -> None:
         self.group = f"labkit_judge_{os.getpid()}"
         self.instance = f"{TRACEFS}/instances/{self.group}"
-        self.ok = False
+        self.ok, self.error = False, ""
         try:
             self._events(f"p:{self.group}/umem ib_umem_get addr=$arg2:x64 size=$arg3:x64",
                          f"r:{self.group}/umem_ret ib_umem_get ret=$retval:x64")
@@ -151,7 +151,8 @@ class UmemWatch:
                 with open(f"{self.instance}/events/{self.group}/{event}/enable", "w") as f:
                     f.write("1")
             self.ok = True
-        except OSError:
+        except OSError as exc:
+            self.error = f"{type(exc).__name__}: {exc}"[:200]
             self.close()
 
     def _events(self, *lines: str) -> None:
@@ -194,10 +195,9 @@ class Kernel:
     """What the judge reads of the kernel from outside the learner's process
     (the seam the unit tests replace)."""
 
-    def watch_umem(self) -> UmemWatch | None:
-        """The ib_umem_get calls from now on (None: not observable here)."""
-        w = UmemWatch()
-        return w if w.ok else None
+    def watch_umem(self) -> UmemWatch:
+        """The ib_umem_get calls from now on (``ok`` False: not observable here)."""
+        return UmemWatch()
 
     def mrs(self, pid: int) -> list[dict[str, Any]] | None:
         """The RDMA memory regions process ``pid`` holds (``rdma resource``;
@@ -267,6 +267,8 @@ def judge(source: str, path: str, size: int, timeout: float,
         os.chown(path, ids[0], ids[1])        # the learner's code opens the file itself
     before = kernel.foll_pins()
     watch = kernel.watch_umem()
+    if not watch.ok:
+        r["umem_error"] = watch.error
     child = LearnerProcess(_child_body(source, path, size, timeout, register), ids)
     try:
         said = child.receive(timeout + 30) or {}
@@ -281,12 +283,11 @@ def judge(source: str, path: str, size: int, timeout: float,
             r.update(problem="no_answer", learner_exited=True)
             return r
         _observe(r, child.pid, int(said.get("addr") or 0), size, path, kernel, before)
-        if watch is not None:
+        if watch.ok:
             _registered_on_file(r, child.pid, size, path, watch)
     finally:
         child.finish()
-        if watch is not None:
-            watch.close()
+        watch.close()
     return r
 
 
