@@ -143,17 +143,33 @@ class UmemWatch:
         self.group = f"labkit_judge_{os.getpid()}"
         self.instance = f"{TRACEFS}/instances/{self.group}"
         self.ok, self.error = False, ""
+        step = "kprobe"
         try:
-            self._events(f"p:{self.group}/umem ib_umem_get addr=$arg2:x64 size=$arg3:x64",
-                         f"r:{self.group}/umem_ret ib_umem_get ret=$retval:x64")
+            self._kprobes()
+            step = "instance"
             os.mkdir(self.instance)
             for event in ("umem", "umem_ret"):
+                step = f"enable {event}"
                 with open(f"{self.instance}/events/{self.group}/{event}/enable", "w") as f:
                     f.write("1")
             self.ok = True
         except OSError as exc:
-            self.error = f"{type(exc).__name__}: {exc}"[:200]
+            self.error = f"{step}: {type(exc).__name__}: {exc}"[:200]
             self.close()
+
+    def _kprobes(self) -> None:
+        """The entry probe, fetching the range by argument number or, where the
+        kernel cannot, by the x86-64 registers that carry them; the return probe."""
+        error: OSError | None = None
+        for addr, size in (("$arg2", "$arg3"), ("%si", "%dx")):
+            try:
+                self._events(f"p:{self.group}/umem ib_umem_get addr={addr}:x64 size={size}:x64")
+                break
+            except OSError as exc:
+                error = exc
+        else:
+            raise error or OSError("no probe")
+        self._events(f"r:{self.group}/umem_ret ib_umem_get ret=$retval:x64")
 
     def _events(self, *lines: str) -> None:
         for line in lines:
