@@ -172,9 +172,14 @@ class UmemWatch:
         self._events(f"r:{self.group}/umem_ret ib_umem_get ret=$retval:x64")
 
     def _events(self, *lines: str) -> None:
+        # os.open, not open(..., "a"): Python seeks to the end of a file opened for appending, and
+        # tracefs's kprobe_events refuses SEEK_END (EINVAL)
         for line in lines:
-            with open(f"{TRACEFS}/kprobe_events", "a") as f:
-                f.write(line + "\n")
+            fd = os.open(f"{TRACEFS}/kprobe_events", os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, (line + "\n").encode())
+            finally:
+                os.close(fd)
 
     def calls(self, tids: set[int]) -> list[dict[str, Any]]:
         """The ib_umem_get calls of threads ``tids``: addr, size, ok."""
