@@ -15,48 +15,68 @@ FAKE_RUNNER = r"""
 import errno, fcntl, json, os, struct, sys, termios
 from labkit.lab.guest.pinprobe import learner_hold as lh
 
-PIPES = []
+PIPES = sys.argv[1] + ".pipes"
 real_vmsplice = lh.vmsplice
 
 def vmsplice(fd, buf, length):
+    # in the learner's process: the real vmsplice; the fake kernel below is told which pipe holds pages
     n = real_vmsplice(fd, buf, length)
-    PIPES.append(fd)
+    with open(PIPES, "a") as f:
+        f.write(f"{os.getpid()} {fd}\n")
     return n
 
 def referenced():
-    # a pipe still holding spliced pages: its descriptor open and bytes unread
-    for fd in PIPES:
+    # a pipe of the learner's process still holding spliced pages: its descriptor open and bytes unread,
+    # seen from outside through /proc/<pid>/fd (as the kernel's page references are, by the truncate)
+    try:
+        with open(PIPES) as f:
+            held = [line.split() for line in f]
+    except OSError:
+        return False
+    for pid, fd in held:
         try:
-            if struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0] > 0:
+            h = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            if struct.unpack("i", fcntl.ioctl(h, termios.FIONREAD, b"\0\0\0\0"))[0] > 0:
                 return True
         except OSError:
             pass
+        finally:
+            os.close(h)
     return False
 
 def register_mr(buf, length):
     raise OSError(errno.EOPNOTSUPP, "ibv_reg_mr: " + os.strerror(errno.EOPNOTSUPP))
 
 class Truncate:
-    returncode = None
-    stderr = None
+    # the fs-dax truncate as the live 6.1 guest showed it: asleep in the break-layouts wait while referenced
+    def __init__(self, path):
+        self.returncode = None
+        self.stacks = [["xfs_break_dax_layouts", "xfs_break_layouts", "xfs_vn_setattr"]]
+        self.states = ["S"]
+        self.traced = False
     def poll(self):
         if self.returncode is None and not referenced():
             self.returncode = 0
         return self.returncode
-    def kill(self):
-        self.returncode = -9
-    def wait(self):
-        return self.returncode
-
-class Child:
-    stacks = [["xfs_break_dax_layouts", "xfs_break_layouts", "xfs_vn_setattr"]]
     def sample(self):
         pass
+    def error(self):
+        return ""
+    def stop(self):
+        if self.returncode is None:
+            self.returncode = -9
 
 lh.TOOLS.update(vmsplice=vmsplice, register_mr=register_mr)
-lh._truncate = lambda path: (Truncate(), Child())
 path, size = sys.argv[1], int(sys.argv[2])
-print(json.dumps(lh.judge(sys.stdin.read(), path, size, float(sys.argv[3]), hold_s=0.3, after_s=1.0)))
+try:
+    print(json.dumps(lh.judge(sys.stdin.read(), path, size, float(sys.argv[3]), hold_s=0.3, after_s=1.0,
+                              truncate=Truncate)))
+finally:
+    if os.path.exists(PIPES):
+        os.unlink(PIPES)
 """
 
 SIZE = 64 * 1024

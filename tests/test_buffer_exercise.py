@@ -82,7 +82,7 @@ def _reference_source() -> str:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("kernel", ["6.1", "7.3"])
+@pytest.mark.parametrize("kernel", ["6.1", "6.12", "7.3"])
 def test_the_live_kernel_judges_the_reference_and_a_shared_mapping(kernel, pool):
     vm = pool.get(kernel)       # the run's shared guest: the judge leaves nothing behind
     lab = Lab(vm)

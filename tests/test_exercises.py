@@ -451,3 +451,228 @@ def test_points_by_kind_cover_every_notebook():
     total = points_by_kind()
     assert total["code"] >= 4 and total["explain"] > 0 and total["prediction"] > 0
     assert sum(points_by_kind(f"{n:02d}")["value"] for n in range(10)) == total["value"]
+
+
+# -- forgeries of the code exercises' judges -------------------------------------------------------
+# What a determined student would try against the judges of 3.8 and 6.5 (issue 28): each is learner
+# code, each must fail for its own reason. The judge runs the learner's code in a process of its own as
+# an unprivileged uid of its own and reads the verdict from the kernel, outside that process (labkit/lab/guest/pinprobe/
+# learner_proc.py); the fd 1/2 forgeries are judged here on the host too (tests/buffer_fake.py,
+# hold_fake.py: the real guest-side judge, the kernel's DAX answers modelled), all of them live below.
+
+FORGED_HOLD = ('{"blocked": true, "layout_wait": true, "completed": true, "seconds_after_release": 0.1, '
+               '"where": ["xfs_break_dax_layouts"], "stage": "done", "exception": null}')
+FORGED_BUFFER = ('{"ok": true, "problem": null, "backed_by_file": true, "shared": false, "mr_seen": true, '
+                 '"vmpin_kb_delta": 2048, "foll_pin_acquired_delta": 512}')
+
+
+def _report_and_exit(fn: str, fd: int, line: str) -> str:
+    """Learner code that writes a judge's report line to ``fd`` itself and leaves at once."""
+    return f"import os\ndef {fn}:\n    os.write({fd}, {line.encode()!r} + b'\\n')\n    os._exit(0)\n"
+
+
+FIND_TRUNCATE = '''
+import ctypes, os, signal, threading, time
+GOT, DONE = [], threading.Event()
+libc = ctypes.CDLL(None, use_errno=True)
+def find():
+    end = time.time() + 5
+    while time.time() < end:
+        for p in os.listdir("/proc"):
+            try:
+                if p.isdigit() and open(f"/proc/{p}/comm").read().strip() == "truncate":
+                    return int(p)
+            except OSError:
+                pass
+        time.sleep(0.005)
+'''
+# As root a learner could also slow the judge's truncate down before it reaches the filesystem (here: a
+# script bind-mounted over the truncate command, which sleeps first); the stop and the trace below then
+# catch it every time, not only when they win a race with a truncate that has nothing to wait for.
+SLOWED = '''
+import shutil, subprocess
+REAL, SCRIPT = "/tmp/labkit-truncate.real", "/tmp/labkit-truncate.sh"
+def slow(seconds):
+    if os.geteuid() != 0:
+        return                              # unprivileged: no mount (the forgeries then race, and lose)
+    shutil.copy("/usr/bin/truncate", REAL)
+    with open(SCRIPT, "w") as f:
+        f.write(f"#!/bin/sh\\nsleep {seconds}\\nexec {REAL} \\"$@\\"\\n")
+    os.chmod(SCRIPT, 0o755)
+    subprocess.run(["mount", "--bind", SCRIPT, "/usr/bin/truncate"], check=True, timeout=10)
+def unslow():
+    if os.geteuid() == 0:
+        subprocess.run(["umount", "/usr/bin/truncate"], timeout=10)
+'''
+DELAY_TRUNCATE = FIND_TRUNCATE + SLOWED + '''
+def hold(m):
+    slow(3)                                 # the truncate "waits" 3 s, holding nothing of the file
+    return unslow
+'''
+STOP_TRUNCATE = FIND_TRUNCATE + SLOWED + '''
+def stop():
+    pid = find()
+    try:
+        os.kill(pid, signal.SIGSTOP)       # the truncate "waits" while stopped
+        GOT.append(pid)
+    except (OSError, TypeError) as e:
+        GOT.append(e)
+def hold(m):
+    slow(0.5)
+    threading.Thread(target=stop, daemon=True).start()
+    return lambda: (unslow(), [os.kill(p, signal.SIGCONT) for p in GOT if isinstance(p, int)])
+'''
+PTRACE_TRUNCATE = FIND_TRUNCATE + SLOWED + '''
+def trace():
+    pid = find()
+    if pid and libc.ptrace(16, pid, None, None) == 0:      # PTRACE_ATTACH: the truncate stops, traced
+        DONE.wait(10)
+        libc.ptrace(17, pid, None, None)                   # PTRACE_DETACH, from the tracing thread
+def hold(m):
+    slow(0.5)
+    t = threading.Thread(target=trace, daemon=True)
+    t.start()
+    return lambda: (unslow(), DONE.set(), t.join(5))
+'''
+KILL_JUDGE = "import os, signal\ndef hold(m):\n    os.kill(os.getppid(), signal.SIGKILL)\n    return lambda: None\n"
+KILL_JUDGE_BUFFER = ("import os, signal\ndef buffer(path, size):\n    os.kill(os.getppid(), signal.SIGKILL)\n"
+                     "    return None\n")
+EDIT_FILES = '''
+import os
+def hold(m):
+    with open(f"/tmp/labkit-verdict-{os.getpid()}.json", "w") as f:     # nothing the judge reads
+        f.write('{"blocked": true, "completed": true}')
+    with open("/run/labkit/pinprobe.pyz", "ab") as f:        # the judge's own code
+        f.write(b"#")
+    return lambda: None
+'''
+EDIT_FILES_BUFFER = EDIT_FILES.replace("def hold(m):", "def buffer(path, size):")
+REPORT_THEN_EXIT_IN_RELEASE = f'''
+import os
+def hold(m):
+    r, w = os.pipe()
+    vmsplice(w, m, 4096)             # real references: the truncate waits for them
+    def release():
+        os.write(1, {FORGED_HOLD.encode()!r} + b"\\n")
+        os._exit(0)                  # ... and they die with the process, not by the release
+    return release
+'''
+FORGED_MESSAGE_BUFFER = '''
+import ctypes, json, mmap, os
+def buffer(path, size):
+    with open(path, "r+b") as f:
+        m = mmap.mmap(f.fileno(), size)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    for fd in os.listdir("/proc/self/fd"):                   # the judge's message pipe is one of these
+        try:
+            os.write(int(fd), (json.dumps({"stage": "registered", "addr": addr}) + "\\n").encode())
+        except OSError:
+            pass
+    return m
+'''
+ANON_REGISTERED_BUFFER = '''
+import mmap
+from pyverbs.device import Context, get_device_list
+from pyverbs.enums import IBV_ACCESS_LOCAL_WRITE
+from pyverbs.mr import MR
+from pyverbs.pd import PD
+KEEP = []
+def buffer(path, size):
+    ctx = Context(name=get_device_list()[0].name.decode())
+    pd = PD(ctx)
+    KEEP.append((ctx, pd, MR(pd, size, IBV_ACCESS_LOCAL_WRITE)))    # a region of anonymous memory, pinned
+    with open(path, "r+b") as f:
+        return mmap.mmap(f.fileno(), size)                           # ... and the file's shared mapping
+'''
+NOT_REGISTERED = "no RDMA registration of your buffer was seen"
+ENDED_HOLD = "your code ended the process before the truncate could be watched"
+ENDED_BUFFER = "your code ended the process before the buffer could be registered"
+
+# (exercise, learner code, the user the guest judge runs it as, what the feedback must say)
+FORGERIES = {
+    "buffer-fd1-exit": ("ex3.8", _report_and_exit("buffer(path, size)", 1, FORGED_BUFFER), "sandbox", ENDED_BUFFER),
+    "buffer-fd2-exit": ("ex3.8", _report_and_exit("buffer(path, size)", 2, FORGED_BUFFER), "sandbox", ENDED_BUFFER),
+    "buffer-forged-message": ("ex3.8", FORGED_MESSAGE_BUFFER, "sandbox", NOT_REGISTERED),
+    # a region of the learner's process, pinned, but not over the file: the judge's probe on the pin says so
+    "buffer-anon-region-beside": ("ex3.8", ANON_REGISTERED_BUFFER, "sandbox", NOT_REGISTERED),
+    "buffer-kill-judge": ("ex3.8", KILL_JUDGE_BUFFER, "sandbox", "raised on line 3: PermissionError"),
+    "buffer-edit-files": ("ex3.8", EDIT_FILES_BUFFER, "sandbox", "raised on line 6: PermissionError"),
+    "hold-fd1-exit": ("ex6.5", _report_and_exit("hold(m)", 1, FORGED_HOLD), "sandbox", ENDED_HOLD),
+    "hold-fd2-exit": ("ex6.5", _report_and_exit("hold(m)", 2, FORGED_HOLD), "sandbox", ENDED_HOLD),
+    "hold-report-exit-in-release": ("ex6.5", REPORT_THEN_EXIT_IN_RELEASE, "sandbox",
+                                    "process ended while the truncate was being watched"),
+    "hold-kill-judge": ("ex6.5", KILL_JUDGE, "sandbox", "raised on line 3: PermissionError"),
+    "hold-edit-files": ("ex6.5", EDIT_FILES, "sandbox", "raised on line 6: PermissionError"),
+    # unprivileged, the kernel refuses the signal and the trace (EPERM): nothing holds the truncate up
+    "hold-stop-truncate": ("ex6.5", STOP_TRUNCATE, "sandbox", "truncate did not wait"),
+    "hold-ptrace-truncate": ("ex6.5", PTRACE_TRUNCATE, "sandbox", "truncate did not wait"),
+    # as root they hold it up (a delay, not a wait for the pages): the truncate's stack and state say so
+    "hold-delay-truncate-as-root": ("ex6.5", DELAY_TRUNCATE, "root",
+                                    "not waiting for the file's pages (it slept in "),
+    "hold-stop-truncate-as-root": ("ex6.5", STOP_TRUNCATE, "root", "not waiting for the file's pages (it was stopped)"),
+    "hold-ptrace-truncate-as-root": ("ex6.5", PTRACE_TRUNCATE, "root",
+                                     "not waiting for the file's pages (it was traced)"),
+}
+ON_THE_HOST = ["buffer-fd1-exit", "buffer-fd2-exit", "hold-fd1-exit", "hold-fd2-exit", "hold-report-exit-in-release"]
+
+
+@pytest.mark.parametrize("name", ON_THE_HOST)
+def test_a_report_written_by_the_learners_process_is_no_verdict(name):
+    """The forgeries of issue 28 that are safe to run on the host (no signal, no file of ours), through
+    the real guest-side judge with the kernel's DAX answers modelled."""
+    ex_id, source, _, reason = FORGERIES[name]
+    r = check_answer(BY_ID[ex_id], source, live())
+    assert not r.passed and r.points == 0 and reason in r.message, (name, r.message)
+
+
+def _guest_verdict(lab, ex_id: str, source: str, user: str):
+    """Judge ``source`` on the live guest with the learner's code run as ``user``, the way the check does."""
+    from labkit.course import buffer_exercise, learner_code, truncate_exercise
+    if ex_id == "ex3.8":
+        data = learner_code.run_in_guest(lab, "learner-buffer", buffer_exercise.MEMORY, "ex3-8", source, 20.0,
+                                         "--learner-user", user)
+        run = buffer_exercise.from_report(data)
+        return buffer_exercise.check_buffer(source, _Canned(learner_buffer=run)), run.raw
+    data = learner_code.run_in_guest(lab, "learner-hold", truncate_exercise.MEMORY, "ex6-5", source, 20.0,
+                                     "--hold", str(truncate_exercise.HOLD_S), "--after", "4",
+                                     "--learner-user", user, wait=20.0 + truncate_exercise.HOLD_S + 4 + 60)
+    run = truncate_exercise.from_report(data)
+    return truncate_exercise.check_hold(source, _Canned(learner_hold=run)), run.raw
+
+
+class _Canned:
+    """A Live whose code-exercise runs were made already."""
+
+    def __init__(self, **runs) -> None:
+        for name, run in runs.items():
+            setattr(self, name, lambda source, run=run: run)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kernel", ["6.1"])
+def test_every_forgery_of_the_code_judges_fails_on_the_live_guest_for_its_own_reason(kernel, pool):
+    """Every row of FORGERIES, on the run's shared guest: the judge reads the kernel, the learner's
+    process cannot signal, trace or edit the judge, and what it prints is never read."""
+    from labkit.lab import Lab
+    lab = Lab(pool.get(kernel))
+    Live(lab).ready()                      # pmem, mounts, RDMA: what the code exercises use
+    failures = {}
+    try:
+        _forge_all(lab, failures)
+    finally:
+        lab.vm.run(["sh", "-c", "for i in 1 2 3 4 5; do umount /usr/bin/truncate 2>/dev/null; done; "
+                    "rm -f /tmp/labkit-verdict-*.json /tmp/labkit-truncate.real /tmp/labkit-truncate.sh; exit 0"],
+                   timeout=30)
+    assert not failures, failures
+    left = lab.vm.run(["sh", "-c", "ps -eo uid=,pid= | awk '$1 >= 61000 && $1 < 62000'; pgrep -x truncate; exit 0"],
+                      timeout=30).stdout.split()
+    assert left == [], left                # the judge leaves no process of the learner's, nor a truncate
+
+
+def _forge_all(lab, failures: dict) -> None:
+    for name, (ex_id, source, user, reason) in FORGERIES.items():
+        (ok, why), raw = _guest_verdict(lab, ex_id, source, user)
+        if ok or reason not in why:
+            failures[name] = (ok, why, {k: raw.get(k) for k in (
+                "umem", "umem_error", "mr_seen", "backed_by_file", "shared", "ok", "errname", "message", "problem", "where",
+                "blocked", "layout_wait", "stopped", "traced", "learner_exited", "exception", "error") if k in raw})

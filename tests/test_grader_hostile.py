@@ -709,7 +709,7 @@ STUDENTS = {
                "chosen release and count; the count answered",
     "carol": "honest: notebook 03's code exercise 3.8, the reference solution",
     "loader": "labkit_no_longterm_check loaded by the notebook, then a MAP_SHARED buffer for 3.8",
-    "smuggler": "3.8's buffer() loads labkit_no_longterm_check itself, in the judging guest",
+    "smuggler": "3.8's buffer() tries to load labkit_no_longterm_check itself, in the judging guest",
     "flood": "300 MiB printed by the kernel; 3.8's buffer() writes 300 MiB to stderr in the judging guest",
     "dup": "two copies of notebook 00",
     "linker": "00 a symbolic link to the instructor's source; 03 a FIFO",
@@ -825,10 +825,12 @@ def test_the_guest_the_student_was_root_in_judges_nothing(hostile_class):
     assert not got["loader"]["03"]["cell_errors"], got["loader"]["03"]      # the module did load in its guest
     assert loader["points"] == 0 and loader["feedback"].startswith(
         "not right: the kernel refused to register it: in a shared mapping"), loader
+    # the learner's code runs unprivileged in the judging guest (issue 28): its modprobe is refused, so the
+    # kernel's rule still refuses the shared mapping (a taint it caused would be "not graded", see
+    # test_code_exercises_are_judged_last_and_a_taint_refuses_them)
     smuggler = _ex(got["smuggler"]["03"], "ex3.8")
     assert smuggler["points"] == 0 and smuggler["feedback"].startswith(
-        "not graded: while your code ran in the judging guest, its kernel became tainted"), smuggler
-    assert "labkit_no_longterm_check" in smuggler["feedback"], smuggler
+        "not right: the kernel refused to register it: in a shared mapping"), smuggler
 
 
 @pytest.mark.integration
@@ -868,6 +870,7 @@ def test_refused_files_and_bounded_outputs(hostile_class):
     assert link["reason"] == f"refused: {NB00.name} is a symbolic link: submit the notebook itself, as a regular file"
     assert not link["sha256"] and link["score"] == 0 and "is a FIFO" in fifo["reason"], (link, fifo)
     flood = got["flood"]["03"]
-    assert _ex(flood, "ex3.8")["feedback"].startswith("not graded: the guest sent more than 16 MiB of output"), flood
+    # what the learner's process writes goes to /dev/null in the judging guest (issue 28): never to the grader
+    assert _ex(flood, "ex3.8")["feedback"].startswith("not right: the kernel refused to register it"), flood
     assert any("outputs passed 16 MiB" in e for e in flood["cell_errors"]), flood
     assert hostile_class.peak_rss < 1024 * 2**20, hostile_class.peak_rss

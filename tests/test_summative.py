@@ -347,3 +347,43 @@ def test_a_notebook_comparing_two_kernels_gets_full_marks(number, other, tmp_pat
     assert (nb["score"], nb["max"]) == (top, top) and not nb["reason"] and not nb["cell_errors"], nb
     assert all(e["points"] == e["max"] for e in nb["exercises"]), nb["exercises"]
     assert not _companion_qemus()
+
+
+def _grade_record() -> summative.NotebookGrade:
+    return summative.NotebookGrade("eve", "03-pins.ipynb", "03", "", "test", "now")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kernel", ["6.1"])
+def test_the_grader_refuses_a_judging_guest_that_is_tainted_or_has_a_labkit_module(kernel, pool):
+    """Issue 28: the judging guest of ``labkit course grade`` is refused, and the
+    reason said, when a labkit module is loaded in it, and still when the
+    module is gone but its taint stays, even if the notebook's own guest was
+    tainted the same way at its start (a snapshot made after a load): the
+    code exercise is "not graded", nothing is scored. A clean guest judges."""
+    from labkit.course import judging
+    from labkit.timeout import Deadline
+    vm = pool.fresh(kernel)               # changed for good below; restored from the snapshot after
+    try:
+        ex = BY_ID["ex3.8"]
+        given = {"ex3.8": {"blank": False, "value": "def buffer(path, size):\n    return None\n"}}
+        clean = judging.read_integrity(vm)
+        assert not clean.foreign(), clean
+        ok = summative.judge_on_guest(vm, [ex], given, _grade_record(), clean, Deadline(300))
+        assert ok[0].message.startswith("not right: buffer() must return an mmap"), ok     # judged
+        vm.run(["modprobe", "labkit_no_longterm_check"], timeout=60, check=True)
+        g = _grade_record()
+        loaded = summative.judge_on_guest(vm, [ex], given, g, clean, Deadline(300))
+        assert loaded[0].points == 0 and loaded[0].message.startswith(
+            "not graded: the judging guest, fresh from the snapshot, is not clean: its kernel became tainted ("), loaded
+        assert "a labkit module is loaded (labkit_no_longterm_check)" in loaded[0].message, loaded
+        assert g.reason == loaded[0].message.removeprefix("not graded: "), g.reason
+        vm.run(["rmmod", "labkit_no_longterm_check"], timeout=60, check=True)
+        same_start = judging.read_integrity(vm)       # as if the snapshot itself had been tainted so
+        assert same_start.taint and not same_start.modules, same_start
+        gone = summative.judge_on_guest(vm, [ex], given, _grade_record(), same_start, Deadline(300))
+        assert gone[0].points == 0 and gone[0].message.startswith(
+            "not graded: the judging guest, fresh from the snapshot, is not clean: its kernel is tainted (O "
+            "(out-of-tree module)"), gone
+    finally:
+        pool.fresh(kernel)

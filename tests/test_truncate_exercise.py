@@ -89,8 +89,8 @@ def test_on_a_file_without_dax_the_reference_fails_it_is_no_text_match():
 
 
 def _report(**fields) -> HoldRun:
-    base = {"blocked": True, "completed": True, "seconds_after_release": 0.01, "where": ["xfs_break_dax_layouts"],
-            "stage": "done", "exception": None, "line": None}
+    base = {"blocked": True, "layout_wait": True, "completed": True, "seconds_after_release": 0.01,
+            "where": ["xfs_break_dax_layouts"], "stage": "done", "exception": None, "line": None}
     return from_report({**base, **fields})
 
 
@@ -108,6 +108,13 @@ class CannedLive:
     (_report(exception="ValueError: oops", stage="release"), False, "your release function raised: ValueError"),
     (_report(completed=False, truncate_error="truncate: Input/output error"), False, "then failed"),
     (_report(blocked=False), False, "did not wait"),
+    # held up, but not by references to the file's pages: the stack (and state) the judge read says so
+    (_report(layout_wait=False, where=["__break_lease", "do_dentry_open"]), False,
+     "not waiting for the file's pages (it slept in __break_lease, do_dentry_open)"),
+    (_report(layout_wait=False, stopped=True, where=["do_signal_stop"]), False, "(it was stopped)"),
+    (_report(layout_wait=False, traced=True, where=["ptrace_stop"]), False, "(it was traced)"),
+    (_report(stopped=True), False, "(it was stopped)"),
+    (_report(learner_exited=True), False, "process ended while the truncate was being watched"),
 ])
 def test_verdicts_on_a_truncate_that_waited(run, passed, reason):
     from labkit.course.truncate_exercise import check_hold
@@ -147,7 +154,7 @@ def test_the_learners_prints_do_not_forge_the_report():
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("kernel", ["6.1", "7.3"])
+@pytest.mark.parametrize("kernel", ["6.1", "6.12", "7.3"])
 def test_the_live_kernel_judges_the_reference(kernel, pool):
     vm = pool.get(kernel)       # the run's shared guest: the judge leaves nothing behind
     lab = Lab(vm)

@@ -2,9 +2,11 @@
 ``def buffer(path, size)`` returning an ``mmap.mmap`` over the fs-dax file at
 ``path`` that RDMA registration will accept. The source reaches the guest on
 the helper's stdin (never as shell text); the guest helper
-(``pinprobe learner-buffer``) runs it there, checks in /proc/self/maps that
-the buffer is that file's, registers it with ibv_reg_mr and measures the pin.
-The check judges the kernel's answer; the feedback says why an attempt failed
+(``pinprobe learner-buffer``) runs it there in a process of its own as
+an unprivileged uid of its own, which registers what it returned with ibv_reg_mr; the judge reads
+that process from outside (its /proc/<pid>/maps, its VmPin, the FOLL_PIN
+counters, the RDMA regions the kernel lists for its pid) and believes
+nothing it prints. The check judges the kernel's answer; the feedback says why an attempt failed
 without naming the mapping that passes."""
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class BufferRun:
     shared: bool = False
     vmpin_kb_delta: int | None = None
     foll_pin_delta: int | None = None
+    learner_exited: bool = False          # the learner's process ended before it said it had registered
     exception: str | None = None
     line: int | None = None
     raw: dict[str, Any] = field(default_factory=dict)
@@ -65,7 +68,7 @@ def from_report(data: dict[str, Any] | None) -> BufferRun:
     return BufferRun(
         data.get("problem"), bool(data.get("ok")), data.get("errname"), bool(data.get("backed_by_file")),
         bool(data.get("shared")), data.get("vmpin_kb_delta"), data.get("foll_pin_acquired_delta"),
-        data.get("exception"), data.get("line"), data)
+        bool(data.get("learner_exited")), data.get("exception"), data.get("line"), data)
 
 
 def run_learner_buffer(lab: Any, source: str, timeout: float = 20.0) -> BufferRun:
@@ -98,6 +101,9 @@ def check_buffer(answer: Any, live: Live) -> Result:
         return False, PROBLEMS.get(run.problem, run.problem)
     if not run.backed_by_file:
         return False, "the buffer is not a mapping of the file at path (look at /proc/self/maps)"
+    if not run.ok and not run.errname:
+        return False, ("no RDMA registration of your buffer was seen in your process: the kernel never "
+                       "registered it")
     if not run.ok:
         if run.shared:
             return False, ("the kernel refused to register it: in a shared mapping the pages are still the "

@@ -12,8 +12,9 @@ What differs between them is said in arguments, not in a second copy:
   runs out of ``deadline`` turns the answers that need it into "not graded:
   why" rows instead of an exception, ``broken`` says the guest was unusable
   before the first check, and ``guard()`` (after each code exercise, which
-  runs the learner's code as root in the guest) refuses that result and every
-  later one when it names a problem. Without it (``labkit check``, nbgrader)
+  runs the learner's code in the guest, in a process of its own under an
+  unprivileged uid, the verdict read from the kernel) refuses that result
+  and every later one when it names a problem. Without it (``labkit check``, nbgrader)
   a guest failure is raised: the learner sees the error, not a zero.
 
 Messages never show the expected value; explanations are recorded for the
@@ -79,7 +80,7 @@ def judge(exercises: list, given: dict[str, dict], lab: Any = None, *, live: Any
         elif needs_guest:
             broken = _no_answer(live.lab, deadline)
     out: dict[str, ExerciseResult] = {}
-    for ex in sorted(exercises, key=lambda e: e.kind == "code"):     # learner code last: it is root there
+    for ex in sorted(exercises, key=lambda e: e.kind == "code"):     # learner code last: it runs there
         out[ex.id], broken = _judge_one(ex, given.get(ex.id), live, contain, broken, guard, deadline)
     return Verdict([out[e.id] for e in exercises], broken if broken and needs_guest else "")
 

@@ -16,7 +16,9 @@ Three things here keep that judging honest and bounded:
   buffered whole by the grader);
 * :class:`Integrity`: the kernel's taint and the labkit modules loaded, read
   before judging and after every check that ran the learner's code there;
-  a change refuses the judgment (said in the feedback, never scored);
+  a guest tainted by foreign code or with a labkit module loaded, or a
+  change while the learner's code ran, refuses the judgment (said in the
+  feedback, never scored);
 * :func:`kill_at`: a timer that stops the judging guest at the deadline, so
   no wait in a check can outlive ``--timeout``.
 """
@@ -38,6 +40,11 @@ from labkit.timeout import Deadline
 log = logging.getLogger(__name__)
 
 OUTPUT_CAP = 16 * 2**20          # bytes of stdout + stderr one guest command may send to the grader
+# Taint bits (Documentation/admin-guide/tainted-kernels.rst) that refuse a judging guest whatever its
+# snapshot had: P proprietary module (0), F forced load (1), R forced unload (3), D kernel died (7),
+# O out-of-tree module (12), E unsigned module (13), K live patch (15). labkit's own modules set O and
+# E, and keep them after an rmmod: a guest that ever loaded one stays refused.
+FOREIGN_TAINT = sum(1 << bit for bit in (0, 1, 3, 7, 12, 13, 15))
 
 
 class OutputTooLarge(LabError):
@@ -161,6 +168,19 @@ class Integrity:
         new = self.taint & ~(before.taint if before else 0)
         if new:
             why.append(f"its kernel became tainted ({decode_taint(new)})")
+        if self.modules:
+            why.append("a labkit module is loaded (" + ", ".join(self.modules) + ")")
+        return " and ".join(why)
+
+    def foreign(self) -> str:
+        """Why this guest cannot judge even when it came so from the snapshot
+        ("" when it can): taint bits that say code the image does not ship
+        ran in its kernel (a module of its own, forced, out of tree, unsigned,
+        proprietary, a live patch) or that the kernel died, or a labkit
+        module loaded. A warning (W) alone does not refuse it."""
+        why = []
+        if self.taint & FOREIGN_TAINT:
+            why.append(f"its kernel is tainted ({decode_taint(self.taint & FOREIGN_TAINT)})")
         if self.modules:
             why.append("a labkit module is loaded (" + ", ".join(self.modules) + ")")
         return " and ".join(why)

@@ -9,8 +9,11 @@ persistent memory), by a Jupyter kernel in the sandbox of
 exercises are *not* judged there: once it is gone, a second fresh guest is
 restored from the snapshot, one the student's notebook never reached, and
 the checks measure what they need on it (:mod:`labkit.course.judging`: taint
-and labkit modules read before and after any learner code runs there,
-output capped, everything within ``--timeout``). The one exception is an
+and labkit modules read before and after any learner code runs there, a
+guest tainted by foreign code or with a labkit module loaded refused with
+the reason said, output capped, everything within ``--timeout``; the code
+exercises run the learner's code there unprivileged, in a process of its
+own, and read the verdict from the kernel). The one exception is an
 answer that *is* state the learner made in their own guest (``ON_LEARNER_GUEST``:
 ex7.1, a mount of their own), read there before it is stopped, and refused if
 its kernel got tainted or a labkit module was loaded.
@@ -208,31 +211,41 @@ def _judge_on_fresh_guest(exercises: list, given: dict[str, dict], root: Path, k
         return _judged(exercises, given, None, g)
     if deadline.expired:
         return _judged(exercises, given, None, g, broken=str(judging.TimeUp(deadline.seconds)))
-    from labkit.lab import Lab
     from labkit.machine.vm import VM
     jvm = VM("judge", kernel=kernel, state_dir=root / "vms" / "judge")
     with judging.kill_at(deadline, jvm.kill, f"the judging guest of {g.student}/{g.path}"):
         try:
             jvm.start()
-            machine = judging.Bounded(jvm, deadline)
-            fresh = judging.read_integrity(machine)
-            problem = fresh.problem_since(start)
-            if start.taint:
-                log.warning("guests restored from the %s snapshot are tainted from the start (%s)", kernel,
-                            judging.decode_taint(start.taint))
-            if problem:
-                log.warning("the fresh judging guest of %s/%s: %s", g.student, g.path, problem)
-                problem = f"the judging guest, fresh from the snapshot, is not clean: {problem} (tell your instructor)"
-
-            def guard() -> str:
-                return judging.read_integrity(machine).problem_since(fresh)
-            return _judged(exercises, given, Lab(machine), g, broken=problem, guard=guard, deadline=deadline)
+            return judge_on_guest(jvm, exercises, given, g, start, deadline)
         except LabError as exc:
             why = str(judging.TimeUp(deadline.seconds)) if deadline.expired else \
                 f"the judging guest did not start ({type(exc).__name__}: {exc})"
             return _judged(exercises, given, None, g, broken=why)
         finally:
             jvm.finish()
+
+
+def judge_on_guest(vm: Any, exercises: list, given: dict[str, dict], g: NotebookGrade,
+                   start: judging.Integrity, deadline: Deadline) -> list[ExerciseResult]:
+    """The checks on ``vm``, a started judging guest: refused, every answer
+    that needs the guest "not graded" and the reason said, when its kernel is
+    tainted by foreign code or a labkit module is loaded (whatever ``start``,
+    the notebook's own guest before any student code, had), or when it got
+    tainted while the learner's code ran there."""
+    from labkit.lab import Lab
+    machine = judging.Bounded(vm, deadline)
+    fresh = judging.read_integrity(machine)
+    if start.taint:
+        log.warning("guests restored from the %s snapshot are tainted from the start (%s)", vm.kernel,
+                    judging.decode_taint(start.taint))
+    problem = fresh.problem_since(start) or fresh.foreign()
+    if problem:
+        log.warning("the fresh judging guest of %s/%s: %s", g.student, g.path, problem)
+        problem = f"the judging guest, fresh from the snapshot, is not clean: {problem} (tell your instructor)"
+
+    def guard() -> str:
+        return judging.read_integrity(machine).problem_since(fresh)
+    return _judged(exercises, given, Lab(machine), g, broken=problem, guard=guard, deadline=deadline)
 
 
 def companion_vms(notebook: str, kernel: str) -> list[tuple[str, str]]:

@@ -3,9 +3,13 @@
 mapping of a file on the fs-dax XFS mount) which a truncate of the file must
 wait for, and returns a function that drops them. The source reaches the
 guest on the helper's stdin (never as shell text); the guest helper
-(``pinprobe learner-hold``) runs it, truncates the file from another
-process, calls the release function, and reports whether the truncate waited
-and then finished. The check judges what the kernel did, not the text."""
+(``pinprobe learner-hold``) runs it in a process of its own as an unprivileged uid,
+truncates the file itself, has the learner's process call the release
+function, and reports what it read of the truncate from outside: whether it
+waited, whether its kernel stack was the filesystem's wait for the pages
+(not a stop, a trace or another sleep), and whether it finished after the
+release while the learner's process still ran. The check judges what the
+kernel did, never what the learner's process printed."""
 
 from __future__ import annotations
 
@@ -30,6 +34,10 @@ class HoldRun:
     """What the guest reported for one run of the learner's ``hold``."""
 
     blocked: bool = False                # the truncate had not finished HOLD_S after it started
+    layout_wait: bool = False            # ... and its kernel stack showed it waiting for the file's pages
+    stopped: bool = False                # it was seen stopped (SIGSTOP) or
+    traced: bool = False                 # traced (ptrace) while the references were held
+    learner_exited: bool = False         # the learner's process ended before the judge had seen it through
     completed: bool = False              # it finished, successfully, after the release
     seconds_after_release: float | None = None
     where: list[str] = field(default_factory=list)    # functions the truncating process slept in
@@ -47,6 +55,8 @@ class HoldRun:
             return f"your hold() raised{where}: {self.exception}"
         if self.problem:
             return f"nothing was truncated: {PROBLEMS.get(self.problem, self.problem)}"
+        if self.learner_exited:
+            return "your code's process ended while the truncate was being watched"
         waited = (f"truncate waited (asleep in {', '.join(self.where[:3])})" if self.blocked and self.where
                   else "truncate waited" if self.blocked else "truncate did not wait")
         if self.exception:
@@ -68,9 +78,11 @@ def from_report(data: dict[str, Any] | None) -> HoldRun:
     if not data or "error" in data:
         return HoldRun(problem="no_answer",
                        exception=(data or {}).get("error") or "the process ended without an answer")
-    return HoldRun(bool(data.get("blocked")), bool(data.get("completed")), data.get("seconds_after_release"),
-                   list(data.get("where") or []), data.get("stage") if data.get("exception") else None,
-                   data.get("exception"), data.get("line"), data.get("problem"), data.get("truncate_error"), data)
+    return HoldRun(bool(data.get("blocked")), bool(data.get("layout_wait")), bool(data.get("stopped")),
+                   bool(data.get("traced")), bool(data.get("learner_exited")), bool(data.get("completed")),
+                   data.get("seconds_after_release"), list(data.get("where") or []),
+                   data.get("stage") if data.get("exception") else None, data.get("exception"), data.get("line"),
+                   data.get("problem"), data.get("truncate_error"), data)
 
 
 def run_learner_hold(lab: Any, source: str, timeout: float = 20.0) -> HoldRun:
@@ -85,6 +97,8 @@ PROBLEMS = {
     "not_callable": "hold(m) must return a function (called with no arguments) that drops the references",
     "no_answer": "your code ended the process before the truncate could be watched",
 }
+ENDED = ("your code's process ended while the truncate was being watched: a process that ends drops every "
+         "reference it held, so nothing was shown to hold them")
 
 
 def check_hold(answer: Any, live: Live) -> Result:
@@ -101,9 +115,16 @@ def check_hold(answer: Any, live: Live) -> Result:
         return False, f"your hold() raised{where}: {run.exception}"
     if run.problem:
         return False, PROBLEMS.get(run.problem, run.problem)
+    if run.learner_exited:
+        return False, ENDED
     if not run.blocked:
         return False, ("truncate did not wait: when it ran, nothing held a reference to the file's pages "
                        "(a copy of the data, or a reference already dropped, is nothing to wait for)")
+    if run.stopped or run.traced or not run.layout_wait:
+        how = "it was traced" if run.traced else "it was stopped" if run.stopped else \
+            f"it slept in {', '.join(run.where[:3]) or 'an unknown place'}"
+        return False, (f"truncate was held up, but not waiting for the file's pages ({how}): only the "
+                       "filesystem's wait for references to its pages counts")
     if run.exception:
         return False, f"truncate waited, but your release function raised: {run.exception}"
     if not run.completed:

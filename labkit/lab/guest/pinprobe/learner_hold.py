@@ -2,10 +2,16 @@
 source on stdin, never shell text) receives ``m``, a writable MAP_SHARED mmap
 of an fs-dax file whose pages are all present, and must take references on
 its pages that a truncate of the file has to wait for; it returns a function
-that drops them. This runs it, truncates the file from another process
-(``truncate -s 0``, all descriptors closed), watches where that process
-sleeps, calls the learner's release function and reports whether the truncate
-waited while the references were held and finished once they were dropped.
+that drops them. The learner's code runs in a process of its own as
+an unprivileged uid of its own (:mod:`.learner_proc`; the mapping is made before it gives up
+root), which can signal, trace or write nothing of the judge's. The judge
+truncates the file itself (``truncate -s 0``, all descriptors closed),
+watches from outside where that process sleeps (a break-layouts frame in
+/proc/<pid>/stack; stopped or traced in /proc/<pid>/status), tells the
+learner's process to call its release function, and reports whether the
+truncate waited for the pages while the references were held and finished
+once they were dropped, with the learner's process still alive (a process
+that ends drops its references with it).
 
 The learner's namespace has two tools besides the standard library:
 ``vmsplice(fd, buf, length)`` (the pipe behind ``fd`` takes page references
@@ -17,17 +23,21 @@ refused). Which one holds a reference truncate must wait for is the exercise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import mmap
 import os
+import re
 import subprocess
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 from .args import byte_size, dax_target_args
 from .common import DEFAULT_SIZE, PAGE, base_result, iovec, libc
-from .learner_buffer import run_learner, source_and_file
+from .learner_buffer import learner_user_arg, run_learner, source_and_file
+from .learner_proc import LEARNER_USER, Channel, LearnerProcess, learner_ids
 from .registry import Command
 from .truncate import SPLICE_F_NONBLOCK, Child  # truncate also declares libc.vmsplice's signature
 
@@ -82,71 +92,180 @@ def register_mr(buf: Any, length: int) -> _Registration:
 TOOLS = {"vmsplice": vmsplice, "register_mr": register_mr}
 
 
-def _truncate(path: str) -> tuple[subprocess.Popen[bytes], Child]:
-    """Truncate ``path`` to 0 in a separate process that inherits none of our
-    descriptors (a pipe end it kept open would keep the references alive)."""
-    p = subprocess.Popen(["truncate", "-s", "0", path], close_fds=True, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return p, Child(p.pid, -1)
+# The functions a truncate of an fs-dax file sleeps in while pages of it are
+# still referenced: the filesystem's break-layouts step and the DAX wait under
+# it (XFS: xfs_break_layouts -> xfs_break_dax_layouts, with xfs_wait_dax_page
+# on 6.1/6.12 and dax_break_layout_inode/wait_page_idle from v6.15; ext4:
+# ext4_break_layouts; dax_layout_busy_page finds the busy page). A truncate
+# asleep anywhere else (stopped, traced, waiting for a lease or a lock) was
+# not waiting for the references.
+LAYOUT_WAIT = re.compile(r"break_(dax_)?layout|wait_dax_page|dax_layout_busy_page|dax_break_layout")
 
 
-def _watch(p: subprocess.Popen[bytes], child: Child, seconds: float) -> bool:
-    """Sample where it sleeps for up to ``seconds``; True if it finished."""
+def layout_wait(stack: list[str]) -> bool:
+    """Whether a kernel stack is the truncate waiting for the file's pages."""
+    return any(LAYOUT_WAIT.search(fn) for fn in stack)
+
+
+class Truncate:
+    """The judge's own truncate of the file (root, a process of its own that
+    inherits none of our descriptors), watched from outside: its kernel stack,
+    its state and tracer (/proc/<pid>/stack, /proc/<pid>/status)."""
+
+    def __init__(self, path: str) -> None:
+        self.p = subprocess.Popen(["truncate", "-s", "0", path], close_fds=True, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.child = Child(self.p.pid, -1)
+        self.states: list[str] = []
+        self.traced = False
+
+    def poll(self) -> int | None:
+        return self.p.poll()
+
+    def sample(self) -> None:
+        self.child.sample()
+        try:
+            with open(f"/proc/{self.p.pid}/status") as f:
+                for line in f:
+                    if line.startswith("State:") and line.split()[1] not in self.states:
+                        self.states.append(line.split()[1])
+                    elif line.startswith("TracerPid:") and line.split()[1] != "0":
+                        self.traced = True
+        except (OSError, IndexError):
+            pass
+
+    @property
+    def stacks(self) -> list[list[str]]:
+        return self.child.stacks
+
+    def error(self) -> str:
+        return (self.p.stderr.read() if self.p.stderr else b"").decode(errors="replace")[-300:]
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()                  # the DAX layout wait sleeps interruptibly
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.p.wait(timeout=10)
+
+
+def _watch(t: Truncate, seconds: float, child: LearnerProcess | None = None) -> bool:
+    """Sample the truncate for up to ``seconds``; True if it finished (or, with
+    ``child``, the learner's process ended first: then False)."""
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        if p.poll() is not None:
+        if t.poll() is not None:
             return True
-        child.sample()
+        if child is not None and not child.running():
+            return False
+        t.sample()
         time.sleep(0.05)
-    return p.poll() is not None
+    return t.poll() is not None
+
+
+def _child_body(source: str, timeout: float) -> Callable[[Channel], None]:
+    def body(ch: Channel) -> None:
+        release, failure = run_learner(source, "hold", (MAPPING[0],), timeout, TOOLS)
+        if failure is not None:
+            ch.send(**failure)
+            return
+        if not callable(release):
+            ch.send(problem="not_callable", returned=type(release).__name__)
+            return
+        ch.send(stage="held")
+        if ch.wait(timeout + 60) != "release":
+            return
+        _, failure = run_learner(None, release, (), timeout)
+        if failure is not None:
+            failure["stage"] = "release"
+            ch.send(**failure)
+        else:
+            ch.send(stage="released")
+        ch.wait(timeout + 60)             # alive until the judge has seen the truncate finish
+    return body
+
+
+MAPPING: list[Any] = []                   # the child's mapping of the file, made before it gives up root
+
+
+def _map(path: str, size: int) -> Callable[[], None]:
+    def make() -> None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            m = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        for off in range(0, size, PAGE):
+            m[off] = m[off]                 # every page present in the mapping, written through to the file
+        MAPPING[:] = [m]
+    return make
 
 
 def judge(source: str, path: str, size: int, timeout: float, hold_s: float = 2.0,
-          after_s: float = 10.0) -> dict[str, Any]:
-    """Run the learner's ``hold`` on a mapping of the prepared file, truncate
-    the file, release after ``hold_s``, and report what the truncate did."""
+          after_s: float = 10.0, user: str | None = LEARNER_USER,
+          truncate: Callable[[str], Truncate] = Truncate) -> dict[str, Any]:
+    """Run the learner's ``hold`` in a process of its own (as ``user``) on a
+    shared mapping of the prepared file, truncate the file from the judge,
+    let the learner release after ``hold_s``, and report what the truncate
+    did, read from outside: whether it waited, in which kernel functions (a
+    break-layouts wait or something else), whether it was stopped or traced,
+    and whether it finished after the release while the learner's process
+    still ran. Nothing the learner's process prints is read."""
     r = base_result("truncate-wait", None, memory="learner", path=path, size=size, stage="done",
-                    exception=None, line=None, blocked=False, completed=False, release_called=False,
-                    seconds_after_release=None, where=[], truncate_error=None)
-    fd = os.open(path, os.O_RDWR)
+                    exception=None, line=None, blocked=False, layout_wait=False, stopped=False, traced=False,
+                    completed=False, release_called=False, seconds_after_release=None, where=[],
+                    truncate_error=None, learner_exited=False)
+    child = LearnerProcess(_child_body(source, timeout), learner_ids(user), before_drop=_map(path, size))
+    t: Truncate | None = None
     try:
-        m = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        said = child.receive(timeout + 30) or {}
+        if said.get("stage") != "held":
+            r.update({k: said[k] for k in ("stage", "exception", "line", "problem", "returned") if k in said})
+            if not said or said.get("garbled") or said.get("stage") == "judge":
+                r.update(problem="no_answer", learner_exited=not child.alive())
+            return r
+        t = truncate(path)
+        _hold_phase(r, t, child, hold_s)
+        if r["learner_exited"]:
+            return r
+        child.tell("release")
+        t_release = time.monotonic()
+        said = child.receive(timeout + 5) or {}
+        r["release_called"] = said.get("stage") == "released"
+        if said.get("stage") == "release":
+            r.update({k: said[k] for k in ("stage", "exception", "line") if k in said})
+        finished = _watch(t, after_s, child)
+        if finished:
+            r["completed"] = t.poll() == 0 and child.running()
+            r["seconds_after_release"] = round(time.monotonic() - t_release, 3)
+            if t.poll():
+                r["truncate_error"] = t.error()
+        if not child.running():
+            r.update(learner_exited=True, completed=False)
+        elif not finished:
+            r["message"] = f"truncate still waited {after_s:.0f} s after the release; killed"
     finally:
-        os.close(fd)
-    for off in range(0, size, PAGE):
-        m[off] = m[off]                 # every page present in the mapping, written through to the file
-    release, failure = run_learner(source, "hold", (m,), timeout, TOOLS)
-    if failure is not None:
-        r.update(failure)
-        return r
-    if not callable(release):
-        r.update(problem="not_callable", returned=type(release).__name__)
-        return r
-    p, child = _truncate(path)
-    finished_early = _watch(p, child, hold_s)
-    r["blocked"] = not finished_early
-    # where it slept: its latest distinct kernel stack while the references were held
-    r["where"] = child.stacks[-1] if r["blocked"] and child.stacks else []
-    t_release = time.monotonic()
-    _, failure = run_learner(None, release, (), timeout)
-    r["release_called"] = failure is None
-    if failure is not None:
-        failure["stage"] = "release"
-        r.update(failure)
-    if _watch(p, child, after_s):
-        r["completed"] = p.returncode == 0
-        r["seconds_after_release"] = round(time.monotonic() - t_release, 3)
-        if p.returncode:
-            r["truncate_error"] = (p.stderr.read() if p.stderr else b"").decode(errors="replace")[-300:]
-    else:
-        p.kill()                       # the DAX layout wait sleeps interruptibly
-        p.wait()
-        r["message"] = f"truncate still waited {after_s:.0f} s after the release; killed"
+        if t is not None:
+            t.stop()
+        child.finish()
+        r["learner_status"] = child.status         # how the learner's process ended (waitpid status)
     return r
 
 
+def _hold_phase(r: dict[str, Any], t: Truncate, child: LearnerProcess, hold_s: float) -> None:
+    """Watch the truncate while the learner holds its references."""
+    finished = _watch(t, hold_s, child)
+    r["learner_exited"] = not child.running()
+    r["blocked"] = not finished and not r["learner_exited"]
+    # where it slept: its latest distinct kernel stack while the references were held
+    r["where"] = t.stacks[-1] if r["blocked"] and t.stacks else []
+    r["layout_wait"] = r["blocked"] and any(layout_wait(s) for s in t.stacks)
+    r["stopped"] = any(s in ("T", "t") for s in t.states)
+    r["traced"] = t.traced
+
+
 def cmd_learner_hold(args: Any) -> dict[str, Any]:
-    return judge(source_and_file(args), args.path, args.size, args.timeout, args.hold, args.after)
+    return judge(source_and_file(args), args.path, args.size, args.timeout, args.hold, args.after,
+                 user=args.learner_user)
 
 
 def _arguments(sp: argparse.ArgumentParser) -> None:
@@ -156,6 +275,7 @@ def _arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--timeout", type=float, default=20.0, help="max seconds for each call of the learner's code")
     sp.add_argument("--hold", type=float, default=2.0, help="seconds the truncate runs before the release")
     sp.add_argument("--after", type=float, default=10.0, help="max seconds the truncate may take after the release")
+    learner_user_arg(sp)
 
 
 COMMANDS = (Command("learner-hold", "run a learner's hold(m) (source on stdin) on a shared mapping of an fs-dax "
