@@ -20,6 +20,7 @@ from suite_areas import (
     area_of,
     group_of,
     kernels_of_item,
+    left_out,
     run_order,
     selected_kernels,
     summary_lines,
@@ -53,7 +54,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         item.add_marker(getattr(pytest.mark, area_of(item.path.name)))
         ks = kernels_of_item(item)
-        (drop if wanted and ks and not ks <= wanted else keep).append(item)
+        dropped = (wanted and ks and not ks <= wanted) or left_out(item.path.name, ks, wanted)
+        (drop if dropped else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
     keep.sort(key=lambda item: run_order(group_of(item.nodeid)))       # stable: file order within a rank

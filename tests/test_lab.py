@@ -8,6 +8,7 @@ import pytest
 
 from labkit.errors import ConfigError, LabError
 from labkit.lab import SHORT_CASES, Lab, compare_matrices
+from labkit.lab.tracing import refusing_functions
 
 pytestmark = pytest.mark.integration
 
@@ -104,7 +105,7 @@ def test_short_matrix_measures_exactly_the_cases_asked(lab):
     pins = {(p["mechanism"], p["memory"]): p for p in m["pins"]}
     assert pins[("rdma", "fsdax-xfs")]["errno"] == 95 and pins[("rdma", "devdax")]["ok"]
     assert pins[("odirect", "fsdax-xfs")]["ok"]
-    assert steps[0].startswith("preparing") and any("12 pin attempts" in s for s in steps)
+    assert steps[0].startswith("preparing") and any(f"{len(SHORT_CASES)} pin attempts" in s for s in steps)
     text = compare_matrices(m, m)
     assert "differs" not in text and len(text.splitlines()) == 3 + len(SHORT_CASES)
 
@@ -244,7 +245,8 @@ def test_the_slow_path_refuses_the_same_private_mapping_untouched(lab):
     shared = lab.pin("rdma", "fsdax-xfs", "shared")
     r = lab.pin_untouched("fsdax-xfs", "private")
     assert not r.ok and r.errno == shared.errno, r
-    assert any("check_vma_flags" in t and f"ret=-{shared.errno}" in t for t in r.trace), r.trace
+    refusing = refusing_functions(lab.vm.boot.kernel_release)        # check_vma_flags from v5.11
+    assert any(f"<- {fn})" in t and f"ret=-{shared.errno}" in t for t in r.trace for fn in refusing), r.trace
 
 
 @pytest.mark.parametrize("fs", ["xfs", "ext4"])
@@ -266,7 +268,8 @@ def test_a_second_mount_of_the_device_does_not_hide_the_mount_warning(lab):
     assert lab.mount("xfs", dev, "/mnt/second", options="dax").ok
     try:
         again = {m.fs: m for m in lab.prepare_mounts()}
-        assert again["xfs"].experimental_warning is before["xfs"].experimental_warning is is_61(lab)
+        # XFS still warns on 6.1 and 5.10 (a kernel that warns must warn on every mount)
+        assert again["xfs"].experimental_warning is before["xfs"].experimental_warning is (is_61(lab) or is_510(lab))
         info = lab.mount_info("/mnt/second")
         assert info.is_mountpoint and info.fs == "xfs" and info.dax_active, info
     finally:

@@ -50,13 +50,13 @@ def _answer(nb, ex: str, source: str) -> None:
 def _bob(nb, name: str) -> None:
     """Wrong, blank, and one right answer that is not the reference code; a tampered check cell."""
     if name.startswith("00"):
-        _answer(nb, "ex0.1", 'answer = "4.19.0-27-amd64"')                 # a plausible wrong release
+        _answer(nb, "ex0.1", 'answer = 64')                                # a plausible wrong CPU count
         check = next(c for c in nb.cells if "ex0.1-check" in c.metadata.get("tags", []))
         check.source = "pass   # bob empties the locked check cell; nbgrader restores it"
     else:
         _answer(nb, "ex1.1", 'answer = "fsdax"\nrecord("ex1.1", answer)')   # the block-device mode, not the chardev one
-        _answer(nb, "ex1.2", 'fsdax = next(n for n in lab.namespaces() if n.mode == "fsdax")\n'
-                             'answer = fsdax.size >> 20\nrecord("ex1.2", answer)')
+        _answer(nb, "ex1.2", 'devdax = [n for n in lab.namespaces() if n.mode == "devdax"][0]\n'
+                             'answer = int(devdax.align)\nrecord("ex1.2", answer)')
         # ex1.3 (explain) left as released: nbgrader scores it 0, no response
 
 

@@ -103,3 +103,11 @@ def test_guest_starts_name_tests_that_boot_their_own_guest_without_saying_why():
     assert "2 cold boots, 2 warm starts (1 of them the pool's shared guests), 1 KVM probes" in lines[0]
     assert lines[1].startswith("1 tests started a guest of their own") and lines[2] == "  tests/test_x.py::c"
     assert gs.summary(fresh={"tests/test_faults.py::b", "tests/test_x.py::c"})[1:] == []
+
+
+def test_a_whole_run_leaves_5_10_out_of_the_modern_subject_files_only():
+    from suite_areas import left_out
+    assert left_out("test_lab.py", {"5.10"}, set())
+    assert not left_out("test_lab.py", {"5.10"}, {"5.10"})          # asked for: it runs
+    assert not left_out("test_lab.py", {"6.1"}, set())
+    assert not left_out("test_guest.py", {"5.10"}, set())

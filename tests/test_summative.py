@@ -288,7 +288,7 @@ def _panic(nb) -> None:
     fresh judging guest, the crash is the cell's error."""
     for cell in nb.cells:
         if grading.exercise_id(cell) == "ex0.1":
-            cell.source = 'answer = vm.describe()["kernel_release"]\nrecord("ex0.1", answer)'
+            cell.source = 'answer = int(vm.run("nproc").stdout)\nrecord("ex0.1", answer)'
     nb.cells.append(nbformat.v4.new_code_cell(
         'vm.run(["sh", "-c", "echo 1 > /proc/sys/kernel/sysrq; echo c > /proc/sysrq-trigger"], timeout=60)'))
 
