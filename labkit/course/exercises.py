@@ -430,7 +430,11 @@ def _status(answer: Any) -> str:
 def check_pinned_pagecache_write(answer: Any, live: Live) -> Result:
     """A pinned MR over a page-cache file, the file truncated, an RDMA WRITE
     after: the completion's status (or the registration's errno)."""
-    rv = live.revoke("pagecache", "pinned", "write")
+    return _write_after_revoke(answer, live.revoke("pagecache", "pinned", "write"))
+
+
+def _write_after_revoke(answer: Any, rv: Any) -> Result:
+    """The status of the RDMA WRITE after a revocation, or the registration's errno if it was refused."""
     if not rv.registered:
         return _errno_matches(answer, type("R", (), {"ok": False, "errno": rv.errno})())
     after = rv.after.status_name if rv.after else "no completion"
@@ -716,11 +720,7 @@ def check_odp_ext4_truncated(answer: Any, live: Live) -> Result:
     (or the registration's errno)."""
     if not str(answer or "").strip():
         return False, "give the completion's status name (IBV_WC_...) or the errno's name"
-    rv = live_with_odp(live).revoke("fsdax-ext4", "odp", "write")
-    if not rv.registered:
-        return _errno_matches(answer, type("R", (), {"ok": False, "errno": rv.errno})())
-    after = rv.after.status_name if rv.after else "no completion"
-    return bool(_status(answer)) and _status(answer) == _status(after), ""
+    return _write_after_revoke(answer, live_with_odp(live).revoke("fsdax-ext4", "odp", "write"))
 
 
 EXERCISES = EXERCISES + (
