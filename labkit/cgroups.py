@@ -381,3 +381,111 @@ def peak_of(pid: int, parent_prefix: str, root: Path = ROOT) -> int | None:
         return Group(parts[1], parent=parts[0], root=root).memory_peak()
     except CgroupError:
         return None
+
+
+# -- what this process may use ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Allocation:
+    """The CPUs and memory this process may use, and what bounded each: the
+    smallest of the host, the CPU affinity mask, the process's own cgroup
+    limits (v1 or v2, each ancestor's) and, inside a Slurm job, the job's
+    request (a site without Slurm's cgroup plugin enforces nothing, but the
+    job still asked for no more)."""
+
+    cpus: int
+    memory_bytes: int
+    cpus_from: str
+    memory_from: str
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _cgroup_bounds(root: Path, groups: dict[str, str]) -> tuple[float | None, int | None]:
+    """(cores, bytes): the tightest limits the process's groups and their
+    ancestors set (memory: the limit less what the group already uses), None
+    where nothing limits."""
+    cores: list[float] = []
+    memory: list[int] = []
+    v2 = version(root) == 2
+    for controller in ("cpu", "memory"):
+        path = groups.get(controller)
+        if path is None:
+            continue
+        parts = [p for p in path.strip("/").split("/") if p]
+        for depth in range(len(parts), -1, -1):
+            base = (root if v2 else root / controller).joinpath(*parts[:depth])
+            if controller == "cpu":
+                if v2:
+                    quota, _, period = (_read(base / "cpu.max") or "max").partition(" ")
+                    if quota != "max" and period:
+                        cores.append(int(quota) / int(period))
+                else:
+                    quota_s, period_s = _read(base / "cpu.cfs_quota_us"), _read(base / "cpu.cfs_period_us")
+                    if quota_s and period_s and int(quota_s) > 0:
+                        cores.append(int(quota_s) / int(period_s))
+            else:
+                limit = _read(base / ("memory.max" if v2 else "memory.limit_in_bytes"))
+                if limit and limit != "max" and int(limit) < 2**60:    # v1's "unlimited" is a huge number
+                    usage = _read(base / ("memory.current" if v2 else "memory.usage_in_bytes"))
+                    memory.append(max(0, int(limit) - int(usage or 0)))
+    return (min(cores) if cores else None), (min(memory) if memory else None)
+
+
+def _slurm_bounds(env: dict[str, str]) -> tuple[int | None, int | None]:
+    """(CPUs, bytes) a Slurm job or array task asked for, from the variables Slurm sets in it."""
+    if "SLURM_JOB_ID" not in env:
+        return None, None
+    cpus = None
+    for key in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
+        if env.get(key, "").isdigit():
+            cpus = int(env[key])
+            break
+    memory = None
+    if env.get("SLURM_MEM_PER_NODE", "").isdigit():
+        memory = int(env["SLURM_MEM_PER_NODE"]) * 2**20
+    elif env.get("SLURM_MEM_PER_CPU", "").isdigit():
+        memory = int(env["SLURM_MEM_PER_CPU"]) * 2**20 * (cpus or 1)
+    return cpus, memory
+
+
+def allocation(root: Path = ROOT, groups: dict[str, str] | None = None, env: dict[str, str] | None = None,
+               host_cpus: int | None = None, host_available: int | None = None) -> Allocation:
+    """What this process may use now: see :class:`Allocation`. The arguments
+    stand in for this process's groups, environment and host (tests).
+    Used to size parallel guests (a grading task given one CPU of a 32-core
+    node starts one guest at a time, not 32)."""
+    import psutil
+
+    env = dict(os.environ) if env is None else env
+    cpus_from, memory_from = "the host", "the host's available memory"
+    cpus = host_cpus if host_cpus is not None else (os.cpu_count() or 1)
+    memory = host_available if host_available is not None else psutil.virtual_memory().available
+    if host_cpus is None:
+        try:
+            affinity = len(os.sched_getaffinity(0))
+            if affinity < cpus:
+                cpus, cpus_from = affinity, "the CPU affinity mask"
+        except OSError:
+            pass
+    if groups is None:
+        try:
+            groups = group_of(os.getpid())
+        except OSError:
+            groups = {}
+    cg_cores, cg_memory = _cgroup_bounds(root, groups)
+    if cg_cores is not None and max(1, int(cg_cores)) < cpus:
+        cpus, cpus_from = max(1, int(cg_cores)), "the cgroup's CPU quota"
+    if cg_memory is not None and cg_memory < memory:
+        memory, memory_from = cg_memory, "the cgroup's memory limit"
+    slurm_cpus, slurm_memory = _slurm_bounds(env)
+    if slurm_cpus is not None and slurm_cpus < cpus:
+        cpus, cpus_from = slurm_cpus, "the Slurm job's CPUs"
+    if slurm_memory is not None and slurm_memory < memory:
+        memory, memory_from = slurm_memory, "the Slurm job's memory"
+    return Allocation(max(1, cpus), memory, cpus_from, memory_from)

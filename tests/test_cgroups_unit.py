@@ -11,6 +11,7 @@ hub's groups are in tests/test_hub_unit.py.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -211,3 +212,59 @@ def test_removing_one_group_keeps_the_parent_of_the_others(tmp_path):
     assert not a.exists() and b.exists()
     b.remove()
     assert not (root / "labkit-hub").exists()
+
+
+# -- what this process may use (the grader's --jobs) ----------------------------------------------
+
+def _v2_tree(tmp_path, cpu_max: str, memory_max: str, current: str = "0"):
+    (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
+    job = tmp_path / "system.slice" / "slurmstepd.scope" / "job_7"
+    job.mkdir(parents=True)
+    (job / "cpu.max").write_text(cpu_max + "\n")
+    (job / "memory.max").write_text(memory_max + "\n")
+    (job / "memory.current").write_text(current + "\n")
+    (tmp_path / "system.slice" / "cpu.max").write_text("max 100000\n")
+    return {c: "/system.slice/slurmstepd.scope/job_7" for c in cgroups.CONTROLLERS}
+
+
+def test_allocation_is_the_host_when_nothing_limits(tmp_path):
+    (tmp_path / "cgroup.controllers").write_text("cpu memory\n")
+    a = cgroups.allocation(root=tmp_path, groups={"cpu": "/", "memory": "/"}, env={},
+                           host_cpus=32, host_available=64 * 2**30)
+    assert (a.cpus, a.memory_bytes, a.cpus_from) == (32, 64 * 2**30, "the host")
+
+
+def test_allocation_follows_the_cgroup_v2_quota_and_memory_left(tmp_path):
+    groups = _v2_tree(tmp_path, "150000 100000", str(3 * 2**30), current=str(2**30))
+    a = cgroups.allocation(root=tmp_path, groups=groups, env={}, host_cpus=32, host_available=64 * 2**30)
+    assert a.cpus == 1 and a.cpus_from == "the cgroup's CPU quota"          # 1.5 cores: one guest
+    assert a.memory_bytes == 2 * 2**30 and a.memory_from == "the cgroup's memory limit"
+
+
+def test_allocation_follows_cgroup_v1_files(tmp_path):
+    for c in ("cpu", "memory"):
+        (tmp_path / c / "slurm" / "job_7").mkdir(parents=True)
+    (tmp_path / "cpu" / "slurm" / "job_7" / "cpu.cfs_quota_us").write_text("400000\n")
+    (tmp_path / "cpu" / "slurm" / "job_7" / "cpu.cfs_period_us").write_text("100000\n")
+    (tmp_path / "memory" / "slurm" / "job_7" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    a = cgroups.allocation(root=tmp_path, groups={"cpu": "/slurm/job_7", "memory": "/slurm/job_7"}, env={},
+                           host_cpus=32, host_available=8 * 2**30)
+    assert a.cpus == 4 and a.memory_bytes == 8 * 2**30 and a.memory_from == "the host's available memory"
+
+
+def test_allocation_of_a_slurm_task_without_cgroup_enforcement(tmp_path):
+    """One CPU and 3 GiB asked of a 32-core node: the task sizes itself from its request."""
+    (tmp_path / "cgroup.controllers").write_text("")
+    env = {"SLURM_JOB_ID": "12", "SLURM_CPUS_PER_TASK": "1", "SLURM_MEM_PER_NODE": "3072"}
+    a = cgroups.allocation(root=tmp_path, groups={}, env=env, host_cpus=32, host_available=120 * 2**30)
+    assert (a.cpus, a.memory_bytes) == (1, 3 * 2**30)
+    assert a.cpus_from == "the Slurm job's CPUs" and a.memory_from == "the Slurm job's memory"
+    per_cpu = cgroups.allocation(root=tmp_path, groups={}, env={"SLURM_JOB_ID": "1", "SLURM_CPUS_PER_TASK": "2",
+                                                                "SLURM_MEM_PER_CPU": "1000"},
+                                 host_cpus=32, host_available=120 * 2**30)
+    assert (per_cpu.cpus, per_cpu.memory_bytes) == (2, 2000 * 2**20)
+
+
+def test_allocation_of_this_process_is_sane():
+    a = cgroups.allocation()
+    assert 1 <= a.cpus <= (os.cpu_count() or 1) and a.memory_bytes > 0

@@ -177,6 +177,9 @@ def test_grading_array_job_matches_local_run(cluster, tmp_path):
     # every task asked for its own resources
     assert {(j["mem"], j["time_limit"]) for j in cluster.jobs(array)} == {("3G", "10:00")}
     assert read_csv(tmp_path / "slurm" / "grades.csv") == expected, logs
+    if USE_GRADER:       # each task sized its parallel guests from its one CPU, not from the node's cores
+        for log in (tmp_path / "slurm" / "logs").glob("grade-*.out"):
+            assert ", 1 at a time" in log.read_text(), log.read_text()
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "slurm-timings.json").write_text(json.dumps(
         {**cluster.timings, "array_4_tasks_s": round(t_array, 1), "array_plus_gradebook_s": round(t_total, 1)},

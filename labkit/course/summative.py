@@ -103,11 +103,14 @@ def submissions(dirs: list[str | os.PathLike]) -> list[tuple[str, Path]]:
 
 
 def default_jobs() -> int:
-    """As many guests at a time as the cores and the free memory hold: one
-    per core (TCG keeps a core busy per guest), and JOB_MEMORY_MB each."""
-    import psutil
-    by_mem = int(psutil.virtual_memory().available / 2**20 // JOB_MEMORY_MB)
-    return max(1, min(os.cpu_count() or 1, by_mem))
+    """As many guests at a time as this process's allocation holds: one per
+    CPU it may use (TCG keeps a core busy per guest), and JOB_MEMORY_MB each.
+    The allocation, not the node: a Slurm task given one CPU of a 32-core
+    node grades one notebook at a time (:func:`labkit.cgroups.allocation`)."""
+    from labkit.cgroups import allocation
+    alloc = allocation()
+    by_mem = int(alloc.memory_bytes / 2**20 // JOB_MEMORY_MB)
+    return max(1, min(alloc.cpus, by_mem))
 
 
 def _now() -> str:
