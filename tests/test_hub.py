@@ -44,9 +44,9 @@ from hubsetup import (
 )
 
 from labkit.cgroups import CONTROLLERS, Group, Limits, group_of, missing_controllers
-from labkit.settings import from_environment
 from labkit.image import DEFAULT_KERNEL
 from labkit.machine.process import free_port
+from labkit.settings import from_environment
 
 pytestmark = [pytest.mark.integration, pytest.mark.fresh_guest("every learner's server boots its own VM")]
 
@@ -91,6 +91,8 @@ class Class:
     keep: KeepAlive
     figures: dict = field(default_factory=dict)
     cells: dict = field(default_factory=dict)
+    venv: Path | None = None
+    env: dict = field(default_factory=dict)
 
 
 def result_of(stdout: str) -> dict:
@@ -163,7 +165,9 @@ def klass(class_tools):
         hub = Hub.start(venv, env, base / "hub.log")
         figures["hub_start_s"] = round(time.monotonic() - t0, 2)
         keep = KeepAlive(hub)
-        yield Class(hub, a, b, parent, base, keep, figures)
+        holder = Class(hub, a, b, parent, base, keep, figures, venv=venv, env=env)
+        yield holder
+        hub = holder.hub            # the restart test starts a new hub process
     finally:
         if keep is not None:
             keep.close()
@@ -355,17 +359,48 @@ def test_the_idle_culler_stops_a_server_and_its_vm_and_the_vm_comes_back_warm(kl
     klass.figures["resume_warm_start_s"] = res["boot_seconds"]
 
 
-def test_stopping_the_hub_leaves_no_process_and_no_cgroup(klass):
-    hub = klass.hub
+def test_a_hub_restart_keeps_every_server_and_vm_and_stopping_the_class_leaves_nothing(klass):
+    hub, a, b = klass.hub, klass.a, klass.b
     klass.keep.close()
+    # The instructor's token enrols and stops, but cannot mint a token that acts as a learner.
+    r = hub.api("POST", f"/users/{a.name}/tokens", json={"note": "not allowed"})
+    assert r.status_code == 403, (r.status_code, r.text)
+    qemus = {lr.name: qemu_of(lr) for lr in (a, b)}
+    assert all(qemus.values()), qemus
     proxy_pid = int((klass.base / "hub/proxy.pid").read_text())
-    assert qemu_of(klass.a) is not None and qemu_of(klass.b) is not None
     t0 = time.monotonic()
-    hub.stop()
+    hub.stop()                       # SIGTERM: an upgrade or a config change
     klass.figures["hub_stop_s"] = round(time.monotonic() - t0, 1)
-    for lr in (klass.a, klass.b):
+    for lr in (a, b):
+        q = qemus[lr.name]
+        assert q is not None and q.is_running() and q.status() != psutil.STATUS_ZOMBIE, f"{lr.name}'s VM died"
+    t0 = time.monotonic()
+    assert klass.venv is not None
+    klass.hub = hub = Hub.start(klass.venv, klass.env, hub.log_path)
+    klass.figures["hub_restart_s"] = round(time.monotonic() - t0, 1)
+    for lr in (a, b):                # the restarted hub found each server, and the proxy routes to it
+        assert hub.server_running(lr), f"{lr.name}'s server is not known to the restarted hub"
+        cell = execute(hub, lr, ALIVE_CELL, timeout=120)
+        assert not cell.error, cell.error
+        assert f"RESULT alive {qemus[lr.name].pid}" in cell.stdout, cell.stdout     # the same VM, attached
+    assert not psutil.pid_exists(proxy_pid) or psutil.Process(proxy_pid).status() == psutil.STATUS_ZOMBIE \
+        or int((klass.base / "hub/proxy.pid").read_text()) == proxy_pid
+    # Stopping the class: every server, then the hub.
+    t0 = time.monotonic()
+    for lr in (a, b):
+        r = hub.api("DELETE", f"/users/{lr.name}/server")
+        assert r.status_code in (202, 204), (r.status_code, r.text)
+    for lr in (a, b):
+        wait_until(lambda lr=lr: not hub.server_running(lr), 60, f"{lr.name}'s server to stop")
+    hub.stop()
+    klass.figures["class_stop_s"] = round(time.monotonic() - t0, 1)
+    proxy_pid = int((klass.base / "hub/proxy.pid").read_text()) if (klass.base / "hub/proxy.pid").exists() else 0
+    for lr in (a, b):
         wait_until(lambda lr=lr: not user_processes(lr.name), 30, f"every process of {lr.name} to end")
-    assert not psutil.pid_exists(proxy_pid) or psutil.Process(proxy_pid).status() == psutil.STATUS_ZOMBIE
-    left = [str(Path("/sys/fs/cgroup") / c / klass.parent) for c in CONTROLLERS
-            if (Path("/sys/fs/cgroup") / c / klass.parent).exists()]
+    assert not proxy_pid or not psutil.pid_exists(proxy_pid) \
+        or psutil.Process(proxy_pid).status() == psutil.STATUS_ZOMBIE
+    left = [str(Path("/sys/fs/cgroup") / c / klass.parent / g) for c in CONTROLLERS
+            if (Path("/sys/fs/cgroup") / c / klass.parent).exists()
+            for g in os.listdir(Path("/sys/fs/cgroup") / c / klass.parent)
+            if (Path("/sys/fs/cgroup") / c / klass.parent / g).is_dir()]
     assert not left, f"cgroups left behind: {left}"

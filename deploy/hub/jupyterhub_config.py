@@ -19,8 +19,9 @@ LABKIT_HUB_MEM [2G], LABKIT_HUB_CPUS [1.0], LABKIT_HUB_PIDS [1024],
 LABKIT_HUB_CGROUP_PARENT (cgroup spawner only) [labkit-hub],
 LABKIT_HUB_CULL_TIMEOUT (s idle before a server and its VM are stopped) [1800],
 LABKIT_HUB_CULL_EVERY [60], LABKIT_HUB_ACTIVITY_INTERVAL [60],
-LABKIT_HUB_ADMIN_TOKEN (an API token with admin rights for the instructor's
-scripts; none when unset), LABKIT_HUB_PROXY (configurable-http-proxy's path).
+LABKIT_HUB_ADMIN_TOKEN (an API token for the instructor's scripts: enrol, list,
+start and stop; it cannot mint tokens; none when unset), LABKIT_HUB_ADMINS (Unix
+users who get /hub/admin) [none], LABKIT_HUB_PROXY (configurable-http-proxy's path).
 The learners' servers get LABKIT_IMAGES_DIR and LABKIT_SHARED_CACHE_DIR from the hub's environment.
 """
 
@@ -48,12 +49,19 @@ c.ConfigurableHTTPProxy.pid_file = str(state / "proxy.pid")
 proxy = env("LABKIT_HUB_PROXY") or shutil.which("configurable-http-proxy")
 if proxy:
     c.ConfigurableHTTPProxy.command = [proxy]
-c.JupyterHub.cleanup_servers = True      # stopping the hub stops every server (and its cgroup, and its VM)
+# A hub restart (an upgrade, a config change, a crash) must not end a class: the servers, their
+# kernels and their VMs keep running and the restarted hub finds them again from its database
+# (the spawner's state). Stopping a class is stopping its servers first (`labkit class stop`, or
+# the admin page), then the hub.
+c.JupyterHub.cleanup_servers = False
 c.JupyterHub.last_activity_interval = int(env("LABKIT_HUB_ACTIVITY_INTERVAL", "60"))
 
 # -- who may log in: local Unix users of one group, by their password (PAM) ------------
 c.JupyterHub.authenticator_class = "pam"
 c.LocalAuthenticator.allowed_groups = {env("LABKIT_HUB_GROUP", "labkit-learners")}
+# The instructors: they get /hub/admin (every learner's server, start and stop) and log in like a
+# learner. Comma-separated Unix user names.
+c.Authenticator.admin_users = {u for u in env("LABKIT_HUB_ADMINS", "").split(",") if u}
 
 # -- each learner's server ---------------------------------------------------------------
 c.Spawner.mem_limit = env("LABKIT_HUB_MEM", "2G")
@@ -106,6 +114,7 @@ c.JupyterHub.load_roles = [{
 }]
 if env("LABKIT_HUB_ADMIN_TOKEN"):
     c.JupyterHub.services.append({"name": "labkit-admin", "api_token": env("LABKIT_HUB_ADMIN_TOKEN")})
-    c.JupyterHub.load_roles.append({"name": "labkit-admin", "scopes": ["admin:users", "admin:servers",
-                                                                       "tokens", "read:hub"],
+    # What the instructor's scripts do: enrol learners, list them with their activity, start and
+    # stop servers. No `tokens` scope: this token cannot mint a token that acts as a learner.
+    c.JupyterHub.load_roles.append({"name": "labkit-admin", "scopes": ["admin:users", "servers", "read:hub"],
                                     "services": ["labkit-admin"]})
