@@ -1,7 +1,7 @@
-"""A real single-node Slurm cluster for the tests, from Debian's slurm-wlm and munge.
+"""A real Slurm cluster on one host for the tests, from Debian's slurm-wlm and munge.
 
 PID 1 is not systemd on the CI machine, so the daemons are started directly, in the foreground,
-as children of the test (munged, slurmctld, slurmd), with a generated slurm.conf in a private
+as children of the test (munged, slurmctld, a slurmd per node), with a generated slurm.conf in a private
 directory, on free loopback ports, with their own munge key and socket: nothing under /etc or
 /run is touched and the host's own Slurm (if any) is not disturbed.
 
@@ -37,6 +37,12 @@ DAEMONS = ("munged", "slurmctld", "slurmd")
 INSTALL_HINT = "apt-get install -y slurm-wlm munge   (or: make test-deps)"
 NODE = "labnode"
 PARTITION = "lab"
+# A second node on the same host, with its own slurmd (``slurmd -N``), port and address (127.0.0.2:
+# all of 127/8 is loopback), in a partition of its own so the grading tests never overcommit the
+# host through it. Its name resolves nowhere: a hub reaches a server on it only by its NodeAddr.
+NODE2 = "labnode2"
+NODE2_ADDR = "127.0.0.2"
+PARTITION2 = "lab2"
 
 
 class ClusterError(RuntimeError):
@@ -64,7 +70,7 @@ def node_hardware() -> tuple[int, int]:
 
 @dataclass
 class SlurmCluster:
-    """One controller and one node on 127.0.0.1, all files under ``root``."""
+    """One controller and two nodes (127.0.0.1 and 127.0.0.2), all files under ``root``."""
 
     root: Path
     kvm_gres: bool = False
@@ -86,7 +92,8 @@ class SlurmCluster:
         cpus, mem = node_hardware()
         host = socket.gethostname().split(".")[0]
         (self.root / "state").mkdir()
-        (self.root / "spool").mkdir()
+        for node in (NODE, NODE2):
+            (self.root / "spool" / node).mkdir(parents=True)
         gres = ""
         if self.kvm_gres:
             # /dev/kvm is shared by any number of guests: a counted GRES without File= (a File=
@@ -99,18 +106,17 @@ class SlurmCluster:
 ClusterName=labkit
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={r}/munge/socket
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
+SlurmdSpoolDir={r}/spool/%n
 SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd.pid
+SlurmdPidFile={r}/slurmd-%n.pid
 SlurmctldLogFile={r}/slurmctld.log
-SlurmdLogFile={r}/slurmd.log
+SlurmdLogFile={r}/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -129,8 +135,10 @@ KillWait=5
 InactiveLimit=0
 MinJobAge=600
 {"GresTypes=kvm" if self.kvm_gres else ""}
-NodeName={NODE} NodeHostname={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem - 1024}{gres} State=UNKNOWN
+NodeName={NODE} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} CPUs={cpus} RealMemory={mem - 1024}{gres} State=UNKNOWN
+NodeName={NODE2} NodeHostname={host} NodeAddr={NODE2_ADDR} Port={free_port()} CPUs={cpus} RealMemory={mem - 1024} State=UNKNOWN
 PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=120 State=UP
+PartitionName={PARTITION2} Nodes={NODE2} MaxTime=120 State=UP
 """)
 
     # -- daemons --------------------------------------------------------------------------------
@@ -162,7 +170,9 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=120 State=UP
         self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
         self._wait(lambda: self._ok(["scontrol", "ping"], "UP"), "slurmctld", 60)
         self._spawn("slurmd", ["slurmd", "-D", "-N", NODE, "-f", str(self.conf)])
-        self._wait(lambda: self.node_state() in {"IDLE", "MIXED", "ALLOCATED"}, "slurmd", 90)
+        self._spawn("slurmd2", ["slurmd", "-D", "-N", NODE2, "-f", str(self.conf)])
+        for node in (NODE, NODE2):
+            self._wait(lambda node=node: self.node_state(node) in {"IDLE", "MIXED", "ALLOCATED"}, node, 90)
         self.timings["daemons_start_s"] = time.monotonic() - t0
         log.info("slurm cluster up in %.1f s", self.timings["daemons_start_s"])
 
@@ -173,8 +183,8 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=120 State=UP
             return False
         return r.returncode == 0 and needle in r.stdout
 
-    def node_state(self) -> str:
-        r = subprocess.run(["sinfo", "-h", "-n", NODE, "-o", "%T"], capture_output=True, text=True,
+    def node_state(self, node: str = NODE) -> str:
+        r = subprocess.run(["sinfo", "-h", "-n", node, "-o", "%T"], capture_output=True, text=True,
                            env=self.env, timeout=15)
         return r.stdout.strip().rstrip("*~#").upper()
 
@@ -199,9 +209,10 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=120 State=UP
     def stop(self) -> None:
         """Cancel every job, then stop the daemons in reverse order: TERM, then KILL."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
-            subprocess.run(["scancel", "--full", "--partition", PARTITION], env=self.env, timeout=30,
-                           capture_output=True, check=False)
-        for name in reversed(DAEMONS):
+            for part in (PARTITION, PARTITION2):
+                subprocess.run(["scancel", "--full", "--partition", part], env=self.env, timeout=30,
+                               capture_output=True, check=False)
+        for name in ("slurmd2", *reversed(DAEMONS)):
             p = self.procs.get(name)
             if p is None or p.poll() is not None:
                 continue

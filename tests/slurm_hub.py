@@ -21,10 +21,12 @@ from pathlib import Path
 import psutil
 import requests
 import websocket
+from slurm_cluster import PARTITION2
 
 from labkit.timeout import Deadline
 
 REPO = Path(__file__).resolve().parent.parent
+CULL_TIMEOUT = 10         # s idle before the culler stops the learner's server (so, cancels its job)
 
 
 class SetupError(RuntimeError):
@@ -133,7 +135,12 @@ class HubSetup:
                "LABKIT_HUB_PORT": str(self.port), "LABKIT_HUB_API_PORT": str(free_port()),
                "LABKIT_PROXY_API_PORT": str(free_port()), "LABKIT_PROXY_COMMAND": str(proxy),
                "LABKIT_HUB_LEARNERS": self.learner, "LABKIT_HUB_ADMIN_TOKEN": self.admin_token,
-               "LABKIT_SLURM_EXEC_PREFIX": f"{shutil.which('runuser')} -u {{username}} --", "LABKIT_SLURM_EXECHOST": "127.0.0.1",
+               "LABKIT_SLURM_EXEC_PREFIX": f"{shutil.which('runuser')} -u {{username}} --",
+               # the learner's job runs on the second node, whose name resolves nowhere: the hub
+               # must find the server at the node's NodeAddr (127.0.0.2)
+               "LABKIT_SLURM_PARTITION": PARTITION2,
+               "LABKIT_HUB_CULL_TIMEOUT": str(CULL_TIMEOUT), "LABKIT_HUB_CULL_EVERY": "3",
+               "LABKIT_HUB_ACTIVITY_INTERVAL": "3",
                "LABKIT_SLURM_MEM": "3G", "LABKIT_SLURM_CPUS": "1", "LABKIT_SLURM_TIME": "00:30:00",
                "LABKIT_SLURM_START_TIMEOUT": "180", "LABKIT_IMAGES_DIR": str(images), "LABKIT_AUTO_BUILD": "0"}
         for k in ("LABKIT_STATE_DIR", "LABKIT_CACHE_DIR"):   # the learner's own, under their home

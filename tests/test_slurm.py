@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 from conftest import ARTIFACTS, require_image
-from slurm_cluster import ClusterError, SlurmCluster, slurm_cluster
-from slurm_hub import HubSetup, SetupError, tmp_files_of, user_processes
+from slurm_cluster import NODE2, ClusterError, SlurmCluster, slurm_cluster
+from slurm_hub import CULL_TIMEOUT, HubSetup, SetupError, tmp_files_of, user_processes
 
 USE_GRADER = True    # the real `labkit course grade` (merged); False: a placeholder task that boots a guest
 
@@ -65,6 +65,15 @@ def test_merge_waits_for_every_task():
     sub = load_submit_module()
     argv = sub.merge_argv("17", Path("/o"), ["labkit", "course", "gradebook", "{out}"], None)
     assert "--dependency=afterany:17" in argv and argv[-5:] == ["--", "labkit", "course", "gradebook", "{out}"]
+
+
+def test_the_spawner_reaches_a_node_at_its_node_addr():
+    from labkit.deploy.slurm import parse_node_addr
+    line = ("NodeName=labnode2 Arch=x86_64 CoresPerSocket=1 CPUAlloc=0 NodeAddr=10.1.2.3 NodeHostName=c12 "
+            "Port=6818 Version=22.05.8")
+    assert parse_node_addr(line) == "10.1.2.3"
+    assert parse_node_addr("NodeName=x NodeAddr=(null) NodeHostName=x") is None
+    assert parse_node_addr("Node labnode9 not found") is None
 
 
 def test_duplicate_student_names_are_refused(tmp_path):
@@ -235,10 +244,10 @@ def hub_setup(cluster):
 
 
 def learner_jobs(cluster: SlurmCluster, user: str) -> list[dict[str, str]]:
-    r = subprocess.run(["squeue", "-h", "-u", user, "-o", "%i|%T|%m|%C|%l"], capture_output=True, text=True,
+    r = subprocess.run(["squeue", "-h", "-u", user, "-o", "%i|%T|%m|%C|%l|%N"], capture_output=True, text=True,
                        env=cluster.env, timeout=30)
-    keys = ("id", "state", "mem", "cpus", "time_limit")
-    return [dict(zip(keys, line.split("|"))) for line in r.stdout.splitlines() if line.count("|") == 4]
+    keys = ("id", "state", "mem", "cpus", "time_limit", "node")
+    return [dict(zip(keys, line.split("|"))) for line in r.stdout.splitlines() if line.count("|") == 5]
 
 
 @pytest.mark.integration
@@ -254,17 +263,20 @@ def test_learner_server_is_a_slurm_job_and_boots_a_vm(cluster, hub_setup, class_
         h.login()
         spawn_s = h.start_server()
         jobs = learner_jobs(cluster, h.learner)
-        assert [(j["state"], j["mem"], j["cpus"], j["time_limit"]) for j in jobs] == [("RUNNING", "3G", "1", "30:00")]
+        assert [(j["state"], j["mem"], j["cpus"], j["time_limit"], j["node"]) for j in jobs] == \
+            [("RUNNING", "3G", "1", "30:00", NODE2)]
         out = h.execute(CELL)
         words = out.split()
         fields = dict(zip(words[::2], words[1::2]))
         assert fields["uid"] == str(h.uid) and fields["job"] == jobs[0]["id"], out
         assert fields["release"] == img.kernel_release, out
         assert fields["qemu"] != "None" and int(fields["qemu"]) in [int(p.split()[0]) for p in user_processes(h.uid)]
+        # left idle, the culler stops the server: its job is cancelled
         t0 = time.monotonic()
-        h.stop_server()
-        cluster.wait_done(jobs[0]["id"], 60)
-        stop_s = time.monotonic() - t0
+        cluster.wait_done(jobs[0]["id"], CULL_TIMEOUT + 90)
+        cull_s = time.monotonic() - t0
+        assert h.api("GET", f"/users/{h.learner}").json().get("servers") == {}, h.log_tail()
+        assert "Culling server" in h.log_tail(60000), h.log_tail()
     except SetupError as exc:
         pytest.fail(str(exc))
     # cancelling the job ended the server, the kernel and the learner's QEMU
@@ -275,6 +287,6 @@ def test_learner_server_is_a_slurm_job_and_boots_a_vm(cluster, hub_setup, class_
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "slurm-spawn.json").write_text(json.dumps(
         {**h.timings, "server_spawn_through_slurm_s": round(spawn_s, 1), "cell_vm_boot_s": float(fields["seconds"]),
-         "server_stop_and_job_end_s": round(stop_s, 1),
+         "cull_after_idle_s": round(cull_s, 1), "cull_timeout_s": CULL_TIMEOUT,
          # not asserted (a labkit matter, reported): a throwaway VM killed with its job keeps its tmp dir
          "learner_tmp_leftovers": [p.name for p in tmp_files_of(h.uid)]}, indent=1))

@@ -5,8 +5,9 @@ Slurm job, through batchspawner's SlurmSpawner.
 
 Each server is a job with its own memory, CPU and walltime request (``LABKIT_SLURM_MEM``,
 ``LABKIT_SLURM_CPUS``, ``LABKIT_SLURM_TIME``); the walltime is the hard upper bound on a session,
-and stopping the server (or the idle culler) cancels the job, which ends every process Slurm
-tracks for it. Where the nodes have a working /dev/kvm, set ``LABKIT_SLURM_GRES=kvm:1`` (the
+and stopping the server (or the idle culler, after ``LABKIT_HUB_CULL_TIMEOUT`` seconds idle)
+cancels the job, which ends every process Slurm tracks for it. The hub reaches each server at
+its node's ``NodeAddr`` (``labkit.deploy.slurm``), and a hub restart leaves the jobs running. Where the nodes have a working /dev/kvm, set ``LABKIT_SLURM_GRES=kvm:1`` (the
 ``kvm`` GRES of slurm.conf.example) so servers land there; otherwise the guest runs under TCG.
 
 The hub runs as root and submits as the learner: with ``sudo -E -u {username}`` where sudo is
@@ -20,6 +21,7 @@ environment so the test and a real site use the same file.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 c = get_config()  # type: ignore[name-defined]  # noqa: F821  (JupyterHub provides it)
@@ -41,8 +43,10 @@ c.JupyterHub.db_url = f"sqlite:///{state / 'jupyterhub.sqlite'}"
 c.JupyterHub.cookie_secret_file = str(state / "jupyterhub_cookie_secret")
 c.JupyterHub.pid_file = str(state / "jupyterhub.pid")
 c.ConfigurableHTTPProxy.pid_file = str(state / "jupyterhub-proxy.pid")
-# A hub restart must not orphan running jobs: it finds them again from its database.
-c.JupyterHub.cleanup_servers = True
+# A hub restart must not end a class: the learners' jobs (servers and VMs) keep running and the
+# restarted hub finds them again from its database (each spawner's job id).
+c.JupyterHub.cleanup_servers = False
+c.JupyterHub.last_activity_interval = int(env("LABKIT_HUB_ACTIVITY_INTERVAL", "60"))
 
 # Local Unix accounts (PAM); on a real site, the cluster's accounts are the learners.
 c.JupyterHub.authenticator_class = "pam"
@@ -51,14 +55,34 @@ if learners:
     c.Authenticator.allowed_users = learners
 else:
     c.Authenticator.allow_all = True      # every cluster account may log in
+c.Authenticator.admin_users = {u for u in env("LABKIT_HUB_ADMINS", "").split(",") if u}
+
+# -- services: the idle culler (stopping a server cancels its job), the instructor's token -------
+c.JupyterHub.services = [{
+    "name": "idle-culler",
+    "command": [sys.executable, "-m", "jupyterhub_idle_culler",
+                f"--timeout={int(env('LABKIT_HUB_CULL_TIMEOUT', '1800'))}",
+                f"--cull-every={int(env('LABKIT_HUB_CULL_EVERY', '60'))}"],
+}]
+c.JupyterHub.load_roles = [{
+    "name": "idle-culler",
+    "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"],
+    "services": ["idle-culler"],
+}]
 if env("LABKIT_HUB_ADMIN_TOKEN"):
-    # An instructor's service account (scripts that start, stop and list servers).
-    c.JupyterHub.services = [{"name": "labkit-admin", "api_token": env("LABKIT_HUB_ADMIN_TOKEN")}]
-    c.JupyterHub.load_roles = [{"name": "labkit-admin", "services": ["labkit-admin"],
-                                "scopes": ["admin:users", "admin:servers", "tokens", "list:users"]}]
+    # An instructor's service account (scripts that enrol, list, start and stop); no `tokens`
+    # scope, so it cannot mint a token that acts as a learner.
+    c.JupyterHub.services.append({"name": "labkit-admin", "api_token": env("LABKIT_HUB_ADMIN_TOKEN")})
+    c.JupyterHub.load_roles.append({"name": "labkit-admin", "services": ["labkit-admin"],
+                                    "scopes": ["admin:users", "servers", "read:hub"]})
 
 # -- one learner = one Slurm job ----------------------------------------------------------------
-c.JupyterHub.spawner_class = "batchspawner.SlurmSpawner"
+# batchspawner's, reaching each server at its node's NodeAddr (labkit.deploy.slurm): never a fixed
+# address, so servers on different nodes are each found where they run.
+c.JupyterHub.spawner_class = "labkit.deploy.slurm.SlurmSpawner"
+# The server listens on the node's addresses, for the hub to reach it from another machine; the
+# hub's token authenticates every request to it.
+c.Spawner.ip = "0.0.0.0"
 c.SlurmSpawner.exec_prefix = env("LABKIT_SLURM_EXEC_PREFIX", "sudo -E -u {username}")
 c.SlurmSpawner.req_memory = env("LABKIT_SLURM_MEM", "3G")       # server + kernel + QEMU (1 GiB guest)
 c.SlurmSpawner.req_nprocs = env("LABKIT_SLURM_CPUS", "1")       # a TCG guest keeps one core busy
@@ -67,9 +91,6 @@ c.SlurmSpawner.req_partition = env("LABKIT_SLURM_PARTITION", "")
 c.SlurmSpawner.req_gres = env("LABKIT_SLURM_GRES", "")          # "kvm:1" where nodes have /dev/kvm
 c.SlurmSpawner.start_timeout = int(env("LABKIT_SLURM_START_TIMEOUT", "300"))  # queueing included
 c.SlurmSpawner.http_timeout = 120
-if env("LABKIT_SLURM_EXECHOST"):
-    # Where node names do not resolve from the hub: the address to reach the server at.
-    c.SlurmSpawner.state_exechost_exp = env("LABKIT_SLURM_EXECHOST")
 # The learner's own venv, whatever PATH the hub runs with.
 c.SlurmSpawner.batchspawner_singleuser_cmd = str(venv / "bin" / "batchspawner-singleuser")
 c.Spawner.cmd = [str(venv / "bin" / "jupyterhub-singleuser")]
