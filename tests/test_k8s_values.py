@@ -120,6 +120,8 @@ def spawner_config(values: dict[str, Any]) -> Config:
                  *storage["extraVolumes"]]
     k.volume_mounts = [{"name": dyn["volumeNameTemplate"], "mountPath": storage["homeMountPath"]},
                        *storage["extraVolumeMounts"]]
+    for trait, value in values.get("hub", {}).get("config", {}).get("KubeSpawner", {}).items():
+        setattr(k, trait, value)          # hub.config.KubeSpawner reaches the spawner as it is
     return c
 
 
@@ -169,8 +171,10 @@ def test_deep_merge_keeps_the_base_and_overrides_leaves():
     v = load("values.yaml", "values-kvm.yaml")
     assert v["singleuser"]["memory"]["limit"] == "3G"                      # kept from the base
     assert v["singleuser"]["cpu"]["guarantee"] == 0.25                    # overridden
-    assert v["singleuser"]["extraEnv"]["LABKIT_ACCEL"] == "kvm"           # added
+    assert "LABKIT_ACCEL" not in v["singleuser"]["extraEnv"]              # labkit probes, and falls back to TCG
     assert v["singleuser"]["extraEnv"]["LABKIT_IMAGES_DIR"] == "/opt/labkit/images"
+    assert v["hub"]["config"]["KubeSpawner"]["supplemental_gids"]          # added
+    assert v["hub"]["config"]["JupyterHub"]["authenticator_class"] == "dummy"   # kept
 
 
 @pytest.mark.parametrize("files", VARIANTS, ids=["tcg", "kvm"])
@@ -183,9 +187,17 @@ def test_learner_pod_is_a_valid_kubernetes_object(files):
     assert res["limits"]["cpu"] == 2.0 and res["requests"]["cpu"] == (0.25 if "values-kvm.yaml" in files else 0.5)
     assert (KVM_RESOURCE in res["limits"]) == ("values-kvm.yaml" in files)
     assert container["securityContext"]["runAsUser"] == 1000 and not container["securityContext"].get("privileged")
+    # with KVM, the learner is in the nodes' kvm group (the plugin's /dev/kvm is root:kvm 0660)
+    groups = manifest["spec"].get("securityContext", {}).get("supplementalGroups", [])
+    assert bool(groups) == ("values-kvm.yaml" in files), manifest["spec"].get("securityContext")
+    assert manifest["spec"]["securityContext"]["fsGroup"] == 100      # kept beside them
     claims = [v["persistentVolumeClaim"]["claimName"] for v in manifest["spec"]["volumes"] if "persistentVolumeClaim" in v]
     assert len(claims) == 1 and claims[0].startswith("claim-")
     assert {"name": "LABKIT_STATE_DIR", "value": "/home/jovyan/.local/state/labkit"} in container["env"]
+    # the image's snapshots (deploy/container/customize.sh puts them there) are the shared cache
+    assert {"name": "LABKIT_SHARED_CACHE_DIR", "value": "/var/cache/labkit"} in container["env"]
+    recipe = (K8S.parent / "container" / "customize.sh").read_text()
+    assert '"$root/var/cache/labkit/snapshots"' in recipe
 
 
 def test_an_invalid_pod_is_refused():
@@ -199,3 +211,28 @@ def test_an_invalid_pod_is_refused():
 def test_idle_culling_is_on_and_bounded():
     cull = load("values.yaml")["cull"]
     assert cull["enabled"] and 0 < cull["every"] < cull["timeout"] <= cull["maxAge"]
+
+
+@pytest.mark.parametrize("files", VARIANTS, ids=["tcg", "kvm"])
+def test_someone_can_log_in_with_the_shipped_authenticator(files):
+    """The hub's authenticator as the values configure it (JupyterHub's own DummyAuthenticator,
+    with its traits from hub.config): any name logs in; with the shared password set at install,
+    only that password does. (allow_all: false with no allowed users locked everyone out.)"""
+    from jupyterhub.auth import DummyAuthenticator
+
+    hub = load(*files)["hub"]["config"]
+    assert hub["JupyterHub"]["authenticator_class"] == "dummy"
+
+    def login(password_set: str, name: str, password: str) -> Any:
+        c = Config({k: v for k, v in hub.items() if k in ("Authenticator", "DummyAuthenticator")})
+        if password_set:
+            c.DummyAuthenticator.password = password_set
+        auth = DummyAuthenticator(config=c)
+        async def go() -> Any:
+            user = await auth.get_authenticated_user(None, {"username": name, "password": password})
+            return user and user["name"]
+        return asyncio.run(go())
+
+    assert login("", "ada", "anything") == "ada"
+    assert login("s3cret-tutorial", "ada", "s3cret-tutorial") == "ada"
+    assert login("s3cret-tutorial", "bob", "wrong") is None
