@@ -74,6 +74,19 @@ class _FakeLab:
         return R()
 
 
+def test_the_slowest_cells_come_from_nbclients_timing():
+    nb = nbformat.v4.new_notebook()
+    for i, secs in enumerate((1.5, 40.25, 3.0)):
+        cell = nbformat.v4.new_code_cell(f"\n# cell {i}\nx = {i}")
+        cell.metadata["execution"] = {"iopub.execute_input": "2026-12-07T10:00:00.000000Z",
+                                      "shell.execute_reply": f"2026-12-07T10:00:{secs:09.6f}Z"}
+        nb.cells.append(cell)
+    nb.cells.append(nbformat.v4.new_markdown_cell("text"))
+    nb.cells.append(nbformat.v4.new_code_cell("never run"))
+    assert grading.slowest_cells(nb, 2) == [{"cell": 1, "seconds": 40.2, "first_line": "# cell 1"},
+                                            {"cell": 2, "seconds": 3.0, "first_line": "# cell 2"}]
+
+
 def test_checks_compare_with_what_the_lab_reports():
     live = Live(_FakeLab())
     assert check_nproc("2", live)[0]
@@ -140,7 +153,8 @@ def _assert_json_shape(data: dict, paths: list[Path]) -> None:
     assert set(data) == {"notebooks", "score", "max", "passed"}
     assert [Path(n["path"]).name for n in data["notebooks"]] == [p.name for p in paths]
     for n in data["notebooks"]:
-        assert set(n) == {"path", "notebook", "executed", "cell_errors", "score", "max", "checks"}
+        assert set(n) == {"path", "notebook", "executed", "cell_errors", "score", "max", "seconds", "checks"}
+        assert n["seconds"]["execute"] > 0 and len(n["seconds"]["slowest_cells"]) >= 1, n["seconds"]
         for c in n["checks"]:
             assert set(c) == {"id", "title", "points", "max", "passed", "message"}
             assert c["points"] in (0, c["max"]) and c["message"]

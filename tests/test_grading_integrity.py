@@ -256,7 +256,7 @@ def test_one_result_serialises_as_each_face_always_showed_it():
     assert grading.as_json([res])["notebooks"][0]["checks"] == [
         {"id": "ex6.2", "title": "History", "points": 2, "max": 2, "passed": True, "message": "right"}]
     assert list(grading.as_json([res])["notebooks"][0]) == ["path", "notebook", "executed", "cell_errors", "score",
-                                                            "max", "checks"]
+                                                            "max", "seconds", "checks"]
     assert r.gradebook_json() == {"id": "ex6.2", "title": "History", "points": 2, "max": 2, "feedback": "right"}
 
 

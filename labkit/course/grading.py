@@ -23,6 +23,7 @@ import json
 import os
 import re
 import secrets
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,6 +258,25 @@ def execute(nb, path: Path, timeout: float = 600.0) -> tuple[list[str], str]:
     return cell_errors(nb), marker
 
 
+def slowest_cells(nb, n: int = 3) -> list[dict[str, Any]]:
+    """The ``n`` code cells that took longest in the last execution (nbclient
+    records when each began and ended in the cell's metadata), with their
+    first line: where a notebook's minutes go."""
+    from datetime import datetime
+    timed = []
+    for i, cell in enumerate(nb.cells):
+        meta = cell.get("metadata") if cell.get("cell_type") == "code" else None
+        ex = meta.get("execution") if isinstance(meta, dict) else None
+        try:
+            began = datetime.fromisoformat(str(ex["iopub.execute_input"]).replace("Z", "+00:00"))
+            ended = datetime.fromisoformat(str(ex["shell.execute_reply"]).replace("Z", "+00:00"))
+        except (TypeError, KeyError, ValueError):
+            continue
+        first = next((ln for ln in str(cell.get("source", "")).splitlines() if ln.strip()), "")
+        timed.append({"cell": i, "seconds": round((ended - began).total_seconds(), 1), "first_line": first[:80]})
+    return sorted(timed, key=lambda c: -c["seconds"])[:n]
+
+
 # -- grading -----------------------------------------------------------------
 
 @dataclass
@@ -266,6 +286,9 @@ class NotebookResult:
     executed: bool
     cell_errors: list[str] = field(default_factory=list)
     checks: list[ExerciseResult] = field(default_factory=list)
+    execute_s: float = 0.0          # running the notebook headless (0 when graded from saved outputs)
+    judge_s: float = 0.0            # the checks, live ones included
+    slowest: list[dict[str, Any]] = field(default_factory=list)    # see slowest_cells
 
     @property
     def score(self) -> int:
@@ -300,12 +323,17 @@ def grade(paths: list[str | os.PathLike], lab=None, execute_blank: bool = True,
         if execute_blank and not has_outputs(nb):
             say(f"{path.name}: no outputs, executing it headless against the lab VM")
             res.executed = True
+            t0 = time.monotonic()
             res.cell_errors, marker = execute(nb, path)
+            res.execute_s = round(time.monotonic() - t0, 1)
+            res.slowest = slowest_cells(nb)
         given = answers(nb, marker)
+        t0 = time.monotonic()
         if connected is None and any(ex.guest and answered(given.get(ex.id)) for ex in exercises):
             say("connecting to the lab VM for the live checks")
             connected = _connect_lab()
         res.checks = judge(exercises, given, connected).results    # a Live of this notebook alone
+        res.judge_s = round(time.monotonic() - t0, 1)
         results.append(res)
     return results
 
@@ -325,7 +353,8 @@ def _load_course_notebook(p: str | os.PathLike) -> tuple[Path, Any, str, list]:
 def report(results: list[NotebookResult]) -> str:
     lines = []
     for r in results:
-        how = "executed now with nbclient" if r.executed else "graded from its saved outputs"
+        how = (f"executed now with nbclient in {r.execute_s:.0f} s" if r.executed
+               else "graded from its saved outputs") + f"; checked in {r.judge_s:.0f} s"
         lines.append(f"{r.path} ({how})")
         for e in r.cell_errors:
             lines.append(f"  note: {e}")
@@ -342,6 +371,7 @@ def as_json(results: list[NotebookResult]) -> dict:
     return {
         "notebooks": [{"path": r.path, "notebook": r.notebook, "executed": r.executed,
                        "cell_errors": r.cell_errors, "score": r.score, "max": r.max,
+                       "seconds": {"execute": r.execute_s, "judge": r.judge_s, "slowest_cells": r.slowest},
                        "checks": [asdict(c) for c in r.checks]} for r in results],
         "score": sum(r.score for r in results),
         "max": sum(r.max for r in results),
