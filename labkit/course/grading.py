@@ -263,18 +263,19 @@ def slowest_cells(nb, n: int = 3) -> list[dict[str, Any]]:
     records when each began and ended in the cell's metadata), with their
     first line: where a notebook's minutes go."""
     from datetime import datetime
-    timed = []
+    timed: list[tuple[float, int, str]] = []
     for i, cell in enumerate(nb.cells):
         meta = cell.get("metadata") if cell.get("cell_type") == "code" else None
-        ex = meta.get("execution") if isinstance(meta, dict) else None
+        ex: Any = meta.get("execution") if isinstance(meta, dict) else None
         try:
             began = datetime.fromisoformat(str(ex["iopub.execute_input"]).replace("Z", "+00:00"))
             ended = datetime.fromisoformat(str(ex["shell.execute_reply"]).replace("Z", "+00:00"))
         except (TypeError, KeyError, ValueError):
             continue
         first = next((ln for ln in str(cell.get("source", "")).splitlines() if ln.strip()), "")
-        timed.append({"cell": i, "seconds": round((ended - began).total_seconds(), 1), "first_line": first[:80]})
-    return sorted(timed, key=lambda c: -c["seconds"])[:n]
+        timed.append((round((ended - began).total_seconds(), 1), i, first[:80]))
+    timed.sort(key=lambda t: -t[0])
+    return [{"cell": i, "seconds": secs, "first_line": first} for secs, i, first in timed[:n]]
 
 
 # -- grading -----------------------------------------------------------------
