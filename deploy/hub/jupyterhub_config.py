@@ -21,7 +21,8 @@ LABKIT_HUB_CULL_TIMEOUT (s idle before a server and its VM are stopped) [1800],
 LABKIT_HUB_CULL_EVERY [60], LABKIT_HUB_ACTIVITY_INTERVAL [60],
 LABKIT_HUB_ADMIN_TOKEN (an API token for the instructor's scripts: enrol, list,
 start and stop; it cannot mint tokens; none when unset), LABKIT_HUB_ADMINS (Unix
-users who get /hub/admin) [none], LABKIT_HUB_PROXY (configurable-http-proxy's path).
+users who get /hub/admin) [none], LABKIT_HUB_SSL_CERT and LABKIT_HUB_SSL_KEY (HTTPS)
+[none], LABKIT_HUB_NOTEBOOKS (the release delivered into ~/notebooks) [none], LABKIT_HUB_PROXY (configurable-http-proxy's path).
 The learners' servers get LABKIT_IMAGES_DIR and LABKIT_SHARED_CACHE_DIR from the hub's environment.
 """
 
@@ -56,6 +57,11 @@ if proxy:
 c.JupyterHub.cleanup_servers = False
 c.JupyterHub.last_activity_interval = int(env("LABKIT_HUB_ACTIVITY_INTERVAL", "60"))
 
+# TLS, where the installer (or the admin) gave a certificate: the hub's public port speaks HTTPS.
+if env("LABKIT_HUB_SSL_CERT") and env("LABKIT_HUB_SSL_KEY"):
+    c.JupyterHub.ssl_cert = env("LABKIT_HUB_SSL_CERT")
+    c.JupyterHub.ssl_key = env("LABKIT_HUB_SSL_KEY")
+
 # -- who may log in: local Unix users of one group, by their password (PAM) ------------
 c.JupyterHub.authenticator_class = "pam"
 c.LocalAuthenticator.allowed_groups = {env("LABKIT_HUB_GROUP", "labkit-learners")}
@@ -79,6 +85,25 @@ c.Spawner.environment = {
     "PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin",
     "JUPYTERHUB_ACTIVITY_INTERVAL": env("LABKIT_HUB_ACTIVITY_INTERVAL", "60"),
 }
+# The course's notebooks, delivered into ~/notebooks at each spawn as the learner (never over a
+# file they have: labkit.deploy.deliver), where LABKIT_HUB_NOTEBOOKS names the release.
+NOTEBOOKS = env("LABKIT_HUB_NOTEBOOKS", "")
+
+
+def _deliver_notebooks(spawner) -> None:
+    import pwd
+    import subprocess
+    name = spawner.user.name
+    home = pwd.getpwnam(name).pw_dir
+    r = subprocess.run(["runuser", "-u", name, "--", sys.executable, "-m", "labkit.deploy.deliver", NOTEBOOKS,
+                        os.path.join(home, "notebooks")], capture_output=True, text=True, timeout=120)
+    (spawner.log.info if r.returncode == 0 else spawner.log.warning)(
+        "notebooks for %s: %s", name, (r.stdout or r.stderr).strip()[-500:])
+
+
+if NOTEBOOKS:
+    c.Spawner.pre_spawn_hook = _deliver_notebooks
+
 c.Spawner.env_keep = ["LANG", "LC_ALL", "LABKIT_IMAGES_DIR", "LABKIT_SHARED_CACHE_DIR", "LABKIT_ACCEL",
                       "LABKIT_AUTO_BUILD"]
 
@@ -93,6 +118,9 @@ if spawner == "systemd":
     c.SystemdSpawner.unit_name_template = "labkit-{USERNAME}"
     c.SystemdSpawner.isolate_tmp = True
     c.SystemdSpawner.disable_user_sudo = True
+    # mem_limit and cpu_limit become the unit's MemoryMax and CPUQuota; the process limit is a
+    # unit property of its own (SystemdSpawner has no trait for it).
+    c.SystemdSpawner.unit_extra_properties = {"TasksMax": str(int(env("LABKIT_HUB_PIDS", "1024")))}
 elif spawner == "cgroup":
     c.JupyterHub.spawner_class = "labkit.deploy.spawner.CgroupSpawner"
     c.CgroupSpawner.pids_limit = int(env("LABKIT_HUB_PIDS", "1024"))

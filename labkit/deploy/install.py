@@ -1,0 +1,420 @@
+"""``labkit class install``: a class server in one command, run once as root
+on a systemd host (Debian 12/13, Ubuntu 24.04), and again at any time.
+
+Each step first looks whether its result is already there and says so;
+running the installer again changes only what is missing or different, and
+never touches a learner's files. The steps, in order:
+
+1. the host: root, systemd as PID 1, cgroup v2 (what SystemdSpawner's limits
+   need), the distribution's packages (QEMU, Node's npm, openssl);
+2. a venv of the distribution's Python at ``/opt/labkit/venv`` with labkit,
+   JupyterHub, SystemdSpawner, the idle culler, JupyterLab and nbgrader (from
+   ``--wheels DIR`` when given: no index is asked);
+3. configurable-http-proxy from npm under ``/opt/labkit/proxy``;
+4. TLS: the certificate and key given, else a self-signed one;
+5. ``/etc/labkit``: the hub's config and its environment file (the admins,
+   the instructor's token, which is kept across runs, the limits);
+6. the guest images of every kernel the course uses (``--images DIR`` copies
+   images built elsewhere; otherwise they are built here) and a warm-start
+   snapshot of each in the shared read-only cache ``/var/cache/labkit``;
+7. the notebooks learners get on their first spawn, and the nbgrader exchange;
+8. the hub as the systemd service ``labkit-hub``, enabled and started (a
+   restart leaves every learner's server and VM running).
+
+What each learner gets is in ``deploy/hub/jupyterhub_config.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from labkit.errors import LabError
+from labkit.paths import PROJECT_DIR
+
+Say = Callable[[str], None]
+
+# The kernels the course's notebooks start guests of (00-05, 07: 6.1; 06: 6.12; 08, 09: 7.3; 10: 5.10).
+COURSE_KERNELS = ("6.1", "6.12", "7.3", "5.10")
+HUB_PACKAGES = ("jupyterhub>=5", "jupyterhub-systemdspawner>=1.0", "jupyterhub-idle-culler>=1.2",
+                "jupyterlab>=4", "nbgrader>=0.9.6,<0.10")
+APT_PACKAGES = ("qemu-system-x86", "qemu-utils", "python3-venv", "openssl", "npm", "mmdebstrap")
+UNIT = "labkit-hub.service"
+
+
+class InstallError(LabError):
+    """A step of the installer could not be done."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where everything goes and what the class gets (``labkit class install --help``)."""
+
+    prefix: Path = Path("/opt/labkit")
+    etc: Path = Path("/etc/labkit")
+    hub_state: Path = Path("/var/lib/labkit-hub")
+    images: Path = Path("/var/lib/labkit/images")
+    shared_cache: Path = Path("/var/cache/labkit")
+    exchange: Path = Path("/srv/nbgrader/exchange")
+    units: Path = Path("/etc/systemd/system")
+    group: str = "labkit-learners"
+    admins: tuple[str, ...] = ()
+    ip: str = "0.0.0.0"
+    port: int = 443
+    kernels: tuple[str, ...] = COURSE_KERNELS
+    images_from: Path | None = None
+    wheels: Path | None = None
+    source: Path = PROJECT_DIR
+    cert: Path | None = None
+    key: Path | None = None
+    memory: str = "2G"
+    cpus: float = 1.0
+    tasks: int = 1024
+    cull_timeout: int = 1800
+
+    @property
+    def venv(self) -> Path:
+        return self.prefix / "venv"
+
+    @property
+    def proxy(self) -> Path:
+        return self.prefix / "proxy" / "node_modules" / ".bin" / "configurable-http-proxy"
+
+    @property
+    def notebooks(self) -> Path:
+        return self.prefix / "notebooks"
+
+    @property
+    def tls_cert(self) -> Path:
+        return self.cert or self.etc / "tls" / "hub.crt"
+
+    @property
+    def tls_key(self) -> Path:
+        return self.key or self.etc / "tls" / "hub.key"
+
+
+# -- what is written (pure, unit-tested) -------------------------------------------------------
+
+def unit_text(plan: Plan) -> str:
+    """The hub's systemd unit. The learners' servers are transient units of
+    their own (SystemdSpawner), so stopping or restarting this one ends
+    neither a server nor a VM (the config keeps ``cleanup_servers`` off)."""
+    return f"""\
+# written by `labkit class install`; run it again rather than editing this file
+[Unit]
+Description=JupyterHub of the labkit class
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+User=root
+EnvironmentFile={plan.etc / "hub.env"}
+WorkingDirectory={plan.hub_state}
+ExecStart={plan.venv / "bin" / "jupyterhub"} -f {plan.etc / "jupyterhub_config.py"}
+Restart=on-failure
+RestartSec=5
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def env_text(plan: Plan, admin_token: str) -> str:
+    """The hub's environment (read by deploy/hub/jupyterhub_config.py)."""
+    values = {
+        "LABKIT_HUB_IP": plan.ip, "LABKIT_HUB_PORT": str(plan.port), "LABKIT_HUB_DIR": str(plan.hub_state),
+        "LABKIT_HUB_GROUP": plan.group, "LABKIT_HUB_ADMINS": ",".join(plan.admins),
+        "LABKIT_HUB_ADMIN_TOKEN": admin_token, "LABKIT_HUB_PROXY": str(plan.proxy),
+        "LABKIT_HUB_SPAWNER": "systemd", "LABKIT_HUB_MEM": plan.memory, "LABKIT_HUB_CPUS": str(plan.cpus),
+        "LABKIT_HUB_PIDS": str(plan.tasks), "LABKIT_HUB_CULL_TIMEOUT": str(plan.cull_timeout),
+        "LABKIT_HUB_SSL_CERT": str(plan.tls_cert), "LABKIT_HUB_SSL_KEY": str(plan.tls_key),
+        "LABKIT_HUB_NOTEBOOKS": str(plan.notebooks),
+        "LABKIT_IMAGES_DIR": str(plan.images), "LABKIT_SHARED_CACHE_DIR": str(plan.shared_cache),
+        "LABKIT_AUTO_BUILD": "0",
+    }
+    for k, v in values.items():
+        if "\n" in v or '"' in v:
+            raise InstallError(f"{k} would be {v!r}, which an environment file cannot hold",
+                               hint="use names and paths without newlines or double quotes")
+    return "# written by `labkit class install` (mode 0600: it holds the instructor's token)\n" + \
+        "".join(f'{k}="{v}"\n' for k, v in values.items())
+
+
+def read_env(path: Path) -> dict[str, str]:
+    """The values of an environment file written by :func:`env_text`."""
+    out: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            k, _, v = line.partition("=")
+            out[k.strip()] = v.strip().strip('"')
+    return out
+
+
+# -- running things ------------------------------------------------------------------------------
+
+def run(argv: list[str], timeout: float = 1800, env: dict[str, str] | None = None,
+        what: str = "") -> subprocess.CompletedProcess[str]:
+    """A command, as an argument list (never a shell); its output becomes the error when it fails."""
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                           env=None if env is None else {**os.environ, **env})
+    except FileNotFoundError:
+        raise InstallError(f"{argv[0]} is not installed", hint="the packages step installs it; run it again") from None
+    except subprocess.TimeoutExpired:
+        raise InstallError(f"{what or argv[0]} took longer than {timeout:.0f} s") from None
+    if r.returncode:
+        tail = (r.stderr or r.stdout).strip()[-1500:]
+        raise InstallError(f"{what or ' '.join(argv[:3])} failed (exit {r.returncode}): {tail}")
+    return r
+
+
+@dataclass
+class Step:
+    name: str
+    done: Callable[[], bool]
+    do: Callable[[], None]
+
+
+def steps(plan: Plan, say: Say) -> list[Step]:
+    """Every step, in order (each checks itself first)."""
+    labkit = [str(plan.venv / "bin" / "labkit")]
+    root_env = {"LABKIT_IMAGES_DIR": str(plan.images), "LABKIT_SHARED_CACHE_DIR": str(plan.shared_cache),
+                "LABKIT_AUTO_BUILD": "0", "LABKIT_LIFETIME_PID": "0"}
+
+    def missing_packages() -> list[str]:
+        out = []
+        for p in APT_PACKAGES:
+            r = subprocess.run(["dpkg-query", "-W", "-f=${Status}", p], capture_output=True, text=True, timeout=30)
+            if "install ok installed" not in r.stdout:
+                out.append(p)
+        return out
+
+    def install_packages() -> None:
+        missing = missing_packages()
+        run(["apt-get", "update"], what="apt-get update")
+        run(["apt-get", "install", "-y", "--no-install-recommends", *missing], env={"DEBIAN_FRONTEND": "noninteractive"},
+            what=f"apt-get install {' '.join(missing)}")
+
+    def venv_ok() -> bool:
+        py = plan.venv / "bin" / "python"
+        if not py.exists():
+            return False
+        r = subprocess.run([str(py), "-c", "import labkit, jupyterhub, systemdspawner, jupyterhub_idle_culler, "
+                            "jupyterlab, nbgrader; print(labkit.__file__)"], capture_output=True, text=True, timeout=120)
+        return r.returncode == 0
+
+    def make_venv() -> None:
+        if not (plan.venv / "bin" / "python").exists():
+            run(["/usr/bin/python3", "-m", "venv", str(plan.venv)], what="the venv")
+        pip = [str(plan.venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
+        if plan.wheels:
+            pip += ["--no-index", "--find-links", str(plan.wheels), "labkit"]
+        else:
+            pip += [str(plan.source)]
+        run(pip + list(HUB_PACKAGES), what="pip install of labkit and the hub", timeout=3600)
+
+    def make_proxy() -> None:
+        run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(plan.prefix / "proxy"),
+             "configurable-http-proxy"], what="npm install configurable-http-proxy", timeout=1800)
+
+    def tls_ok() -> bool:
+        return plan.tls_cert.exists() and plan.tls_key.exists()
+
+    def make_tls() -> None:
+        if plan.cert or plan.key:
+            raise InstallError(f"the certificate {plan.tls_cert} or key {plan.tls_key} is missing",
+                               hint="give both --cert and --key, or neither for a self-signed certificate")
+        plan.tls_key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        host = socket.getfqdn()
+        run(["openssl", "req", "-x509", "-newkey", "rsa:3072", "-nodes", "-days", "825", "-subj", f"/CN={host}",
+             "-addext", f"subjectAltName=DNS:{host},DNS:localhost,IP:127.0.0.1",
+             "-keyout", str(plan.tls_key), "-out", str(plan.tls_cert)], what="the self-signed certificate")
+        plan.tls_key.chmod(0o600)
+
+    def wanted_config() -> tuple[str, str]:
+        token = read_env(plan.etc / "hub.env").get("LABKIT_HUB_ADMIN_TOKEN") or secrets.token_hex(32)
+        config = (plan.source / "deploy" / "hub" / "jupyterhub_config.py").read_text()
+        return env_text(plan, token), config
+
+    def config_ok() -> bool:
+        env, config = wanted_config()
+        try:
+            return (plan.etc / "hub.env").read_text() == env and \
+                (plan.etc / "jupyterhub_config.py").read_text() == config
+        except OSError:
+            return False
+
+    def write_config() -> None:
+        env, config = wanted_config()
+        plan.etc.mkdir(parents=True, exist_ok=True, mode=0o755)
+        plan.hub_state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _write(plan.etc / "hub.env", env, 0o600)
+        _write(plan.etc / "jupyterhub_config.py", config, 0o644)
+
+    def images_ok() -> bool:
+        return all((plan.images / k / "manifest.json").exists() for k in plan.kernels)
+
+    def get_images() -> None:
+        plan.images.mkdir(parents=True, exist_ok=True, mode=0o755)
+        for k in plan.kernels:
+            if (plan.images / k / "manifest.json").exists():
+                continue
+            t0 = time.monotonic()
+            if plan.images_from:
+                src = plan.images_from / k
+                if not (src / "manifest.json").exists():
+                    raise InstallError(f"{src} holds no built image of {k}",
+                                       hint=f"build it there (labkit image build --kernel {k}) or leave out --images")
+                shutil.copytree(src, plan.images / k, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".verified"))
+            else:
+                run(labkit + ["image", "build", "--kernel", k], env={**root_env, "LABKIT_AUTO_BUILD": "1"},
+                    what=f"the {k} image", timeout=3600)
+            say(f"  image {k}: {time.monotonic() - t0:.0f} s")
+        for p in plan.images.rglob("*"):
+            p.chmod(0o755 if p.is_dir() else 0o444)
+
+    def snapshots() -> None:
+        (plan.shared_cache / "snapshots").mkdir(parents=True, exist_ok=True, mode=0o755)
+        for d in (plan.shared_cache, plan.shared_cache / "snapshots"):
+            os.chown(d, 0, 0)
+            d.chmod(0o755)
+        scratch = Path(tempfile_dir())
+        try:
+            for k in plan.kernels:
+                t0 = time.monotonic()
+                name = "install-" + k.replace(".", "-")
+                env = {**root_env, "LABKIT_STATE_DIR": str(scratch / "state"), "LABKIT_CACHE_DIR": str(scratch / "c")}
+                run(labkit + ["vm", "start", "--name", name, "--kernel", k], env=env, what=f"the {k} warm-up guest",
+                    timeout=1800)
+                run(labkit + ["vm", "stop", "--name", name], env=env, what=f"stopping the {k} warm-up guest")
+                say(f"  warm-start snapshot {k}: {time.monotonic() - t0:.0f} s")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def notebooks_ok() -> bool:
+        return (plan.notebooks / ".labkit-release").exists() and plan.exchange.is_dir()
+
+    def notebooks() -> None:
+        # the released student notebooks of the checkout (no solutions: those stay in instructor/)
+        plan.notebooks.mkdir(parents=True, exist_ok=True)
+        for nb in sorted((plan.source / "notebooks").glob("[0-9][0-9]-*.ipynb")):
+            shutil.copyfile(nb, plan.notebooks / nb.name)
+        (plan.notebooks / ".labkit-release").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        for p in [plan.notebooks, *plan.notebooks.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        from labkit.deploy import accounts
+        accounts.prepare_exchange(plan.exchange)
+
+    def service_ok() -> bool:
+        try:
+            same = (plan.units / UNIT).read_text() == unit_text(plan)
+        except OSError:
+            return False
+        active = subprocess.run(["systemctl", "is-active", "--quiet", UNIT], timeout=30).returncode == 0
+        return same and active
+
+    def service() -> None:
+        _write(plan.units / UNIT, unit_text(plan), 0o644)
+        run(["systemctl", "daemon-reload"])
+        run(["systemctl", "enable", UNIT])
+        # restart, not start: a changed config is read; the learners' servers are units of their own
+        run(["systemctl", "restart", UNIT], what="starting the hub")
+
+    return [
+        Step("packages: " + " ".join(APT_PACKAGES), lambda: not missing_packages(), install_packages),
+        Step(f"venv {plan.venv}: labkit, JupyterHub, SystemdSpawner, the culler, JupyterLab, nbgrader",
+             venv_ok, make_venv),
+        Step(f"proxy {plan.proxy}", plan.proxy.exists, make_proxy),
+        Step(f"TLS {plan.tls_cert}", tls_ok, make_tls),
+        Step(f"hub config {plan.etc}", config_ok, write_config),
+        Step(f"guest images {', '.join(plan.kernels)} in {plan.images}", images_ok, get_images),
+        Step(f"warm-start snapshots in {plan.shared_cache}", lambda: False, snapshots),
+        Step(f"notebooks {plan.notebooks} and the nbgrader exchange {plan.exchange}", notebooks_ok, notebooks),
+        Step(f"service {UNIT}", service_ok, service),
+    ]
+
+
+def tempfile_dir() -> str:
+    import tempfile
+    return tempfile.mkdtemp(prefix="labkit-install-")
+
+
+def _write(path: Path, text: str, mode: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, mode)
+    tmp.replace(path)
+
+
+def preflight(plan: Plan) -> list[str]:
+    """What stops the install on this host (empty: nothing)."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("run it as root (sudo labkit class install ...): it installs packages and a service")
+    if not Path("/run/systemd/system").is_dir():
+        problems.append("systemd is not PID 1 here: the installer sets up systemd services (on a host without "
+                        "systemd, see docs/teaching-a-class.md, 'without systemd')")
+    if not Path("/sys/fs/cgroup/cgroup.controllers").exists():
+        problems.append("this host does not mount cgroup v2: SystemdSpawner's MemoryMax/CPUQuota/TasksMax need it")
+    if not plan.source.joinpath("deploy", "hub", "jupyterhub_config.py").exists():
+        problems.append(f"{plan.source} is not a labkit checkout (no deploy/hub/jupyterhub_config.py): run the "
+                        "installer from a clone, or give --source")
+    if plan.images_from and not plan.images_from.is_dir():
+        problems.append(f"--images {plan.images_from} is not a directory")
+    if plan.wheels and not plan.wheels.is_dir():
+        problems.append(f"--wheels {plan.wheels} is not a directory")
+    return problems
+
+
+def install(plan: Plan, say: Say = print, dry_run: bool = False) -> dict[str, float]:
+    """Run every step that is not done yet; returns seconds per step (0: it was done)."""
+    problems = preflight(plan)
+    if problems and not dry_run:
+        raise InstallError("cannot install here: " + "; ".join(problems), hint="see labkit class install --help")
+    took: dict[str, float] = {}
+    for step in steps(plan, say):
+        try:
+            done = step.done()
+        except (OSError, subprocess.SubprocessError):
+            done = False
+        if done:
+            say(f"ok    {step.name} (already there)")
+            took[step.name] = 0.0
+            continue
+        if dry_run:
+            say(f"todo  {step.name}")
+            continue
+        say(f"...   {step.name}")
+        t0 = time.monotonic()
+        step.do()
+        took[step.name] = round(time.monotonic() - t0, 1)
+        say(f"done  {step.name} ({took[step.name]:.0f} s)")
+    return took
+
+
+def plan_from(**kw: object) -> Plan:
+    """A plan with only the given fields changed (the command line's options)."""
+    return dataclasses.replace(Plan(), **{k: v for k, v in kw.items() if v is not None})  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":      # pragma: no cover - the CLI is `labkit class install`
+    sys.exit("use: labkit class install --help")

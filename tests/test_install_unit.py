@@ -1,0 +1,110 @@
+"""The class installer's pieces that need no server (labkit.deploy.install, .deliver) and the hub
+config it installs, loaded the way JupyterHub loads it. Running the installer for real needs a
+systemd + cgroup-v2 host: see the server-guest test of the class-servers issue."""
+
+from __future__ import annotations
+
+import os
+import runpy
+from pathlib import Path
+
+import pytest
+from traitlets.config import Config
+
+from labkit.deploy import deliver, install
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_unit_runs_the_hub_from_the_venv_with_its_environment():
+    plan = install.Plan()
+    text = install.unit_text(plan)
+    assert "ExecStart=/opt/labkit/venv/bin/jupyterhub -f /etc/labkit/jupyterhub_config.py" in text
+    assert "EnvironmentFile=/etc/labkit/hub.env" in text and "WantedBy=multi-user.target" in text
+    assert "Restart=on-failure" in text
+
+
+def test_the_environment_keeps_the_instructors_token_across_runs(tmp_path):
+    plan = install.plan_from(etc=tmp_path, admins=("prof", "ta"), port=8443)
+    text = install.env_text(plan, "tok123")
+    (tmp_path / "hub.env").write_text(text)
+    env = install.read_env(tmp_path / "hub.env")
+    assert env["LABKIT_HUB_ADMIN_TOKEN"] == "tok123" and env["LABKIT_HUB_ADMINS"] == "prof,ta"
+    assert env["LABKIT_HUB_SPAWNER"] == "systemd" and env["LABKIT_HUB_PORT"] == "8443"
+    assert env["LABKIT_HUB_SSL_CERT"] == str(tmp_path / "tls" / "hub.crt")
+    with pytest.raises(install.InstallError, match="environment file"):
+        install.env_text(install.plan_from(group='bad"group'), "t")
+
+
+def test_preflight_names_what_this_host_lacks(tmp_path):
+    problems = install.preflight(install.plan_from(source=tmp_path, images_from=tmp_path / "nope"))
+    text = "\n".join(problems)
+    assert "not a labkit checkout" in text and "--images" in text
+    if not Path("/run/systemd/system").is_dir():           # this CI host: PID 1 is not systemd
+        assert "systemd is not PID 1" in text
+        with pytest.raises(install.InstallError, match="cannot install here"):
+            install.install(install.plan_from(source=tmp_path), say=lambda s: None)
+
+
+def test_a_dry_run_lists_every_step_and_changes_nothing(tmp_path):
+    lines: list[str] = []
+    plan = install.plan_from(prefix=tmp_path / "opt", etc=tmp_path / "etc", units=tmp_path / "units",
+                             images=tmp_path / "img", shared_cache=tmp_path / "cache", exchange=tmp_path / "x")
+    install.install(plan, say=lines.append, dry_run=True)
+    assert len(lines) == len(install.steps(plan, print)) and all(ln.split()[0] in ("ok", "todo") for ln in lines)
+    assert any("service labkit-hub.service" in ln for ln in lines)
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_delivery_adds_new_notebooks_and_never_overwrites(tmp_path):
+    src, home = tmp_path / "release", tmp_path / "home"
+    src.mkdir()
+    (src / "00-welcome.ipynb").write_text("release 1")
+    (src / "01-pmem.ipynb").write_text("release 1")
+    (src / ".labkit-release").write_text("x")
+    home.mkdir()
+    assert {p.name for p in deliver.deliver(src, home / "notebooks")} == {"00-welcome.ipynb", "01-pmem.ipynb"}
+    (home / "notebooks" / "00-welcome.ipynb").write_text("my answers")
+    (src / "00-welcome.ipynb").write_text("release 2")
+    (src / "02-dax.ipynb").write_text("release 2")
+    (home / "notebooks" / "01-pmem.ipynb").unlink()
+    (home / "notebooks" / "01-pmem.ipynb").symlink_to("/etc/passwd")      # the learner's own link stays
+    assert [p.name for p in deliver.deliver(src, home / "notebooks")] == ["02-dax.ipynb"]
+    assert (home / "notebooks" / "00-welcome.ipynb").read_text() == "my answers"
+    assert not (home / "notebooks" / ".labkit-release").exists()
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (home / "n2").symlink_to(other)
+    assert deliver.deliver(src, home / "n2") == [] and list(other.iterdir()) == []
+    assert deliver.main([str(tmp_path / "missing"), str(home)]) == 2
+
+
+def _load_hub_config(monkeypatch, **env: str) -> Config:
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    c = Config()
+    runpy.run_path(str(REPO / "deploy/hub/jupyterhub_config.py"), init_globals={"get_config": lambda: c})
+    return c
+
+
+def test_the_installed_hub_config_has_tls_tasksmax_admins_notebooks_and_keeps_servers(tmp_path, monkeypatch):
+    c = _load_hub_config(monkeypatch, LABKIT_HUB_DIR=str(tmp_path / "hub"), LABKIT_HUB_SPAWNER="systemd",
+                         LABKIT_HUB_SSL_CERT="/etc/labkit/tls/hub.crt", LABKIT_HUB_SSL_KEY="/etc/labkit/tls/hub.key",
+                         LABKIT_HUB_PIDS="512", LABKIT_HUB_ADMINS="prof,ta", LABKIT_HUB_NOTEBOOKS="/opt/labkit/notebooks",
+                         LABKIT_HUB_ADMIN_TOKEN="t")
+    assert c.JupyterHub.spawner_class == "systemdspawner.SystemdSpawner"
+    assert c.SystemdSpawner.unit_extra_properties == {"TasksMax": "512"}
+    assert c.JupyterHub.ssl_cert == "/etc/labkit/tls/hub.crt" and c.JupyterHub.ssl_key == "/etc/labkit/tls/hub.key"
+    assert c.Authenticator.admin_users == {"prof", "ta"}
+    assert c.JupyterHub.cleanup_servers is False
+    assert callable(c.Spawner.pre_spawn_hook)
+    admin = [r for r in c.JupyterHub.load_roles if r["name"] == "labkit-admin"][0]
+    assert "tokens" not in admin["scopes"] and "admin:users" in admin["scopes"]
+
+
+def test_without_those_settings_the_hub_config_has_none_of_them(tmp_path, monkeypatch):
+    for k in ("LABKIT_HUB_SSL_CERT", "LABKIT_HUB_NOTEBOOKS", "LABKIT_HUB_ADMINS"):
+        monkeypatch.delenv(k, raising=False)
+    c = _load_hub_config(monkeypatch, LABKIT_HUB_DIR=str(tmp_path / "hub"), LABKIT_HUB_SPAWNER="cgroup")
+    assert "ssl_cert" not in c.JupyterHub and "pre_spawn_hook" not in c.Spawner
+    assert c.Authenticator.admin_users == set()
