@@ -225,6 +225,19 @@ class HubSetup:
         kid = r.json()["id"]
         ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/user/{self.learner}/api/kernels/{kid}/channels",
                                          header=[f"Authorization: token {self.token}"], timeout=timeout)
+        # An open JupyterLab tab polls its server all the time; so does this, while the cell runs, so
+        # the idle culler (a short timeout in the test) sees the server in use until the cell ends.
+        polling = threading.Event()
+
+        def poll() -> None:
+            while not polling.wait(2.0):
+                try:
+                    requests.get(f"{base}/api/kernels", headers=headers, timeout=10)
+                except requests.RequestException:
+                    pass
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
         try:
             msg_id = uuid.uuid4().hex
             ws.send(json.dumps({"header": {"msg_id": msg_id, "msg_type": "execute_request", "username": self.learner,
@@ -248,11 +261,13 @@ class HubSetup:
                     return "".join(out)
             raise SetupError(f"cell did not finish in {timeout} s: {''.join(out)}")
         finally:
+            polling.set()
+            poller.join(15)
             ws.close()
 
     # -- undo ----------------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop the hub (it stops the server: the job is cancelled), then remove the learner."""
+        """Stop the hub (the learner's job outlives it: the cluster's stop cancels it), then remove the learner."""
         try:
             if self.proc is not None and self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGTERM)
@@ -270,6 +285,8 @@ class HubSetup:
         finally:
             if self.user_added:
                 uid = self.uid
+                # a hub stop leaves the learner's job running (cleanup_servers is off): cancel it
+                subprocess.run(["scancel", "-u", self.learner], env=self.slurm_env, capture_output=True, timeout=30)
                 kill_user_processes(uid)
                 remove_tmp_files_of(uid)
                 subprocess.run(["userdel", "--remove", self.learner], capture_output=True, timeout=60)

@@ -97,6 +97,8 @@ c.Spawner.cmd = [str(venv / "bin" / "jupyterhub-singleuser")]
 c.Spawner.default_url = "/lab"
 c.Spawner.environment = {
     "PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin",
+    # how often the server tells the hub it is in use (the culler's evidence besides the proxy's)
+    "JUPYTERHUB_ACTIVITY_INTERVAL": env("LABKIT_HUB_ACTIVITY_INTERVAL", "60"),
     # The guest images are built once per cluster on shared storage and used read-only; each
     # learner's VM state (overlay, pmem files, SSH key) stays under their own home.
     # SLURM_CONF only where the cluster's configuration is not in the default place.
