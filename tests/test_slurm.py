@@ -275,6 +275,9 @@ def test_learner_server_is_a_slurm_job_and_boots_a_vm(cluster, hub_setup, class_
         t0 = time.monotonic()
         cluster.wait_done(jobs[0]["id"], CULL_TIMEOUT + 90)
         cull_s = time.monotonic() - t0
+        deadline = time.monotonic() + 60           # the hub marks it stopped once the job has ended
+        while h.api("GET", f"/users/{h.learner}").json().get("servers") and time.monotonic() < deadline:
+            time.sleep(0.5)
         assert h.api("GET", f"/users/{h.learner}").json().get("servers") == {}, h.log_tail()
         assert "Culling server" in h.log_tail(60000), h.log_tail()
     except SetupError as exc:
