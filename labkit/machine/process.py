@@ -39,9 +39,34 @@ _LEGACY_AFTER = 1e8        # boot-relative seconds never reach this (3 years of 
 
 
 def free_port() -> int:
+    """A loopback port free *now*. Only a guess: the socket is closed before
+    QEMU binds the port, and any local user can bind it in between (by chance
+    or to make another learner's guest fail). The caller therefore checks that
+    QEMU got it (``forward_state``) and tries another port if not."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# What QEMU prints (and then exits 1) when its user-mode network cannot bind
+# the host side of a ``hostfwd`` rule: the port was taken.
+HOSTFWD_FAILED = "Could not set up host forwarding rule"
+
+
+def forward_taken(output: str) -> bool:
+    """True if QEMU's ``output`` says its SSH forward's port was taken."""
+    return HOSTFWD_FAILED in output
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """True if process ``pid`` holds a TCP socket listening on loopback ``port``
+    (QEMU's slirp binds its forwards after creating the chardev sockets, so a
+    console socket alone does not say the forward worked)."""
+    try:
+        conns = psutil.Process(pid).net_connections(kind="tcp4")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)
 
 
 def pid_alive(pid: int) -> bool:
