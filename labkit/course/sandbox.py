@@ -13,6 +13,14 @@ Student code never runs with the grader's privileges. The kernel is started
             python -m labkit.course.sandbox inside (the SSH relay, then execs)
               python -m ipykernel_launcher -f CONNECTION_FILE
 
+Without root (:data:`ROOTLESS`, where the host lets users make user
+namespaces; :func:`grading_mode` decides) there is no uid switch:
+
+    python -m labkit.course.sandbox enter ...   (as the grader: rlimits)
+      bwrap --unshare-user --unshare-pid --disable-userns ...
+        python -m labkit.course.sandbox inside --nproc N ...
+          python -m ipykernel_launcher -f CONNECTION_FILE
+
 The uid is leased host-wide (:mod:`labkit.course.uids`): no two kernels on
 one host share it, whichever grader process started them. User namespaces:
 bubblewrap's ``--disable-userns`` (0.8) only works with ``--unshare-user``,
@@ -129,6 +137,7 @@ class Sandbox:
     kernel_source: Path | None = None   # the guest kernel's source files (read-only; no network in here)
     companions: tuple[Companion, ...] = ()
     disable_userns: bool = False        # the inner bwrap layer (see userns_problem)
+    rootless: bool = False              # the grader is not root: one unprivileged bwrap (see ROOTLESS)
 
     @property
     def ssh_socket(self) -> Path:
@@ -151,11 +160,75 @@ def require_bwrap() -> str:
         raise SandboxError("bubblewrap (bwrap) is not installed: summative grading runs every submission's "
                            "kernel in a bwrap sandbox",
                            hint="sudo apt-get install bubblewrap (or `make test-deps`)")
-    if os.geteuid() != 0:
-        raise SandboxError("labkit course grade runs as root: it starts each kernel as a throwaway uid "
-                           "in a bwrap sandbox, which needs root to set up",
-                           hint="run it as root (sudo), e.g. on the grading machine or in CI")
     return found
+
+
+# Without root the grader cannot give a submission a uid of its own (setuid
+# needs CAP_SETUID on the host), nor make cgroups or a tmpfs. It runs each
+# submission in one unprivileged bwrap, as the grader's own uid, with a user,
+# PID, network, IPC and UTS namespace of its own. What stands in for the
+# throwaway uid: the submission sees only its own run directory and guest
+# view (the grader's home, the other submissions and the output are not
+# mounted), its own PID namespace (it cannot see or signal the grader, the
+# guests' QEMUs or another submission, though they run as the same uid), no
+# capabilities, no further user namespaces (``--disable-userns``), and
+# RLIMIT_NPROC counted inside its user namespace (only its own processes).
+# It lacks the memory and CPU cgroup (rlimits only) and the tmpfs size caps.
+ROOTLESS = "userns"
+ROOT = "root"
+
+_USERNS_SYSCTLS = (
+    ("/proc/sys/kernel/unprivileged_userns_clone", "0", "sysctl -w kernel.unprivileged_userns_clone=1"),
+    ("/proc/sys/user/max_user_namespaces", "0", "sysctl -w user.max_user_namespaces=15000"),
+    ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1",
+     "sysctl -w kernel.apparmor_restrict_unprivileged_userns=0 (or an AppArmor profile for bwrap)"),
+)
+
+
+def grading_mode(bwrap: str = "bwrap") -> str:
+    """``ROOT`` when the grader runs as root (a throwaway uid per
+    submission, cgroups), ``ROOTLESS`` when this host lets an unprivileged
+    user make user namespaces (checked by running bwrap), else a SandboxError
+    that names the sysctl to change or says to run as root."""
+    if os.geteuid() == 0:
+        return ROOT
+    problem = rootless_problem(bwrap)
+    if problem:
+        raise SandboxError(f"labkit course grade cannot sandbox submissions without root on this host: {problem}",
+                           hint="run it as root (sudo), or let unprivileged users make user namespaces: "
+                                + _userns_fix())
+    return ROOTLESS
+
+
+def _userns_fix() -> str:
+    fixes = [fix for path, bad, fix in _USERNS_SYSCTLS if _read(path) == bad]
+    return "; ".join(fixes) or "check that bwrap --unshare-user true works for this user"
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+@functools.lru_cache(maxsize=4)
+def rootless_problem(bwrap: str = "bwrap") -> str:
+    """"" when this (unprivileged) user can run the rootless sandbox's bwrap
+    here: the sysctls allow user namespaces and a real ``bwrap --unshare-user
+    --unshare-pid true`` works; else why not."""
+    for path, bad, fix in _USERNS_SYSCTLS:
+        if _read(path) == bad:
+            return f"{path} is {bad} ({fix} allows it)"
+    argv = [bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--die-with-parent", "--ro-bind", "/", "/",
+            "--proc", "/proc", "--dev", "/dev", "--", "true"]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"the bwrap probe did not run ({exc})"
+    if r.returncode != 0:
+        return f"bwrap --unshare-user failed: {(r.stderr or r.stdout).strip()[:200]}"
+    return ""
 
 
 def _python_paths(python: str) -> list[str]:
@@ -181,6 +254,10 @@ def bwrap_argv(sb: Sandbox, inner: list[str], bwrap: str = "bwrap") -> list[str]
     default for them is 0700 when run as root, which the uid could not cross)."""
     argv = [bwrap, "--die-with-parent", "--new-session", "--unshare-net", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--clearenv"]      # capabilities: setpriv drops them all (it needs CAP_SETUID first)
+    if sb.rootless:
+        # the grader's own uid: its user namespace (no capabilities outside
+        # it), a PID namespace in place of a uid of its own, no user namespace below
+        argv += ["--unshare-user", "--unshare-pid"] + (["--disable-userns"] if sb.disable_userns else [])
     made: set[str] = set()
 
     def dirs_to(path: str) -> list[str]:
@@ -219,16 +296,22 @@ def bwrap_argv(sb: Sandbox, inner: list[str], bwrap: str = "bwrap") -> list[str]
 
 def kernel_argv(sb: Sandbox, bwrap: str = "bwrap") -> list[str]:
     """The kernel spec's argv: enter the limits, then bwrap, then the uid."""
+    lim = sb.limits
     inside = [sb.python, "-m", "labkit.course.sandbox", "inside"]
     for port, sock in sb.gates():
         inside += ["--relay", f"{port}={sock}"]
+    if sb.rootless:
+        # RLIMIT_NPROC counts a uid's processes in the namespace where the
+        # fork happens: set outside, it would count the grader's own (its
+        # QEMUs' threads); set inside the user namespace, only the submission's.
+        inside += ["--nproc", str(lim.cgroup.pids)]
     inside += ["--", sb.python, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    drop = drop_argv(sb.uid) + (no_userns_argv(bwrap) if sb.disable_userns else [])
+    drop = [] if sb.rootless else drop_argv(sb.uid) + (no_userns_argv(bwrap) if sb.disable_userns else [])
     enter = [sb.python, "-m", "labkit.course.sandbox", "enter"]
     for cg in sb.cgroups:
         enter += ["--cgroup", str(cg)]
-    lim = sb.limits
-    enter += ["--nproc", str(lim.cgroup.pids), "--nofile", str(lim.nofile), "--fsize-mb", str(lim.fsize_mb), "--"]
+    nproc = [] if sb.rootless else ["--nproc", str(lim.cgroup.pids)]
+    enter += [*nproc, "--nofile", str(lim.nofile), "--fsize-mb", str(lim.fsize_mb), "--"]
     return enter + bwrap_argv(sb, drop + inside, bwrap)
 
 
@@ -252,8 +335,12 @@ def userns_problem(bwrap: str = "bwrap", uid: int = 65534) -> str:
     why not. Measured once per process: a minimal outer sandbox, the uid
     switch, the inner layer, and the attempt."""
     attempt = ["sh", "-c", "if unshare --user true 2>/dev/null; then echo userns-made; fi"]
-    argv = [bwrap, "--die-with-parent", "--unshare-net", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev",
-            "--", *drop_argv(uid), *no_userns_argv(bwrap), *attempt]
+    if os.geteuid() != 0:       # the rootless sandbox: one bwrap, as this user
+        argv = [bwrap, "--unshare-user", "--unshare-pid", "--disable-userns", "--die-with-parent", "--unshare-net",
+                "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "--", *attempt]
+    else:
+        argv = [bwrap, "--die-with-parent", "--unshare-net", "--ro-bind", "/", "/", "--proc", "/proc", "--dev",
+                "/dev", "--", *drop_argv(uid), *no_userns_argv(bwrap), *attempt]
     try:
         r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -434,15 +521,16 @@ def _enter(argv: list[str]) -> None:
     import argparse
     p = argparse.ArgumentParser(prog="labkit.course.sandbox enter")
     p.add_argument("--cgroup", action="append", default=[])
-    p.add_argument("--nproc", type=int, required=True)
+    p.add_argument("--nproc", type=int, default=0)       # 0: set inside (the rootless sandbox)
     p.add_argument("--nofile", type=int, required=True)
     p.add_argument("--fsize-mb", type=int, required=True)
     p.add_argument("command", nargs=argparse.REMAINDER)
     a = p.parse_args(argv)
     for g in a.cgroup:
         Path(g, "cgroup.procs").write_text(str(os.getpid()))
-    for res, value in ((resource.RLIMIT_NPROC, a.nproc), (resource.RLIMIT_NOFILE, a.nofile),
-                       (resource.RLIMIT_FSIZE, a.fsize_mb * 2**20), (resource.RLIMIT_CORE, 0)):
+    limits = [(resource.RLIMIT_NOFILE, a.nofile), (resource.RLIMIT_FSIZE, a.fsize_mb * 2**20),
+              (resource.RLIMIT_CORE, 0)] + ([(resource.RLIMIT_NPROC, a.nproc)] if a.nproc else [])
+    for res, value in limits:
         resource.setrlimit(res, (value, value))
     cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
     os.execvp(cmd[0], cmd)
@@ -469,8 +557,11 @@ def _inside(argv: list[str]) -> None:
     import argparse
     p = argparse.ArgumentParser(prog="labkit.course.sandbox inside")
     p.add_argument("--relay", action="append", required=True, metavar="PORT=SOCKET")
+    p.add_argument("--nproc", type=int, default=0)
     p.add_argument("command", nargs=argparse.REMAINDER)
     a = p.parse_args(argv)
+    if a.nproc:
+        resource.setrlimit(resource.RLIMIT_NPROC, (a.nproc, a.nproc))
     relays = [(int(port), path) for port, path in (r.split("=", 1) for r in a.relay)]
     for port, path in relays:
         _relay(port, path)

@@ -168,26 +168,36 @@ def enrol(rows: Iterable[Row], group: str | None = None) -> list[Learner]:
 
 
 def _enrol_one(row: Row, group: str | None) -> Learner:
-    created = False
-    try:
-        pw = pwd.getpwnam(row.username)
-    except KeyError:
-        argv = ["useradd", "--create-home", "--shell", "/bin/bash"]
-        argv += ["--gid", group] if group else ["--user-group"]
-        if row.full_name:
-            argv += ["--comment", row.full_name]
-        r = subprocess.run([*argv, "--", row.username], capture_output=True, text=True, timeout=60)
-        if r.returncode != 0:
-            raise AccountError(f"line {row.line}: useradd {row.username} failed: {(r.stderr or r.stdout).strip()}")
-        pw = pwd.getpwnam(row.username)
-        created = True
-        log.info("created learner %s (uid %d)", row.username, pw.pw_uid)
+    pw = _existing(row.username)
+    created = pw is None
+    if pw is None:
+        pw = _useradd(row, group)
     if pw.pw_uid < FIRST_LEARNER_UID:
         raise AccountError(f"line {row.line}: {row.username!r} is a system account (uid {pw.pw_uid}), not a learner",
                            hint="remove it from the roster")
     home = Path(pw.pw_dir)
     fixed = private_home(home, pw.pw_uid, pw.pw_gid, row.line)
     return Learner(row.username, pw.pw_uid, home, created, fixed)
+
+
+def _existing(name: str) -> pwd.struct_passwd | None:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        return None
+
+
+def _useradd(row: Row, group: str | None) -> pwd.struct_passwd:
+    argv = ["useradd", "--create-home", "--shell", "/bin/bash"]
+    argv += ["--gid", group] if group else ["--user-group"]
+    if row.full_name:
+        argv += ["--comment", row.full_name]
+    r = subprocess.run([*argv, "--", row.username], capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise AccountError(f"line {row.line}: useradd {row.username} failed: {(r.stderr or r.stdout).strip()}")
+    pw = pwd.getpwnam(row.username)
+    log.info("created learner %s (uid %d)", row.username, pw.pw_uid)
+    return pw
 
 
 def private_home(home: Path, uid: int, gid: int, line: int = 0) -> bool:
