@@ -409,3 +409,79 @@ def test_after_every_attack_the_victims_lab_works_and_lost_nothing(victim_lab, p
     assert got == {"work": "the victim's work", "port": victim_lab["port"],
                    "notebook": '{"cells": [], "the victim": "work"}'}, got
 
+
+
+# -- (f) the grader without root ----------------------------------------------------------------------
+
+# As the (non-root) grader: the sandbox's own command line around a hostile
+# "submission" (stdlib only, so no kernel is needed), run the way a kernel is:
+# `inside` sets its process limit in its namespace and execs it.
+ROOTLESS = r'''
+import json, os, subprocess, sys, tempfile
+from pathlib import Path
+from labkit.course import sandbox
+bwrap = sandbox.require_bwrap()
+mode = sandbox.grading_mode(bwrap)
+tmp = Path(tempfile.mkdtemp())
+for d in ("run", "view", "state"):
+    (tmp / d).mkdir()
+secret = Path.home() / "grader-secret"
+secret.write_text("the exam key")
+other = subprocess.Popen(["sleep", "60"])          # another submission's process, same uid
+sb = sandbox.Sandbox(uid=os.geteuid(), run_dir=tmp / "run", vm_state=tmp / "state", vm_view=tmp / "view",
+                     state_root=tmp, vm_name="g", ssh_port=2222, rootless=True,
+                     disable_userns=not sandbox.userns_problem(bwrap))
+code = """
+import errno, json, os, socket, subprocess
+out = {}
+def attempt(name, f):
+    try:
+        f()
+        out[name] = "done"
+    except subprocess.CalledProcessError:
+        out[name] = "failed"
+    except OSError as e:
+        out[name] = errno.errorcode[e.errno]
+attempt("read grader", lambda: open(%r).read())
+attempt("kill other", lambda: os.kill(%d, 9))
+attempt("setuid", lambda: os.setuid(0))
+attempt("userns", lambda: subprocess.run(["unshare", "--user", "true"], check=True, capture_output=True))
+attempt("network", lambda: socket.create_connection(("1.1.1.1", 80), timeout=3))
+kids = []
+try:
+    for _ in range(1000):
+        pid = os.fork()
+        if pid == 0:
+            import time; time.sleep(30); os._exit(0)
+        kids.append(pid)
+except OSError:
+    pass
+for k in kids:
+    os.kill(k, 9); os.waitpid(k, 0)
+out["forks"] = len(kids)
+out["pids"] = len([p for p in os.listdir("/proc") if p.isdigit()])
+print(json.dumps(out), flush=True)
+""" % (str(secret), other.pid)
+inside = [sys.executable, "-m", "labkit.course.sandbox", "inside", "--relay", f"2222={tmp / 'run' / 'ssh.sock'}",
+          "--nproc", str(sb.limits.cgroup.pids), "--", sys.executable, "-I", "-S", "-c", code]
+r = subprocess.run(sandbox.bwrap_argv(sb, inside, bwrap), capture_output=True, text=True, timeout=60)
+log = (tmp / "run" / "kernel.log").read_text() if (tmp / "run" / "kernel.log").exists() else ""
+alive = other.poll() is None
+other.kill()
+print(json.dumps({"mode": mode, "rc": r.returncode, "stderr": r.stderr[-1000:], "log": log, "other alive": alive,
+                  "uid": os.geteuid()}))
+'''
+
+
+def test_f_a_grader_without_root_sandboxes_each_submission_in_namespaces(python, users):
+    _, grader = users                                  # any unprivileged user
+    got = grader.run(python, ROOTLESS)
+    assert got["mode"] == "userns" and got["rc"] == 0, got
+    seen = json.loads(got["log"].strip().splitlines()[-1])
+    assert {k: seen[k] for k in ("read grader", "kill other", "setuid", "userns", "network")} == {
+        "read grader": "ENOENT",       # the grader's home is not in the sandbox
+        "kill other": "ESRCH",         # its own PID namespace: the same uid's other processes are not there
+        "setuid": "EINVAL",            # root is not even mapped in its user namespace
+        "userns": "failed", "network": "ENETUNREACH"}, seen
+    assert seen["forks"] < 128 and seen["pids"] <= 3, seen   # RLIMIT_NPROC counts its namespace only
+    assert got["other alive"]

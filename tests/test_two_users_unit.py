@@ -81,6 +81,17 @@ def test_listens_on_sees_this_process_listening_on_its_port():
     assert process.forward_taken(TAKEN) and not process.forward_taken("qemu: other failure")
 
 
+def test_a_qemu_the_grader_records_in_its_pid_namespace_counts_as_running_only_outside_it(tmp_path):
+    pidfile = tmp_path / "qemu.pid"
+    gone = 2**22 + 7                                  # above pid_max's default: no such process
+    marker = tmp_path / process.QEMU_ELSEWHERE
+    assert not process.is_qemu_of(gone, pidfile)
+    marker.write_text(f"{process.pid_namespace() + 1} {gone}\n")     # another namespace: the grader's word
+    assert process.is_qemu_of(gone, pidfile) and not process.is_qemu_of(gone + 1, pidfile)
+    marker.write_text(f"{process.pid_namespace()} {gone}\n")         # this namespace: look for it
+    assert not process.is_qemu_of(gone, pidfile)
+
+
 # -- the roster --------------------------------------------------------------------------------
 
 def test_a_roster_reads_users_full_names_header_and_comments():

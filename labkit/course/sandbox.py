@@ -365,16 +365,23 @@ def write_kernelspec(sb: Sandbox, directory: Path, bwrap: str) -> str:
 
 # -- the VM view -----------------------------------------------------------------------
 
-def make_vm_view(state: Path, view: Path, uid: int) -> None:
+def make_vm_view(state: Path, view: Path, uid: int, rootless: bool = False) -> None:
     """What the kernel may see of its guest's state dir: the record, the
     pidfile, the lock and the SSH key (owned by the sandbox uid); never the
-    QMP/console sockets, the disks or the logs."""
+    QMP/console sockets, the disks or the logs. ``rootless``: the kernel has
+    a PID namespace of its own and cannot see QEMU, so the view says where
+    QEMU runs (``process.QEMU_ELSEWHERE``) and labkit in there takes the
+    grader's word that it does."""
     view.mkdir(parents=True, exist_ok=True)
     for name in ("vm.json", "qemu.pid", "lock", "id_ed25519", "id_ed25519.pub"):
         src = state / name
         if src.exists():
             shutil.copy2(src, view / name)
             os.chown(view / name, uid, uid)
+    if rootless:
+        from labkit.machine import process
+        pid = (state / "qemu.pid").read_text().strip() if (state / "qemu.pid").exists() else "0"
+        (view / process.QEMU_ELSEWHERE).write_text(f"{process.pid_namespace()} {pid}\n")
     os.chmod(view, 0o755)
 
 
