@@ -419,9 +419,9 @@ def test_after_every_attack_the_victims_lab_works_and_lost_nothing(victim_lab, p
 ROOTLESS = r'''
 import json, os, subprocess, sys, tempfile
 from pathlib import Path
-from labkit.course import sandbox
+from labkit.course import sandbox, sandbox_mode
 bwrap = sandbox.require_bwrap()
-mode = sandbox.grading_mode(bwrap)
+mode = sandbox_mode.grading_mode(bwrap)
 tmp = Path(tempfile.mkdtemp())
 for d in ("run", "view", "state"):
     (tmp / d).mkdir()

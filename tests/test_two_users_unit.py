@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from labkit import cli
-from labkit.course import sandbox
+from labkit.course import sandbox, sandbox_mode
 from labkit.deploy import accounts
 from labkit.errors import LaunchError
 from labkit.machine import boot, process
@@ -187,18 +187,18 @@ def test_the_rootless_sandbox_has_its_own_user_and_pid_namespaces_and_no_uid_swi
 
 
 def test_without_root_or_user_namespaces_the_grader_says_which_sysctl(monkeypatch):
-    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 1001)
-    monkeypatch.setattr(sandbox, "_read", lambda path: "0" if path.endswith("max_user_namespaces") else "")
-    sandbox.rootless_problem.cache_clear()
+    monkeypatch.setattr(sandbox_mode.os, "geteuid", lambda: 1001)
+    monkeypatch.setattr(sandbox_mode, "_read", lambda path: "0" if path.endswith("max_user_namespaces") else "")
+    sandbox_mode.rootless_problem.cache_clear()
     try:
         with pytest.raises(sandbox.SandboxError) as e:
-            sandbox.grading_mode("bwrap")
+            sandbox_mode.grading_mode("bwrap")
     finally:
-        sandbox.rootless_problem.cache_clear()
+        sandbox_mode.rootless_problem.cache_clear()
     assert "max_user_namespaces is 0" in str(e.value)
     assert "sysctl -w user.max_user_namespaces=" in e.value.hint and "root" in e.value.hint
 
 
 def test_as_root_the_grader_keeps_the_throwaway_uids(monkeypatch):
-    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 0)
-    assert sandbox.grading_mode("bwrap") == sandbox.ROOT
+    monkeypatch.setattr(sandbox_mode.os, "geteuid", lambda: 0)
+    assert sandbox_mode.grading_mode("bwrap") == sandbox_mode.ROOT

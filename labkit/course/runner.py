@@ -67,7 +67,7 @@ def execute(label: str, nb: Any, vm: Any, others: list[Any], state_root: Path, t
             limits: sandbox.KernelLimits, disable_userns: bool, rootless: bool = False) -> Run:
     """Run ``nb`` (in place) in the sandbox until it ends or its share of the
     time is up; the cgroup is killed and the uid released on the way out
-    (``rootless``: the grader's own uid, see sandbox.ROOTLESS)."""
+    (``rootless``: the grader's own uid, see sandbox_mode)."""
     lease = contextlib.nullcontext(os.geteuid()) if rootless else uids.leased()
     with lease as uid, sandbox.run_dir_mount(tmp / "run", uid, limits):
         log.debug("%s: sandbox uid %d", label, uid)

@@ -13,8 +13,8 @@ Student code never runs with the grader's privileges. The kernel is started
             python -m labkit.course.sandbox inside (the SSH relay, then execs)
               python -m ipykernel_launcher -f CONNECTION_FILE
 
-Without root (:data:`ROOTLESS`, where the host lets users make user
-namespaces; :func:`grading_mode` decides) there is no uid switch:
+Without root (``sandbox_mode.ROOTLESS``, where the host lets users make user
+namespaces; ``sandbox_mode.grading_mode`` decides) there is no uid switch:
 
     python -m labkit.course.sandbox enter ...   (as the grader: rlimits)
       bwrap --unshare-user --unshare-pid --disable-userns ...
@@ -137,7 +137,7 @@ class Sandbox:
     kernel_source: Path | None = None   # the guest kernel's source files (read-only; no network in here)
     companions: tuple[Companion, ...] = ()
     disable_userns: bool = False        # the inner bwrap layer (see userns_problem)
-    rootless: bool = False              # the grader is not root: one unprivileged bwrap (see ROOTLESS)
+    rootless: bool = False              # the grader is not root: one unprivileged bwrap (sandbox_mode)
 
     @property
     def ssh_socket(self) -> Path:
@@ -161,74 +161,6 @@ def require_bwrap() -> str:
                            "kernel in a bwrap sandbox",
                            hint="sudo apt-get install bubblewrap (or `make test-deps`)")
     return found
-
-
-# Without root the grader cannot give a submission a uid of its own (setuid
-# needs CAP_SETUID on the host), nor make cgroups or a tmpfs. It runs each
-# submission in one unprivileged bwrap, as the grader's own uid, with a user,
-# PID, network, IPC and UTS namespace of its own. What stands in for the
-# throwaway uid: the submission sees only its own run directory and guest
-# view (the grader's home, the other submissions and the output are not
-# mounted), its own PID namespace (it cannot see or signal the grader, the
-# guests' QEMUs or another submission, though they run as the same uid), no
-# capabilities, no further user namespaces (``--disable-userns``), and
-# RLIMIT_NPROC counted inside its user namespace (only its own processes).
-# It lacks the memory and CPU cgroup (rlimits only) and the tmpfs size caps.
-ROOTLESS = "userns"
-ROOT = "root"
-
-_USERNS_SYSCTLS = (
-    ("/proc/sys/kernel/unprivileged_userns_clone", "0", "sysctl -w kernel.unprivileged_userns_clone=1"),
-    ("/proc/sys/user/max_user_namespaces", "0", "sysctl -w user.max_user_namespaces=15000"),
-    ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1",
-     "sysctl -w kernel.apparmor_restrict_unprivileged_userns=0 (or an AppArmor profile for bwrap)"),
-)
-
-
-def grading_mode(bwrap: str = "bwrap") -> str:
-    """``ROOT`` when the grader runs as root (a throwaway uid per
-    submission, cgroups), ``ROOTLESS`` when this host lets an unprivileged
-    user make user namespaces (checked by running bwrap), else a SandboxError
-    that names the sysctl to change or says to run as root."""
-    if os.geteuid() == 0:
-        return ROOT
-    problem = rootless_problem(bwrap)
-    if problem:
-        raise SandboxError(f"labkit course grade cannot sandbox submissions without root on this host: {problem}",
-                           hint="run it as root (sudo), or let unprivileged users make user namespaces: "
-                                + _userns_fix())
-    return ROOTLESS
-
-
-def _userns_fix() -> str:
-    fixes = [fix for path, bad, fix in _USERNS_SYSCTLS if _read(path) == bad]
-    return "; ".join(fixes) or "check that bwrap --unshare-user true works for this user"
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return ""
-
-
-@functools.lru_cache(maxsize=4)
-def rootless_problem(bwrap: str = "bwrap") -> str:
-    """"" when this (unprivileged) user can run the rootless sandbox's bwrap
-    here: the sysctls allow user namespaces and a real ``bwrap --unshare-user
-    --unshare-pid true`` works; else why not."""
-    for path, bad, fix in _USERNS_SYSCTLS:
-        if _read(path) == bad:
-            return f"{path} is {bad} ({fix} allows it)"
-    argv = [bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--die-with-parent", "--ro-bind", "/", "/",
-            "--proc", "/proc", "--dev", "/dev", "--", "true"]
-    try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"the bwrap probe did not run ({exc})"
-    if r.returncode != 0:
-        return f"bwrap --unshare-user failed: {(r.stderr or r.stdout).strip()[:200]}"
-    return ""
 
 
 def _python_paths(python: str) -> list[str]:

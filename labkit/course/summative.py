@@ -44,7 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from labkit.course import gradebook, grading, intake, judging, runner, sandbox, uids
+from labkit.course import gradebook, grading, intake, judging, runner, sandbox, sandbox_mode, uids
 from labkit.course.intake import NOTEBOOK_RE, STUDENT_RE  # noqa: F401 - part of this module's interface
 from labkit.course.judge import ExerciseResult, answered, judge
 from labkit.errors import LabError
@@ -92,7 +92,7 @@ class Options:
     kernel: str | None = None     # guest kernel variant (default: labkit's default)
     limits: sandbox.KernelLimits = field(default_factory=sandbox.KernelLimits)
     disable_userns: bool = False  # the sandbox's inner bwrap (grade_all sets it when the host allows)
-    rootless: bool = False        # the grader is not root: the unprivileged sandbox (sandbox.ROOTLESS)
+    rootless: bool = False        # the grader is not root: the unprivileged sandbox (sandbox_mode.ROOTLESS)
 
 
 # -- what is being graded --------------------------------------------------------------
@@ -333,7 +333,7 @@ def _prepare(work: list[intake.Entry], opts: Options, progress: Callable[[str], 
     """The host checks before any guest starts: bwrap and root, the images,
     whether user namespaces can be switched off in the sandbox here."""
     bwrap = sandbox.require_bwrap()
-    rootless = sandbox.grading_mode(bwrap) == sandbox.ROOTLESS
+    rootless = sandbox_mode.grading_mode(bwrap) == sandbox_mode.ROOTLESS
     if rootless:
         progress("labkit: not root: each submission runs in an unprivileged sandbox as this user, in namespaces "
                  "of its own (docs/grading.md, 'Grading without root')")
