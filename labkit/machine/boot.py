@@ -122,8 +122,8 @@ class Launch:
                     raise
                 self.kill()
                 taken.append(cfg.ssh_port)
-                log.warning("%s: SSH port %d was taken before QEMU could bind it; trying another",
-                            self.spec.name, cfg.ssh_port)
+                log.info("%s: SSH port %d was taken before QEMU could bind it; trying another",
+                         self.spec.name, cfg.ssh_port)
                 self.spec.progress(f"labkit: the guest's SSH port {cfg.ssh_port} was taken by another process; "
                                    "trying another")
         raise LaunchError(f"QEMU could not bind its SSH port {PORT_ATTEMPTS} times in a row (ports "
