@@ -197,7 +197,7 @@ boot.free_port, boot.Launch.spawn_retrying = free_port, spawn_retrying
 lines = []
 vm = VM("lab", kernel="6.1", persistent=True, settings=Settings.from_env(os.environ), on_console_line=lines.append)
 vm.start()
-vm.run(["sh", "-c", "echo the victim's work > /root/work.txt"], check=True)
+vm.run(["sh", "-c", "echo victim-work > /root/work.txt"], check=True)
 print(json.dumps({"progress": [l for l in lines if l.startswith("labkit:")], "port": vm.info.ssh_port,
                   "host_key": vm.info.host_key, "kind": vm.info.start_kind, "refused": vm.info.snapshot_refused,
                   "key_path": str(vm.key_path)}))
@@ -329,7 +329,7 @@ def test_b_the_attacker_cannot_log_in_nor_pass_for_the_victims_guest(victim_lab,
     finally:
         fake.kill()
         fake.wait()
-    assert seen == {"fake": "HostKeyMismatch", "work": "the victim's work"}   # and the real guest still answers
+    assert seen == {"fake": "HostKeyMismatch", "work": "victim-work"}   # and the real guest still answers
 
 
 # -- (d) and (e): the exchange and the homes ----------------------------------------------------------
@@ -406,7 +406,7 @@ def test_after_every_attack_the_victims_lab_works_and_lost_nothing(victim_lab, p
                      "vm = VM.attach('lab', settings=Settings.from_env(os.environ))\n"
                      "print(json.dumps({'work': vm.run(['cat', '/root/work.txt'], check=True).stdout.strip(), "
                      "'port': vm.info.ssh_port, 'notebook': open(os.path.expanduser('~/" + NOTEBOOK + "')).read()}))")
-    assert got == {"work": "the victim's work", "port": victim_lab["port"],
+    assert got == {"work": "victim-work", "port": victim_lab["port"],
                    "notebook": '{"cells": [], "the victim": "work"}'}, got
 
 
