@@ -202,3 +202,15 @@ def test_without_root_or_user_namespaces_the_grader_says_which_sysctl(monkeypatc
 def test_as_root_the_grader_keeps_the_throwaway_uids(monkeypatch):
     monkeypatch.setattr(sandbox_mode.os, "geteuid", lambda: 0)
     assert sandbox_mode.grading_mode("bwrap") == sandbox_mode.ROOT
+
+
+def test_the_rootless_view_tells_the_kernels_labkit_where_qemu_runs(tmp_path):
+    state, view = tmp_path / "state", tmp_path / "view"
+    state.mkdir()
+    (state / "qemu.pid").write_text("4242\n")
+    (state / "qmp.sock").write_text("")
+    sandbox.make_vm_view(state, view, os.getuid(), rootless=True)
+    assert (view / process.QEMU_ELSEWHERE).read_text().split() == [str(process.pid_namespace()), "4242"]
+    assert not (view / "qmp.sock").exists()
+    sandbox.make_vm_view(state, tmp_path / "rooted", os.getuid())
+    assert not (tmp_path / "rooted" / process.QEMU_ELSEWHERE).exists()
