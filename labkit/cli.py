@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from labkit.commands import course, lab, tools, vm
+from labkit.commands import classroom, course, lab, tools, vm
 from labkit.commands import image as image_commands
 from labkit.commands.common import err
 from labkit.errors import LabError
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     # the order of `labkit --help`
     for add in (tools.add_doctor, image_commands.add_image, vm.add_vm, vm.add_run, lab.add_matrix, tools.add_bench,
-                course.add_check, course.add_source, course.add_course, lab.add_lab):
+                course.add_check, course.add_source, course.add_course, classroom.add_class, lab.add_lab):
         add(sub)
     return p
 

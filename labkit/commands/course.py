@@ -116,7 +116,8 @@ def add_course(sub: Any) -> None:
                       description="Each SUBMISSION is a directory named after the student id holding that "
                                   "student's notebooks. Every notebook is run from the top in a fresh throwaway "
                                   "guest by a sandboxed kernel (docs/grading.md), graded on its own, and written "
-                                  "to OUT/<student>.json and OUT/grades.csv. Needs root and bubblewrap.")
+                                  "to OUT/<student>.json and OUT/grades.csv. Needs bubblewrap, and root or "
+                                  "unprivileged user namespaces (docs/grading.md).")
     g.add_argument("submissions", nargs="+", metavar="SUBMISSION")
     g.add_argument("--out", type=Path, default=Path("grades"), help="output directory (default %(default)s)")
     g.add_argument("--jobs", type=positive(int), default=None,

@@ -8,6 +8,7 @@ checks, which :mod:`labkit.course.summative` runs afterwards on a fresh guest).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import logging
 import os
@@ -63,12 +64,14 @@ class Run:
 
 
 def execute(label: str, nb: Any, vm: Any, others: list[Any], state_root: Path, tmp: Path, budget: Budget,
-            limits: sandbox.KernelLimits, disable_userns: bool) -> Run:
+            limits: sandbox.KernelLimits, disable_userns: bool, rootless: bool = False) -> Run:
     """Run ``nb`` (in place) in the sandbox until it ends or its share of the
-    time is up; the cgroup is killed and the uid released on the way out."""
-    with uids.leased() as uid, sandbox.run_dir_mount(tmp / "run", uid, limits):
+    time is up; the cgroup is killed and the uid released on the way out
+    (``rootless``: the grader's own uid, see sandbox_mode)."""
+    lease = contextlib.nullcontext(os.geteuid()) if rootless else uids.leased()
+    with lease as uid, sandbox.run_dir_mount(tmp / "run", uid, limits):
         log.debug("%s: sandbox uid %d", label, uid)
-        sb = _sandbox(uid, vm, others, state_root, tmp, limits, nb, disable_userns)
+        sb = _sandbox(uid, vm, others, state_root, tmp, limits, nb, disable_userns, rootless)
         run = Run(grading.prepare_for_execution(nb), uid)
         with sandbox.cgroup(f"{os.getpid()}-{uid}", limits) as group:   # killed on the way out
             dirs = tuple(group.dirs()) if group is not None else ()
@@ -81,18 +84,18 @@ def execute(label: str, nb: Any, vm: Any, others: list[Any], state_root: Path, t
 
 
 def _sandbox(uid: int, vm: Any, others: list[Any], state_root: Path, tmp: Path, limits: sandbox.KernelLimits,
-             nb: Any, disable_userns: bool) -> sandbox.Sandbox:
+             nb: Any, disable_userns: bool, rootless: bool = False) -> sandbox.Sandbox:
     run_dir = tmp / "run"             # made by sandbox.run_dir_mount
-    sandbox.make_vm_view(vm.state_dir, tmp / "vmview", uid)
+    sandbox.make_vm_view(vm.state_dir, tmp / "vmview", uid, rootless)
     companions = []
     for other in others:         # exposed exactly like the main guest
-        sandbox.make_vm_view(other.state_dir, tmp / f"vmview-{other.name}", uid)
+        sandbox.make_vm_view(other.state_dir, tmp / f"vmview-{other.name}", uid, rootless)
         companions.append(sandbox.Companion(other.name, other.state_dir, tmp / f"vmview-{other.name}",
                                             other.record.ssh_port))
     return sandbox.Sandbox(uid=uid, run_dir=run_dir, vm_state=vm.state_dir, vm_view=tmp / "vmview",
                            state_root=state_root, vm_name=vm.name, ssh_port=vm.record.ssh_port, limits=limits,
                            kernel_source=kernel_source(vm, nb), companions=tuple(companions),
-                           disable_userns=disable_userns)
+                           disable_userns=disable_userns, rootless=rootless)
 
 
 def _run_kernel(nb: Any, sb: sandbox.Sandbox, group: Any, tmp: Path, budget: Budget) -> tuple[str, int]:

@@ -13,6 +13,14 @@ Student code never runs with the grader's privileges. The kernel is started
             python -m labkit.course.sandbox inside (the SSH relay, then execs)
               python -m ipykernel_launcher -f CONNECTION_FILE
 
+Without root (``sandbox_mode.ROOTLESS``, where the host lets users make user
+namespaces; ``sandbox_mode.grading_mode`` decides) there is no uid switch:
+
+    python -m labkit.course.sandbox enter ...   (as the grader: rlimits)
+      bwrap --unshare-user --unshare-pid --disable-userns ...
+        python -m labkit.course.sandbox inside --nproc N ...
+          python -m ipykernel_launcher -f CONNECTION_FILE
+
 The uid is leased host-wide (:mod:`labkit.course.uids`): no two kernels on
 one host share it, whichever grader process started them. User namespaces:
 bubblewrap's ``--disable-userns`` (0.8) only works with ``--unshare-user``,
@@ -129,6 +137,7 @@ class Sandbox:
     kernel_source: Path | None = None   # the guest kernel's source files (read-only; no network in here)
     companions: tuple[Companion, ...] = ()
     disable_userns: bool = False        # the inner bwrap layer (see userns_problem)
+    rootless: bool = False              # the grader is not root: one unprivileged bwrap (sandbox_mode)
 
     @property
     def ssh_socket(self) -> Path:
@@ -151,10 +160,6 @@ def require_bwrap() -> str:
         raise SandboxError("bubblewrap (bwrap) is not installed: summative grading runs every submission's "
                            "kernel in a bwrap sandbox",
                            hint="sudo apt-get install bubblewrap (or `make test-deps`)")
-    if os.geteuid() != 0:
-        raise SandboxError("labkit course grade runs as root: it starts each kernel as a throwaway uid "
-                           "in a bwrap sandbox, which needs root to set up",
-                           hint="run it as root (sudo), e.g. on the grading machine or in CI")
     return found
 
 
@@ -181,6 +186,10 @@ def bwrap_argv(sb: Sandbox, inner: list[str], bwrap: str = "bwrap") -> list[str]
     default for them is 0700 when run as root, which the uid could not cross)."""
     argv = [bwrap, "--die-with-parent", "--new-session", "--unshare-net", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--clearenv"]      # capabilities: setpriv drops them all (it needs CAP_SETUID first)
+    if sb.rootless:
+        # the grader's own uid: its user namespace (no capabilities outside
+        # it), a PID namespace in place of a uid of its own, no user namespace below
+        argv += ["--unshare-user", "--unshare-pid"] + (["--disable-userns"] if sb.disable_userns else [])
     made: set[str] = set()
 
     def dirs_to(path: str) -> list[str]:
@@ -219,16 +228,22 @@ def bwrap_argv(sb: Sandbox, inner: list[str], bwrap: str = "bwrap") -> list[str]
 
 def kernel_argv(sb: Sandbox, bwrap: str = "bwrap") -> list[str]:
     """The kernel spec's argv: enter the limits, then bwrap, then the uid."""
+    lim = sb.limits
     inside = [sb.python, "-m", "labkit.course.sandbox", "inside"]
     for port, sock in sb.gates():
         inside += ["--relay", f"{port}={sock}"]
+    if sb.rootless:
+        # RLIMIT_NPROC counts a uid's processes in the namespace where the
+        # fork happens: set outside, it would count the grader's own (its
+        # QEMUs' threads); set inside the user namespace, only the submission's.
+        inside += ["--nproc", str(lim.cgroup.pids)]
     inside += ["--", sb.python, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    drop = drop_argv(sb.uid) + (no_userns_argv(bwrap) if sb.disable_userns else [])
+    drop = [] if sb.rootless else drop_argv(sb.uid) + (no_userns_argv(bwrap) if sb.disable_userns else [])
     enter = [sb.python, "-m", "labkit.course.sandbox", "enter"]
     for cg in sb.cgroups:
         enter += ["--cgroup", str(cg)]
-    lim = sb.limits
-    enter += ["--nproc", str(lim.cgroup.pids), "--nofile", str(lim.nofile), "--fsize-mb", str(lim.fsize_mb), "--"]
+    nproc = [] if sb.rootless else ["--nproc", str(lim.cgroup.pids)]
+    enter += [*nproc, "--nofile", str(lim.nofile), "--fsize-mb", str(lim.fsize_mb), "--"]
     return enter + bwrap_argv(sb, drop + inside, bwrap)
 
 
@@ -252,8 +267,12 @@ def userns_problem(bwrap: str = "bwrap", uid: int = 65534) -> str:
     why not. Measured once per process: a minimal outer sandbox, the uid
     switch, the inner layer, and the attempt."""
     attempt = ["sh", "-c", "if unshare --user true 2>/dev/null; then echo userns-made; fi"]
-    argv = [bwrap, "--die-with-parent", "--unshare-net", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev",
-            "--", *drop_argv(uid), *no_userns_argv(bwrap), *attempt]
+    if os.geteuid() != 0:       # the rootless sandbox: one bwrap, as this user
+        argv = [bwrap, "--unshare-user", "--unshare-pid", "--disable-userns", "--die-with-parent", "--unshare-net",
+                "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "--", *attempt]
+    else:
+        argv = [bwrap, "--die-with-parent", "--unshare-net", "--ro-bind", "/", "/", "--proc", "/proc", "--dev",
+                "/dev", "--", *drop_argv(uid), *no_userns_argv(bwrap), *attempt]
     try:
         r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -278,16 +297,23 @@ def write_kernelspec(sb: Sandbox, directory: Path, bwrap: str) -> str:
 
 # -- the VM view -----------------------------------------------------------------------
 
-def make_vm_view(state: Path, view: Path, uid: int) -> None:
+def make_vm_view(state: Path, view: Path, uid: int, rootless: bool = False) -> None:
     """What the kernel may see of its guest's state dir: the record, the
     pidfile, the lock and the SSH key (owned by the sandbox uid); never the
-    QMP/console sockets, the disks or the logs."""
+    QMP/console sockets, the disks or the logs. ``rootless``: the kernel has
+    a PID namespace of its own and cannot see QEMU, so the view says where
+    QEMU runs (``process.QEMU_ELSEWHERE``) and labkit in there takes the
+    grader's word that it does."""
     view.mkdir(parents=True, exist_ok=True)
     for name in ("vm.json", "qemu.pid", "lock", "id_ed25519", "id_ed25519.pub"):
         src = state / name
         if src.exists():
             shutil.copy2(src, view / name)
             os.chown(view / name, uid, uid)
+    if rootless:
+        from labkit.machine import process
+        pid = (state / "qemu.pid").read_text().strip() if (state / "qemu.pid").exists() else "0"
+        (view / process.QEMU_ELSEWHERE).write_text(f"{process.pid_namespace()} {pid}\n")
     os.chmod(view, 0o755)
 
 
@@ -434,15 +460,16 @@ def _enter(argv: list[str]) -> None:
     import argparse
     p = argparse.ArgumentParser(prog="labkit.course.sandbox enter")
     p.add_argument("--cgroup", action="append", default=[])
-    p.add_argument("--nproc", type=int, required=True)
+    p.add_argument("--nproc", type=int, default=0)       # 0: set inside (the rootless sandbox)
     p.add_argument("--nofile", type=int, required=True)
     p.add_argument("--fsize-mb", type=int, required=True)
     p.add_argument("command", nargs=argparse.REMAINDER)
     a = p.parse_args(argv)
     for g in a.cgroup:
         Path(g, "cgroup.procs").write_text(str(os.getpid()))
-    for res, value in ((resource.RLIMIT_NPROC, a.nproc), (resource.RLIMIT_NOFILE, a.nofile),
-                       (resource.RLIMIT_FSIZE, a.fsize_mb * 2**20), (resource.RLIMIT_CORE, 0)):
+    limits = [(resource.RLIMIT_NOFILE, a.nofile), (resource.RLIMIT_FSIZE, a.fsize_mb * 2**20),
+              (resource.RLIMIT_CORE, 0)] + ([(resource.RLIMIT_NPROC, a.nproc)] if a.nproc else [])
+    for res, value in limits:
         resource.setrlimit(res, (value, value))
     cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
     os.execvp(cmd[0], cmd)
@@ -469,8 +496,11 @@ def _inside(argv: list[str]) -> None:
     import argparse
     p = argparse.ArgumentParser(prog="labkit.course.sandbox inside")
     p.add_argument("--relay", action="append", required=True, metavar="PORT=SOCKET")
+    p.add_argument("--nproc", type=int, default=0)
     p.add_argument("command", nargs=argparse.REMAINDER)
     a = p.parse_args(argv)
+    if a.nproc:
+        resource.setrlimit(resource.RLIMIT_NPROC, (a.nproc, a.nproc))
     relays = [(int(port), path) for port, path in (r.split("=", 1) for r in a.relay)]
     for port, path in relays:
         _relay(port, path)

@@ -44,7 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from labkit.course import gradebook, grading, intake, judging, runner, sandbox, uids
+from labkit.course import gradebook, grading, intake, judging, runner, sandbox, sandbox_mode, uids
 from labkit.course.intake import NOTEBOOK_RE, STUDENT_RE  # noqa: F401 - part of this module's interface
 from labkit.course.judge import ExerciseResult, answered, judge
 from labkit.errors import LabError
@@ -92,6 +92,7 @@ class Options:
     kernel: str | None = None     # guest kernel variant (default: labkit's default)
     limits: sandbox.KernelLimits = field(default_factory=sandbox.KernelLimits)
     disable_userns: bool = False  # the sandbox's inner bwrap (grade_all sets it when the host allows)
+    rootless: bool = False        # the grader is not root: the unprivileged sandbox (sandbox_mode.ROOTLESS)
 
 
 # -- what is being graded --------------------------------------------------------------
@@ -178,7 +179,8 @@ def _grade_in_guests(g: NotebookGrade, nb: Any, exercises: list, tmp: Path, opts
         g.kernel_release = vm.release           # measured by the grader at the start, before any learner code
         before = judging.read_integrity(judging.Bounded(vm, deadline))
         run = runner.execute(f"{g.student}/{g.path}", nb, vm, others, state_root, tmp,
-                             runner.Budget(opts.timeout, deadline), opts.limits, opts.disable_userns)
+                             runner.Budget(opts.timeout, deadline), opts.limits, opts.disable_userns,
+                             opts.rootless)
         g.sandbox_uid, g.cell_errors, g.reason = run.uid, run.cell_errors, run.reason
         marker = run.marker
         given = grading.answers(nb, marker)
@@ -334,7 +336,12 @@ def _prepare(work: list[intake.Entry], opts: Options, progress: Callable[[str], 
     """The host checks before any guest starts: bwrap and root, the images,
     whether user namespaces can be switched off in the sandbox here."""
     bwrap = sandbox.require_bwrap()
-    uids.lock_dir()
+    rootless = sandbox_mode.grading_mode(bwrap) == sandbox_mode.ROOTLESS
+    if rootless:
+        progress("labkit: not root: each submission runs in an unprivileged sandbox as this user, in namespaces "
+                 "of its own (docs/grading.md, 'Grading without root')")
+    else:
+        uids.lock_dir()
     from labkit import image
     kernel = opts.kernel or image.DEFAULT_KERNEL
     for k in sorted({k for e in work if not e.refused for _, k in companion_vms(e.number, kernel)}):
@@ -342,7 +349,7 @@ def _prepare(work: list[intake.Entry], opts: Options, progress: Callable[[str], 
     problem = sandbox.userns_problem(bwrap)
     if problem:
         progress(f"warning: user namespaces stay available inside the sandbox on this host ({problem})")
-    return dataclasses.replace(opts, disable_userns=not problem)
+    return dataclasses.replace(opts, disable_userns=not problem, rootless=rootless)
 
 
 def _write(out: Path, student: str, results: dict[str, list[NotebookGrade]]) -> None:

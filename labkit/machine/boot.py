@@ -27,7 +27,7 @@ from labkit.machine.argv import build_qemu_argv
 from labkit.machine.channels.console import BootInfo, ConsoleChannel
 from labkit.machine.channels.ssh import SSHChannel
 from labkit.machine.config import Nvdimm, VMConfig
-from labkit.machine.process import free_port, spawn, start_time
+from labkit.machine.process import forward_taken, free_port, listens_on, spawn, start_time
 from labkit.machine.running import Running, kill_qemu
 from labkit.machine.state import VMState
 from labkit.machine.statedir import StateDir, VMInfo
@@ -35,6 +35,11 @@ from labkit.settings import Settings
 from labkit.timeout import Deadline
 
 log = logging.getLogger(__name__)
+
+# Ports tried per start before giving up: a port is taken between probe and
+# bind only by a race (or by someone doing it on purpose, who cannot guess the
+# next random one), so a few are plenty.
+PORT_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -102,20 +107,31 @@ class Launch:
                         **kw)  # type: ignore[arg-type]
 
     def spawn_retrying(self, pubkey: str, timeout: float, **kw: object) -> VMConfig:
-        """Start QEMU; a new port if the forwarded one was taken between probe and bind."""
-        last_error: LaunchError | None = None
-        for _attempt in range(3):
+        """Start QEMU on a fresh SSH port; another one if the port was taken
+        between ``free_port``'s probe and QEMU's bind (by chance, or by another
+        user of this host binding it on purpose to make this guest fail). Used
+        by the cold boot and the warm start alike; at most PORT_ATTEMPTS ports."""
+        taken: list[int] = []
+        for _attempt in range(PORT_ATTEMPTS):
             cfg = self.config(pubkey, **kw)
             try:
                 self.spawn(cfg, timeout)
                 return cfg
             except LaunchError as exc:
-                if "host forwarding" not in exc.output:
+                if not forward_taken(exc.output):
                     raise
-                log.debug("SSH port %d taken; retrying with another", cfg.ssh_port)
                 self.kill()
-                last_error = exc
-        raise last_error or LaunchError("could not start QEMU")
+                taken.append(cfg.ssh_port)
+                log.info("%s: SSH port %d was taken before QEMU could bind it; trying another",
+                         self.spec.name, cfg.ssh_port)
+                self.spec.progress(f"labkit: the guest's SSH port {cfg.ssh_port} was taken by another process; "
+                                   "trying another")
+        raise LaunchError(f"QEMU could not bind its SSH port {PORT_ATTEMPTS} times in a row (ports "
+                          f"{', '.join(map(str, taken))}): each was taken by another process between labkit "
+                          "choosing it and QEMU binding it").with_hint(
+            "another program (or user) on this host is taking loopback ports as they are freed; start the VM "
+            "again, and if it keeps happening ask the host's administrator who is binding them "
+            "(ss -ltnp 'sport >= 1024')")
 
     def spawn(self, cfg: VMConfig, timeout: float) -> None:
         """Start QEMU, record it as *starting*, wait until its console socket exists."""
@@ -133,14 +149,16 @@ class Launch:
         info.qemu_argv = argv
         info.save(self.sd.info)
         deadline = Deadline(timeout)
-        while not cfg.console_socket.exists():
+        # Up once QEMU has its console socket *and* its SSH forward: it makes
+        # the chardev sockets before the network, so a taken port shows only after.
+        while not (cfg.console_socket.exists() and listens_on(proc.pid, cfg.ssh_port)):
             if proc.poll() is not None:
                 raise LaunchError("QEMU exited during start-up", argv, proc.returncode,
                                   self.sd.qemu_log.read_text(errors="replace"))
             if deadline.expired:
-                raise GuestTimeout("QEMU to create its console socket", timeout)
+                raise GuestTimeout("QEMU to create its console socket and SSH forward", timeout)
             time.sleep(0.01)
-        log.debug("QEMU %d up (console socket after %.2f s)", proc.pid, deadline.elapsed)
+        log.debug("QEMU %d up (console socket and SSH forward after %.2f s)", proc.pid, deadline.elapsed)
 
     # -- cold boot -----------------------------------------------------------------
     def cold(self, pubkey: str, timeout: float, cmdline_extra: tuple[str, ...] = ()) -> VMConfig:
