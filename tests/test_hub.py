@@ -19,6 +19,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,6 @@ from hubsetup import (
 )
 
 from labkit.cgroups import CONTROLLERS, Group, Limits, group_of, missing_controllers
-from labkit.deploy import status
 from labkit.image import DEFAULT_KERNEL
 from labkit.machine.process import free_port
 from labkit.settings import from_environment
@@ -260,14 +260,20 @@ def test_learners_run_labkit_in_their_own_limited_vms(klass):
         own = lr.home / ".cache/labkit/snapshots"
         assert not own.exists() or not any(own.glob("*-*")), list(own.iterdir())
     # the instructor's view (labkit class status): the hub's API and each learner's VM records
-    rows = {r.name: r for r in status.collect(status.hub_users(hub.url, hub.admin_token))}
+    token_file = klass.base / "admin-token"
+    token_file.write_text(hub.admin_token)
+    token_file.chmod(0o600)
+    cmd = [sys.executable, "-m", "labkit", "class", "status", "--hub", hub.url, "--token-file", str(token_file)]
+    r = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = {row["name"]: row for row in json.loads(r.stdout)}
     for lr in (klass.a, klass.b):
         row = rows[lr.name]
-        assert row.server == "running" and row.last_activity and not row.last_error, row
-        assert [(v.start_kind, v.pid) for v in row.vms if v.state == "running"] == \
+        assert row["server"] == "running" and row["last_activity"] and not row["last_error"], row
+        assert [(v["start_kind"], v["pid"]) for v in row["vms"] if v["state"] == "running"] == \
             [("warm", klass.cells[lr.name]["pid"])], row
-        assert row.memory_mb > 100, row          # server, kernel and QEMU together
-    fig["class_status_text"] = status.render(list(rows.values()))
+        assert row["memory_mb"] > 100, row          # server, kernel and QEMU together
+    fig["class_status_text"] = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
     for lr in (klass.a, klass.b):
         qemu = qemu_of(lr)
         assert qemu is not None and qemu.pid == klass.cells[lr.name]["pid"]

@@ -51,7 +51,8 @@ def test_a_dry_run_lists_every_step_and_changes_nothing(tmp_path):
     plan = install.plan_from(prefix=tmp_path / "opt", etc=tmp_path / "etc", units=tmp_path / "units",
                              images=tmp_path / "img", shared_cache=tmp_path / "cache", exchange=tmp_path / "x")
     install.install(plan, say=lines.append, dry_run=True)
-    assert len(lines) == len(install.steps(plan, print)) and all(ln.split()[0] in ("ok", "todo") for ln in lines)
+    steps = [ln for ln in lines if not ln.startswith("note: ")]
+    assert len(steps) == len(install.steps(plan, print)) and all(ln.split()[0] in ("ok", "todo") for ln in steps)
     assert any("service labkit-hub.service" in ln for ln in lines)
     assert sorted(os.listdir(tmp_path)) == []
 

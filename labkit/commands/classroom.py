@@ -54,6 +54,70 @@ def cmd_class_exchange(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+STATUS_DESCRIPTION = """\
+Each learner of the hub: their server (running, starting, stopping, stopped),
+their lab VMs (kernel, state, warm or cold start), the memory and CPU of
+everything running as them on this host, when they were last active, and the
+last error labkit recorded for them (a warm start that fell back, a refused
+snapshot, a QEMU that died). Run it as root on the hub's host. The hub's
+address and the instructor's token come from the installer's /etc/labkit/hub.env
+unless given."""
+
+INSTALL_DESCRIPTION = """\
+Set up this host as the class's server, as root, on a systemd host (Debian 12
+or 13, Ubuntu 24.04): packages, a venv with labkit and JupyterHub, the proxy,
+TLS (a self-signed certificate unless --cert/--key), the hub's config, every
+kernel image the course uses (copied from --images, else built) and a
+warm-start snapshot of each in the shared read-only cache, the notebooks
+learners get on their first spawn, the nbgrader exchange, and the hub as the
+systemd service labkit-hub. Each step looks first whether it is done; running
+it again changes only what is missing. Then: labkit class enrol CLASS.csv."""
+
+
+def _hub_env() -> dict[str, str]:
+    from labkit.deploy import install
+    return install.read_env(install.Plan().etc / "hub.env")
+
+
+def cmd_class_status(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+
+    from labkit.deploy import status
+    env = _hub_env()
+    url = args.hub
+    if url is None:
+        scheme = "https" if env.get("LABKIT_HUB_SSL_CERT") else "http"
+        url = f"{scheme}://127.0.0.1:{env.get('LABKIT_HUB_PORT', '8000')}"
+    if args.token_file:
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as exc:
+            raise status.StatusError(f"cannot read the token file {args.token_file}: {exc.strerror}",
+                                     hint="give a file holding the instructor's API token") from None
+    else:
+        token = env.get("LABKIT_HUB_ADMIN_TOKEN", "")
+    if not token:
+        raise status.StatusError("no instructor's token: /etc/labkit/hub.env has none and --token-file was not given",
+                                 hint="run it as root on the hub's host, or give --token-file")
+    rows = status.collect(status.hub_users(url, token, cafile=env.get("LABKIT_HUB_SSL_CERT") or None))
+    print(json.dumps(status.as_json(rows), indent=1) if args.json else status.render(rows))
+    return 0
+
+
+def cmd_class_install(args: argparse.Namespace, settings: Settings) -> int:
+    from labkit.deploy import install
+    kw = dict(admins=tuple(a for a in (args.admins or "").split(",") if a) or None, port=args.port,
+              kernels=tuple(args.kernels) if args.kernels else None, images_from=args.images, wheels=args.wheels,
+              source=args.source, cert=args.cert, key=args.key, memory=args.memory, cpus=args.cpus,
+              group=args.group)
+    plan = install.plan_from(**kw)
+    took = install.install(plan, say=print, dry_run=args.dry_run)
+    if not args.dry_run:
+        print(f"done in {sum(took.values()):.0f} s: https://<this host>:{plan.port}/ ; "
+              "next: labkit class enrol CLASS.csv --group " + plan.group)
+    return 0
+
+
 def add_class(sub: Any) -> None:
     cl = sub.add_parser("class", help="a class on one shared host: enrol learners (private homes), "
                                       "the nbgrader exchange", description=CLASS_DESCRIPTION,
@@ -73,3 +137,32 @@ def add_class(sub: Any) -> None:
     ex.add_argument("--instructor", default=None, metavar="USER",
                     help="who owns the course directory (default: the user running this)")
     ex.set_defaults(func=cmd_class_exchange)
+    st = cs.add_parser("status", help="each learner: server, VMs, memory, CPU, last activity, last error",
+                       description=STATUS_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    st.add_argument("--hub", default=None, metavar="URL",
+                    help="the hub's address (default: from /etc/labkit/hub.env, else http://127.0.0.1:8000)")
+    st.add_argument("--token-file", type=Path, default=None, metavar="FILE",
+                    help="a file holding the instructor's API token (default: the one in /etc/labkit/hub.env)")
+    st.add_argument("--json", action="store_true", help="one JSON object per learner")
+    st.set_defaults(func=cmd_class_status)
+    from labkit.deploy.install import COURSE_KERNELS, Plan
+    ins = cs.add_parser("install", help="set up this systemd host as the class's server (run once, and again "
+                                        "at any time)", description=INSTALL_DESCRIPTION,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ins.add_argument("--images", type=Path, default=None, metavar="DIR",
+                     help="guest images built elsewhere (DIR/<kernel>/...), copied instead of built here")
+    ins.add_argument("--wheels", type=Path, default=None, metavar="DIR",
+                     help="install labkit and the hub from these wheels only (no package index)")
+    ins.add_argument("--source", type=Path, default=None, metavar="DIR",
+                     help="the labkit checkout (hub config, notebooks; default: this one)")
+    ins.add_argument("--admins", default=None, metavar="USER,...", help="who gets /hub/admin")
+    ins.add_argument("--group", default=None, help=f"the learners' Unix group (default {Plan.group})")
+    ins.add_argument("--port", type=int, default=None, help=f"the hub's HTTPS port (default {Plan.port})")
+    ins.add_argument("--cert", type=Path, default=None, help="TLS certificate (default: a self-signed one)")
+    ins.add_argument("--key", type=Path, default=None, help="TLS key, with --cert")
+    ins.add_argument("--kernels", nargs="+", default=None, choices=COURSE_KERNELS,
+                     help=f"the kernels to install (default: all the course uses, {' '.join(COURSE_KERNELS)})")
+    ins.add_argument("--memory", default=None, help=f"memory per learner (default {Plan.memory})")
+    ins.add_argument("--cpus", type=float, default=None, help=f"CPUs per learner (default {Plan.cpus})")
+    ins.add_argument("--dry-run", action="store_true", help="say which steps would run, change nothing")
+    ins.set_defaults(func=cmd_class_install)

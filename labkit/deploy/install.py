@@ -390,6 +390,8 @@ def install(plan: Plan, say: Say = print, dry_run: bool = False) -> dict[str, fl
     problems = preflight(plan)
     if problems and not dry_run:
         raise InstallError("cannot install here: " + "; ".join(problems), hint="see labkit class install --help")
+    for problem in problems:
+        say(f"note: {problem}")
     took: dict[str, float] = {}
     for step in steps(plan, say):
         try:

@@ -67,12 +67,15 @@ class LearnerStatus:
 
 # -- the hub ---------------------------------------------------------------------------------------
 
-def hub_users(url: str, token: str, timeout: float = 15.0) -> list[dict[str, Any]]:
-    """Every user the hub knows, with their servers (GET /hub/api/users)."""
+def hub_users(url: str, token: str, timeout: float = 15.0, cafile: str | None = None) -> list[dict[str, Any]]:
+    """Every user the hub knows, with their servers (GET /hub/api/users);
+    ``cafile`` verifies an HTTPS hub (the installer's self-signed certificate)."""
+    import ssl
     req = urllib.request.Request(url.rstrip("/") + "/hub/api/users?limit=10000",
                                  headers={"Authorization": f"token {token}", "Accept": "application/json"})
+    context = ssl.create_default_context(cafile=cafile) if url.startswith("https:") else None
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - the admin's own hub URL
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as r:  # noqa: S310 - the admin's hub
             data = json.loads(r.read())
     except urllib.error.HTTPError as exc:
         raise StatusError(f"the hub at {url} refused the request: HTTP {exc.code}",
