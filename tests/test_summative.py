@@ -71,13 +71,18 @@ def test_submissions_are_validated_before_any_guest(tmp_path):
         summative.submissions([tmp_path / "alice", tmp_path / "alice"])
 
 
-def test_default_jobs_follow_cores_and_memory(monkeypatch):
-    import psutil
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=3 * 2**30))
+def test_default_jobs_follow_the_allocations_cores_and_memory(monkeypatch):
+    from labkit import cgroups
+
+    def given(cpus: int, gib: int) -> None:
+        monkeypatch.setattr(cgroups, "allocation",
+                            lambda: cgroups.Allocation(cpus, gib * 2**30, "the test", "the test"))
+    given(8, 3)
     assert summative.default_jobs() == 1          # memory bounds it: 3 GiB holds one 1.6 GiB job
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=64 * 2**30))
+    given(8, 64)
     assert summative.default_jobs() == 8          # cores bound it
+    given(1, 64)
+    assert summative.default_jobs() == 1          # a 1-CPU Slurm task on a big node
 
 
 @pytest.mark.parametrize("notebook, kernel, companions", [

@@ -74,9 +74,9 @@ systemd service labkit-hub. Each step looks first whether it is done; running
 it again changes only what is missing. Then: labkit class enrol CLASS.csv."""
 
 
-def _hub_env() -> dict[str, str]:
+def _hub_env() -> Any:
     from labkit.deploy import install
-    return install.read_env(install.Plan().etc / "hub.env")
+    return install.HubEnv.read(install.Plan().etc / "hub.env")
 
 
 def cmd_class_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -86,8 +86,7 @@ def cmd_class_status(args: argparse.Namespace, settings: Settings) -> int:
     env = _hub_env()
     url = args.hub
     if url is None:
-        scheme = "https" if env.get("LABKIT_HUB_SSL_CERT") else "http"
-        url = f"{scheme}://127.0.0.1:{env.get('LABKIT_HUB_PORT', '8000')}"
+        url = f"{'https' if env.ssl_cert else 'http'}://127.0.0.1:{env.port}"
     if args.token_file:
         try:
             token = args.token_file.read_text().strip()
@@ -95,11 +94,11 @@ def cmd_class_status(args: argparse.Namespace, settings: Settings) -> int:
             raise status.StatusError(f"cannot read the token file {args.token_file}: {exc.strerror}",
                                      hint="give a file holding the instructor's API token") from None
     else:
-        token = env.get("LABKIT_HUB_ADMIN_TOKEN", "")
+        token = env.admin_token
     if not token:
         raise status.StatusError("no instructor's token: /etc/labkit/hub.env has none and --token-file was not given",
                                  hint="run it as root on the hub's host, or give --token-file")
-    rows = status.collect(status.hub_users(url, token, cafile=env.get("LABKIT_HUB_SSL_CERT") or None))
+    rows = status.collect(status.hub_users(url, token, cafile=env.ssl_cert or None))
     print(json.dumps(status.as_json(rows), indent=1) if args.json else status.render(rows))
     return 0
 

@@ -153,6 +153,22 @@ def env_text(plan: Plan, admin_token: str) -> str:
         "".join(f'{k}="{v}"\n' for k, v in values.items())
 
 
+@dataclass(frozen=True)
+class HubEnv:
+    """What other commands need of an installed hub's environment file."""
+
+    port: str = "8000"
+    ssl_cert: str = ""
+    admin_token: str = ""
+
+    FIELDS = {"LABKIT_HUB_PORT": "port", "LABKIT_HUB_SSL_CERT": "ssl_cert", "LABKIT_HUB_ADMIN_TOKEN": "admin_token"}
+
+    @classmethod
+    def read(cls, path: Path) -> HubEnv:
+        values = read_env(path)
+        return cls(**{attr: values[key] for key, attr in cls.FIELDS.items() if values.get(key)})
+
+
 def read_env(path: Path) -> dict[str, str]:
     """The values of an environment file written by :func:`env_text`."""
     out: dict[str, str] = {}
@@ -249,7 +265,7 @@ def steps(plan: Plan, say: Say) -> list[Step]:
         plan.tls_key.chmod(0o600)
 
     def wanted_config() -> tuple[str, str]:
-        token = read_env(plan.etc / "hub.env").get("LABKIT_HUB_ADMIN_TOKEN") or secrets.token_hex(32)
+        token = HubEnv.read(plan.etc / "hub.env").admin_token or secrets.token_hex(32)
         config = (plan.source / "deploy" / "hub" / "jupyterhub_config.py").read_text()
         return env_text(plan, token), config
 
