@@ -89,7 +89,12 @@ def test_a_symlink_is_not_trusted_as_the_queue(tmp_path):
 
 
 def test_a_ticket_is_live_while_held_and_freed_when_dropped(tmp_path):
-    ticket, fd = pace.take_ticket(tmp_path)
+    old_umask = os.umask(0o077)
+    try:
+        ticket, fd = pace.take_ticket(tmp_path)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(os.stat(tmp_path / ticket.name).st_mode) == 0o644    # other users see it held
     assert pace.live_tickets(tmp_path) == [ticket]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())    # renamed into the queue
     pace.drop_ticket(tmp_path, ticket, fd)

@@ -198,6 +198,7 @@ def take_ticket(path: Path) -> tuple[Ticket, int]:
     tmp = path / f".{ticket.name}"
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
+        os.fchmod(fd, 0o644)             # other users' starts must open it to see it held (umask 077)
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.rename(tmp, path / ticket.name)
     except BaseException:

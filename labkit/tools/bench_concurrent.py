@@ -33,7 +33,7 @@ from typing import Any, TextIO
 
 import psutil
 
-from labkit.errors import ChannelError, GuestDied, GuestTimeout, LaunchError, StartQueueTimeout
+from labkit.errors import ChannelError, GuestDied, GuestTimeout, LabError, LaunchError, StartQueueTimeout
 from labkit.machine import pace
 from labkit.settings import Settings, from_environment
 from labkit.timeout import Deadline
@@ -215,7 +215,7 @@ def _barrier(workers: list[subprocess.Popen[str]], events: queue.Queue[tuple[int
     while waiting:
         i, ev = events.get(timeout=max(0.1, deadline.remaining))
         if ev["event"] == "exit":
-            raise RuntimeError(f"learner {i} exited before the start (exit {workers[i].wait()})")
+            raise LabError(f"learner {i + 1} of the bench exited before the start (exit {workers[i].wait()})")
         if ev["event"] == "imported":
             waiting.discard(i)
 
