@@ -207,3 +207,15 @@ class VMInUse(LabError):
         self.pid = pid
         self.waited = waited
         self.hint = "wait for that process, stop it, or use another --name"
+
+
+class StartQueueTimeout(LabError):
+    """A start waited longer than the host's start queue allows for its turn
+    (``labkit.machine.pace``): the host is busy starting other guests."""
+
+    def __init__(self, waited: float, place: int, starting: int, slots: int) -> None:
+        super().__init__(f"waited {waited:.0f} s for a turn to start this guest: {starting} guests are starting "
+                         f"on this host, {slots} at a time, and yours was still number {place} in line")
+        self.waited, self.place, self.starting, self.slots = waited, place, starting, slots
+        self.hint = ("start it again in a minute (nothing of this start was left behind); an instructor can "
+                     "raise LABKIT_START_SLOTS or LABKIT_START_QUEUE_TIMEOUT")

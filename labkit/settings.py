@@ -34,6 +34,10 @@ DEFAULT_TCG_CACHE_MB = 128
 GRADE_UIDS_FIRST, GRADE_UIDS_COUNT = 62000, 1000
 GRADE_UIDS_VAR = "LABKIT_GRADE_UIDS"
 DEFAULT_SHARED_CACHE = "/var/cache/labkit"
+# The host-wide start queue (machine/pace.py): a directory every local user
+# shares, and how long a start waits there for its turn before it gives up.
+DEFAULT_START_QUEUE_DIR = "/tmp/labkit-start-queue"
+DEFAULT_START_QUEUE_TIMEOUT = 600.0
 
 _TRUE, _FALSE = ("1", "yes", "true", "on"), ("0", "no", "false", "off")
 
@@ -65,6 +69,11 @@ class Settings:
     lifetime_pid: int = 0
     grade_uids: range = field(default=range(GRADE_UIDS_FIRST, GRADE_UIDS_FIRST + GRADE_UIDS_COUNT))
     kernel_source: Path | None = None                    # LABKIT_KERNEL_SOURCE: the guest kernel's source tree
+    # LABKIT_START_SLOTS: guests that may start at once on this host (0: no
+    # start queue); None: from the host's CPUs and available memory
+    start_slots: int | None = None
+    start_queue_dir: Path = Path(DEFAULT_START_QUEUE_DIR)  # LABKIT_START_QUEUE_DIR
+    start_queue_timeout: float = DEFAULT_START_QUEUE_TIMEOUT  # LABKIT_START_QUEUE_TIMEOUT: seconds
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -94,6 +103,9 @@ class Settings:
             lifetime_pid=_lifetime_pid(e),
             grade_uids=grade_uid_range(e.get(GRADE_UIDS_VAR, "")),
             kernel_source=Path(e["LABKIT_KERNEL_SOURCE"]) if e.get("LABKIT_KERNEL_SOURCE") else None,
+            start_slots=_start_slots(e.get("LABKIT_START_SLOTS", "")),
+            start_queue_dir=_path(e, "LABKIT_START_QUEUE_DIR", Path(DEFAULT_START_QUEUE_DIR)),
+            start_queue_timeout=_start_queue_timeout(e.get("LABKIT_START_QUEUE_TIMEOUT", "")),
         )
 
     def with_(self, **changes: object) -> Settings:
@@ -185,3 +197,29 @@ def grade_uid_range(text: str) -> range:
         raise ConfigError(f"{GRADE_UIDS_VAR}={text!r}: the range must lie between 1000 and 2147483646, "
                           "start <= end", hint="use uids no account on this host has, e.g. 63000-63099")
     return range(start, end + 1)
+
+
+def _start_slots(text: str) -> int | None:
+    text = text.strip()
+    if not text:
+        return None
+    if not text.isdigit():
+        raise ConfigError(f"LABKIT_START_SLOTS={text!r} is not a number of guests",
+                          hint="how many guests may start at once on this host, e.g. 2; 0 turns the start "
+                               "queue off; unset: one per CPU, as memory allows")
+    return int(text)
+
+
+def _start_queue_timeout(text: str) -> float:
+    text = text.strip()
+    if not text:
+        return DEFAULT_START_QUEUE_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"LABKIT_START_QUEUE_TIMEOUT={text!r} is not a number of seconds",
+                          hint=f"how long a start waits for its turn, e.g. 300; unset: "
+                               f"{DEFAULT_START_QUEUE_TIMEOUT:g}")
+    return value

@@ -26,7 +26,8 @@ AREAS = {
 
 FILES = {
     "machine": ["test_guest.py", "test_machine_unit.py", "test_qemu_argv.py", "test_initramfs.py",
-                "test_settings.py", "test_image_kernels.py", "test_snapshot.py", "test_pmem_data.py"],
+                "test_settings.py", "test_image_kernels.py", "test_snapshot.py", "test_pmem_data.py",
+                "test_pace_unit.py"],
     "lab": ["test_lab.py", "test_lab_unit.py", "test_observe.py", "test_odp.py", "test_odp_unit.py",
             "test_pinprobe.py", "test_kernel_matrix.py", "test_kernel_73.py", "test_kernel_510.py", "test_counterfactual.py",
             "test_counterfactual_unit.py", "test_source_unit.py"],
@@ -40,7 +41,7 @@ FILES = {
     "faults": ["test_faults.py", "test_faults_lifecycle.py", "test_hostile.py", "test_security.py",
                "test_watchdog_qmp.py", "test_two_users.py", "test_two_users_unit.py"],
     "tools": ["test_bench.py", "test_cli.py", "test_commands_unit.py", "test_suite_areas.py", "test_layers.py",
-              "test_container.py", "test_install.py"],
+              "test_container.py", "test_install.py", "test_bench_concurrent.py"],
 }
 _BY_FILE = {f: area for area, files in FILES.items() for f in files}
 

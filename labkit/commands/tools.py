@@ -24,6 +24,8 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    if args.concurrent:
+        return bench_concurrent(args, settings)
     from labkit.tools import bench
     kernels = list(image.KERNELS) if args.kernel == "all" else [args.kernel]
     grade = tuple(args.grade or ()) or (tuple(bench.bench_class.default_grade_set()) if args.grade == [] else ())
@@ -41,6 +43,17 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print("\n\n".join(bench.format_report(r) for r in results))
     return 0
+
+
+def bench_concurrent(args: argparse.Namespace, settings: Settings) -> int:
+    """``--concurrent N ...``: its own table (the other figures are not measured)."""
+    from labkit.tools import bench_concurrent as conc
+    if args.kernel == "all":
+        err("--concurrent: give one --kernel (the class starts one kernel's guests)")
+        return 2
+    result = conc.run(args.kernel, args.concurrent, progress_lines(args.json), settings)
+    print(json.dumps(result, indent=2) if args.json else conc.format_report(result))
+    return 0 if all(row["failed"] == 0 for row in result["concurrent"]) else 1
 
 
 def add_doctor(sub: Any) -> None:
@@ -80,5 +93,11 @@ def add_bench(sub: Any) -> None:
                     help="first_run_s: a fresh clone of this repository in a scratch directory, set up like "
                          "`make lab` (no pip cache) to a working first cell of notebook 00; with the download "
                          "size and the disk used (several minutes)")
+    bn.add_argument("--concurrent", nargs="+", metavar="N",
+                    type=number(int, 1, 32, flag="--concurrent", hint="use 1..32 learners"),
+                    help="only this: N learners' guests warm-started at the same instant (each N in turn, "
+                         "e.g. --concurrent 1 2 4 8), each then running the first cells (attach, pmem, DAX "
+                         "mounts, one pin): time to ready p50/p95/max, failures by kind, the start queue, host "
+                         "CPU and memory, p95(N)/p95(1); exit 1 if any start failed")
     bn.set_defaults(func=cmd_bench)
 

@@ -13,7 +13,7 @@ import logging
 
 from labkit.errors import ChannelError, GuestTimeout, StateError
 from labkit.image import ensure_image
-from labkit.machine import disks, snapshot, warm
+from labkit.machine import disks, pace, snapshot, warm
 from labkit.machine.accel import AccelChoice, choose_accel
 from labkit.machine.boot import Launch, StartSpec
 from labkit.machine.channels.keys import ensure_client_key
@@ -43,8 +43,13 @@ def start(spec: StartSpec) -> Running:
     try:
         pubkey = ensure_client_key(sd.key)
         timeout = spec.boot_timeout or BOOT_TIMEOUT[accel.accel]
-        if not (spec.warm and warm.try_warm_start(launch, pubkey, timeout)):
-            launch.cold(pubkey, timeout)
+        # Only the restore or boot waits for the host's start queue, and its
+        # timeout counts from its turn: a wait in line never eats into it.
+        with pace.turn(spec.settings, spec.memory_mb, spec.progress) as turn:
+            if not (spec.warm and warm.try_warm_start(launch, pubkey, timeout)):
+                launch.cold(pubkey, timeout)
+        if turn.first_place:
+            launch.info.phases = {"start queue": turn.waited_s, **launch.info.phases}
         guest = launch.running()
     except BaseException:
         launch.abort()
