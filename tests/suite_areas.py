@@ -35,7 +35,7 @@ FILES = {
                "test_dashboard.py", "test_dashboard_render.py", "test_browser.py"],
     "grading": ["test_summative.py", "test_sandbox.py", "test_nbgrader.py", "test_grading_integrity.py",
                 "test_grader_hostile.py"],
-    "class": ["test_hub.py", "test_hub_unit.py", "test_cgroups_unit.py", "test_slurm.py", "test_k8s_values.py"],
+    "class": ["test_hub.py", "test_hub_load.py", "test_hub_unit.py", "test_cgroups_unit.py", "test_slurm.py", "test_k8s_values.py"],
     "faults": ["test_faults.py", "test_faults_lifecycle.py", "test_hostile.py", "test_security.py",
                "test_watchdog_qmp.py"],
     "tools": ["test_bench.py", "test_cli.py", "test_commands_unit.py", "test_suite_areas.py", "test_layers.py",
@@ -56,7 +56,7 @@ _BY_FILE = {f: area for area, files in FILES.items() for f in files}
 # has its scheduler, `GroupScheduling` in tests/conftest.py, ask `group_of` instead.)
 GROUPS = {
     "grading": ["test_summative.py", "test_sandbox.py", "test_grader_hostile.py"],
-    "class": ["test_hub.py", "test_slurm.py"],
+    "class": ["test_hub.py", "test_hub_load.py", "test_slurm.py"],
     "faults": ["test_faults.py", "test_faults_lifecycle.py"],
 }
 _GROUP = {f: g for g, files in GROUPS.items() for f in files}

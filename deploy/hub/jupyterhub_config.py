@@ -50,6 +50,8 @@ if proxy:
     c.ConfigurableHTTPProxy.command = [proxy]
 c.JupyterHub.cleanup_servers = True      # stopping the hub stops every server (and its cgroup, and its VM)
 c.JupyterHub.last_activity_interval = int(env("LABKIT_HUB_ACTIVITY_INTERVAL", "60"))
+# How many servers may be starting at once (LABKIT_HUB_SPAWN_LIMIT; 0 = no limit). PLACEHOLDER
+c.JupyterHub.concurrent_spawn_limit = int(env("LABKIT_HUB_SPAWN_LIMIT", "100"))
 
 # -- who may log in: local Unix users of one group, by their password (PAM) ------------
 c.JupyterHub.authenticator_class = "pam"
