@@ -19,9 +19,11 @@ LABKIT_HUB_MEM [2G], LABKIT_HUB_CPUS [1.0], LABKIT_HUB_PIDS [1024],
 LABKIT_HUB_CGROUP_PARENT (cgroup spawner only) [labkit-hub],
 LABKIT_HUB_CULL_TIMEOUT (s idle before a server and its VM are stopped) [1800],
 LABKIT_HUB_CULL_EVERY [60], LABKIT_HUB_ACTIVITY_INTERVAL [60],
+LABKIT_HUB_SPAWN_LIMIT (servers starting at once; 0 = no limit) [10 per core],
 LABKIT_HUB_ADMIN_TOKEN (an API token with admin rights for the instructor's
 scripts; none when unset), LABKIT_HUB_PROXY (configurable-http-proxy's path).
-The learners' servers get LABKIT_IMAGES_DIR and LABKIT_SHARED_CACHE_DIR from the hub's environment.
+The learners' servers get LABKIT_IMAGES_DIR, LABKIT_SHARED_CACHE_DIR and the start queue's
+LABKIT_START_SLOTS/_QUEUE_DIR/_QUEUE_TIMEOUT from the hub's environment.
 """
 
 import os
@@ -50,8 +52,13 @@ if proxy:
     c.ConfigurableHTTPProxy.command = [proxy]
 c.JupyterHub.cleanup_servers = True      # stopping the hub stops every server (and its cgroup, and its VM)
 c.JupyterHub.last_activity_interval = int(env("LABKIT_HUB_ACTIVITY_INTERVAL", "60"))
-# How many servers may be starting at once (LABKIT_HUB_SPAWN_LIMIT; 0 = no limit). PLACEHOLDER
-c.JupyterHub.concurrent_spawn_limit = int(env("LABKIT_HUB_SPAWN_LIMIT", "100"))
+# Servers starting at once: 10 per core (LABKIT_HUB_SPAWN_LIMIT; 0 = no limit). A server's start
+# costs about 3 core-seconds here (docs/performance.md, "Hub load": 8 at once on 2 cores took 10-12 s
+# each), so 10 per core start in about 15-30 s, well inside start_timeout (120 s); JupyterHub's
+# default of 100 at once would take about 150 s each on 2 cores, past start_timeout. Beyond the limit a learner is told "Too many users trying to log
+# in right now. Try again in N seconds" (N from 30 to 60, about one spawn round at the limit);
+# the guests themselves are paced by labkit's host-wide start queue in the learner's kernel.
+c.JupyterHub.concurrent_spawn_limit = int(env("LABKIT_HUB_SPAWN_LIMIT", str(10 * len(os.sched_getaffinity(0)))))
 
 # -- who may log in: local Unix users of one group, by their password (PAM) ------------
 c.JupyterHub.authenticator_class = "pam"
@@ -74,7 +81,9 @@ c.Spawner.environment = {
     "JUPYTERHUB_ACTIVITY_INTERVAL": env("LABKIT_HUB_ACTIVITY_INTERVAL", "60"),
 }
 c.Spawner.env_keep = ["LANG", "LC_ALL", "LABKIT_IMAGES_DIR", "LABKIT_SHARED_CACHE_DIR", "LABKIT_ACCEL",
-                      "LABKIT_AUTO_BUILD"]
+                      "LABKIT_AUTO_BUILD",
+                      # the host-wide guest start queue's settings, the same for every learner
+                      "LABKIT_START_SLOTS", "LABKIT_START_QUEUE_DIR", "LABKIT_START_QUEUE_TIMEOUT"]
 
 
 def _pid1_is_systemd() -> bool:
