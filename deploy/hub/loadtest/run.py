@@ -68,7 +68,8 @@ PHASES = ("login", "spawn", "kernel", "cell")
 
 class Sampler:
     """The host's CPU (percent of all cores) and memory in use (total less
-    available), sampled every ``every`` seconds in a thread."""
+    available), sampled every ``every`` seconds in a thread, and the CPU in
+    the second before it started."""
 
     def __init__(self, every: float = 0.5) -> None:
         self.every = every
@@ -76,7 +77,8 @@ class Sampler:
         self.mem: list[int] = []
         self.base_mem = psutil.virtual_memory().total - psutil.virtual_memory().available
         self._stop = threading.Event()
-        psutil.cpu_percent(None)
+        # what the host was busy with before the learners came (on a shared host: everything else)
+        self.cpu_before = psutil.cpu_percent(1.0)
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
@@ -91,7 +93,8 @@ class Sampler:
         self._thread.join(5)
         gib = 2**30
         peak = max(self.mem, default=self.base_mem)
-        return {"cpus": psutil.cpu_count(), "cpu_peak_pct": max(self.cpu, default=0.0),
+        return {"cpus": psutil.cpu_count(), "cpu_before_pct": self.cpu_before,
+                "cpu_peak_pct": max(self.cpu, default=0.0),
                 "cpu_mean_pct": round(sum(self.cpu) / len(self.cpu), 1) if self.cpu else 0.0,
                 "mem_total_gib": round(psutil.virtual_memory().total / gib, 2),
                 "mem_before_gib": round(self.base_mem / gib, 2), "mem_peak_gib": round(peak / gib, 2),
@@ -274,7 +277,7 @@ def table(files: list[Path]) -> str:
     runs = sorted((json.loads(f.read_text()) for f in files), key=lambda r: r["n"])
     single = next((r["ready_s"]["p95"] for r in runs if r["n"] == 1), None)
     rows = ["| N | ready p50 / p95 / max (s) | p95(N)/single | spawn p95 (s) | connect p95 (s) | failures (kind) "
-            "| spawn failures | hub 5xx / proxy errors | host CPU mean / peak | host memory peak (+added) |",
+            "| spawn failures | hub 5xx / proxy errors | host CPU before / mean / peak | host memory peak (+added) |",
             "| " + " | ".join(["---"] * 10) + " |"]
     for r in runs:
         rd, kinds = r["ready_s"], ", ".join(f"{k} ×{v}" for k, v in r["failure_kinds"].items())
@@ -283,7 +286,7 @@ def table(files: list[Path]) -> str:
         rows.append(f"| {r['n']} | {rd['p50']} / {rd['p95']} / {rd['max']} | {ratio} | {r['phases_s']['spawn']['p95']} "
                     f"| {r['connect_s']['p95']} | {r['failures']}{f' ({kinds})' if kinds else ''} "
                     f"| {r['spawn_failures']} | {r['hub']['http_5xx']} / {r['hub']['proxy_errors']} "
-                    f"| {h['cpu_mean_pct']} % / {h['cpu_peak_pct']} % "
+                    f"| {h.get('cpu_before_pct', '–')} / {h['cpu_mean_pct']} / {h['cpu_peak_pct']} % "
                     f"| {h['mem_peak_gib']} GiB (+{h['mem_peak_added_gib']}) |")
     return "\n".join(rows)
 
