@@ -54,7 +54,7 @@ c.JupyterHub.cleanup_servers = True      # stopping the hub stops every server (
 c.JupyterHub.last_activity_interval = int(env("LABKIT_HUB_ACTIVITY_INTERVAL", "60"))
 # Servers starting at once: 10 per core (LABKIT_HUB_SPAWN_LIMIT; 0 = no limit). A server's start
 # costs about 3 core-seconds here (docs/performance.md, "Hub load": 8 at once on 2 cores took 10-12 s
-# each), so 10 per core start in about 15-30 s, well inside start_timeout (120 s); with JupyterHub's
+# each, 20 at once beside starting guests 46-53 s), inside start_timeout (120 s); with JupyterHub's
 # default of 100 at once, the last would need about 150 s on 2 cores, past start_timeout. Beyond the limit a learner is told "Too many users trying to log
 # in right now. Try again in N seconds" (N from 30 to 60, about one spawn round at the limit);
 # the guests themselves are paced by labkit's host-wide start queue in the learner's kernel.
