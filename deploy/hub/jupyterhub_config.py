@@ -22,8 +22,9 @@ LABKIT_HUB_CULL_EVERY [60], LABKIT_HUB_ACTIVITY_INTERVAL [60],
 LABKIT_HUB_SPAWN_LIMIT (servers starting at once; 0 = no limit) [10 per core],
 LABKIT_HUB_ADMIN_TOKEN (an API token with admin rights for the instructor's
 scripts; none when unset), LABKIT_HUB_PROXY (configurable-http-proxy's path).
-The learners' servers get LABKIT_IMAGES_DIR, LABKIT_SHARED_CACHE_DIR and the start queue's
-LABKIT_START_SLOTS/_QUEUE_DIR/_QUEUE_TIMEOUT from the hub's environment.
+LABKIT_START_QUEUE_DIR (labkit's host-wide guest start queue, made sticky and shared by the hub)
+[/run/labkit-start-queue]. The learners' servers get LABKIT_IMAGES_DIR, LABKIT_SHARED_CACHE_DIR
+and the start queue's LABKIT_START_SLOTS/_QUEUE_TIMEOUT from the hub's environment.
 """
 
 import os
@@ -83,7 +84,18 @@ c.Spawner.environment = {
 c.Spawner.env_keep = ["LANG", "LC_ALL", "LABKIT_IMAGES_DIR", "LABKIT_SHARED_CACHE_DIR", "LABKIT_ACCEL",
                       "LABKIT_AUTO_BUILD",
                       # the host-wide guest start queue's settings, the same for every learner
-                      "LABKIT_START_SLOTS", "LABKIT_START_QUEUE_DIR", "LABKIT_START_QUEUE_TIMEOUT"]
+                      "LABKIT_START_SLOTS", "LABKIT_START_QUEUE_TIMEOUT"]
+# The start queue paces the learners' guest starts only if it is one directory for all of them: its
+# default is under /tmp, which SystemdSpawner's isolate_tmp makes private to each learner. So the hub
+# (root) makes a sticky, shared one outside /tmp and names it to every server.
+start_queue = Path(env("LABKIT_START_QUEUE_DIR", "/run/labkit-start-queue"))
+try:
+    start_queue.mkdir(mode=0o1777, exist_ok=True)
+    start_queue.chmod(0o1777)             # mkdir's mode went through the umask
+    c.Spawner.environment["LABKIT_START_QUEUE_DIR"] = str(start_queue)
+except OSError as exc:
+    print(f"labkit: no shared start queue at {start_queue} ({exc}); each learner's guest starts unpaced",
+          file=sys.stderr)
 
 
 def _pid1_is_systemd() -> bool:
