@@ -26,6 +26,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ class Learner(HttpUser):
         self.record: dict[str, Any] = {"learner": self.me["name"], "phases": {}, "progress": [],
                                        "spawn_retries": 0}
 
-    def _phase(self, name: str, fn) -> Any:
+    def _phase(self, name: str, fn: Callable[[], Any]) -> Any:
         t0 = time.monotonic()
         exc: Exception | None = None
         try:
