@@ -347,3 +347,61 @@ def qemu_of(learner: Learner) -> psutil.Process | None:
                 and str(learner.state_dir / "qemu.pid") in argv:
             return p
     return None
+
+
+# -- for the hub load test (deploy/hub/loadtest/run.py, tests/test_hub_load.py) --------------------
+
+def remove_cgroups(parent: str) -> None:
+    """Remove every group under ``parent`` (on each cgroup-v1 controller), then ``parent``."""
+    from labkit.cgroups import CONTROLLERS, Group
+    root = Path("/sys/fs/cgroup")
+    names = {d.name for c in CONTROLLERS if (root / c / parent).is_dir()
+             for d in (root / c / parent).iterdir() if d.is_dir()}
+    for name in names:
+        try:
+            Group(name, parent=parent).remove()
+        except Exception:   # noqa: BLE001 - cleanup goes on with the rest
+            pass
+    for c in CONTROLLERS:
+        try:
+            (root / c / parent).rmdir()
+        except OSError:
+            pass
+
+
+def sweep_stale_load() -> None:
+    """Learners, groups and cgroups left by a load run whose process was killed
+    (named after its PID: ``lkload<pid>u<i>``, ``labkit-hub-load-<pid>``)."""
+    for entry in pwd.getpwall():
+        m = re.fullmatch(r"lkload(\d+)u\d+", entry.pw_name)
+        if m and not psutil.pid_exists(int(m.group(1))):
+            kill_user_processes(entry.pw_name)
+            subprocess.run(["userdel", "--remove", entry.pw_name], capture_output=True, timeout=60)
+            subprocess.run(["groupdel", f"lkload{m.group(1)}"], capture_output=True, timeout=60)
+    for d in Path("/sys/fs/cgroup/memory").glob("labkit-hub-load-*"):
+        pid = d.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            remove_cgroups(d.name)
+
+
+def readable_images(images: Path, learner: Learner, where: Path, kernel: str) -> tuple[Path, Path | None]:
+    """``images`` if the learner can read the kernel's root image there, else a
+    read-only bind mount of it under ``where`` (e.g. a clone under the 0700
+    /root); the second value is the mount to undo, or None."""
+    if as_user(learner, ["test", "-r", str(images / kernel / "root.ext4")]).returncode == 0:
+        return images, None
+    bound = where / "images"
+    bound.mkdir()
+    run(["mount", "--bind", "-o", "ro", str(images), str(bound)])
+    return bound, bound
+
+
+def build_shared_snapshot(venv: Path, env: dict[str, str], base: Path, kernel: str) -> float:
+    """The instructor's once-per-host step: a warm-start snapshot in the
+    host-wide cache (``env``'s LABKIT_SHARED_CACHE_DIR); returns its seconds."""
+    env = dict(env, LABKIT_STATE_DIR=str(base / "root-state"), LABKIT_CACHE_DIR=str(base / "root-cache"),
+               LABKIT_LIFETIME_PID="0")
+    t0 = time.monotonic()
+    run([str(venv / "bin/labkit"), "vm", "start", "--name", "warmup", "--kernel", kernel], env=env)
+    run([str(venv / "bin/labkit"), "vm", "stop", "--name", "warmup"], env=env)
+    return time.monotonic() - t0

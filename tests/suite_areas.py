@@ -36,7 +36,7 @@ FILES = {
                "test_dashboard.py", "test_dashboard_render.py", "test_browser.py"],
     "grading": ["test_summative.py", "test_sandbox.py", "test_nbgrader.py", "test_grading_integrity.py",
                 "test_grader_hostile.py"],
-    "class": ["test_hub.py", "test_hub_unit.py", "test_cgroups_unit.py", "test_slurm.py", "test_k8s_values.py",
+    "class": ["test_hub.py", "test_hub_load.py", "test_hub_unit.py", "test_cgroups_unit.py", "test_slurm.py", "test_k8s_values.py",
               "test_class_status_unit.py", "test_install_unit.py"],
     "faults": ["test_faults.py", "test_faults_lifecycle.py", "test_hostile.py", "test_security.py",
                "test_watchdog_qmp.py", "test_two_users.py", "test_two_users_unit.py"],
@@ -58,7 +58,7 @@ _BY_FILE = {f: area for area, files in FILES.items() for f in files}
 # has its scheduler, `GroupScheduling` in tests/conftest.py, ask `group_of` instead.)
 GROUPS = {
     "grading": ["test_summative.py", "test_sandbox.py", "test_grader_hostile.py"],
-    "class": ["test_hub.py", "test_slurm.py"],
+    "class": ["test_hub.py", "test_hub_load.py", "test_slurm.py"],
     "faults": ["test_faults.py", "test_faults_lifecycle.py"],
 }
 _GROUP = {f: g for g, files in GROUPS.items() for f in files}

@@ -19,11 +19,14 @@ LABKIT_HUB_MEM [2G], LABKIT_HUB_CPUS [1.0], LABKIT_HUB_PIDS [1024],
 LABKIT_HUB_CGROUP_PARENT (cgroup spawner only) [labkit-hub],
 LABKIT_HUB_CULL_TIMEOUT (s idle before a server and its VM are stopped) [1800],
 LABKIT_HUB_CULL_EVERY [60], LABKIT_HUB_ACTIVITY_INTERVAL [60],
+LABKIT_HUB_SPAWN_LIMIT (servers starting at once; 0 = no limit) [10 per core],
 LABKIT_HUB_ADMIN_TOKEN (an API token for the instructor's scripts: enrol, list,
 start and stop; it cannot mint tokens; none when unset), LABKIT_HUB_ADMINS (Unix
 users who get /hub/admin) [none], LABKIT_HUB_SSL_CERT and LABKIT_HUB_SSL_KEY (HTTPS)
 [none], LABKIT_HUB_NOTEBOOKS (the release delivered into ~/notebooks) [none], LABKIT_HUB_PROXY (configurable-http-proxy's path).
-The learners' servers get LABKIT_IMAGES_DIR and LABKIT_SHARED_CACHE_DIR from the hub's environment.
+LABKIT_START_QUEUE_DIR (labkit's host-wide guest start queue, made sticky and shared by the hub)
+[/run/labkit-start-queue]. The learners' servers get LABKIT_IMAGES_DIR, LABKIT_SHARED_CACHE_DIR
+and the start queue's LABKIT_START_SLOTS/_QUEUE_TIMEOUT from the hub's environment.
 """
 
 import os
@@ -56,6 +59,13 @@ if proxy:
 # the admin page), then the hub.
 c.JupyterHub.cleanup_servers = False
 c.JupyterHub.last_activity_interval = int(env("LABKIT_HUB_ACTIVITY_INTERVAL", "60"))
+# Servers starting at once: 10 per core (LABKIT_HUB_SPAWN_LIMIT; 0 = no limit). A server's start
+# costs about 3 core-seconds here (docs/performance.md, "Hub load": 8 at once on 2 cores took 10-12 s
+# each, 20 at once beside starting guests 46-53 s), inside start_timeout (120 s); with JupyterHub's
+# default of 100 at once, the last would need about 150 s on 2 cores, past start_timeout. Beyond the limit a learner is told "Too many users trying to log
+# in right now. Try again in N seconds" (N from 30 to 60, about one spawn round at the limit);
+# the guests themselves are paced by labkit's host-wide start queue in the learner's kernel.
+c.JupyterHub.concurrent_spawn_limit = int(env("LABKIT_HUB_SPAWN_LIMIT", str(10 * len(os.sched_getaffinity(0)))))
 
 # TLS, where the installer (or the admin) gave a certificate: the hub's public port speaks HTTPS.
 if env("LABKIT_HUB_SSL_CERT") and env("LABKIT_HUB_SSL_KEY"):
@@ -105,7 +115,20 @@ if NOTEBOOKS:
     c.Spawner.pre_spawn_hook = _deliver_notebooks
 
 c.Spawner.env_keep = ["LANG", "LC_ALL", "LABKIT_IMAGES_DIR", "LABKIT_SHARED_CACHE_DIR", "LABKIT_ACCEL",
-                      "LABKIT_AUTO_BUILD"]
+                      "LABKIT_AUTO_BUILD",
+                      # the host-wide guest start queue's settings, the same for every learner
+                      "LABKIT_START_SLOTS", "LABKIT_START_QUEUE_TIMEOUT"]
+# The start queue paces the learners' guest starts only if it is one directory for all of them: its
+# default is under /tmp, which SystemdSpawner's isolate_tmp makes private to each learner. So the hub
+# (root) makes a sticky, shared one outside /tmp and names it to every server.
+start_queue = Path(env("LABKIT_START_QUEUE_DIR", "/run/labkit-start-queue"))
+try:
+    start_queue.mkdir(mode=0o1777, exist_ok=True)
+    start_queue.chmod(0o1777)             # mkdir's mode went through the umask
+    c.Spawner.environment["LABKIT_START_QUEUE_DIR"] = str(start_queue)
+except OSError as exc:
+    print(f"labkit: no shared start queue at {start_queue} ({exc}); each learner's guest starts unpaced",
+          file=sys.stderr)
 
 
 def _pid1_is_systemd() -> bool:
