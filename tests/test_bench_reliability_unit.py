@@ -196,3 +196,12 @@ def test_reliability_prints_a_results_file_without_guests(tmp_path):
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
     assert s["kernels"]["6.12"]["warm"]["by_outcome"] == {"int3_running": 1} and s["this_run"] == 0
+
+
+def test_a_warm_start_without_a_snapshot_counts_as_the_cold_boot_it_was(tmp_path):
+    def make(name, kernel, warm=True, on_console_line=None):
+        vm = FakeVM(tmp_path, name, None, [])
+        vm.record = type("Info", (), {"start_kind": "cold"})()      # type: ignore[attr-defined]
+        return vm
+    assert rel.start_trial(make, "6.1", "warm", "w").kind == "cold"
+    assert rel.start_trial(lambda n, k, **kw: FakeVM(tmp_path, n, None, []), "6.1", "warm", "w2").kind == "warm"

@@ -320,6 +320,7 @@ def start_trial(make_vm: MakeVM, kernel: str, kind: str, name: str) -> Trial:
     try:
         vm.start()
         booting = False
+        kind = _came_up(vm, kind)
         vm.run("true", timeout=30, check=True)
     except LabError as e:
         exc = e
@@ -331,6 +332,12 @@ def start_trial(make_vm: MakeVM, kernel: str, kind: str, name: str) -> Trial:
         pass
     outcome, detail = classify(kind, exc, console, retried=bool(retried), booting=booting)
     return Trial(kernel, kind, outcome, detail, round(seconds, 2), _stamp())
+
+
+def _came_up(vm: Guest, kind: str) -> str:
+    """The kind of start it really was: a warm start without a snapshot to restore is a cold boot."""
+    record = getattr(vm, "record", None)
+    return "cold" if kind == "warm" and getattr(record, "start_kind", "warm") == "cold" else kind
 
 
 def cycle_trials(make_vm: MakeVM, kernel: str, kinds: Sequence[str], name: str,
@@ -455,6 +462,7 @@ def real_vm_factory(settings: Any) -> MakeVM:
 
 def prime(make_vm: MakeVM, kernel: str, say: Say, attempts: int = 3) -> None:
     """Make sure the kernel's warm-start snapshot exists (not a trial: it may be a cold boot)."""
+    say(f"making the warm-start snapshot for {kernel} (not a trial)")
     for attempt in range(1, attempts + 1):
         vm = make_vm(f"rel-prime-{os.getpid()}", kernel, warm=True, on_console_line=None)
         try:
@@ -472,14 +480,16 @@ def measure(plan: Plan, settings: Any, out: Path | None, say: Say) -> dict[str, 
     """Run the plan on real guests; add its trials to ``out`` (if given) as
     they end; return the summary of everything in ``out`` (or of this run)."""
     from labkit.image.build import ensure_image
+    from labkit.machine import snapshot
     from labkit.tools.bench import machine
     trials = load(out)
     before = len(trials)
     make_vm = real_vm_factory(settings)
     for kernel in plan.kernels if plan.cold or plan.warm or plan.cycles else ():
         ensure_image(kernel)
-        if plan.warm or plan.cycles:
-            say(f"making sure the warm-start snapshot for {kernel} exists (not a trial)")
+        # a snapshot of another machine key is not restored: that warm trial counts as the cold boot it was
+        if (plan.warm or plan.cycles) and not any(s.meta.get("kernel") == kernel
+                                                  for s in snapshot.list_snapshots(settings)):
             prime(make_vm, kernel, say)
 
     def record(t: Trial) -> None:
