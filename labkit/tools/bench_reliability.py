@@ -14,7 +14,9 @@ per kernel:
 - ``kprobe``: in a running guest, a kretprobe added to ``kprobe_events``,
   enabled, triggered, disabled and removed;
 - ``module``: in a running guest, the counterfactual's module loaded,
-  triggered and unloaded.
+  triggered and unloaded;
+
+both while a loop on the other vCPU runs the probed function (``BUSY``).
 
 Each trial ends in one ``OUTCOMES`` kind (``classify``). A trial is written to
 the ``--out`` file as soon as it ends, so a long measurement runs in chunks
@@ -78,7 +80,10 @@ KPROBE_CYCLE = (f"cd /sys/kernel/tracing && "
                 f"echo 0 > events/{TRACE_GROUP}/cvf/enable && echo '-:{TRACE_GROUP}/cvf' >> kprobe_events")
 MODULE = "labkit_no_longterm_check"      # the counterfactual's module: a kretprobe on check_vma_flags
 MODULE_CYCLE = f"modprobe {MODULE} && cat /proc/1/cmdline >/dev/null && rmmod {MODULE}"
-CYCLES = {"kprobe": KPROBE_CYCLE, "module": MODULE_CYCLE}
+# The race needs a vCPU executing the text while another patches it: a loop keeps the other vCPU
+# in the probed function (reading another process's memory is a GUP: check_vma_flags) meanwhile.
+BUSY = "( while :; do cat /proc/1/cmdline >/dev/null; done ) & b=$!; ( {cycle} ); rc=$?; kill $b; wait $b; exit $rc"
+CYCLES = {"kprobe": BUSY.format(cycle=KPROBE_CYCLE), "module": BUSY.format(cycle=MODULE_CYCLE)}
 
 
 @dataclass
