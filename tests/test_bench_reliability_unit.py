@@ -189,6 +189,12 @@ def test_reliability_without_counts_says_what_to_give():
     assert r.returncode == 2 and "--cold N" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_reliability_options_without_reliability_say_so():
+    r = subprocess.run([sys.executable, "-m", "labkit", "bench", "--cold", "5"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "--cold" in r.stderr and "--reliability" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_reliability_prints_a_results_file_without_guests(tmp_path):
     out = tmp_path / "rel.json"
     rel.save(out, [_t("6.12", "warm"), _t("6.12", "warm", "int3_running", "Oops: int3: 0000 [#1]")])

@@ -26,6 +26,11 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     if args.reliability:
         return cmd_reliability(args, settings)
+    stray = [f for f, v in (("--cold", args.cold), ("--warm", args.warm), ("--cycles", args.cycles),
+                            ("--out", args.out), ("--budget", args.budget), ("--parallel", args.parallel != 1)) if v]
+    if stray:
+        err(f"{stray[0]} counts failures: it goes with --reliability")
+        return 2
     from labkit.tools import bench
     kernels = list(image.KERNELS) if args.kernel == "all" else [args.kernel]
     grade = tuple(args.grade or ()) or (tuple(bench.bench_class.default_grade_set()) if args.grade == [] else ())
