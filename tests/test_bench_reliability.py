@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from labkit.tools.bench_reliability import KINDS, OUTCOMES
+from labkit.tools.reliability_count import KINDS, OUTCOMES
 
 
 @pytest.mark.integration

@@ -20,7 +20,8 @@ from labkit.errors import (
     LaunchError,
 )
 from labkit.tools import bench_reliability as rel
-from labkit.tools.bench_reliability import Trial, classify
+from labkit.tools import reliability_count as count
+from labkit.tools.reliability_count import Trial, classify
 
 INT3_CONSOLE = ("[    1.234567] int3: 0000 [#1] PREEMPT SMP NOPTI\n"
                 "[    1.234568] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n"
@@ -77,7 +78,7 @@ def test_the_retry_note_is_the_line_boot_shows():
     note = "labkit: the guest kernel stopped on an int3 while patching its own code " \
            "under TCG emulation (a known emulation race, not a kernel bug); booting again"
     assert "labkit: the guest kernel stopped on an int3" in src and "booting again" in src
-    assert rel.RETRY_NOTE.match(note) and not rel.RETRY_NOTE.match("[ 1.0] int3: booting again")
+    assert count.RETRY_NOTE.match(note) and not count.RETRY_NOTE.match("[ 1.0] int3: booting again")
 
 
 def _t(kernel: str, kind: str, outcome: str = "ok", detail: str = "", s: float = 1.0) -> Trial:
@@ -88,7 +89,7 @@ def test_summary_counts_by_kernel_kind_and_outcome():
     trials = ([_t("6.1", "cold", s=10)] * 8 + [_t("6.1", "cold", "int3_boot_recovered", s=20)]
               + [_t("6.1", "cold", "qemu_died", "GuestDied: x", s=4)]
               + [_t("7.3", "kprobe", s=0.5)] * 4)
-    s = rel.summarize(trials)
+    s = count.summarize(trials)
     cold = s["kernels"]["6.1"]["cold"]
     assert (cold["trials"], cold["failures"], cold["recovered"]) == (10, 2, 1)
     assert cold["by_outcome"] == {"int3_boot_recovered": 1, "qemu_died": 1}
@@ -96,27 +97,27 @@ def test_summary_counts_by_kernel_kind_and_outcome():
     assert cold["failure_rate"] == 0.2 and cold["unrecovered_rate"] == 0.1 and cold["mean_s"] == 10.4
     assert s["kernels"]["7.3"]["kprobe"]["failures"] == 0
     assert s["totals"]["cold"]["trials"] == 10 and s["totals"]["kprobe"]["trials"] == 4
-    text = rel.format_report(s)
+    text = count.format_report(s)
     assert "6.1     cold    2/10 failed (20.0 %), 1 recovered, 1 unrecovered" in text
     assert "7.3     kprobe  0/4 failed (0.0 %)" in text and "qemu_died: GuestDied: x" in text
 
 
 def test_upper_bound_of_a_rate():
-    assert rel.upper_bound(0, 200) == pytest.approx(0.0188, abs=0.0005)     # Wilson, 95 %
-    assert rel.upper_bound(5, 100) > 0.05 and rel.upper_bound(0, 0) == 1.0
-    assert rel.upper_bound(0, 600) < rel.upper_bound(0, 200)
+    assert count.upper_bound(0, 200) == pytest.approx(0.0188, abs=0.0005)     # Wilson, 95 %
+    assert count.upper_bound(5, 100) > 0.05 and count.upper_bound(0, 0) == 1.0
+    assert count.upper_bound(0, 600) < count.upper_bound(0, 200)
 
 
 def test_chunks_add_up_in_the_results_file(tmp_path):
     out = tmp_path / "rel.json"
-    assert rel.load(out) == []
-    rel.save(out, [_t("6.1", "cold")])
-    rel.save(out, rel.load(out) + [_t("6.1", "cold", "ssh_timeout")])
-    assert [t.outcome for t in rel.load(out)] == ["ok", "ssh_timeout"]
+    assert count.load(out) == []
+    count.save(out, [_t("6.1", "cold")])
+    count.save(out, count.load(out) + [_t("6.1", "cold", "ssh_timeout")])
+    assert [t.outcome for t in count.load(out)] == ["ok", "ssh_timeout"]
     assert not (tmp_path / "rel.json.tmp").exists()
     out.write_text('{"something": "else"}')
     with pytest.raises(ConfigError, match="not a results file"):
-        rel.load(out)
+        count.load(out)
 
 
 # -- the runner, with fake VMs ---------------------------------------------------------
@@ -197,7 +198,7 @@ def test_reliability_options_without_reliability_say_so():
 
 def test_reliability_prints_a_results_file_without_guests(tmp_path):
     out = tmp_path / "rel.json"
-    rel.save(out, [_t("6.12", "warm"), _t("6.12", "warm", "int3_running", "Oops: int3: 0000 [#1]")])
+    count.save(out, [_t("6.12", "warm"), _t("6.12", "warm", "int3_running", "Oops: int3: 0000 [#1]")])
     r = subprocess.run([sys.executable, "-m", "labkit", "bench", "--reliability", "--kernel", "6.12", "--out",
                         str(out), "--json"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -55,6 +55,7 @@ def cmd_reliability(args: argparse.Namespace, settings: Settings) -> int:
     from pathlib import Path
 
     from labkit.tools import bench_reliability as rel
+    from labkit.tools.reliability_count import format_report
     if not (args.cold or args.warm or args.cycles) and not args.out:
         err("--reliability: give --cold N, --warm N and/or --cycles N (or --out FILE to print what it holds)")
         return 2
@@ -62,7 +63,7 @@ def cmd_reliability(args: argparse.Namespace, settings: Settings) -> int:
     plan = rel.Plan(kernels=kernels, cold=args.cold, warm=args.warm, cycles=args.cycles,
                     parallel=args.parallel, budget_s=args.budget)
     summary = rel.measure(plan, settings, Path(args.out) if args.out else None, progress_lines(args.json))
-    print(json.dumps(summary, indent=2) if args.json else rel.format_report(summary))
+    print(json.dumps(summary, indent=2) if args.json else format_report(summary))
     return 0
 
 
