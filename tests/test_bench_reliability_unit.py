@@ -100,6 +100,9 @@ def test_summary_counts_by_kernel_kind_and_outcome():
     text = count.format_report(s)
     assert "6.1     cold    2/10 failed (20.0 %), 1 recovered, 1 unrecovered" in text
     assert "7.3     kprobe  0/4 failed (0.0 %)" in text and "qemu_died: GuestDied: x" in text
+    # kernels by version, kinds in KINDS order, whatever order the trials came in
+    text = count.format_report(count.summarize([_t("7.3", "warm"), _t("6.12", "module"), _t("6.12", "cold")]))
+    assert text.index("6.12    cold") < text.index("6.12    module") < text.index("7.3     warm")
 
 
 def test_upper_bound_of_a_rate():

@@ -194,6 +194,11 @@ def _totals(out: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return tot
 
 
+def _version(kernel: str) -> tuple[int, ...]:
+    """'6.12' after '6.1' and before '7.3' (not as text)."""
+    return tuple(int(p) if p.isdigit() else 0 for p in kernel.split("."))
+
+
 def format_report(summary: dict[str, Any], accel: str = "") -> str:
     """The table: one line per kernel and kind, then the totals, with rates."""
     cols = [o for o in OUTCOMES if o != "ok"]
@@ -201,8 +206,11 @@ def format_report(summary: dict[str, Any], accel: str = "") -> str:
              "ssh_timeout": "ssh", "qemu_died": "qemu", "other": "other"}
     head = f"  {'kernel':7s} {'kind':7s} {'trials':>6s} " + " ".join(f"{short[c]:>10s}" for c in cols)
     lines = [f"labkit bench --reliability{' (' + accel + ')' if accel else ''}: failures per kind", "", head]
-    rows = [(k, kind, row) for k, kinds in sorted(summary["kernels"].items()) for kind, row in kinds.items()]
-    rows += [("all", kind, row) for kind, row in summary["totals"].items()]
+    def in_order(kinds: dict[str, Any]) -> list[tuple[str, Any]]:
+        return sorted(kinds.items(), key=lambda kv: KINDS.index(kv[0]) if kv[0] in KINDS else len(KINDS))
+    rows = [(k, kind, row) for k, kinds in sorted(summary["kernels"].items(), key=lambda kv: _version(kv[0]))
+            for kind, row in in_order(kinds)]
+    rows += [("all", kind, row) for kind, row in in_order(summary["totals"])]
     for kernel, kind, row in rows:
         cells = " ".join(f"{row['by_outcome'].get(c, 0):>10d}" for c in cols)
         lines.append(f"  {kernel:7s} {kind:7s} {row['trials']:>6d} {cells}")
