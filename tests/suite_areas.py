@@ -41,7 +41,8 @@ FILES = {
     "faults": ["test_faults.py", "test_faults_lifecycle.py", "test_hostile.py", "test_security.py",
                "test_watchdog_qmp.py", "test_two_users.py", "test_two_users_unit.py"],
     "tools": ["test_bench.py", "test_cli.py", "test_commands_unit.py", "test_suite_areas.py", "test_layers.py",
-              "test_container.py", "test_install.py", "test_bench_concurrent.py"],
+              "test_container.py", "test_install.py", "test_bench_concurrent.py", "test_bench_reliability.py",
+              "test_bench_reliability_unit.py"],
 }
 _BY_FILE = {f: area for area, files in FILES.items() for f in files}
 

@@ -26,6 +26,13 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     if args.concurrent:
         return bench_concurrent(args, settings)
+    if args.reliability:
+        return cmd_reliability(args, settings)
+    stray = [f for f, v in (("--cold", args.cold), ("--warm", args.warm), ("--cycles", args.cycles),
+                            ("--out", args.out), ("--budget", args.budget), ("--parallel", args.parallel != 1)) if v]
+    if stray:
+        err(f"{stray[0]} counts failures: it goes with --reliability")
+        return 2
     from labkit.tools import bench
     kernels = list(image.KERNELS) if args.kernel == "all" else [args.kernel]
     grade = tuple(args.grade or ()) or (tuple(bench.bench_class.default_grade_set()) if args.grade == [] else ())
@@ -54,6 +61,23 @@ def bench_concurrent(args: argparse.Namespace, settings: Settings) -> int:
     result = conc.run(args.kernel, args.concurrent, progress_lines(args.json), settings)
     print(json.dumps(result, indent=2) if args.json else conc.format_report(result))
     return 0 if all(row["failed"] == 0 for row in result["concurrent"]) else 1
+
+
+def cmd_reliability(args: argparse.Namespace, settings: Settings) -> int:
+    """``labkit bench --reliability``: failures per kind and kernel (bench_reliability)."""
+    from pathlib import Path
+
+    from labkit.tools import bench_reliability as rel
+    from labkit.tools.reliability_count import format_report
+    if not (args.cold or args.warm or args.cycles) and not args.out:
+        err("--reliability: give --cold N, --warm N and/or --cycles N (or --out FILE to print what it holds)")
+        return 2
+    kernels = list(image.KERNELS) if args.kernel == "all" else [args.kernel]
+    plan = rel.Plan(kernels=kernels, cold=args.cold, warm=args.warm, cycles=args.cycles,
+                    parallel=args.parallel, budget_s=args.budget)
+    summary = rel.measure(plan, settings, Path(args.out) if args.out else None, progress_lines(args.json))
+    print(json.dumps(summary, indent=2) if args.json else format_report(summary))
+    return 0
 
 
 def add_doctor(sub: Any) -> None:
@@ -99,5 +123,23 @@ def add_bench(sub: Any) -> None:
                          "e.g. --concurrent 1 2 4 8), each then running the first cells (attach, pmem, DAX "
                          "mounts, one pin): time to ready p50/p95/max, failures by kind, the start queue, host "
                          "CPU and memory, p95(N)/p95(1); exit 1 if any start failed")
+    rel = bn.add_argument_group("reliability (--reliability: counts failures instead of timing)")
+    rel.add_argument("--reliability", action="store_true",
+                     help="count failures by kind (int3 oops in early boot recovered or not, int3 in a running "
+                          "guest, SSH timeout, QEMU died, other) over cold boots, warm starts and kprobe/module "
+                          "cycles in running guests; rates per kernel (docs/performance.md, 'Boot reliability')")
+    rel.add_argument("--cold", type=number(int, 0, 10000, flag="--cold"), default=0, metavar="N",
+                     help="cold boots per kernel")
+    rel.add_argument("--warm", type=number(int, 0, 10000, flag="--warm"), default=0, metavar="N",
+                     help="warm starts per kernel")
+    rel.add_argument("--cycles", type=number(int, 0, 10000, flag="--cycles"), default=0, metavar="N",
+                     help="kprobe and module load/unload cycles (alternating) per kernel, in running guests")
+    rel.add_argument("--parallel", type=number(int, 1, 8, flag="--parallel"), default=1, metavar="N",
+                     help="guests at a time (default %(default)s)")
+    rel.add_argument("--out", metavar="FILE",
+                     help="add each trial to this JSON file as it ends and report everything in it, so a long "
+                          "measurement runs in chunks that add up")
+    rel.add_argument("--budget", type=number(float, above=0, flag="--budget"), metavar="SECONDS",
+                     help="start no new trial after this many seconds (a chunk that fits a time slot)")
     bn.set_defaults(func=cmd_bench)
 

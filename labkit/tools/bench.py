@@ -7,11 +7,13 @@ and QEMU's resident memory. Medians and min-max over the runs are reported
 next to the targets; the targets are figures to compare, not pass/fail.
 
 Absolute seconds differ between machines and between hours on one machine,
-so the targets are mostly *ratios of figures from the same run*: a warm start
-against its floor (QEMU start + restore of the migration stream, which no
-readiness work can go below), a reset against a warm start, the three-kernel
+so the targets are mostly *ratios of figures from the same run*: a reset
+against a warm start, a cold boot against a warm start. Two ratios are printed
+but are no longer targets (``NOT_TARGETS`` says why): a warm start against its
+floor (QEMU start + restore of the migration stream) and the three-kernel
 matrix against one kernel. The class-sized figures (memory per learner,
-grading throughput) live in ``bench_class``.
+grading throughput) live in ``bench_class``; failures counted by kind live in
+``bench_reliability``.
 """
 
 from __future__ import annotations
@@ -35,11 +37,18 @@ TARGETS = {"cold_boot_s": 6.0, "warm_start_s": 1.0, "reset_s": 1.0, "matrix_s": 
            "learner_marginal_mb": 533.0}     # a third of the 1.6 GB of 2026-11
 # Ratios of figures from one run: name -> (label, target, how it compares).
 RATIOS = {
-    "warm_over_floor": ("warm start / its floor (QEMU start + restore)", 2.0, "<="),
+    "warm_over_floor": ("warm start / its floor (QEMU start + restore)", None, ""),
     "reset_minus_warm_s": ("reset - warm start, s", 0.2, "<="),
     "reset_over_warm": ("reset / warm start", None, ""),
-    "matrix_all_over_one": ("matrix on every kernel / on one kernel", 1.5, "<="),
+    "matrix_all_over_one": ("matrix on every kernel / on one kernel", None, ""),
     "cold_warm_ratio": ("cold boot / warm start", 6.0, ">="),
+}
+# Ratios still printed but no longer targets (issue 26), and why: physics of this host, not labkit's work.
+NOT_TARGETS = {
+    "warm_over_floor": "not a target: the first SSH connect after a restore runs through fresh TCG "
+                       "translations, which no snapshot can carry",
+    "matrix_all_over_one": "not a target: three two-vCPU TCG guests on two cores share the cores one "
+                           "guest already keeps busy",
 }
 LABELS = {
     "cold_boot_s": ("cold boot to SSH-ready", "s"),
@@ -319,7 +328,7 @@ def format_report(r: dict[str, Any]) -> str:
              f"{r['runs']} run(s)", "", "Ratios (figures of the same run):"]
     for key, (label, tgt, how) in RATIOS.items():
         if r.get(key) is not None:
-            lines.append(f"  {label:{W}s} {r[key]:>9.3g}   {_verdict(r[key], tgt, how)}")
+            lines.append(f"  {label:{W}s} {r[key]:>9.3g}   {NOT_TARGETS.get(key) or _verdict(r[key], tgt, how)}")
     lines += ["", f"Absolute figures, {r.get('date', '?')}: {m['cpu']}, {m['cores']} cores, "
                   f"host {m['host_kernel']}, {m['qemu']}",
               f"  {'':{W}s} {'median':>10s} {'min - max':>19s}  target"]
