@@ -26,22 +26,27 @@ def test_server_states_from_the_hub(user, expect):
 
 
 def _record(d, name, **kw):
-    (d / name).mkdir(parents=True)
+    (d / "vms" / name).mkdir(parents=True)
     info = VMInfo(name=name, kernel="6.1", **kw)
-    (d / name / "vm.json").write_text(json.dumps(info.__dict__))
+    (d / "vms" / name / "vm.json").write_text(json.dumps(info.__dict__))
 
 
 def test_vm_records_are_read_and_a_dead_qemu_is_named(tmp_path):
+    """Laid out as a real VM lays out its state dir (machine/vm.py: <state>/vms/<name>)."""
+    from labkit.machine.vm import VM
+    from labkit.settings import Settings
+    vm = VM("lab", persistent=True, settings=Settings.from_env({"LABKIT_STATE_DIR": str(tmp_path)}))
+    assert vm.sd.path == tmp_path / "vms" / "lab"
     _record(tmp_path, "lab", state="running", pid=os.getpid(), start_kind="warm")
     _record(tmp_path, "lab-k73", state="running", pid=2**22 + 7, start_kind="cold",
             warm_error="the snapshot was made by another QEMU")
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "vm.json").write_text("{not json")
+    (tmp_path / "vms" / "broken").mkdir()
+    (tmp_path / "vms" / "broken" / "vm.json").write_text("{not json")
     vms = {v.name: v for v in status.vms_of(tmp_path)}
     assert vms["lab"].state == "running" and vms["lab"].start_kind == "warm" and not vms["lab"].problem
     assert vms["lab-k73"].state == "dead" and "is gone" in vms["lab-k73"].problem
     assert vms["broken"].state == "unreadable"
-    assert (tmp_path / "broken" / "vm.json").exists()          # read only: nothing moved aside
+    assert (tmp_path / "vms" / "broken" / "vm.json").exists()          # read only: nothing moved aside
 
 
 def test_the_table_and_the_errors(tmp_path):

@@ -106,8 +106,9 @@ def state_dir_of(home: Path) -> Path:
 
 
 def vms_of(state_dir: Path) -> list[VMStatus]:
+    """Every VM recorded under a labkit state dir (``<state>/vms/<name>/vm.json``, as machine/vm.py lays it out)."""
     out = []
-    for record in sorted(state_dir.glob("*/vm.json")):
+    for record in sorted((state_dir / "vms").glob("*/vm.json")):
         try:
             info = VMInfo.from_json(json.loads(record.read_text()))
         except (OSError, ValueError):
