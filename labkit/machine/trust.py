@@ -62,29 +62,40 @@ def sha256_file(path: Path) -> str:
 
 # QEMU reads a snapshot's migration stream through this program (its
 # ``exec:`` migration URI): it copies the file to stdout while hashing it and
-# holds the last chunk back until the whole file's hash is known. A file that
-# does not match the manifest never reaches its end in QEMU, so the migration
+# holds the last HOLD bytes back until the whole file's hash is known. A file
+# that does not match the manifest never reaches QEMU whole, so the migration
 # fails and the guest never runs, and the check costs no second read: QEMU
-# loads the stream while it is hashed. Standard library only; run with
-# ``python -I -S`` (no site, no environment) so it starts in milliseconds.
+# loads the stream while it is hashed. HOLD is large on purpose: QEMU stops
+# reading at the stream's end-of-state marker, and what follows it (the JSON
+# description of the devices, several KiB) it never needs, so holding back
+# only the file's last partial read let a changed stream load whenever that
+# piece fell inside the description (it did, once in a whole test run). The
+# last 8 MiB always hold the device state after the RAM, which QEMU needs.
+# Standard library only; run with ``python -I -S`` (no site, no environment)
+# so it starts in milliseconds.
 VERIFYING_CAT = r"""
 import hashlib, sys
 path, want = sys.argv[1], sys.argv[2]
+HOLD = 8 << 20
 h = hashlib.sha256()
-held = b""
+held, size = [], 0
+out = sys.stdout.buffer
 with open(path, "rb") as fh:
     while True:
         chunk = fh.read(1 << 20)
         if not chunk:
             break
         h.update(chunk)
-        if held:
-            sys.stdout.buffer.write(held)
-        held = chunk
-sys.stdout.buffer.flush()
+        held.append(chunk)
+        size += len(chunk)
+        while size - len(held[0]) >= HOLD:
+            size -= len(held[0])
+            out.write(held.pop(0))
+out.flush()
 if h.hexdigest() != want:
     sys.stderr.write("labkit: %s does not match its manifest; not loading it\n" % path)
     sys.exit(3)
-sys.stdout.buffer.write(held)
-sys.stdout.buffer.flush()
+for chunk in held:
+    out.write(chunk)
+out.flush()
 """
