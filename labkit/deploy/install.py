@@ -32,7 +32,7 @@ import secrets
 import shutil
 import socket
 import subprocess
-import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -311,7 +311,7 @@ def steps(plan: Plan, say: Say) -> list[Step]:
         for d in (plan.shared_cache, plan.shared_cache / "snapshots"):
             os.chown(d, 0, 0)
             d.chmod(0o755)
-        scratch = Path(tempfile_dir())
+        scratch = Path(tempfile.mkdtemp(prefix="labkit-install-"))
         try:
             for k in plan.kernels:
                 t0 = time.monotonic()
@@ -365,11 +365,6 @@ def steps(plan: Plan, say: Say) -> list[Step]:
         Step(f"notebooks {plan.notebooks} and the nbgrader exchange {plan.exchange}", notebooks_ok, notebooks),
         Step(f"service {UNIT}", service_ok, service),
     ]
-
-
-def tempfile_dir() -> str:
-    import tempfile
-    return tempfile.mkdtemp(prefix="labkit-install-")
 
 
 def _write(path: Path, text: str, mode: int) -> None:
@@ -432,7 +427,3 @@ def install(plan: Plan, say: Say = print, dry_run: bool = False) -> dict[str, fl
 def plan_from(**kw: object) -> Plan:
     """A plan with only the given fields changed (the command line's options)."""
     return dataclasses.replace(Plan(), **{k: v for k, v in kw.items() if v is not None})  # type: ignore[arg-type]
-
-
-if __name__ == "__main__":      # pragma: no cover - the CLI is `labkit class install`
-    sys.exit("use: labkit class install --help")
