@@ -24,7 +24,7 @@ XDIST = $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup
 # `make container`: the guest images of these kernels go into the container image (or all).
 KERNELS ?= 6.1
 
-.PHONY: lab test unit lint setup host-deps test-deps all-deps venv test-venv images container clean help
+.PHONY: lab test unit lint setup host-deps test-deps all-deps venv test-venv images server-image container clean help
 
 help:
 	@echo "make lab    - set up, build the guest image, start the VM and JupyterLab"
@@ -37,9 +37,10 @@ help:
 lab: setup
 	$(BIN)/labkit lab
 
-# One apt round for everything, then the four images (three at once) beside the linters.
+# One apt round for everything, then the four images (three at once), the class-server image
+# (tests/test_server_guest.py) and the linters side by side.
 test: all-deps test-venv
-	$(MAKE) --no-print-directory -j2 images lint
+	$(MAKE) --no-print-directory -j3 images server-image lint
 	$(BIN)/labkit doctor
 	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
@@ -96,6 +97,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 images: venv
 	$(BIN)/labkit image build --kernel all --jobs 3
+
+server-image: venv
+	$(BIN)/labkit image server
 
 # One OCI image with JupyterLab, labkit, the notebooks, QEMU and the guest images (and their
 # warm-start snapshots), from Debian packages with mmdebstrap and `docker import` (or podman's).

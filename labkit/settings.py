@@ -74,6 +74,9 @@ class Settings:
     start_slots: int | None = None
     start_queue_dir: Path = Path(DEFAULT_START_QUEUE_DIR)  # LABKIT_START_QUEUE_DIR
     start_queue_timeout: float = DEFAULT_START_QUEUE_TIMEOUT  # LABKIT_START_QUEUE_TIMEOUT: seconds
+    # LABKIT_BOOT_TIMEOUT: seconds a restore or cold boot may take to SSH-ready (None: the
+    # accelerator's default); a host that emulates slowly (nested emulation) raises it
+    boot_timeout: float | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -106,6 +109,8 @@ class Settings:
             start_slots=_start_slots(e.get("LABKIT_START_SLOTS", "")),
             start_queue_dir=_path(e, "LABKIT_START_QUEUE_DIR", Path(DEFAULT_START_QUEUE_DIR)),
             start_queue_timeout=_start_queue_timeout(e.get("LABKIT_START_QUEUE_TIMEOUT", "")),
+            boot_timeout=_seconds("LABKIT_BOOT_TIMEOUT", e.get("LABKIT_BOOT_TIMEOUT", ""),
+                                  "how long a guest may take to start, e.g. 600; unset: 120 under TCG, 60 with KVM"),
         )
 
     def with_(self, **changes: object) -> Settings:
@@ -208,6 +213,19 @@ def _start_slots(text: str) -> int | None:
                           hint="how many guests may start at once on this host, e.g. 2; 0 turns the start "
                                "queue off; unset: one per CPU, as memory allows")
     return int(text)
+
+
+def _seconds(name: str, text: str, what: str) -> float | None:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{name}={text!r} is not a number of seconds", hint=what)
+    return value
 
 
 def _start_queue_timeout(text: str) -> float:

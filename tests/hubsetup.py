@@ -162,50 +162,41 @@ def _default_sigint() -> None:
 
 
 @dataclass
-class Hub:
-    """The JupyterHub process and its REST API."""
+class HubClient:
+    """A hub's REST API as a learner's browser or the instructor's scripts use it: at ``url``,
+    over HTTPS with ``verify`` (a CA file: the server's certificate) when the hub has TLS."""
 
     url: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
     admin_token: str
-    _running: threading.Event = field(default_factory=threading.Event)
+    verify: bool | str = True
+    log: Callable[[], str] = field(default=lambda: "")
 
-    @classmethod
-    def start(cls, venv: Path, env: dict[str, str], log_path: Path, timeout: float = 60) -> Hub:
-        port = int(env["LABKIT_HUB_PORT"])
-        proc = subprocess.Popen([str(venv / "bin/jupyterhub"), "-f", str(REPO / "deploy/hub/jupyterhub_config.py")],
-                                cwd=env["LABKIT_HUB_DIR"], env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_default_sigint)
-        hub = cls(f"http://127.0.0.1:{port}", proc, log_path, env["LABKIT_HUB_ADMIN_TOKEN"])
-        threading.Thread(target=hub._pump, daemon=True).start()
-        if not hub._running.wait(timeout):
-            pytest.fail(f"JupyterHub did not start within {timeout} s:\n{hub.log_tail()}")
-        return hub
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        with open(self.log_path, "ab") as out:
-            for line in self.proc.stdout:
-                out.write(line)
-                out.flush()
-                if b"JupyterHub is now running" in line:
-                    self._running.set()
+    @property
+    def session(self) -> requests.Session:
+        s = requests.Session()
+        s.verify = self.verify
+        return s
 
     def log_tail(self, chars: int = 6000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
+        return self.log()[-chars:]
 
-    # -- REST -----------------------------------------------------------------------
     def api(self, method: str, path: str, token: str | None = None, **kw) -> requests.Response:
         headers = {"Authorization": f"token {token or self.admin_token}"}
-        return requests.request(method, f"{self.url}/hub/api{path}", headers=headers, timeout=30, **kw)
+        return requests.request(method, f"{self.url}/hub/api{path}", headers=headers, timeout=30,
+                                verify=self.verify, **kw)
+
+    def wait_up(self, timeout: float) -> None:
+        """Until the hub answers through its proxy (after a restart)."""
+        def up() -> bool:
+            try:
+                return self.api("GET", "").status_code == 200
+            except requests.RequestException:
+                return False
+        wait_until(up, timeout, f"the hub at {self.url} answering")
 
     def login(self, learner: Learner) -> str:
         """A token for the learner, requested with their Unix password (PAM)."""
-        r = requests.post(f"{self.url}/hub/api/users/{learner.name}/tokens", timeout=30,
+        r = requests.post(f"{self.url}/hub/api/users/{learner.name}/tokens", timeout=60, verify=self.verify,
                           json={"auth": {"username": learner.name, "password": learner.password},
                                 "note": "hub test", "expires_in": 3600})
         assert r.status_code in (200, 201), f"login of {learner.name}: {r.status_code} {r.text}\n{self.log_tail()}"
@@ -219,7 +210,8 @@ class Hub:
         r = self.api("POST", f"/users/{learner.name}/server", learner.token)
         assert r.status_code in (201, 202), f"spawn of {learner.name}: {r.status_code} {r.text}"
         with requests.get(f"{self.url}/hub/api/users/{learner.name}/server/progress", stream=True,
-                          headers={"Authorization": f"token {learner.token}"}, timeout=(10, timeout)) as s:
+                          headers={"Authorization": f"token {learner.token}"}, timeout=(10, timeout),
+                          verify=self.verify) as s:
             for line in s.iter_lines():
                 if time.monotonic() - t0 > timeout:
                     break
@@ -235,8 +227,45 @@ class Hub:
         r = self.api("GET", f"/users/{learner.name}")
         return bool(r.json().get("servers", {}).get("", {}).get("ready"))
 
+
+@dataclass
+class Hub(HubClient):
+    """The JupyterHub process started here, and its REST API."""
+
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path = Path("/dev/null")
+    _running: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def start(cls, venv: Path, env: dict[str, str], log_path: Path, timeout: float = 60) -> Hub:
+        port = int(env["LABKIT_HUB_PORT"])
+        proc = subprocess.Popen([str(venv / "bin/jupyterhub"), "-f", str(REPO / "deploy/hub/jupyterhub_config.py")],
+                                cwd=env["LABKIT_HUB_DIR"], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_default_sigint)
+        hub = cls(f"http://127.0.0.1:{port}", env["LABKIT_HUB_ADMIN_TOKEN"], proc=proc, log_path=log_path)
+        threading.Thread(target=hub._pump, daemon=True).start()
+        if not hub._running.wait(timeout):
+            pytest.fail(f"JupyterHub did not start within {timeout} s:\n{hub.log_tail()}")
+        return hub
+
+    def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        with open(self.log_path, "ab") as out:
+            for line in self.proc.stdout:
+                out.write(line)
+                out.flush()
+                if b"JupyterHub is now running" in line:
+                    self._running.set()
+
+    def log_tail(self, chars: int = 6000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
     def stop(self, timeout: float = 60) -> None:
         """SIGTERM, as an instructor's Ctrl-C or service stop would; it stops every server."""
+        assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -254,22 +283,23 @@ class CellResult:
     died: bool
 
 
-def execute(hub: Hub, learner: Learner, code: str, timeout: float = 300, token: str | None = None) -> CellResult:
+def execute(hub: HubClient, learner: Learner, code: str, timeout: float = 300, token: str | None = None) -> CellResult:
     """Run one cell in a new kernel of the learner's server, through the
     Jupyter server's REST and kernel-websocket API (as a browser would)."""
     token = token or learner.token
     base = f"{hub.url}/user/{learner.name}/api"
     headers = {"Authorization": f"token {token}"}
-    r = requests.post(f"{base}/kernels", headers=headers, json={"name": "python3"}, timeout=60)
+    r = requests.post(f"{base}/kernels", headers=headers, json={"name": "python3"}, timeout=60, verify=hub.verify)
     assert r.status_code == 201, f"kernel start for {learner.name}: {r.status_code} {r.text}"
     kid = r.json()["id"]
+    ssl = {"ca_certs": hub.verify} if isinstance(hub.verify, str) else {}
     ws = websocket.create_connection(f"{base.replace('http', 'ws', 1)}/kernels/{kid}/channels",
-                                     header=[f"Authorization: token {token}"], timeout=timeout)
+                                     header=[f"Authorization: token {token}"], timeout=timeout, sslopt=ssl)
     try:
         return _run_cell(ws, code, timeout)
     finally:
         ws.close()
-        requests.delete(f"{base}/kernels/{kid}", headers=headers, timeout=30)
+        requests.delete(f"{base}/kernels/{kid}", headers=headers, timeout=30, verify=hub.verify)
 
 
 def _run_cell(ws: websocket.WebSocket, code: str, timeout: float) -> CellResult:

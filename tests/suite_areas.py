@@ -37,7 +37,7 @@ FILES = {
     "grading": ["test_summative.py", "test_sandbox.py", "test_nbgrader.py", "test_grading_integrity.py",
                 "test_grader_hostile.py"],
     "class": ["test_hub.py", "test_hub_load.py", "test_hub_unit.py", "test_cgroups_unit.py", "test_slurm.py", "test_k8s_values.py",
-              "test_class_status_unit.py", "test_install_unit.py"],
+              "test_class_status_unit.py", "test_install_unit.py", "test_server_guest.py"],
     "faults": ["test_faults.py", "test_faults_lifecycle.py", "test_hostile.py", "test_security.py",
                "test_watchdog_qmp.py", "test_two_users.py", "test_two_users_unit.py"],
     "tools": ["test_bench.py", "test_cli.py", "test_commands_unit.py", "test_suite_areas.py", "test_layers.py",

@@ -38,7 +38,7 @@ def test_every_variable_is_read(tmp_path):
            "LABKIT_MANAGED_VMS": "judge  companion-6-12", "LABKIT_LIFETIME_PID": "4242",
            "LABKIT_GRADE_UIDS": "63000-63009", "LABKIT_KERNEL_SOURCE": str(tmp_path / "6.1.0-x"),
            "LABKIT_START_SLOTS": "3", "LABKIT_START_QUEUE_DIR": str(tmp_path / "q"),
-           "LABKIT_START_QUEUE_TIMEOUT": "30"}
+           "LABKIT_START_QUEUE_TIMEOUT": "30", "LABKIT_BOOT_TIMEOUT": "900"}
     s = Settings.from_env(env)
     assert s.images_dir == tmp_path / "r" / "build"          # follows the recipe unless set itself
     assert (s.state_dir, s.cache_dir, s.shared_cache_dir, s.notebooks_dir) == \
@@ -49,6 +49,7 @@ def test_every_variable_is_read(tmp_path):
     assert s.managed_vms == {"judge", "companion-6-12"} and s.lifetime_pid == 4242
     assert s.grade_uids == range(63000, 63010) and s.kernel_source == tmp_path / "6.1.0-x"
     assert (s.start_slots, s.start_queue_dir, s.start_queue_timeout) == (3, tmp_path / "q", 30.0)
+    assert s.boot_timeout == 900.0
     assert Settings.from_env({}).start_slots is None       # unset: the host decides
     assert Settings.from_env({"LABKIT_IMAGES_DIR": str(tmp_path / "i")}).images_dir == tmp_path / "i"
 
@@ -64,6 +65,7 @@ def test_every_variable_is_read(tmp_path):
     ("LABKIT_START_SLOTS", "two", "LABKIT_START_SLOTS='two' is not a number of guests"),
     ("LABKIT_START_SLOTS", "-1", "is not a number of guests"),
     ("LABKIT_START_QUEUE_TIMEOUT", "soon", "LABKIT_START_QUEUE_TIMEOUT='soon' is not a number of seconds"),
+    ("LABKIT_BOOT_TIMEOUT", "-5", "LABKIT_BOOT_TIMEOUT='-5' is not a number of seconds"),
     ("LABKIT_START_QUEUE_TIMEOUT", "0", "is not a number of seconds"),
 ])
 def test_a_bad_value_is_a_clear_error_naming_the_variable(name, value, words):

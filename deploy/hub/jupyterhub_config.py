@@ -26,7 +26,7 @@ users who get /hub/admin) [none], LABKIT_HUB_SSL_CERT and LABKIT_HUB_SSL_KEY (HT
 [none], LABKIT_HUB_NOTEBOOKS (the release delivered into ~/notebooks) [none], LABKIT_HUB_PROXY (configurable-http-proxy's path).
 LABKIT_START_QUEUE_DIR (labkit's host-wide guest start queue, made sticky and shared by the hub)
 [/run/labkit-start-queue]. The learners' servers get LABKIT_IMAGES_DIR, LABKIT_SHARED_CACHE_DIR
-and the start queue's LABKIT_START_SLOTS/_QUEUE_TIMEOUT from the hub's environment.
+the start queue's LABKIT_START_SLOTS/_QUEUE_TIMEOUT and LABKIT_BOOT_TIMEOUT from the hub's environment.
 """
 
 import os
@@ -115,7 +115,7 @@ if NOTEBOOKS:
     c.Spawner.pre_spawn_hook = _deliver_notebooks
 
 c.Spawner.env_keep = ["LANG", "LC_ALL", "LABKIT_IMAGES_DIR", "LABKIT_SHARED_CACHE_DIR", "LABKIT_ACCEL",
-                      "LABKIT_AUTO_BUILD",
+                      "LABKIT_AUTO_BUILD", "LABKIT_BOOT_TIMEOUT",
                       # the host-wide guest start queue's settings, the same for every learner
                       "LABKIT_START_SLOTS", "LABKIT_START_QUEUE_TIMEOUT"]
 # The start queue paces the learners' guest starts only if it is one directory for all of them: its

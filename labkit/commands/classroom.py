@@ -24,7 +24,10 @@ line `username,full name`; blank lines and lines starting with # are skipped).
 A learner that does not exist is created with useradd (a group of their own
 unless --group is given); every learner's home is set to mode 0700 whatever
 the distribution's HOME_MODE/UMASK, existing learners' included. A bad line
-stops the run before any account is made, with its line number."""
+stops the run before any account is made, with its line number. With
+--passwords FILE, each learner who cannot log in with a password yet gets a
+random one, listed in FILE (made 0600; an existing FILE is refused, so no
+handed-out password is lost); a password a learner has set stays theirs."""
 
 EXCHANGE_DESCRIPTION = f"""\
 Make the nbgrader exchange at DIR (default {accounts.EXCHANGE_ROOT}, nbgrader's
@@ -36,6 +39,8 @@ delete or replace anyone's submission)."""
 
 def cmd_class_enrol(args: argparse.Namespace, settings: Settings) -> int:
     rows = accounts.read_roster(args.roster)        # every line checked before any account is made
+    if args.passwords is not None:
+        accounts.check_password_file(args.passwords)
     learners = accounts.enrol(rows, group=args.group)
     for learner in learners:
         what = "created" if learner.created else "exists"
@@ -43,6 +48,10 @@ def cmd_class_enrol(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{learner.username}: {what} (uid {learner.uid}){fixed}")
     made = sum(1 for x in learners if x.created)
     print(f"{len(learners)} learners: {made} created, {len(learners) - made} already there; every home 0700")
+    if args.passwords is not None:
+        given = accounts.give_passwords(learners, args.passwords)
+        print(f"{len(given)} learners without a password got one: {args.passwords} (0600; hand them out, then "
+              f"delete it); {len(learners) - len(given)} kept theirs")
     return 0
 
 
@@ -62,17 +71,6 @@ last error labkit recorded for them (a warm start that fell back, a refused
 snapshot, a QEMU that died). Run it as root on the hub's host. The hub's
 address and the instructor's token come from the installer's /etc/labkit/hub.env
 unless given."""
-
-INSTALL_DESCRIPTION = """\
-Set up this host as the class's server, as root, on a systemd host (Debian 12
-or 13, Ubuntu 24.04): packages, a venv with labkit and JupyterHub, the proxy,
-TLS (a self-signed certificate unless --cert/--key), the hub's config, every
-kernel image the course uses (copied from --images, else built) and a
-warm-start snapshot of each in the shared read-only cache, the notebooks
-learners get on their first spawn, the nbgrader exchange, and the hub as the
-systemd service labkit-hub. Each step looks first whether it is done; running
-it again changes only what is missing. Then: labkit class enrol CLASS.csv."""
-
 
 def _hub_env() -> Any:
     from labkit.deploy import install
@@ -103,20 +101,6 @@ def cmd_class_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_class_install(args: argparse.Namespace, settings: Settings) -> int:
-    from labkit.deploy import install
-    kw = dict(admins=tuple(a for a in (args.admins or "").split(",") if a) or None, port=args.port,
-              kernels=tuple(args.kernels) if args.kernels else None, images_from=args.images, wheels=args.wheels,
-              source=args.source, cert=args.cert, key=args.key, memory=args.memory, cpus=args.cpus,
-              group=args.group)
-    plan = install.plan_from(**kw)
-    took = install.install(plan, say=print, dry_run=args.dry_run)
-    if not args.dry_run:
-        print(f"done in {sum(took.values()):.0f} s: https://<this host>:{plan.port}/ ; "
-              "next: labkit class enrol CLASS.csv --group " + plan.group)
-    return 0
-
-
 def add_class(sub: Any) -> None:
     cl = sub.add_parser("class", help="a class on one shared host: enrol learners (private homes), "
                                       "the nbgrader exchange", description=CLASS_DESCRIPTION,
@@ -127,6 +111,9 @@ def add_class(sub: Any) -> None:
     en.add_argument("roster", type=Path, metavar="CLASS.csv", help="username[,full name] per line")
     en.add_argument("--group", default=None, help="put new learners in this existing group "
                                                   "(default: a group of their own)")
+    en.add_argument("--passwords", type=Path, default=None, metavar="FILE",
+                    help="give each learner who has no password a random one, listed in FILE (username,password; "
+                         "made 0600, never overwritten)")
     en.set_defaults(func=cmd_class_enrol)
     ex = cs.add_parser("exchange", help="make the nbgrader exchange (1777, sticky inbound)",
                        description=EXCHANGE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,24 +131,9 @@ def add_class(sub: Any) -> None:
                     help="a file holding the instructor's API token (default: the one in /etc/labkit/hub.env)")
     st.add_argument("--json", action="store_true", help="one JSON object per learner")
     st.set_defaults(func=cmd_class_status)
-    from labkit.deploy.install import COURSE_KERNELS, Plan
+    from labkit.deploy import install
     ins = cs.add_parser("install", help="set up this systemd host as the class's server (run once, and again "
-                                        "at any time)", description=INSTALL_DESCRIPTION,
+                                        "at any time)", description=install.DESCRIPTION,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ins.add_argument("--images", type=Path, default=None, metavar="DIR",
-                     help="guest images built elsewhere (DIR/<kernel>/...), copied instead of built here")
-    ins.add_argument("--wheels", type=Path, default=None, metavar="DIR",
-                     help="install labkit and the hub from these wheels only (no package index)")
-    ins.add_argument("--source", type=Path, default=None, metavar="DIR",
-                     help="the labkit checkout (hub config, notebooks; default: this one)")
-    ins.add_argument("--admins", default=None, metavar="USER,...", help="who gets /hub/admin")
-    ins.add_argument("--group", default=None, help=f"the learners' Unix group (default {Plan.group})")
-    ins.add_argument("--port", type=int, default=None, help=f"the hub's HTTPS port (default {Plan.port})")
-    ins.add_argument("--cert", type=Path, default=None, help="TLS certificate (default: a self-signed one)")
-    ins.add_argument("--key", type=Path, default=None, help="TLS key, with --cert")
-    ins.add_argument("--kernels", nargs="+", default=None, choices=COURSE_KERNELS,
-                     help=f"the kernels to install (default: all the course uses, {' '.join(COURSE_KERNELS)})")
-    ins.add_argument("--memory", default=None, help=f"memory per learner (default {Plan.memory})")
-    ins.add_argument("--cpus", type=float, default=None, help=f"CPUs per learner (default {Plan.cpus})")
-    ins.add_argument("--dry-run", action="store_true", help="say which steps would run, change nothing")
-    ins.set_defaults(func=cmd_class_install)
+    install.add_arguments(ins)
+    ins.set_defaults(func=lambda args, settings: install.run_from(args))

@@ -48,6 +48,13 @@ def cmd_image_build(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_image_server(args: argparse.Namespace, settings: Settings) -> int:
+    from labkit.image import server
+    img = server.build(settings, force=args.force)
+    print(f"server: Debian 13, kernel {img.manifest['kernel_release']} in {img.directory}")
+    return 0
+
+
 def cmd_image_verify(args: argparse.Namespace, settings: Settings) -> int:
     kernels = ([k for k, _s, img in image.list_images(settings) if img] if args.kernel == "all"
                else [args.kernel])
@@ -95,6 +102,14 @@ def add_image(sub: Any) -> None:
                    help="with --kernel all: build up to N images at once (default %(default)s; 1 builds them "
                         "one after the other)")
     b.set_defaults(func=cmd_image_build)
+    sv = im.add_parser("server", help="build the class-server image: Debian 13 with systemd and cgroup v2, on "
+                                      "which `labkit class install` is rehearsed and tested",
+                       description="Build (unless up to date) a Debian 13 server image (systemd as PID 1, cgroup "
+                                   "v2 only, Debian's kernel, SSH with a key made for it) from the recipe in "
+                                   "deploy/server/, into <images>/server/. tests/test_server_guest.py boots it "
+                                   "and runs the class installer inside.")
+    sv.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    sv.set_defaults(func=cmd_image_server)
     vf = im.add_parser("verify", help="hash every file of an image against its manifest now")
     vf.add_argument("--kernel", choices=kernels + ["all"], default="all",
                     help="kernel variant (default: every built image)")

@@ -27,6 +27,7 @@ import logging
 import os
 import pwd
 import re
+import secrets
 import stat
 import subprocess
 from collections.abc import Iterable, Sequence
@@ -221,6 +222,51 @@ def private_home(home: Path, uid: int, gid: int, line: int = 0) -> bool:
     os.chmod(home, HOME_MODE)
     log.info("%s: mode %o -> 0700", home, stat.S_IMODE(st.st_mode))
     return True
+
+
+# -- passwords -------------------------------------------------------------------------------
+
+PASSWORD_BYTES = 9          # 12 characters of token_urlsafe: 72 bits, short enough to type from a slip
+
+
+def without_password(username: str) -> bool:
+    """True if ``username`` cannot log in with a password yet (``passwd --status``: locked
+    or none). A password the learner set stays theirs."""
+    r = subprocess.run(["passwd", "--status", "--", username], capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        raise AccountError(f"passwd --status {username} failed: {(r.stderr or r.stdout).strip()}")
+    fields = r.stdout.split()
+    return len(fields) < 2 or fields[1] != "P"
+
+
+def check_password_file(path: Path) -> None:
+    """Refuse, before any account is made, a passwords file that exists (it holds passwords
+    already handed out) or that cannot be made."""
+    if path.exists() or path.is_symlink():
+        raise AccountError(f"{path} exists: it may hold passwords already handed out",
+                           hint="give a new file name; learners who have a password keep it")
+    if not path.parent.is_dir():
+        raise AccountError(f"{path.parent} is not a directory", hint="give a file in an existing directory")
+
+
+def give_passwords(learners: Iterable[Learner], out: Path) -> dict[str, str]:
+    """A new random password for each learner who has none (never for one who has), written
+    as ``username,password`` lines to ``out`` (mode 0600, made here, never overwritten) and
+    then set with chpasswd, which reads them on stdin (never on a command line)."""
+    _require_root("labkit class enrol --passwords")
+    check_password_file(out)
+    given = {x.username: secrets.token_urlsafe(PASSWORD_BYTES) for x in learners if without_password(x.username)}
+    lines = "".join(f"{name},{password}\n" for name, password in given.items())
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("username,password\n" + lines)
+    if given:
+        r = subprocess.run(["chpasswd"], input=lines.replace(",", ":"), capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise AccountError(f"chpasswd failed: {(r.stderr or r.stdout).strip()}",
+                               hint=f"{out} lists the passwords that were to be set; run enrol again with "
+                                    "another --passwords file")
+    return given
 
 
 # -- the exchange ----------------------------------------------------------------------------

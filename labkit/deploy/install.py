@@ -22,19 +22,28 @@ never touches a learner's files. The steps, in order:
    restart leaves every learner's server and VM running).
 
 What each learner gets is in ``deploy/hub/jupyterhub_config.py``.
+
+It needs nothing but the distribution's Python and this checkout: on a server
+that has no labkit yet, ``sudo python3 -m labkit.deploy.install`` is the same
+command as ``labkit class install`` (this module imports only the standard
+library and labkit's stdlib-only modules; the venv it makes has the rest).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import grp
+import json
 import os
 import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +86,7 @@ class Plan:
     kernels: tuple[str, ...] = COURSE_KERNELS
     images_from: Path | None = None
     wheels: Path | None = None
+    npm_cache: Path | None = None       # install the proxy from this npm cache only (no registry)
     source: Path = PROJECT_DIR
     cert: Path | None = None
     key: Path | None = None
@@ -84,6 +94,7 @@ class Plan:
     cpus: float = 1.0
     tasks: int = 1024
     cull_timeout: int = 1800
+    boot_timeout: int | None = None     # LABKIT_BOOT_TIMEOUT for every guest (None: labkit's default)
 
     @property
     def venv(self) -> Path:
@@ -145,6 +156,8 @@ def env_text(plan: Plan, admin_token: str) -> str:
         "LABKIT_IMAGES_DIR": str(plan.images), "LABKIT_SHARED_CACHE_DIR": str(plan.shared_cache),
         "LABKIT_AUTO_BUILD": "0",
     }
+    if plan.boot_timeout:
+        values["LABKIT_BOOT_TIMEOUT"] = str(plan.boot_timeout)
     for k, v in values.items():
         if "\n" in v or '"' in v:
             raise InstallError(f"{k} would be {v!r}, which an environment file cannot hold",
@@ -213,6 +226,8 @@ def steps(plan: Plan, say: Say) -> list[Step]:
     labkit = [str(plan.venv / "bin" / "labkit")]
     root_env = {"LABKIT_IMAGES_DIR": str(plan.images), "LABKIT_SHARED_CACHE_DIR": str(plan.shared_cache),
                 "LABKIT_AUTO_BUILD": "0", "LABKIT_LIFETIME_PID": "0"}
+    if plan.boot_timeout:
+        root_env["LABKIT_BOOT_TIMEOUT"] = str(plan.boot_timeout)
 
     def missing_packages() -> list[str]:
         out = []
@@ -247,8 +262,14 @@ def steps(plan: Plan, say: Say) -> list[Step]:
         run(pip + list(HUB_PACKAGES), what="pip install of labkit and the hub", timeout=3600)
 
     def make_proxy() -> None:
-        run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(plan.prefix / "proxy"),
-             "configurable-http-proxy"], what="npm install configurable-http-proxy", timeout=1800)
+        argv = ["npm", "install", "--no-audit", "--no-fund", "--prefix", str(plan.prefix / "proxy")]
+        if plan.npm_cache is None:
+            run(argv + ["configurable-http-proxy"], what="npm install configurable-http-proxy", timeout=1800)
+            return
+        with tempfile.TemporaryDirectory(prefix="labkit-npm-") as tmp:    # npm writes to its cache
+            shutil.copytree(plan.npm_cache, Path(tmp) / "cache")
+            run(argv + ["--offline", "--cache", str(Path(tmp) / "cache"), "configurable-http-proxy"],
+                what=f"npm install configurable-http-proxy from {plan.npm_cache}", timeout=1800)
 
     def tls_ok() -> bool:
         return plan.tls_cert.exists() and plan.tls_key.exists()
@@ -306,11 +327,32 @@ def steps(plan: Plan, say: Say) -> list[Step]:
         for p in plan.images.rglob("*"):
             p.chmod(0o755 if p.is_dir() else 0o444)
 
+    stamp = plan.shared_cache / "installed-snapshots.json"
+
+    def snapshot_ident(k: str) -> dict[str, object]:
+        # what a snapshot is only valid for (labkit.machine.snapshot.machine_key has the whole list):
+        # the image's files and the QEMU that restores it
+        manifest = json.loads((plan.images / k / "manifest.json").read_text())
+        qemu = run(["qemu-system-x86_64", "--version"], what="qemu-system-x86_64 --version").stdout.splitlines()[0]
+        return {"artifacts": {a: v.get("sha256") for a, v in sorted(manifest.get("artifacts", {}).items())},
+                "qemu": qemu}
+
+    def snapshots_ok() -> bool:
+        made = json.loads(stamp.read_text())
+        return all(made.get(k, {}).get("ident") == snapshot_ident(k)
+                   and (plan.shared_cache / "snapshots" / made[k]["snapshot"] / "meta.json").is_file()
+                   for k in plan.kernels)
+
     def snapshots() -> None:
-        (plan.shared_cache / "snapshots").mkdir(parents=True, exist_ok=True, mode=0o755)
-        for d in (plan.shared_cache, plan.shared_cache / "snapshots"):
+        snaps = plan.shared_cache / "snapshots"
+        snaps.mkdir(parents=True, exist_ok=True, mode=0o755)
+        for d in (plan.shared_cache, snaps):
             os.chown(d, 0, 0)
             d.chmod(0o755)
+        try:
+            made = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            made = {}
         scratch = Path(tempfile.mkdtemp(prefix="labkit-install-"))
         try:
             for k in plan.kernels:
@@ -318,9 +360,17 @@ def steps(plan: Plan, say: Say) -> list[Step]:
                 name = "install-" + k.replace(".", "-")
                 env = {**root_env, "LABKIT_STATE_DIR": str(scratch / "state"), "LABKIT_CACHE_DIR": str(scratch / "c")}
                 run(labkit + ["vm", "start", "--name", name, "--kernel", k], env=env, what=f"the {k} warm-up guest",
-                    timeout=1800)
+                    timeout=3600)
                 run(labkit + ["vm", "stop", "--name", name], env=env, what=f"stopping the {k} warm-up guest")
-                say(f"  warm-start snapshot {k}: {time.monotonic() - t0:.0f} s")
+                # the one the warm-up made, or restored when it was there already: the newest of k's
+                newest = max(snaps.glob(f"{k}-*/meta.json"), key=lambda p: p.stat().st_mtime, default=None)
+                if newest is None:
+                    raise InstallError(f"the {k} warm-up guest left no snapshot in {snaps}",
+                                       hint=f"see `{labkit[0]} doctor`; the learners' guests will boot cold meanwhile")
+                made[k] = {"ident": snapshot_ident(k), "snapshot": newest.parent.name,
+                           "seconds": round(time.monotonic() - t0, 1)}
+                _write(stamp, json.dumps(made, indent=1, sort_keys=True) + "\n", 0o644)
+                say(f"  warm-start snapshot {k}: {newest.parent.name}, {time.monotonic() - t0:.0f} s")
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
@@ -337,6 +387,16 @@ def steps(plan: Plan, say: Say) -> list[Step]:
             p.chmod(0o755 if p.is_dir() else 0o644)
         from labkit.deploy import accounts
         accounts.prepare_exchange(plan.exchange)
+
+    def group_ok() -> bool:
+        try:
+            grp.getgrnam(plan.group)
+            return True
+        except KeyError:
+            return False
+
+    def add_group() -> None:
+        run(["groupadd", "--", plan.group], what=f"groupadd {plan.group}")
 
     def service_ok() -> bool:
         try:
@@ -359,9 +419,10 @@ def steps(plan: Plan, say: Say) -> list[Step]:
              venv_ok, make_venv),
         Step(f"proxy {plan.proxy}", plan.proxy.exists, make_proxy),
         Step(f"TLS {plan.tls_cert}", tls_ok, make_tls),
+        Step(f"the learners' group {plan.group}", group_ok, add_group),
         Step(f"hub config {plan.etc}", config_ok, write_config),
         Step(f"guest images {', '.join(plan.kernels)} in {plan.images}", images_ok, get_images),
-        Step(f"warm-start snapshots in {plan.shared_cache}", lambda: False, snapshots),
+        Step(f"warm-start snapshots in {plan.shared_cache}", snapshots_ok, snapshots),
         Step(f"notebooks {plan.notebooks} and the nbgrader exchange {plan.exchange}", notebooks_ok, notebooks),
         Step(f"service {UNIT}", service_ok, service),
     ]
@@ -393,6 +454,8 @@ def preflight(plan: Plan) -> list[str]:
         problems.append(f"--images {plan.images_from} is not a directory")
     if plan.wheels and not plan.wheels.is_dir():
         problems.append(f"--wheels {plan.wheels} is not a directory")
+    if plan.npm_cache and not plan.npm_cache.is_dir():
+        problems.append(f"--npm-cache {plan.npm_cache} is not a directory")
     return problems
 
 
@@ -427,3 +490,78 @@ def install(plan: Plan, say: Say = print, dry_run: bool = False) -> dict[str, fl
 def plan_from(**kw: object) -> Plan:
     """A plan with only the given fields changed (the command line's options)."""
     return dataclasses.replace(Plan(), **{k: v for k, v in kw.items() if v is not None})  # type: ignore[arg-type]
+
+
+# -- the command line (``labkit class install`` and ``python3 -m labkit.deploy.install``) ------
+
+DESCRIPTION = """\
+Set up this host as the class's server, as root, on a systemd host (Debian 12
+or 13, Ubuntu 24.04): packages, a venv with labkit and JupyterHub, the proxy,
+TLS (a self-signed certificate unless --cert/--key), the learners' group, the
+hub's config, every kernel image the course uses (copied from --images, else
+built) and a warm-start snapshot of each in the shared read-only cache, the
+notebooks learners get on every spawn, the nbgrader exchange, and the hub as
+the systemd service labkit-hub. Each step looks first whether it is done;
+running it again changes only what is missing. Then: labkit class enrol CLASS.csv.
+
+On a server with no labkit yet, from a clone: sudo python3 -m labkit.deploy.install"""
+
+
+def add_arguments(ins: argparse.ArgumentParser) -> None:
+    ins.add_argument("--images", type=Path, default=None, metavar="DIR",
+                     help="guest images built elsewhere (DIR/<kernel>/...), copied instead of built here")
+    ins.add_argument("--wheels", type=Path, default=None, metavar="DIR",
+                     help="install labkit and the hub from these wheels only (no package index)")
+    ins.add_argument("--npm-cache", type=Path, default=None, metavar="DIR",
+                     help="install configurable-http-proxy from this npm cache only (no registry; made elsewhere "
+                          "with: npm install --cache DIR configurable-http-proxy)")
+    ins.add_argument("--source", type=Path, default=None, metavar="DIR",
+                     help="the labkit checkout (hub config, notebooks; default: this one)")
+    ins.add_argument("--admins", default=None, metavar="USER,...", help="who gets /hub/admin")
+    ins.add_argument("--group", default=None, help=f"the learners' Unix group (default {Plan.group})")
+    ins.add_argument("--port", type=int, default=None, help=f"the hub's HTTPS port (default {Plan.port})")
+    ins.add_argument("--cert", type=Path, default=None, help="TLS certificate (default: a self-signed one)")
+    ins.add_argument("--key", type=Path, default=None, help="TLS key, with --cert")
+    ins.add_argument("--kernels", nargs="+", default=None, choices=COURSE_KERNELS,
+                     help=f"the kernels to install (default: all the course uses, {' '.join(COURSE_KERNELS)})")
+    ins.add_argument("--memory", default=None, help=f"memory per learner (default {Plan.memory})")
+    ins.add_argument("--cpus", type=float, default=None, help=f"CPUs per learner (default {Plan.cpus})")
+    ins.add_argument("--cull-timeout", type=int, default=None, metavar="SECONDS",
+                     help=f"stop a learner's server idle this long (default {Plan.cull_timeout})")
+    ins.add_argument("--boot-timeout", type=int, default=None, metavar="SECONDS",
+                     help="how long a guest may take to start (default: labkit's, 120 s under TCG); raise it on "
+                          "a host that emulates slowly, e.g. a server that is itself a VM without nested KVM")
+    ins.add_argument("--dry-run", action="store_true", help="say which steps would run, change nothing")
+
+
+def run_from(args: argparse.Namespace) -> int:
+    plan = plan_from(admins=tuple(a for a in (args.admins or "").split(",") if a) or None, port=args.port,
+                     kernels=tuple(args.kernels) if args.kernels else None, images_from=args.images,
+                     wheels=args.wheels, npm_cache=args.npm_cache, source=args.source, cert=args.cert, key=args.key, memory=args.memory,
+                     cpus=args.cpus, group=args.group, cull_timeout=args.cull_timeout,
+                     boot_timeout=args.boot_timeout)
+    took = install(plan, say=lambda line: print(line, flush=True), dry_run=args.dry_run)
+    if not args.dry_run:
+        print(f"done in {sum(took.values()):.0f} s: https://<this host>:{plan.port}/ ; next: "
+              f"{plan.venv}/bin/labkit class enrol CLASS.csv --group {plan.group} --passwords FILE", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m labkit.deploy.install", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_from(args)
+    except LabError as exc:
+        print(f"labkit: error: {exc}", file=sys.stderr)          # LabError's text carries its hint
+        return 2
+    except KeyboardInterrupt:
+        print("labkit: interrupted; run it again to finish (each step looks first whether it is done)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

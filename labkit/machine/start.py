@@ -42,7 +42,7 @@ def start(spec: StartSpec) -> Running:
     launch = Launch(spec, image, accel, prepare_record(spec))
     try:
         pubkey = ensure_client_key(sd.key)
-        timeout = spec.boot_timeout or BOOT_TIMEOUT[accel.accel]
+        timeout = spec.boot_timeout or spec.settings.boot_timeout or BOOT_TIMEOUT[accel.accel]
         # Only the restore or boot waits for the host's start queue, and its
         # timeout counts from its turn: a wait in line never eats into it.
         with pace.turn(spec.settings, spec.memory_mb, spec.progress) as turn:
