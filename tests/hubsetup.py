@@ -173,9 +173,9 @@ class HubClient:
 
     @property
     def session(self) -> requests.Session:
-        s = requests.Session()
-        s.verify = self.verify
-        return s
+        """A new session (cookies of its own); give each request ``verify=self.verify``: requests
+        lets REQUESTS_CA_BUNDLE override a session's own ``verify``."""
+        return requests.Session()
 
     def log_tail(self, chars: int = 6000) -> str:
         return self.log()[-chars:]
@@ -200,6 +200,24 @@ class HubClient:
                           json={"auth": {"username": learner.name, "password": learner.password},
                                 "note": "hub test", "expires_in": 3600})
         assert r.status_code in (200, 201), f"login of {learner.name}: {r.status_code} {r.text}\n{self.log_tail()}"
+        learner.token = r.json()["token"]
+        return learner.token
+
+    def login_form(self, learner: Learner) -> str:
+        """Log in as a browser does, with the login form (the hub makes the learner's account
+        on their first login), then take a token with that session; returns the token."""
+        with self.session as s:
+            r = s.get(f"{self.url}/hub/login", timeout=60, verify=self.verify)
+            assert r.status_code == 200, (r.status_code, r.text[:300])
+            xsrf = s.cookies.get("_xsrf", "")
+            r = s.post(f"{self.url}/hub/login", data={"username": learner.name, "password": learner.password,
+                                                      "_xsrf": xsrf}, timeout=120, allow_redirects=False,
+                       verify=self.verify)
+            assert r.status_code == 302, f"login of {learner.name}: {r.status_code} {r.text[:500]}\n{self.log_tail()}"
+            r = s.post(f"{self.url}/hub/api/users/{learner.name}/tokens", json={"note": "hub test", "expires_in": 7200},
+                       headers={"X-XSRFToken": s.cookies.get("_xsrf", xsrf), "Referer": f"{self.url}/hub/home"},
+                       timeout=60, verify=self.verify)
+            assert r.status_code in (200, 201), f"token of {learner.name}: {r.status_code} {r.text[:500]}"
         learner.token = r.json()["token"]
         return learner.token
 
@@ -336,7 +354,7 @@ class KeepAlive:
     """Requests through the proxy to the servers that must not be culled
     yet (the culler is set to a short timeout); the cull test drops one."""
 
-    def __init__(self, hub: Hub, every: float = 3.0) -> None:
+    def __init__(self, hub: HubClient, every: float = 3.0) -> None:
         self.hub, self.every = hub, every
         self.learners: dict[str, Learner] = {}
         self._stop = threading.Event()
@@ -348,7 +366,7 @@ class KeepAlive:
             for lr in list(self.learners.values()):
                 try:
                     requests.get(f"{self.hub.url}/user/{lr.name}/api/kernels", timeout=10,
-                                 headers={"Authorization": f"token {lr.token}"})
+                                 headers={"Authorization": f"token {lr.token}"}, verify=self.hub.verify)
                 except requests.RequestException:
                     pass
 

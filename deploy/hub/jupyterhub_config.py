@@ -139,6 +139,8 @@ spawner = env("LABKIT_HUB_SPAWNER") or ("systemd" if _pid1_is_systemd() else "cg
 if spawner == "systemd":
     c.JupyterHub.spawner_class = "systemdspawner.SystemdSpawner"
     c.SystemdSpawner.unit_name_template = "labkit-{USERNAME}"
+    # systemd expands "$$" in a unit's command line to "$": the shell must get "$$" (its own PID)
+    c.Spawner.cmd = [c.Spawner.cmd[0], c.Spawner.cmd[1], c.Spawner.cmd[2].replace("$$", "$$$$"), *c.Spawner.cmd[3:]]
     c.SystemdSpawner.isolate_tmp = True
     c.SystemdSpawner.disable_user_sudo = True
     # mem_limit and cpu_limit become the unit's MemoryMax and CPUQuota; the process limit is a

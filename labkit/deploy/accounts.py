@@ -165,7 +165,35 @@ def enrol(rows: Iterable[Row], group: str | None = None) -> list[Learner]:
         except KeyError:
             raise AccountError(f"no group {group!r} on this host", hint=f"groupadd {group}, or leave --group out") \
                 from None
-    return [_enrol_one(row, group) for row in rows]
+    learners = [_enrol_one(row, group) for row in rows]
+    for learner in learners:
+        kvm_access(learner.username)
+    return learners
+
+
+
+
+def kvm_access(username: str, dev: Path = Path("/dev/kvm")) -> bool:
+    """Put ``username`` in the group that may open ``dev`` (where the host has KVM), so their
+    guests boot with KVM, as the instructor's warm-up guest did: a warm-start snapshot is only
+    restored with the accelerator it was made with. True if they are in it now."""
+    try:
+        group = grp.getgrgid(os.stat(dev).st_gid)
+    except (OSError, KeyError):
+        return False            # no KVM on this host: everyone's guests use TCG, the snapshot's too
+    if group.gr_gid == 0:
+        return False
+    if username in group.gr_mem or pwd.getpwnam(username).pw_gid == group.gr_gid:
+        return True
+    r = subprocess.run(["usermod", "--append", "--groups", group.gr_name, "--", username], capture_output=True,
+                       text=True, timeout=60)
+    if r.returncode != 0:
+        raise AccountError(f"usermod --append --groups {group.gr_name} {username} failed: "
+                           f"{(r.stderr or r.stdout).strip()}",
+                           hint=f"add them by hand (gpasswd -a {username} {group.gr_name}), or their guests "
+                                "boot with TCG and cold")
+    log.info("%s may use %s (group %s)", username, dev, group.gr_name)
+    return True
 
 
 def _enrol_one(row: Row, group: str | None) -> Learner:

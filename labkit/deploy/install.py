@@ -299,6 +299,7 @@ def steps(plan: Plan, say: Say) -> list[Step]:
             return False
 
     def write_config() -> None:
+        restart_hub.append("its config changed")
         env, config = wanted_config()
         plan.etc.mkdir(parents=True, exist_ok=True, mode=0o755)
         plan.hub_state.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -328,6 +329,7 @@ def steps(plan: Plan, say: Say) -> list[Step]:
             p.chmod(0o755 if p.is_dir() else 0o444)
 
     stamp = plan.shared_cache / "installed-snapshots.json"
+    restart_hub: list[str] = []
 
     def snapshot_ident(k: str) -> dict[str, object]:
         # what a snapshot is only valid for (labkit.machine.snapshot.machine_key has the whole list):
@@ -386,6 +388,7 @@ def steps(plan: Plan, say: Say) -> list[Step]:
         for p in [plan.notebooks, *plan.notebooks.rglob("*")]:
             p.chmod(0o755 if p.is_dir() else 0o644)
         from labkit.deploy import accounts
+        plan.exchange.parent.mkdir(parents=True, exist_ok=True, mode=0o755)     # /srv/nbgrader on a new server
         accounts.prepare_exchange(plan.exchange)
 
     def group_ok() -> bool:
@@ -399,6 +402,8 @@ def steps(plan: Plan, say: Say) -> list[Step]:
         run(["groupadd", "--", plan.group], what=f"groupadd {plan.group}")
 
     def service_ok() -> bool:
+        if restart_hub:
+            return False        # the running hub has read the old config
         try:
             same = (plan.units / UNIT).read_text() == unit_text(plan)
         except OSError:

@@ -207,7 +207,9 @@ def image_status(kernel: str, settings: Settings | None = None) -> tuple[str, Im
         img = load_image(kernel, settings=settings)
     except ImageMissing as exc:
         return ("missing" if "not built" in exc.reason else "corrupt"), None
-    if img.manifest.get("recipe_hash") != recipe_hash(kernel, settings):
+    # An installed labkit (a wheel, a class server's venv) has no recipe beside it: its images were
+    # built elsewhere and copied in, and there is nothing here to compare them with.
+    if settings.recipe_dir.is_dir() and img.manifest.get("recipe_hash") != recipe_hash(kernel, settings):
         return "stale", img
     return "ok", img
 

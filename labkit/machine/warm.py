@@ -94,7 +94,9 @@ def create_snapshot(launch: Launch, key: str, pubkey: str, timeout: float) -> sn
     cfg = launch.cold(pubkey, timeout, cmdline_extra=("labkit.pmem=defer",))
     try:
         assert launch.ssh is not None and launch.boot is not None
-        launch.ssh.run(["sh", "-c", snapshot.PREPARE_SCRIPT], timeout=60, check=True)
+        # loading the lab's modules and warming the page cache: 60 s, or more where booting may take
+        # longer (LABKIT_BOOT_TIMEOUT on a host that emulates slowly)
+        launch.ssh.run(["sh", "-c", snapshot.PREPARE_SCRIPT], timeout=max(60.0, timeout / 2), check=True)
         launch.close_ssh()
         progress("labkit: saving the warm-start snapshot")
         with QMPChannel(cfg.qmp_socket).connect(timeout=5) as qmp:
