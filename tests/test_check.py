@@ -1,6 +1,8 @@
 """``labkit check``: blank notebooks score zero, the reference solutions score
 full marks (filled into copies of the real notebooks, executed headless and
-checked against a real guest), the --json shape, and clear errors for bad input."""
+checked against a real guest), the --json shape, and clear errors for bad input.
+The notebooks the summative grader's tests already execute (blank or with the
+reference solutions: tests/course_solutions.py) are not executed again here."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from course_solutions import SOLUTIONS, fill
+from course_solutions import GRADER_BLANKS, GRADER_SOLUTIONS, GRADER_TWO_KERNELS, SOLUTIONS, check_notebooks, fill
 
 from labkit.course import grading
 from labkit.course.exercises import EXERCISES, Live, check_history, check_nproc
@@ -25,6 +27,9 @@ from labkit.machine.vm import VM
 ROOT = Path(__file__).parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]-*.ipynb"))
 VM_NAME = "test-check"
+# What the runs below execute: the notebooks the grader's tests do not (tests/course_solutions.py).
+BLANK_HERE = check_notebooks(NOTEBOOKS, GRADER_BLANKS)
+SOLVED_HERE = check_notebooks(NOTEBOOKS, (*GRADER_SOLUTIONS, *GRADER_TWO_KERNELS))
 
 
 def labkit_check(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
@@ -42,6 +47,18 @@ def test_every_exercise_has_a_cell_and_a_solution():
     assert ids == set(SOLUTIONS)
     for n in ("01", "02", "03", "04", "05", "06", "07"):
         assert any(e.notebook == n for e in EXERCISES), n
+
+
+def test_every_notebook_is_executed_blank_and_solved_against_a_guest_once():
+    """Between this file's two runs and the grader's tests (tests/test_summative.py),
+    every notebook is executed once as given and once with every reference
+    solution, and each of those runs asserts no cell raised."""
+    numbers = sorted(p.name[:2] for p in NOTEBOOKS)
+    by_the_grader = [*GRADER_SOLUTIONS, *GRADER_TWO_KERNELS]
+    assert sorted([p.name[:2] for p in SOLVED_HERE] + by_the_grader) == numbers
+    assert sorted([p.name[:2] for p in BLANK_HERE] + list(GRADER_BLANKS)) == numbers
+    solved = {e.id for e in EXERCISES if e.notebook in {p.name[:2] for p in SOLVED_HERE} | set(by_the_grader)}
+    assert solved == {e.id for e in EXERCISES}
 
 
 def test_answer_payloads_and_literals():
@@ -150,6 +167,7 @@ def check_vm():
 
 
 def _assert_json_shape(data: dict, paths: list[Path]) -> None:
+    numbers = {p.name[:2] for p in paths}
     assert set(data) == {"notebooks", "score", "max", "passed"}
     assert [Path(n["path"]).name for n in data["notebooks"]] == [p.name for p in paths]
     for n in data["notebooks"]:
@@ -159,7 +177,7 @@ def _assert_json_shape(data: dict, paths: list[Path]) -> None:
             assert set(c) == {"id", "title", "points", "max", "passed", "message"}
             assert c["points"] in (0, c["max"]) and c["message"]
         assert n["score"] == sum(c["points"] for c in n["checks"])
-    assert data["max"] == sum(e.points for e in EXERCISES)
+    assert data["max"] == sum(e.points for e in EXERCISES if e.notebook in numbers)
     assert data["score"] == sum(n["score"] for n in data["notebooks"])
 
 
@@ -169,11 +187,12 @@ def _assert_json_shape(data: dict, paths: list[Path]) -> None:
 @pytest.mark.timeout(2400)
 @pytest.mark.fresh_guest("the notebooks attach to a persistent lab VM by name (LABKIT_VM)")
 def test_blank_notebooks_score_zero(check_vm, tmp_path, artifacts):
-    """Also the one run of every student notebook as given (tests/test_notebooks.py
-    used to execute them a second time): each executes headless against the live
-    guest with no cell raising."""
+    """Also the one run of the student notebooks as given (tests/test_notebooks.py
+    used to execute them a second time; the grader's tests run the others, blank,
+    with the same assertions): each executes headless against the live guest with
+    no cell raising."""
     copies = []
-    for p in NOTEBOOKS:      # copies, so nothing can touch the committed notebooks
+    for p in BLANK_HERE:      # copies, so nothing can touch the committed notebooks
         (tmp_path / p.name).write_bytes(p.read_bytes())
         copies.append(tmp_path / p.name)
     t0 = time.monotonic()
@@ -195,7 +214,7 @@ def test_blank_notebooks_score_zero(check_vm, tmp_path, artifacts):
 @pytest.mark.fresh_guest("the notebooks attach to a persistent lab VM by name (LABKIT_VM)")
 def test_reference_solutions_score_full_marks(check_vm, tmp_path, artifacts):
     copies = []
-    for p in NOTEBOOKS:
+    for p in SOLVED_HERE:      # the grader's tests give the others' solutions full marks
         nb = nbformat.read(p, as_version=4)
         assert fill(nb), p.name
         nbformat.write(nb, tmp_path / p.name)
@@ -204,7 +223,7 @@ def test_reference_solutions_score_full_marks(check_vm, tmp_path, artifacts):
     r = labkit_check(*map(str, copies))        # the text report first ...
     (artifacts / "check-solutions.seconds").write_text(f"{time.monotonic() - t0:.1f}\n")
     (artifacts / "check-solutions.txt").write_text(r.stdout + r.stderr)
-    total = sum(e.points for e in EXERCISES)
+    total = sum(e.points for e in EXERCISES if e.notebook in {p.name[:2] for p in SOLVED_HERE})
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
     assert f"Score: {total}/{total}" in r.stdout
     assert "FAIL" not in r.stdout and "note: cell" not in r.stdout   # no cell raised
