@@ -6,6 +6,7 @@ reference solutions: tests/course_solutions.py) are not executed again here."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import os
@@ -32,6 +33,47 @@ BLANK_HERE = check_notebooks(NOTEBOOKS, GRADER_BLANKS)
 SOLVED_HERE = check_notebooks(NOTEBOOKS, (*GRADER_SOLUTIONS, *GRADER_TWO_KERNELS))
 
 
+def _reads_answers(source: str) -> bool:
+    """Whether cell code names ``answer`` or ``recorded`` (comments aside; code that
+    does not parse as Python, a magic say, counts as reading them)."""
+    try:
+        names = {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)}
+    except SyntaxError:
+        return True
+    return bool(names & {"answer", "recorded"})
+
+
+def _only_literals(path: Path) -> bool:
+    """Whether ``path`` solved runs exactly the code of ``path`` blank but for literal
+    answers: each reference solution only assigns ``answer`` a literal and records it,
+    and no other cell reads ``answer`` or ``recorded(...)``."""
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        ex = grading.exercise_id(cell)
+        if ex is None:
+            if cell.cell_type == "code" and _reads_answers(cell.source):
+                return False
+            continue
+        for node in ast.parse(SOLUTIONS[ex]).body:
+            if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["answer"]:
+                try:
+                    ast.literal_eval(node.value)
+                    continue
+                except ValueError:
+                    return False
+            call = node.value if isinstance(node, ast.Expr) else None
+            if not (isinstance(call, ast.Call) and getattr(call.func, "id", None) == "record"):
+                return False
+    return True
+
+
+# Of those, the notebooks whose solutions are literals execute, solved, exactly the code
+# the blank run executes (no cell raising): the reference run grades them as a learner
+# saved them after running the exercise cells (their answers judged on the live guest,
+# nothing re-run), and executes the others.
+SAVED_HERE = [p for p in SOLVED_HERE if _only_literals(p)]
+
+
 def labkit_check(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
     env = dict(os.environ, LABKIT_VM=VM_NAME)
     return subprocess.run([sys.executable, "-m", "labkit", "check", *args], capture_output=True, text=True,
@@ -54,6 +96,10 @@ def test_every_notebook_is_executed_blank_and_solved_against_a_guest_once():
     every notebook is executed once as given and once with every reference
     solution, and each of those runs asserts no cell raised."""
     numbers = sorted(p.name[:2] for p in NOTEBOOKS)
+    assert set(SAVED_HERE) <= set(BLANK_HERE)       # executed blank, here
+    computed = {p.name[:2] for p in SOLVED_HERE if not _only_literals(p)}
+    assert {"01", "03", "07"} <= computed, computed  # solutions that measure (and 09: recorded(...))
+    assert not _only_literals(next(p for p in NOTEBOOKS if p.name.startswith("09-")))
     by_the_grader = [*GRADER_SOLUTIONS, *GRADER_TWO_KERNELS]
     assert sorted([p.name[:2] for p in SOLVED_HERE] + by_the_grader) == numbers
     assert sorted([p.name[:2] for p in BLANK_HERE] + list(GRADER_BLANKS)) == numbers
@@ -217,6 +263,14 @@ def test_reference_solutions_score_full_marks(check_vm, tmp_path, artifacts):
     for p in SOLVED_HERE:      # the grader's tests give the others' solutions full marks
         nb = nbformat.read(p, as_version=4)
         assert fill(nb), p.name
+        if p in SAVED_HERE:    # what JupyterLab saves after the learner ran the exercise cells
+            for cell in nb.cells:
+                ex = grading.exercise_id(cell)
+                if ex:
+                    value = grading.literal_answer(cell.source)["value"]
+                    cell.outputs = [nbformat.v4.new_output("display_data", data={
+                        grading.MIME: grading.answer_payload(ex, value), "text/plain": "recorded"})]
+                    cell.execution_count = 1
         nbformat.write(nb, tmp_path / p.name)
         copies.append(tmp_path / p.name)
     t0 = time.monotonic()
@@ -227,6 +281,9 @@ def test_reference_solutions_score_full_marks(check_vm, tmp_path, artifacts):
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
     assert f"Score: {total}/{total}" in r.stdout
     assert "FAIL" not in r.stdout and "note: cell" not in r.stdout   # no cell raised
+    for p in copies:
+        how = "graded from its saved outputs" if p.name in {s.name for s in SAVED_HERE} else "executed now"
+        assert f"{p} ({how}" in r.stdout, (p.name, how)
 
 
 @pytest.mark.integration

@@ -28,13 +28,12 @@ from types import SimpleNamespace
 
 import nbformat
 import pytest
+from course_solutions import GRADER_BLANKS, GRADER_SOLUTIONS, GRADER_TWO_KERNELS, fill
 
 from labkit.course import gradebook, grading, sandbox, summative
 from labkit.course.exercises import BY_ID, for_notebook
 from labkit.course.judge import ExerciseResult
 from labkit.errors import ConfigError, GuestPanic
-
-from course_solutions import GRADER_BLANKS, GRADER_SOLUTIONS, GRADER_TWO_KERNELS, fill
 
 ROOT = Path(__file__).parent.parent
 NOTEBOOKS = {p.name[:2]: p for p in (ROOT / "notebooks").glob("[0-9][0-9]-*.ipynb")}
