@@ -227,8 +227,9 @@ def _assert_json_shape(data: dict, paths: list[Path]) -> None:
     assert data["score"] == sum(n["score"] for n in data["notebooks"])
 
 
-# The two runs of the whole course are the suite's longest tests: under `make test` they run
-# side by side on the two workers (each worker has its own lab VM): tests/suite_areas.py.
+# The two runs of the course (blank: BLANK_HERE; solved: SOLVED_HERE) are among the suite's longest
+# tests: under `make test` they can run side by side on the two workers (each worker has its own lab
+# VM): tests/suite_areas.py.
 @pytest.mark.integration
 @pytest.mark.timeout(2400)
 @pytest.mark.fresh_guest("the notebooks attach to a persistent lab VM by name (LABKIT_VM)")
