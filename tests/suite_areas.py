@@ -50,9 +50,9 @@ _BY_FILE = {f: area for area, files in FILES.items() for f in files}
 # another on one worker; groups run side by side. A test file is its own group, except where
 # files share what must not run twice at once: the summative grader's runs (its companion
 # VMs and sandbox uids are host-wide), the class tests (root-owned users, cgroups, one shared
-# venv) and the fault tests (tmpfs state dirs, killed QEMUs); and the two runs of the whole
-# course by `labkit check`, the longest tests, are groups of their own so that they run side
-# by side on the two workers, each with its own lab VM. (Graders running at once are safe since
+# venv) and the fault tests (tmpfs state dirs, killed QEMUs); and the two runs of the course
+# by `labkit check` (blank; with the reference solutions), five to six minutes each, are groups
+# of their own so that they can run side by side on the two workers, each with its own lab VM. (Graders running at once are safe since
 # each takes its sandbox uids from a host-wide lease; test_sandbox and test_grader_hostile still
 # share a group because they look at every process of the graders' uid range.) (pytest-xdist's own `loadgroup` reads
 # `xdist_group` marks through a node-id suffix that pytest 9.2 no longer takes, so the suite
@@ -66,6 +66,9 @@ _GROUP = {f: g for g, files in GROUPS.items() for f in files}
 TEST_GROUPS = {
     "test_check.py::test_blank_notebooks_score_zero": "check-blank",
     "test_check.py::test_reference_solutions_score_full_marks": "check-reference",
+    # test_check's other tests on a guest share the reference run's lab VM (a module fixture), not boot one more
+    "test_check.py::test_graded_from_saved_outputs_without_rerun": "check-reference",
+    "test_check.py::test_vmpin_kb_of_a_held_registration": "check-reference",
 }
 # Files whose tests run once per kernel on the `guest` fixture: a group per file and kernel,
 # so that the kernels of one file can run on different workers (each sets up its own).

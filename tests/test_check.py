@@ -1,9 +1,12 @@
 """``labkit check``: blank notebooks score zero, the reference solutions score
 full marks (filled into copies of the real notebooks, executed headless and
-checked against a real guest), the --json shape, and clear errors for bad input."""
+checked against a real guest), the --json shape, and clear errors for bad input.
+The notebooks the summative grader's tests already execute (blank or with the
+reference solutions: tests/course_solutions.py) are not executed again here."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import os
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from course_solutions import SOLUTIONS, fill
+from course_solutions import GRADER_BLANKS, GRADER_SOLUTIONS, GRADER_TWO_KERNELS, SOLUTIONS, check_notebooks, fill
 
 from labkit.course import grading
 from labkit.course.exercises import EXERCISES, Live, check_history, check_nproc
@@ -25,6 +28,50 @@ from labkit.machine.vm import VM
 ROOT = Path(__file__).parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]-*.ipynb"))
 VM_NAME = "test-check"
+# What the runs below execute: the notebooks the grader's tests do not (tests/course_solutions.py).
+BLANK_HERE = check_notebooks(NOTEBOOKS, GRADER_BLANKS)
+SOLVED_HERE = check_notebooks(NOTEBOOKS, (*GRADER_SOLUTIONS, *GRADER_TWO_KERNELS))
+
+
+def _reads_answers(source: str) -> bool:
+    """Whether cell code names ``answer`` or ``recorded`` (comments aside; code that
+    does not parse as Python, a magic say, counts as reading them)."""
+    try:
+        names = {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)}
+    except SyntaxError:
+        return True
+    return bool(names & {"answer", "recorded"})
+
+
+def _only_literals(path: Path) -> bool:
+    """Whether ``path`` solved runs exactly the code of ``path`` blank but for literal
+    answers: each reference solution only assigns ``answer`` a literal and records it,
+    and no other cell reads ``answer`` or ``recorded(...)``."""
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        ex = grading.exercise_id(cell)
+        if ex is None:
+            if cell.cell_type == "code" and _reads_answers(cell.source):
+                return False
+            continue
+        for node in ast.parse(SOLUTIONS[ex]).body:
+            if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["answer"]:
+                try:
+                    ast.literal_eval(node.value)
+                    continue
+                except ValueError:
+                    return False
+            call = node.value if isinstance(node, ast.Expr) else None
+            if not (isinstance(call, ast.Call) and getattr(call.func, "id", None) == "record"):
+                return False
+    return True
+
+
+# Of those, the notebooks whose solutions are literals execute, solved, exactly the code
+# the blank run executes (no cell raising): the reference run grades them as a learner
+# saved them after running the exercise cells (their answers judged on the live guest,
+# nothing re-run), and executes the others.
+SAVED_HERE = [p for p in SOLVED_HERE if _only_literals(p)]
 
 
 def labkit_check(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
@@ -42,6 +89,22 @@ def test_every_exercise_has_a_cell_and_a_solution():
     assert ids == set(SOLUTIONS)
     for n in ("01", "02", "03", "04", "05", "06", "07"):
         assert any(e.notebook == n for e in EXERCISES), n
+
+
+def test_every_notebook_is_executed_blank_and_solved_against_a_guest_once():
+    """Between this file's two runs and the grader's tests (tests/test_summative.py),
+    every notebook is executed once as given and once with every reference
+    solution, and each of those runs asserts no cell raised."""
+    numbers = sorted(p.name[:2] for p in NOTEBOOKS)
+    assert set(SAVED_HERE) <= set(BLANK_HERE)       # executed blank, here
+    computed = {p.name[:2] for p in SOLVED_HERE if not _only_literals(p)}
+    assert {"01", "03", "07"} <= computed, computed  # solutions that measure (and 09: recorded(...))
+    assert not _only_literals(next(p for p in NOTEBOOKS if p.name.startswith("09-")))
+    by_the_grader = [*GRADER_SOLUTIONS, *GRADER_TWO_KERNELS]
+    assert sorted([p.name[:2] for p in SOLVED_HERE] + by_the_grader) == numbers
+    assert sorted([p.name[:2] for p in BLANK_HERE] + list(GRADER_BLANKS)) == numbers
+    solved = {e.id for e in EXERCISES if e.notebook in {p.name[:2] for p in SOLVED_HERE} | set(by_the_grader)}
+    assert solved == {e.id for e in EXERCISES}
 
 
 def test_answer_payloads_and_literals():
@@ -150,6 +213,7 @@ def check_vm():
 
 
 def _assert_json_shape(data: dict, paths: list[Path]) -> None:
+    numbers = {p.name[:2] for p in paths}
     assert set(data) == {"notebooks", "score", "max", "passed"}
     assert [Path(n["path"]).name for n in data["notebooks"]] == [p.name for p in paths]
     for n in data["notebooks"]:
@@ -159,21 +223,23 @@ def _assert_json_shape(data: dict, paths: list[Path]) -> None:
             assert set(c) == {"id", "title", "points", "max", "passed", "message"}
             assert c["points"] in (0, c["max"]) and c["message"]
         assert n["score"] == sum(c["points"] for c in n["checks"])
-    assert data["max"] == sum(e.points for e in EXERCISES)
+    assert data["max"] == sum(e.points for e in EXERCISES if e.notebook in numbers)
     assert data["score"] == sum(n["score"] for n in data["notebooks"])
 
 
-# The two runs of the whole course are the suite's longest tests: under `make test` they run
-# side by side on the two workers (each worker has its own lab VM): tests/suite_areas.py.
+# The two runs of the course (blank: BLANK_HERE; solved: SOLVED_HERE) are among the suite's longest
+# tests: under `make test` they can run side by side on the two workers (each worker has its own lab
+# VM): tests/suite_areas.py.
 @pytest.mark.integration
 @pytest.mark.timeout(2400)
 @pytest.mark.fresh_guest("the notebooks attach to a persistent lab VM by name (LABKIT_VM)")
 def test_blank_notebooks_score_zero(check_vm, tmp_path, artifacts):
-    """Also the one run of every student notebook as given (tests/test_notebooks.py
-    used to execute them a second time): each executes headless against the live
-    guest with no cell raising."""
+    """Also the one run of the student notebooks as given (tests/test_notebooks.py
+    used to execute them a second time; the grader's tests run the others, blank,
+    with the same assertions): each executes headless against the live guest with
+    no cell raising."""
     copies = []
-    for p in NOTEBOOKS:      # copies, so nothing can touch the committed notebooks
+    for p in BLANK_HERE:      # copies, so nothing can touch the committed notebooks
         (tmp_path / p.name).write_bytes(p.read_bytes())
         copies.append(tmp_path / p.name)
     t0 = time.monotonic()
@@ -195,19 +261,30 @@ def test_blank_notebooks_score_zero(check_vm, tmp_path, artifacts):
 @pytest.mark.fresh_guest("the notebooks attach to a persistent lab VM by name (LABKIT_VM)")
 def test_reference_solutions_score_full_marks(check_vm, tmp_path, artifacts):
     copies = []
-    for p in NOTEBOOKS:
+    for p in SOLVED_HERE:      # the grader's tests give the others' solutions full marks
         nb = nbformat.read(p, as_version=4)
         assert fill(nb), p.name
+        if p in SAVED_HERE:    # what JupyterLab saves after the learner ran the exercise cells
+            for cell in nb.cells:
+                ex = grading.exercise_id(cell)
+                if ex:
+                    value = grading.literal_answer(cell.source)["value"]
+                    cell.outputs = [nbformat.v4.new_output("display_data", data={
+                        grading.MIME: grading.answer_payload(ex, value), "text/plain": "recorded"})]
+                    cell.execution_count = 1
         nbformat.write(nb, tmp_path / p.name)
         copies.append(tmp_path / p.name)
     t0 = time.monotonic()
     r = labkit_check(*map(str, copies))        # the text report first ...
     (artifacts / "check-solutions.seconds").write_text(f"{time.monotonic() - t0:.1f}\n")
     (artifacts / "check-solutions.txt").write_text(r.stdout + r.stderr)
-    total = sum(e.points for e in EXERCISES)
+    total = sum(e.points for e in EXERCISES if e.notebook in {p.name[:2] for p in SOLVED_HERE})
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
     assert f"Score: {total}/{total}" in r.stdout
     assert "FAIL" not in r.stdout and "note: cell" not in r.stdout   # no cell raised
+    for p in copies:
+        how = "graded from its saved outputs" if p.name in {s.name for s in SAVED_HERE} else "executed now"
+        assert f"{p} ({how}" in r.stdout, (p.name, how)
 
 
 @pytest.mark.integration

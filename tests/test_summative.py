@@ -8,7 +8,10 @@ students' notebooks 00 and 04 (the reference solutions; blanks; forged saved
 outputs) graded in one run with two guests at a time, notebooks 09 and 06
 (two kernels: the grader starts the companion VM) with full marks, and a
 notebook that panics its guest (its answer, recorded before, is still judged:
-on the fresh judging guest). Hostile classes: tests/test_grader_hostile.py."""
+on the fresh judging guest). Hostile classes: tests/test_grader_hostile.py.
+These runs are also the course's one execution of those notebooks, blank or
+with the reference solutions (no cell may raise): tests/test_check.py's
+``labkit check`` runs leave them out (tests/course_solutions.py)."""
 
 from __future__ import annotations
 
@@ -25,13 +28,12 @@ from types import SimpleNamespace
 
 import nbformat
 import pytest
+from course_solutions import GRADER_BLANKS, GRADER_SOLUTIONS, GRADER_TWO_KERNELS, fill
 
 from labkit.course import gradebook, grading, sandbox, summative
 from labkit.course.exercises import BY_ID, for_notebook
 from labkit.course.judge import ExerciseResult
 from labkit.errors import ConfigError, GuestPanic
-
-from course_solutions import fill
 
 ROOT = Path(__file__).parent.parent
 NOTEBOOKS = {p.name[:2]: p for p in (ROOT / "notebooks").glob("[0-9][0-9]-*.ipynb")}
@@ -236,8 +238,9 @@ def graded(tmp_path_factory):
     artifacts.mkdir(exist_ok=True)
     require_image("6.1")
     base = tmp_path_factory.mktemp("submissions")
-    for number in ("00", "04"):
+    for number in GRADER_SOLUTIONS:
         write_nb(base / "alice", number, "solutions")
+    for number in GRADER_BLANKS:
         write_nb(base / "bob", number, "blank")
     write_nb(base / "carol", "00", "blank", edit=_forge)
     out = base / "out"
@@ -254,7 +257,7 @@ def graded(tmp_path_factory):
 @pytest.mark.fresh_guest("the grader boots a fresh guest per notebook, and one to judge it")
 @pytest.mark.timeout(1600)
 def test_reference_solutions_full_marks_blanks_and_forgeries_zero(graded):
-    scores = {}
+    scores, feedback = {}, {}
     for student in ("alice", "bob", "carol"):
         data = json.loads((graded.out / f"{student}.json").read_text())
         for nb in data["notebooks"]:
@@ -263,11 +266,17 @@ def test_reference_solutions_full_marks_blanks_and_forgeries_zero(graded):
             assert re.fullmatch(r"\d+\.\d+\.\d+-\S+", nb["kernel_release"]), nb
             assert nb["labkit_version"] and nb["started_at"] and nb["duration_s"] > 0
             scores[(student, nb["notebook"])] = (nb["score"], nb["max"], nb["reason"], nb["cell_errors"])
-    for number in ("00", "04"):
+            feedback[(student, nb["notebook"])] = [e["feedback"] for e in nb["exercises"]]
+    for number in GRADER_SOLUTIONS:
         top = sum(e.points for e in for_notebook(number))
         score, mx, reason, errors = scores[("alice", number)]
         assert (score, mx) == (top, top) and not reason and not errors, scores[("alice", number)]
-        assert scores[("bob", number)][:2] == (0, top)
+    for number in GRADER_BLANKS:       # the notebook as given: no cell raises, nothing is answered
+        top = sum(e.points for e in for_notebook(number))
+        score, mx, reason, errors = scores[("bob", number)]
+        assert (score, mx) == (0, top) and not reason and not errors, scores[("bob", number)]
+        said = feedback[("bob", number)]
+        assert len(said) == len(for_notebook(number)) and all("not answered yet" in f for f in said), said
     assert scores[("carol", "00")][:2] == (0, 1)     # the forged saved output was not believed
 
 
@@ -328,7 +337,7 @@ def _companion_qemus() -> list[str]:
 @pytest.mark.integration
 @pytest.mark.fresh_guest("the grader boots a fresh guest per notebook, and one to judge it")
 @pytest.mark.timeout(1500)
-@pytest.mark.parametrize("number, other", [("09", "7.3"), ("06", "6.12")])
+@pytest.mark.parametrize("number, other", list(GRADER_TWO_KERNELS.items()))
 def test_a_notebook_comparing_two_kernels_gets_full_marks(number, other, tmp_path):
     """Notebooks 06 and 09 attach to a companion VM of another kernel: the
     grader starts it next to "grade" (the sandbox cannot boot one), exposes
