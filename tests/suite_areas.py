@@ -75,8 +75,8 @@ TEST_GROUPS = {
 PER_KERNEL = {"test_lab.py", "test_odp.py", "test_observe.py", "test_dashboard.py", "test_guest.py"}
 # Groups that take longest come first, so that neither worker is left with a long one at the
 # end (from the time per area of earlier runs; everything else follows in file order).
-LONGEST_FIRST = ["grading", "check-reference", "class", "check-blank", "test_lab-7.3", "test_lab-6.12",
-                 "test_lab-6.1", "faults", "test_nbgrader"]
+LONGEST_FIRST = ["test_server_guest", "grading", "check-reference", "class", "check-blank", "test_lab-7.3",
+                 "test_lab-6.12", "test_lab-6.1", "faults", "test_nbgrader"]
 
 
 def group_of(nodeid: str) -> str:

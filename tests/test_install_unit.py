@@ -1,6 +1,6 @@
 """The class installer's pieces that need no server (labkit.deploy.install, .deliver) and the hub
-config it installs, loaded the way JupyterHub loads it. Running the installer for real needs a
-systemd + cgroup-v2 host: see the server-guest test of the class-servers issue."""
+config it installs, loaded the way JupyterHub loads it. The installer run for real, on a
+systemd + cgroup-v2 server: tests/test_server_guest.py."""
 
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ def test_the_environment_keeps_the_instructors_token_across_runs(tmp_path):
     assert env["LABKIT_HUB_ADMIN_TOKEN"] == "tok123" and env["LABKIT_HUB_ADMINS"] == "prof,ta"
     assert env["LABKIT_HUB_SPAWNER"] == "systemd" and env["LABKIT_HUB_PORT"] == "8443"
     assert env["LABKIT_HUB_SSL_CERT"] == str(tmp_path / "tls" / "hub.crt")
+    assert "LABKIT_BOOT_TIMEOUT" not in env
+    slow = install.read_env_text(install.env_text(install.plan_from(boot_timeout=900), "t"))
+    assert slow["LABKIT_BOOT_TIMEOUT"] == "900"
     with pytest.raises(install.InstallError, match="environment file"):
         install.env_text(install.plan_from(group='bad"group'), "t")
 
@@ -95,6 +98,9 @@ def test_the_installed_hub_config_has_tls_tasksmax_admins_notebooks_and_keeps_se
                          LABKIT_HUB_ADMIN_TOKEN="t")
     assert c.JupyterHub.spawner_class == "systemdspawner.SystemdSpawner"
     assert c.SystemdSpawner.unit_extra_properties == {"TasksMax": "512"}
+    # systemd turns "$$" into "$" in a unit's command: the shell must still get "$$" (its own PID)
+    assert "LABKIT_LIFETIME_PID=$$$$;" in c.Spawner.cmd[2]
+    assert "LABKIT_BOOT_TIMEOUT" in c.Spawner.env_keep
     assert c.JupyterHub.ssl_cert == "/etc/labkit/tls/hub.crt" and c.JupyterHub.ssl_key == "/etc/labkit/tls/hub.key"
     assert c.Authenticator.admin_users == {"prof", "ta"}
     assert c.JupyterHub.cleanup_servers is False
@@ -108,4 +114,31 @@ def test_without_those_settings_the_hub_config_has_none_of_them(tmp_path, monkey
         monkeypatch.delenv(k, raising=False)
     c = _load_hub_config(monkeypatch, LABKIT_HUB_DIR=str(tmp_path / "hub"), LABKIT_HUB_SPAWNER="cgroup")
     assert "ssl_cert" not in c.JupyterHub and "pre_spawn_hook" not in c.Spawner
+    assert "LABKIT_LIFETIME_PID=$$;" in c.Spawner.cmd[2]      # a shell started directly
     assert c.Authenticator.admin_users == set()
+
+
+def test_the_installer_runs_with_nothing_but_the_distributions_python(tmp_path):
+    """`sudo python3 -m labkit.deploy.install` on a server with no labkit yet: Debian's python3,
+    no venv, no PYTHONPATH, none of labkit's dependencies."""
+    import subprocess
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    r = subprocess.run(["/usr/bin/python3", "-m", "labkit.deploy.install", "--help"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "--npm-cache" in r.stdout and "--boot-timeout" in r.stdout and "--wheels" in r.stdout
+    r = subprocess.run(["/usr/bin/python3", "-m", "labkit.deploy.install", "--images", str(tmp_path / "none")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("labkit: error: cannot install here") and \
+        "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_passwords_file_that_exists_is_refused_before_any_account(tmp_path):
+    from labkit.deploy import accounts
+    given = tmp_path / "passwords.csv"
+    given.write_text("username,password\nada,secret\n")
+    with pytest.raises(accounts.AccountError, match="may hold passwords already handed out"):
+        accounts.check_password_file(given)
+    with pytest.raises(accounts.AccountError, match="not a directory"):
+        accounts.check_password_file(tmp_path / "no" / "such.csv")
+    accounts.check_password_file(tmp_path / "new.csv")

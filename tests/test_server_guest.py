@@ -35,7 +35,8 @@ from server_guest import MEDIA, Server, make_media
 from labkit.image import DEFAULT_KERNEL
 from labkit.image import server as server_image
 
-pytestmark = [pytest.mark.integration]
+# the first test carries the module fixture: a server boot and a whole install under TCG
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
 
 LEARNERS = ("ada", "grace")
 ADMIN = "teacher"
@@ -44,7 +45,7 @@ BOOT_TIMEOUT = 1500             # s a nested-TCG guest may take to start (measur
 MEMORY, CPUS, TASKS = "2G", 1.0, 1024   # the installer's defaults, read back from cgroup v2
 INSTALL = (f"cd {MEDIA}/source && python3 -m labkit.deploy.install --admins {ADMIN} --images {MEDIA}/images "
            f"--wheels {MEDIA}/wheels --npm-cache {MEDIA}/npm-cache --kernels {DEFAULT_KERNEL} --cull-timeout {CULL_TIMEOUT} "
-           f"--boot-timeout {BOOT_TIMEOUT}")
+           f"--boot-timeout {BOOT_TIMEOUT} --accel tcg")
 VENV = "/opt/labkit/venv"
 
 DOCTOR_AND_GUEST_CELL = f"KERNEL = {DEFAULT_KERNEL!r}\n" + """
@@ -216,10 +217,10 @@ def test_a_learners_cell_runs_doctor_and_starts_a_guest_under_nested_tcg(klass):
     res = klass.cell = result_of(cell.stdout)
     klass.figures["nested_guest"] = res
     assert res["doctor_rc"] == 0, res["doctor"]
-    # the accelerator the learner gets (QEMU's TCG emulates AMD-V, so the server has a KVM of its own
-    # for learners in the kvm group, which enrol puts them in): the doctor names it and why
+    # the accelerator the installer was told (QEMU's TCG emulates AMD-V, so the server has a /dev/kvm,
+    # but guests under it hung in 2 of 3 starts here): the doctor names it
     accel = re.search(r"\[ok  \] accelerator +(.*)", res["doctor"])
-    assert accel, res["doctor"]
+    assert accel and accel.group(1).startswith("TCG"), res["doctor"]
     klass.figures["nested_accelerator"] = accel.group(1)
     assert res["uname"].startswith(DEFAULT_KERNEL), res
     # started warm from the snapshot the installer put in the shared read-only cache

@@ -95,6 +95,7 @@ class Plan:
     tasks: int = 1024
     cull_timeout: int = 1800
     boot_timeout: int | None = None     # LABKIT_BOOT_TIMEOUT for every guest (None: labkit's default)
+    accel: str | None = None            # LABKIT_ACCEL for every guest (None: KVM where it works, else TCG)
 
     @property
     def venv(self) -> Path:
@@ -158,6 +159,8 @@ def env_text(plan: Plan, admin_token: str) -> str:
     }
     if plan.boot_timeout:
         values["LABKIT_BOOT_TIMEOUT"] = str(plan.boot_timeout)
+    if plan.accel:
+        values["LABKIT_ACCEL"] = plan.accel
     for k, v in values.items():
         if "\n" in v or '"' in v:
             raise InstallError(f"{k} would be {v!r}, which an environment file cannot hold",
@@ -184,11 +187,14 @@ class HubEnv:
 
 def read_env(path: Path) -> dict[str, str]:
     """The values of an environment file written by :func:`env_text`."""
-    out: dict[str, str] = {}
     try:
-        text = path.read_text()
+        return read_env_text(path.read_text())
     except OSError:
-        return out
+        return {}
+
+
+def read_env_text(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
     for line in text.splitlines():
         if "=" in line and not line.lstrip().startswith("#"):
             k, _, v = line.partition("=")
@@ -228,6 +234,8 @@ def steps(plan: Plan, say: Say) -> list[Step]:
                 "LABKIT_AUTO_BUILD": "0", "LABKIT_LIFETIME_PID": "0"}
     if plan.boot_timeout:
         root_env["LABKIT_BOOT_TIMEOUT"] = str(plan.boot_timeout)
+    if plan.accel:
+        root_env["LABKIT_ACCEL"] = plan.accel       # the snapshot is made with the learners' accelerator
 
     def missing_packages() -> list[str]:
         out = []
@@ -361,14 +369,16 @@ def steps(plan: Plan, say: Say) -> list[Step]:
                 t0 = time.monotonic()
                 name = "install-" + k.replace(".", "-")
                 env = {**root_env, "LABKIT_STATE_DIR": str(scratch / "state"), "LABKIT_CACHE_DIR": str(scratch / "c")}
-                run(labkit + ["vm", "start", "--name", name, "--kernel", k], env=env, what=f"the {k} warm-up guest",
-                    timeout=3600)
+                started = run(labkit + ["vm", "start", "--name", name, "--kernel", k], env=env,
+                              what=f"the {k} warm-up guest", timeout=3600)
                 run(labkit + ["vm", "stop", "--name", name], env=env, what=f"stopping the {k} warm-up guest")
                 # the one the warm-up made, or restored when it was there already: the newest of k's
                 newest = max(snaps.glob(f"{k}-*/meta.json"), key=lambda p: p.stat().st_mtime, default=None)
                 if newest is None:
-                    raise InstallError(f"the {k} warm-up guest left no snapshot in {snaps}",
-                                       hint=f"see `{labkit[0]} doctor`; the learners' guests will boot cold meanwhile")
+                    said = (started.stdout + started.stderr).replace("\x1b[K", "").strip()[-1500:]
+                    raise InstallError(f"the {k} warm-up guest left no snapshot in {snaps}: {said}",
+                                       hint=f"see `{labkit[0]} doctor`; the learners' guests boot cold meanwhile; "
+                                            "where KVM is unreliable (nested), --accel tcg")
                 made[k] = {"ident": snapshot_ident(k), "snapshot": newest.parent.name,
                            "seconds": round(time.monotonic() - t0, 1)}
                 _write(stamp, json.dumps(made, indent=1, sort_keys=True) + "\n", 0o644)
@@ -536,6 +546,9 @@ def add_arguments(ins: argparse.ArgumentParser) -> None:
     ins.add_argument("--boot-timeout", type=int, default=None, metavar="SECONDS",
                      help="how long a guest may take to start (default: labkit's, 120 s under TCG); raise it on "
                           "a host that emulates slowly, e.g. a server that is itself a VM without nested KVM")
+    ins.add_argument("--accel", choices=("kvm", "tcg"), default=None,
+                     help="the accelerator of every guest, the warm-up's included (default: KVM where it works, "
+                          "else TCG); tcg where KVM is there but unreliable, e.g. nested in a VM")
     ins.add_argument("--dry-run", action="store_true", help="say which steps would run, change nothing")
 
 
@@ -544,7 +557,7 @@ def run_from(args: argparse.Namespace) -> int:
                      kernels=tuple(args.kernels) if args.kernels else None, images_from=args.images,
                      wheels=args.wheels, npm_cache=args.npm_cache, source=args.source, cert=args.cert, key=args.key, memory=args.memory,
                      cpus=args.cpus, group=args.group, cull_timeout=args.cull_timeout,
-                     boot_timeout=args.boot_timeout)
+                     boot_timeout=args.boot_timeout, accel=args.accel)
     took = install(plan, say=lambda line: print(line, flush=True), dry_run=args.dry_run)
     if not args.dry_run:
         print(f"done in {sum(took.values()):.0f} s: https://<this host>:{plan.port}/ ; next: "
