@@ -104,7 +104,7 @@ def create_snapshot(launch: Launch, key: str, pubkey: str, timeout: float) -> sn
                 "host_key": list(info.host_key), "kernel_release": launch.boot.kernel_release,
                 "cold_boot_seconds": info.boot_seconds, "qemu": snapshot.qemu_version(),
                 "accel": cfg.accel, "memory_mb": cfg.memory_mb, "smp": cfg.smp,
-                "nvdimm_mb": [d.size_mb for d in cfg.nvdimms]})
+                "nvdimm_mb": [d.size_mb for d in cfg.nvdimms]}, timeout=max(120.0, timeout))
     finally:
         launch.abort()     # the snapshot's guest is never the one handed over
 
