@@ -77,6 +77,7 @@ class Settings:
     # LABKIT_BOOT_TIMEOUT: seconds a restore or cold boot may take to SSH-ready (None: the
     # accelerator's default); a host that emulates slowly (nested emulation) raises it
     boot_timeout: float | None = None
+    warm_start: bool = True                              # LABKIT_WARM_START=0: every start boots cold
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -99,6 +100,8 @@ class Settings:
             accel=_accel(e.get("LABKIT_ACCEL", "")),
             tcg_cache_mb=_tcg_cache_mb(e.get("LABKIT_TCG_CACHE_MB", "")),
             auto_build=_flag(e, "LABKIT_AUTO_BUILD", True, "0 refuses to build a missing image; 1 builds it"),
+            warm_start=_flag(e, "LABKIT_WARM_START", True, "0 boots every guest cold (no warm-start snapshot is "
+                                                           "made or restored); 1 warm-starts"),
             mirror=e.get("LABKIT_MIRROR", ""),
             apt_sources=Path(e["LABKIT_APT_SOURCES"]) if e.get("LABKIT_APT_SOURCES") else None,
             free_page_reporting=_free_page_reporting(e.get("LABKIT_FREE_PAGE_REPORTING", "1")),

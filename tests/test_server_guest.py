@@ -45,7 +45,7 @@ BOOT_TIMEOUT = 1500             # s a nested-TCG guest may take to start (measur
 MEMORY, CPUS, TASKS = "2G", 1.0, 1024   # the installer's defaults, read back from cgroup v2
 INSTALL = (f"cd {MEDIA}/source && python3 -m labkit.deploy.install --admins {ADMIN} --images {MEDIA}/images "
            f"--wheels {MEDIA}/wheels --npm-cache {MEDIA}/npm-cache --kernels {DEFAULT_KERNEL} --cull-timeout {CULL_TIMEOUT} "
-           f"--boot-timeout {BOOT_TIMEOUT} --accel tcg")
+           f"--boot-timeout {BOOT_TIMEOUT} --accel tcg --no-warm-start")
 VENV = "/opt/labkit/venv"
 
 DOCTOR_AND_GUEST_CELL = f"KERNEL = {DEFAULT_KERNEL!r}\n" + """
@@ -223,8 +223,9 @@ def test_a_learners_cell_runs_doctor_and_starts_a_guest_under_nested_tcg(klass):
     assert accel and accel.group(1).startswith("TCG"), res["doctor"]
     klass.figures["nested_accelerator"] = accel.group(1)
     assert res["uname"].startswith(DEFAULT_KERNEL), res
-    # started warm from the snapshot the installer put in the shared read-only cache
-    assert res["kind"] == "warm", res
+    # cold: Debian 13's QEMU 10.0 under TCG crashes saving a snapshot (an assertion in
+    # tlb_reset_dirty_range_all), so this server runs without warm starts (--no-warm-start)
+    assert res["kind"] == "cold", res
     assert klass.qemu_pids("ada") == [res["pid"]]
     # the guest runs inside the learner's unit
     cg = klass.server.sh(f"cat /proc/{res['pid']}/cgroup")[1].strip()

@@ -18,7 +18,7 @@ learners, who log in with their Unix password through PAM) [labkit-learners],
 LABKIT_HUB_MEM [2G], LABKIT_HUB_CPUS [1.0], LABKIT_HUB_PIDS [1024],
 LABKIT_HUB_CGROUP_PARENT (cgroup spawner only) [labkit-hub],
 LABKIT_HUB_CULL_TIMEOUT (s idle before a server and its VM are stopped) [1800],
-LABKIT_HUB_CULL_EVERY [60], LABKIT_HUB_ACTIVITY_INTERVAL [60],
+LABKIT_HUB_CULL_EVERY [60, or half the timeout if that is less], LABKIT_HUB_ACTIVITY_INTERVAL [60],
 LABKIT_HUB_SPAWN_LIMIT (servers starting at once; 0 = no limit) [10 per core],
 LABKIT_HUB_ADMIN_TOKEN (an API token for the instructor's scripts: enrol, list,
 start and stop; it cannot mint tokens; none when unset), LABKIT_HUB_ADMINS (Unix
@@ -26,7 +26,7 @@ users who get /hub/admin) [none], LABKIT_HUB_SSL_CERT and LABKIT_HUB_SSL_KEY (HT
 [none], LABKIT_HUB_NOTEBOOKS (the release delivered into ~/notebooks) [none], LABKIT_HUB_PROXY (configurable-http-proxy's path).
 LABKIT_START_QUEUE_DIR (labkit's host-wide guest start queue, made sticky and shared by the hub)
 [/run/labkit-start-queue]. The learners' servers get LABKIT_IMAGES_DIR, LABKIT_SHARED_CACHE_DIR
-the start queue's LABKIT_START_SLOTS/_QUEUE_TIMEOUT and LABKIT_BOOT_TIMEOUT from the hub's environment.
+the start queue's LABKIT_START_SLOTS/_QUEUE_TIMEOUT, LABKIT_BOOT_TIMEOUT and LABKIT_WARM_START from the hub's environment.
 """
 
 import os
@@ -115,7 +115,7 @@ if NOTEBOOKS:
     c.Spawner.pre_spawn_hook = _deliver_notebooks
 
 c.Spawner.env_keep = ["LANG", "LC_ALL", "LABKIT_IMAGES_DIR", "LABKIT_SHARED_CACHE_DIR", "LABKIT_ACCEL",
-                      "LABKIT_AUTO_BUILD", "LABKIT_BOOT_TIMEOUT",
+                      "LABKIT_AUTO_BUILD", "LABKIT_BOOT_TIMEOUT", "LABKIT_WARM_START",
                       # the host-wide guest start queue's settings, the same for every learner
                       "LABKIT_START_SLOTS", "LABKIT_START_QUEUE_TIMEOUT"]
 # The start queue paces the learners' guest starts only if it is one directory for all of them: its
@@ -154,11 +154,12 @@ else:
     raise SystemExit(f"LABKIT_HUB_SPAWNER={spawner!r}: use 'cgroup' or 'systemd'")
 
 # -- services: the idle culler, and an admin token for the instructor's scripts ----------------
+# The culler looks every minute, or twice per timeout where the timeout is shorter.
+CULL_TIMEOUT = int(env("LABKIT_HUB_CULL_TIMEOUT", "1800"))
 c.JupyterHub.services = [{
     "name": "idle-culler",
-    "command": [sys.executable, "-m", "jupyterhub_idle_culler",
-                f"--timeout={int(env('LABKIT_HUB_CULL_TIMEOUT', '1800'))}",
-                f"--cull-every={int(env('LABKIT_HUB_CULL_EVERY', '60'))}"],
+    "command": [sys.executable, "-m", "jupyterhub_idle_culler", f"--timeout={CULL_TIMEOUT}",
+                f"--cull-every={int(env('LABKIT_HUB_CULL_EVERY', str(min(60, max(5, CULL_TIMEOUT // 2)))))}"],
 }]
 c.JupyterHub.load_roles = [{
     "name": "idle-culler",

@@ -96,6 +96,7 @@ class Plan:
     cull_timeout: int = 1800
     boot_timeout: int | None = None     # LABKIT_BOOT_TIMEOUT for every guest (None: labkit's default)
     accel: str | None = None            # LABKIT_ACCEL for every guest (None: KVM where it works, else TCG)
+    warm_start: bool = True             # False: no snapshots; every guest boots cold (LABKIT_WARM_START=0)
 
     @property
     def venv(self) -> Path:
@@ -161,6 +162,8 @@ def env_text(plan: Plan, admin_token: str) -> str:
         values["LABKIT_BOOT_TIMEOUT"] = str(plan.boot_timeout)
     if plan.accel:
         values["LABKIT_ACCEL"] = plan.accel
+    if not plan.warm_start:
+        values["LABKIT_WARM_START"] = "0"
     for k, v in values.items():
         if "\n" in v or '"' in v:
             raise InstallError(f"{k} would be {v!r}, which an environment file cannot hold",
@@ -348,6 +351,8 @@ def steps(plan: Plan, say: Say) -> list[Step]:
                 "qemu": qemu}
 
     def snapshots_ok() -> bool:
+        if not plan.warm_start:
+            return True         # --no-warm-start: every guest boots cold, no snapshot is wanted
         made = json.loads(stamp.read_text())
         return all(made.get(k, {}).get("ident") == snapshot_ident(k)
                    and (plan.shared_cache / "snapshots" / made[k]["snapshot"] / "meta.json").is_file()
@@ -549,6 +554,9 @@ def add_arguments(ins: argparse.ArgumentParser) -> None:
     ins.add_argument("--accel", choices=("kvm", "tcg"), default=None,
                      help="the accelerator of every guest, the warm-up's included (default: KVM where it works, "
                           "else TCG); tcg where KVM is there but unreliable, e.g. nested in a VM")
+    ins.add_argument("--no-warm-start", dest="warm_start", action="store_false", default=None,
+                     help="make no warm-start snapshots: every guest boots cold (where QEMU cannot save one, "
+                          "e.g. Debian 13's QEMU 10.0 under TCG, which crashes in the save)")
     ins.add_argument("--dry-run", action="store_true", help="say which steps would run, change nothing")
 
 
@@ -557,7 +565,7 @@ def run_from(args: argparse.Namespace) -> int:
                      kernels=tuple(args.kernels) if args.kernels else None, images_from=args.images,
                      wheels=args.wheels, npm_cache=args.npm_cache, source=args.source, cert=args.cert, key=args.key, memory=args.memory,
                      cpus=args.cpus, group=args.group, cull_timeout=args.cull_timeout,
-                     boot_timeout=args.boot_timeout, accel=args.accel)
+                     boot_timeout=args.boot_timeout, accel=args.accel, warm_start=args.warm_start)
     took = install(plan, say=lambda line: print(line, flush=True), dry_run=args.dry_run)
     if not args.dry_run:
         print(f"done in {sum(took.values()):.0f} s: https://<this host>:{plan.port}/ ; next: "

@@ -402,12 +402,16 @@ def wait_migration(qmp: QMPChannel, query: str, timeout: float) -> dict:
     st = qmp.command(query)
     while st.get("status") not in DONE:
         try:
-            qmp.wait_event(("MIGRATION",), timeout=max(0.1, deadline.remaining))
+            # in slices: a QEMU that dies sends no event, and the query after the slice says so at once
+            qmp.wait_event(("MIGRATION",), timeout=max(0.1, min(5.0, deadline.remaining)))
         except ChannelError as exc:
             if deadline.expired:
                 raise GuestTimeout(f"QEMU's migration to finish (status {st.get('status')})", timeout) from exc
-            raise
-        st = qmp.command(query)
+        try:
+            st = qmp.command(query)
+        except ChannelError as exc:
+            raise LaunchError(f"QEMU exited during the migration (status was {st.get('status')}): see its "
+                              "log (qemu.log in the VM's state directory)") from exc
     if st["status"] != "completed":
         raise LaunchError(f"QEMU migration {st['status']}: {st.get('error-desc', 'no reason given')}")
     return st

@@ -68,7 +68,9 @@ class VM:
         self.name = check_name(name)
         self.nvdimms = check_sizes(memory_mb, nvdimms)   # validated before anything is created on disk
         self.tcg_cache_mb = self.settings.tcg_cache_mb if tcg_cache_mb is None else tcg_cache_mb
-        self.kernel, self.persistent, self.memory_mb, self.warm = kernel, persistent, memory_mb, warm
+        # LABKIT_WARM_START=0: no snapshot is made or restored (a host whose QEMU cannot save one)
+        self.kernel, self.persistent, self.memory_mb = kernel, persistent, memory_mb
+        self.warm = warm and self.settings.warm_start
         self.smp = smp or min(2, os.cpu_count() or 1)
         self.accel_forced, self.boot_timeout, self.on_console_line = accel, boot_timeout, on_console_line
         self._tmpdir: str | None = None
