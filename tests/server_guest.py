@@ -56,7 +56,8 @@ def wheels_for_server(python: str, into: Path) -> float:
     run(pip + ["wheel", "--no-deps", "-w", str(into), str(REPO)], timeout=600)
     (labkit_wheel,) = into.glob("labkit-*.whl")
     run(pip + ["download", "-d", str(into), "--only-binary=:all:", "--python-version", SERVER_PYTHON,
-               "--implementation", "cp", *(a for p in SERVER_PLATFORMS for a in ("--platform", p)), str(labkit_wheel), *HUB_PACKAGES],
+               "--implementation", "cp", *(a for p in SERVER_PLATFORMS for a in ("--platform", p)),
+               str(labkit_wheel), *HUB_PACKAGES],
         timeout=900)
     return time.monotonic() - t0
 

@@ -57,6 +57,8 @@ def test_a_dry_run_lists_every_step_and_changes_nothing(tmp_path):
     steps = [ln for ln in lines if not ln.startswith("note: ")]
     assert len(steps) == len(install.steps(plan, print)) and all(ln.split()[0] in ("ok", "todo") for ln in steps)
     assert any("service labkit-hub.service" in ln for ln in lines)
+    # every kernel the course's notebooks start (06 and 09 start a second guest on 6.12 and 7.3)
+    assert any("guest images 6.1, 6.12, 7.3, 5.10 in" in ln for ln in lines), lines
     assert sorted(os.listdir(tmp_path)) == []
 
 
@@ -97,7 +99,7 @@ def test_the_installed_hub_config_has_tls_tasksmax_admins_notebooks_and_keeps_se
                          LABKIT_HUB_PIDS="512", LABKIT_HUB_ADMINS="prof,ta", LABKIT_HUB_NOTEBOOKS="/opt/labkit/notebooks",
                          LABKIT_HUB_ADMIN_TOKEN="t")
     assert c.JupyterHub.spawner_class == "systemdspawner.SystemdSpawner"
-    assert c.SystemdSpawner.unit_extra_properties == {"TasksMax": "512"}
+    assert c.SystemdSpawner.unit_extra_properties == {"TasksMax": "512", "CollectMode": "inactive-or-failed"}
     # systemd turns "$$" into "$" in a unit's command: the shell must still get "$$" (its own PID)
     assert "LABKIT_LIFETIME_PID=$$$$;" in c.Spawner.cmd[2]
     assert "LABKIT_BOOT_TIMEOUT" in c.Spawner.env_keep

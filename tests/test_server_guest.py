@@ -28,8 +28,9 @@ import sys
 import time
 
 import pytest
+import requests
 from conftest import ARTIFACTS, require_image
-from hubsetup import HubClient, KeepAlive, Learner, execute
+from hubsetup import HubClient, KeepAlive, Learner, execute, wait_until
 from server_guest import MEDIA, Server, make_media
 
 from labkit.image import DEFAULT_KERNEL
@@ -44,7 +45,8 @@ CULL_TIMEOUT = 60               # s idle before the culler stops a learner's ser
 BOOT_TIMEOUT = 1500             # s a nested-TCG guest may take to start (measured: see the artifact)
 MEMORY, CPUS, TASKS = "2G", 1.0, 1024   # the installer's defaults, read back from cgroup v2
 INSTALL = (f"cd {MEDIA}/source && python3 -m labkit.deploy.install --admins {ADMIN} --images {MEDIA}/images "
-           f"--wheels {MEDIA}/wheels --npm-cache {MEDIA}/npm-cache --kernels {DEFAULT_KERNEL} --cull-timeout {CULL_TIMEOUT} "
+           f"--wheels {MEDIA}/wheels --npm-cache {MEDIA}/npm-cache --kernels {DEFAULT_KERNEL} "
+           f"--cull-timeout {CULL_TIMEOUT} "
            f"--boot-timeout {BOOT_TIMEOUT} --accel tcg --no-warm-start")
 VENV = "/opt/labkit/venv"
 
@@ -66,6 +68,14 @@ import json, labkit
 vm = labkit.connect()
 print("RESULT " + json.dumps({"pid": vm.record.pid, "up": vm.run(["true"]).returncode == 0}))
 """
+
+
+def _status(hub: HubClient, lr: Learner) -> int:
+    try:
+        return requests.get(f"{hub.url}/user/{lr.name}/api/status", headers={"Authorization": f"token {lr.token}"},
+                            timeout=30, verify=hub.verify).status_code
+    except requests.RequestException:
+        return 0
 
 
 def result_of(stdout: str) -> dict:
@@ -255,6 +265,10 @@ def test_a_hub_restart_keeps_both_servers_and_the_guest(klass):
     s.sh("systemctl restart labkit-hub.service")
     hub.wait_up(timeout=600)
     klass.figures["hub_restart_s"] = round(time.monotonic() - t0, 1)
+    # the restarted hub puts the learners' routes back into the proxy (restarted with it)
+    lr = klass.learners["ada"]
+    wait_until(lambda: _status(hub, lr) == 200, 600, "ada's server answering through the proxy again")
+    klass.figures["server_reachable_after_restart_s"] = round(time.monotonic() - t0, 1)
     after = {n: s.sh(f"systemctl show -p MainPID --value {klass.unit(n)}")[1].strip() for n in LEARNERS}
     assert after == before, (before, after)
     assert klass.qemu_pids("ada") == [klass.cell["pid"]]
@@ -292,7 +306,8 @@ def test_stopping_everything_leaves_no_process_and_no_unit(klass):
     units = s.sh("systemctl list-units 'labkit-*' --state=active,activating,deactivating,failed --no-legend "
                  "--no-pager")[1].strip()
     assert units == "", units
-    procs = s.sh("pgrep -a -f 'qemu-system|jupyterhub|configurable-http-proxy|jupyter-lab' || true")[1].strip()
+    # (brackets: the pattern must not match the shell that runs pgrep)
+    procs = s.sh("pgrep -a -f '[q]emu-system|[j]upyterhub|[c]onfigurable-http-proxy|[j]upyter-lab' || true")[1].strip()
     assert procs == "", procs
     for name in LEARNERS:       # their PAM session's user manager, if any, ends with it
         t0 = time.monotonic()

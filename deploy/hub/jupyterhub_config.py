@@ -145,7 +145,9 @@ if spawner == "systemd":
     c.SystemdSpawner.disable_user_sudo = True
     # mem_limit and cpu_limit become the unit's MemoryMax and CPUQuota; the process limit is a
     # unit property of its own (SystemdSpawner has no trait for it).
-    c.SystemdSpawner.unit_extra_properties = {"TasksMax": str(int(env("LABKIT_HUB_PIDS", "1024")))}
+    # CollectMode: a server's unit that ended in failure is removed too, never left behind.
+    c.SystemdSpawner.unit_extra_properties = {"TasksMax": str(int(env("LABKIT_HUB_PIDS", "1024"))),
+                                              "CollectMode": "inactive-or-failed"}
 elif spawner == "cgroup":
     c.JupyterHub.spawner_class = "labkit.deploy.spawner.CgroupSpawner"
     c.CgroupSpawner.pids_limit = int(env("LABKIT_HUB_PIDS", "1024"))
