@@ -117,6 +117,18 @@ def test_without_those_settings_the_hub_config_has_none_of_them(tmp_path, monkey
     c = _load_hub_config(monkeypatch, LABKIT_HUB_DIR=str(tmp_path / "hub"), LABKIT_HUB_SPAWNER="cgroup")
     assert "ssl_cert" not in c.JupyterHub and "pre_spawn_hook" not in c.Spawner
     assert "LABKIT_LIFETIME_PID=$$;" in c.Spawner.cmd[2]      # a shell started directly
+    assert c.JupyterHub.last_activity_interval == 60          # the default 30-minute cull timeout
+
+
+def test_a_short_cull_timeout_gets_activity_reports_often_enough(tmp_path, monkeypatch):
+    for k in ("LABKIT_HUB_ACTIVITY_INTERVAL", "LABKIT_HUB_CULL_EVERY"):
+        monkeypatch.delenv(k, raising=False)
+    c = _load_hub_config(monkeypatch, LABKIT_HUB_DIR=str(tmp_path / "hub"), LABKIT_HUB_SPAWNER="cgroup",
+                         LABKIT_HUB_CULL_TIMEOUT="60")
+    assert c.JupyterHub.last_activity_interval == 15
+    assert c.Spawner.environment["JUPYTERHUB_ACTIVITY_INTERVAL"] == "15"
+    culler = [svc for svc in c.JupyterHub.services if svc["name"] == "idle-culler"][0]
+    assert "--timeout=60" in culler["command"] and "--cull-every=30" in culler["command"]
     assert c.Authenticator.admin_users == set()
 
 

@@ -18,7 +18,7 @@ learners, who log in with their Unix password through PAM) [labkit-learners],
 LABKIT_HUB_MEM [2G], LABKIT_HUB_CPUS [1.0], LABKIT_HUB_PIDS [1024],
 LABKIT_HUB_CGROUP_PARENT (cgroup spawner only) [labkit-hub],
 LABKIT_HUB_CULL_TIMEOUT (s idle before a server and its VM are stopped) [1800],
-LABKIT_HUB_CULL_EVERY [60, or half the timeout if that is less], LABKIT_HUB_ACTIVITY_INTERVAL [60],
+LABKIT_HUB_CULL_EVERY [60, or half the timeout if that is less], LABKIT_HUB_ACTIVITY_INTERVAL [60, or a quarter of the cull timeout if that is less],
 LABKIT_HUB_SPAWN_LIMIT (servers starting at once; 0 = no limit) [10 per core],
 LABKIT_HUB_ADMIN_TOKEN (an API token for the instructor's scripts: enrol, list,
 start and stop; it cannot mint tokens; none when unset), LABKIT_HUB_ADMINS (Unix
@@ -58,7 +58,12 @@ if proxy:
 # (the spawner's state). Stopping a class is stopping its servers first (`labkit class stop`, or
 # the admin page), then the hub.
 c.JupyterHub.cleanup_servers = False
-c.JupyterHub.last_activity_interval = int(env("LABKIT_HUB_ACTIVITY_INTERVAL", "60"))
+# Activity reaches the hub every minute, or 4 times per cull timeout where that is shorter: a
+# server busy all along must never look idle to the culler (a 60 s timeout beside 60 s reports
+# culled a learner in the middle of a cell in the server-guest test).
+CULL_TIMEOUT = int(env("LABKIT_HUB_CULL_TIMEOUT", "1800"))
+ACTIVITY_INTERVAL = env("LABKIT_HUB_ACTIVITY_INTERVAL", str(min(60, max(5, CULL_TIMEOUT // 4))))
+c.JupyterHub.last_activity_interval = int(ACTIVITY_INTERVAL)
 # Servers starting at once: 10 per core (LABKIT_HUB_SPAWN_LIMIT; 0 = no limit). A server's start
 # costs about 3 core-seconds here (docs/performance.md, "Hub load": 8 at once on 2 cores took 10-12 s
 # each, 20 at once beside starting guests 46-53 s), inside start_timeout (120 s); with JupyterHub's
@@ -93,7 +98,7 @@ c.Spawner.cmd = ["sh", "-c", 'LABKIT_LIFETIME_PID=$$; export LABKIT_LIFETIME_PID
                  str(BIN / "jupyterhub-singleuser")]
 c.Spawner.environment = {
     "PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin",
-    "JUPYTERHUB_ACTIVITY_INTERVAL": env("LABKIT_HUB_ACTIVITY_INTERVAL", "60"),
+    "JUPYTERHUB_ACTIVITY_INTERVAL": ACTIVITY_INTERVAL,
 }
 # The course's notebooks, delivered into ~/notebooks at each spawn as the learner (never over a
 # file they have: labkit.deploy.deliver), where LABKIT_HUB_NOTEBOOKS names the release.
@@ -157,7 +162,6 @@ else:
 
 # -- services: the idle culler, and an admin token for the instructor's scripts ----------------
 # The culler looks every minute, or twice per timeout where the timeout is shorter.
-CULL_TIMEOUT = int(env("LABKIT_HUB_CULL_TIMEOUT", "1800"))
 c.JupyterHub.services = [{
     "name": "idle-culler",
     "command": [sys.executable, "-m", "jupyterhub_idle_culler", f"--timeout={CULL_TIMEOUT}",
