@@ -66,7 +66,7 @@ print("RESULT " + json.dumps({"doctor_rc": doctor.returncode, "doctor": doctor.s
 AGAIN_CELL = """
 import json, labkit
 vm = labkit.connect()
-print("RESULT " + json.dumps({"pid": vm.record.pid, "up": vm.run(["true"]).returncode == 0}))
+print("RESULT " + json.dumps({"pid": vm.record.pid, "up": vm.run(["true"]).ok}))
 """
 
 
