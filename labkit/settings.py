@@ -232,15 +232,6 @@ def _seconds(name: str, text: str, what: str) -> float | None:
 
 
 def _start_queue_timeout(text: str) -> float:
-    text = text.strip()
-    if not text:
-        return DEFAULT_START_QUEUE_TIMEOUT
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < float("inf"):
-        raise ConfigError(f"LABKIT_START_QUEUE_TIMEOUT={text!r} is not a number of seconds",
-                          hint=f"how long a start waits for its turn, e.g. 300; unset: "
-                               f"{DEFAULT_START_QUEUE_TIMEOUT:g}")
-    return value
+    value = _seconds("LABKIT_START_QUEUE_TIMEOUT", text, "how long a start waits for its turn, e.g. 300; unset: "
+                     f"{DEFAULT_START_QUEUE_TIMEOUT:g}")
+    return DEFAULT_START_QUEUE_TIMEOUT if value is None else value
