@@ -62,6 +62,55 @@ def test_a_dry_run_lists_every_step_and_changes_nothing(tmp_path):
     assert sorted(os.listdir(tmp_path)) == []
 
 
+
+def test_copied_images_are_hashed_while_copied_made_read_only_and_stamped(tmp_path):
+    """The images step copies (never the source's ".verified"), hashing each file against the
+    manifest in the same read, makes the copy read-only, then writes the stamp load_image reads,
+    which learners cannot write: their starts find the image verified. A copy without the stamp
+    (cut short) is not done; a kernel done already is not touched (a chmod would change the ctime
+    the stamp keeps); a file that does not match its manifest stops the step and is not kept."""
+    import hashlib
+    import json
+
+    from labkit.image.build import load_image
+    src = tmp_path / "built" / "6.1"
+    src.mkdir(parents=True)
+    files = {"vmlinuz": b"kernel", "initrd.img": b"initrd", "root.ext4": b"root" * 1000}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    (src / "manifest.json").write_text(json.dumps({"artifacts": {
+        n: {"sha256": hashlib.sha256(d).hexdigest()} for n, d in files.items()}}))
+    (src / ".verified").write_text("from elsewhere")
+    plan = install.plan_from(prefix=tmp_path / "opt", images=tmp_path / "img", images_from=tmp_path / "built",
+                             kernels=("6.1",))
+    (step,) = [s for s in install.steps(plan, print) if s.name.startswith("guest images")]
+    assert not step.done()
+    step.do()
+    assert step.done()
+    copy = plan.images / "6.1"
+    assert sorted(p.name for p in copy.iterdir()) == sorted([*files, "manifest.json", ".verified"])
+    assert all((copy / n).stat().st_mode & 0o777 == 0o444 for n in [*files, ".verified"])
+    assert copy.stat().st_mode & 0o777 == 0o755
+    # what a learner's start does: the stamp matches, so nothing is hashed
+    import labkit.image.build as build
+    real = build.sha256_file
+    build.sha256_file = None        # type: ignore[assignment]
+    try:
+        from labkit.settings import Settings
+        load_image("6.1", settings=Settings.from_env({"LABKIT_IMAGES_DIR": str(plan.images)}))
+    finally:
+        build.sha256_file = real
+    before = (copy / "root.ext4").stat().st_ctime_ns
+    step.do()                                   # done: nothing copied, changed or hashed again
+    assert (copy / "root.ext4").stat().st_ctime_ns == before
+    (copy / ".verified").unlink()               # a copy cut short
+    assert not step.done()
+    (src / "root.ext4").write_bytes(b"changed")
+    with pytest.raises(install.InstallError, match="not the one its manifest describes"):
+        step.do()
+    assert not step.done() and not (copy / ".root.ext4.part").exists()
+
+
 def test_delivery_adds_new_notebooks_and_never_overwrites(tmp_path):
     src, home = tmp_path / "release", tmp_path / "home"
     src.mkdir()
@@ -156,3 +205,22 @@ def test_a_passwords_file_that_exists_is_refused_before_any_account(tmp_path):
     with pytest.raises(accounts.AccountError, match="not a directory"):
         accounts.check_password_file(tmp_path / "no" / "such.csv")
     accounts.check_password_file(tmp_path / "new.csv")
+
+
+def test_doctor_on_a_class_server_says_what_its_settings_mean(tmp_path):
+    """A learner's doctor with the installer's settings (no builds, no warm starts) does not
+    promise a build on first use or a snapshot that will never come."""
+    from labkit.settings import Settings
+    from labkit.tools.doctor import run_checks
+    settings = Settings.from_env({"LABKIT_IMAGES_DIR": str(tmp_path / "img"), "LABKIT_CACHE_DIR": str(tmp_path / "c"),
+                                  "LABKIT_STATE_DIR": str(tmp_path / "s"), "LABKIT_ACCEL": "tcg",
+                                  "LABKIT_AUTO_BUILD": "0", "LABKIT_WARM_START": "0", "LABKIT_SHARED_CACHE_DIR": ""})
+    checks = {c.name: c for c in run_checks(("6.1",), settings)}
+    other = checks["image 6.12"]
+    assert "built on first use" not in other.detail and "LABKIT_AUTO_BUILD=0" in other.detail, other
+    assert "labkit class install --kernels 6.12" in other.fix, other
+    assert "ask whoever runs this host" in checks["image 6.1"].fix
+    assert checks["warm start"].detail == "off (LABKIT_WARM_START=0): every VM start boots cold"
+    usual = {c.name: c for c in run_checks(("6.1",), settings.with_(auto_build=True, warm_start=True))}
+    assert "built on first use" in usual["image 6.12"].detail
+    assert usual["warm start"].detail.startswith("no snapshot yet")

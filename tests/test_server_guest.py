@@ -49,6 +49,7 @@ INSTALL = (f"cd {MEDIA}/source && python3 -m labkit.deploy.install --admins {ADM
            f"--cull-timeout {CULL_TIMEOUT} "
            f"--boot-timeout {BOOT_TIMEOUT} --accel tcg --no-warm-start")
 VENV = "/opt/labkit/venv"
+IMAGES = "/var/lib/labkit/images"
 
 DOCTOR_AND_GUEST_CELL = f"KERNEL = {DEFAULT_KERNEL!r}\n" + """
 import json, subprocess, time
@@ -217,6 +218,16 @@ def test_learners_from_the_csv_log_in_and_each_server_is_a_limited_systemd_unit(
         # the notebooks were delivered into the learner's home, owned by them
         nbs = s.sh(f"stat -c '%U %a %n' /home/{name}/notebooks/*.ipynb")[1].splitlines()
         assert len(nbs) >= 10 and all(line.startswith(f"{name} ") for line in nbs), nbs
+    # the installer hashed the images once, as root, after making them read-only: a learner's
+    # start finds them verified instead of hashing the root image each time (a stamp they could
+    # not write themselves)
+    probe = ("import labkit.image.build as b; b.sha256_file = None; "
+             f"b.load_image({DEFAULT_KERNEL!r}); print('verified')")
+    out = s.sh(f"runuser -u ada -- env LABKIT_IMAGES_DIR={IMAGES} {VENV}/bin/python -c {shlex.quote(probe)}",
+               check=False)[1]
+    assert out.strip().endswith("verified"), out
+    assert s.sh(f"stat -c '%U %a' {IMAGES}/{DEFAULT_KERNEL}/.verified {IMAGES}/{DEFAULT_KERNEL}/root.ext4")[1].split() \
+        == ["root", "444", "root", "444"]
 
 
 def test_a_learners_cell_runs_doctor_and_starts_a_guest_under_nested_tcg(klass):
@@ -228,6 +239,9 @@ def test_a_learners_cell_runs_doctor_and_starts_a_guest_under_nested_tcg(klass):
     res = klass.cell = result_of(cell.stdout)
     klass.figures["nested_guest"] = res
     assert res["doctor_rc"] == 0, res["doctor"]
+    # what the installer's settings mean, in the learner's words: no build, no warm start
+    assert "built on first use" not in res["doctor"] and "LABKIT_AUTO_BUILD=0" in res["doctor"], res["doctor"]
+    assert "off (LABKIT_WARM_START=0)" in res["doctor"], res["doctor"]
     # the accelerator the installer was told (QEMU's TCG emulates AMD-V, so the server has a /dev/kvm,
     # but guests under it hung in 2 of 3 starts here): the doctor names it
     accel = re.search(r"\[ok  \] accelerator +(.*)", res["doctor"])

@@ -39,6 +39,7 @@ import os
 import secrets
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -47,7 +48,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from labkit.errors import LabError
+from labkit.errors import ImageMissing, LabError
 from labkit.paths import PROJECT_DIR
 
 Say = Callable[[str], None]
@@ -207,6 +208,15 @@ def read_env_text(text: str) -> dict[str, str]:
 
 # -- running things ------------------------------------------------------------------------------
 
+def _read_only(top: Path) -> None:
+    """``top`` and everything in it readable by all and writable by nobody (0755 dirs, 0444 files);
+    a mode that is right already is left alone (a chmod changes the file's ctime)."""
+    for p in [top, *top.rglob("*")]:
+        want = 0o755 if p.is_dir() else 0o444
+        if stat.S_IMODE(p.stat().st_mode) != want:
+            p.chmod(want)
+
+
 def run(argv: list[str], timeout: float = 1800, env: dict[str, str] | None = None,
         what: str = "") -> subprocess.CompletedProcess[str]:
     """A command, as an argument list (never a shell); its output becomes the error when it fails."""
@@ -317,13 +327,20 @@ def steps(plan: Plan, say: Say) -> list[Step]:
         _write(plan.etc / "hub.env", env, 0o600)
         _write(plan.etc / "jupyterhub_config.py", config, 0o644)
 
+    def image_ready(k: str) -> bool:
+        # ".verified" comes last, after the copy (or build) and the chmod: a copy cut short has none,
+        # and learners (who cannot write it) find their image hashed already instead of hashing it
+        # at every start
+        d = plan.images / k
+        return (d / "manifest.json").is_file() and (d / ".verified").is_file()
+
     def images_ok() -> bool:
-        return all((plan.images / k / "manifest.json").exists() for k in plan.kernels)
+        return all(image_ready(k) for k in plan.kernels)
 
     def get_images() -> None:
         plan.images.mkdir(parents=True, exist_ok=True, mode=0o755)
         for k in plan.kernels:
-            if (plan.images / k / "manifest.json").exists():
+            if image_ready(k):
                 continue
             t0 = time.monotonic()
             if plan.images_from:
@@ -331,13 +348,22 @@ def steps(plan: Plan, say: Say) -> list[Step]:
                 if not (src / "manifest.json").exists():
                     raise InstallError(f"{src} holds no built image of {k}",
                                        hint=f"build it there (labkit image build --kernel {k}) or leave out --images")
-                shutil.copytree(src, plan.images / k, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".verified"))
+                from labkit.image.build import install_copy  # like this module: the standard library only
+                try:
+                    install_copy(k, src, plan.images / k)      # hashed while copied, read-only, stamped
+                except ImageMissing as exc:
+                    raise InstallError(f"the {k} image in {src} is not the one its manifest describes: {exc}",
+                                       hint="build it again there (labkit image build --kernel "
+                                            f"{k} --force) and copy it anew") from None
             else:
                 run(labkit + ["image", "build", "--kernel", k], env={**root_env, "LABKIT_AUTO_BUILD": "1"},
                     what=f"the {k} image", timeout=3600)
+                _read_only(plan.images / k)
+                # hashed once more, as root, after the chmod (which changes the ctime the stamp keeps)
+                run(labkit + ["image", "verify", "--kernel", k], env=root_env, what=f"verifying the {k} image",
+                    timeout=1800)
+                (plan.images / k / ".verified").chmod(0o444)     # whatever root's umask: learners read it
             say(f"  image {k}: {time.monotonic() - t0:.0f} s")
-        for p in plan.images.rglob("*"):
-            p.chmod(0o755 if p.is_dir() else 0o444)
 
     stamp = plan.shared_cache / "installed-snapshots.json"
     restart_hub: list[str] = []

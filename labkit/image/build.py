@@ -177,12 +177,9 @@ def _verify_checksums(kernel: str, d: Path, manifest: dict, force: bool = False)
     # states were already verified: size, mtime *and ctime*. A write changes
     # ctime and nobody can set it back (touch -d restores mtime only), so a
     # file changed in place is hashed again at its next use.
-    stamp_file = d / ".verified"
     names = list(manifest.get("artifacts", {})) or list(ARTIFACTS)
-    stamps = {name: [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-              for name in names if (d / name).exists() for st in [(d / name).stat()]}
     try:
-        if not force and json.loads(stamp_file.read_text()) == stamps:
+        if not force and json.loads((d / STAMP).read_text()) == _stamps(d, names):
             return
     except (OSError, json.JSONDecodeError):
         pass
@@ -195,9 +192,52 @@ def _verify_checksums(kernel: str, d: Path, manifest: dict, force: bool = False)
             raise ImageMissing(kernel, f"{name} is corrupt or changed (sha256 {got[:12]}…, manifest says "
                                        f"{str(want)[:12]}…)")
     try:
-        stamp_file.write_text(json.dumps(stamps))
+        (d / STAMP).write_text(json.dumps(_stamps(d, names)))
     except OSError:
         pass
+
+
+STAMP = ".verified"     # the file states last hashed and found matching (see _verify_checksums)
+
+
+def _stamps(d: Path, names: Iterable[str]) -> dict[str, list[int]]:
+    return {name: [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+            for name in names if (d / name).exists() for st in [(d / name).stat()]}
+
+
+def install_copy(kernel: str, src: Path, dst: Path) -> None:
+    """Copy the built image of ``kernel`` in ``src`` into ``dst`` for everyone to use (a class
+    server's image directory): each artifact hashed against the manifest while it is copied
+    (one read), the files made read-only (0444, the directory 0755), and then the stamp of
+    :func:`_verify_checksums` written, so that users who cannot write it find the image
+    verified instead of hashing it at every start. ImageMissing, and nothing left in ``dst``
+    that looks done, if a file does not match."""
+    manifest = json.loads((src / "manifest.json").read_text())
+    names = list(manifest.get("artifacts", {})) or list(ARTIFACTS)
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / STAMP).unlink(missing_ok=True)
+    for f in sorted(src.iterdir()):
+        if f.name == STAMP or not f.is_file():
+            continue
+        part = dst / f".{f.name}.part"
+        h = hashlib.sha256()
+        with open(f, "rb") as fin, open(part, "wb") as fout:
+            for chunk in iter(lambda: fin.read(1 << 20), b""):
+                h.update(chunk)
+                fout.write(chunk)
+        want = manifest.get("artifacts", {}).get(f.name, {}).get("sha256")
+        if f.name in names and h.hexdigest() != want:
+            part.unlink()
+            raise ImageMissing(kernel, f"{f} does not match its manifest (sha256 {h.hexdigest()[:12]}…, manifest "
+                                       f"says {str(want)[:12]}…)")
+        part.chmod(0o444)
+        part.replace(dst / f.name)
+    for name in names:
+        if not (dst / name).is_file():
+            raise ImageMissing(kernel, f"{name} is missing in {src}")
+    dst.chmod(0o755)
+    (dst / STAMP).write_text(json.dumps(_stamps(dst, names)))
+    (dst / STAMP).chmod(0o444)
 
 
 def image_status(kernel: str, settings: Settings | None = None) -> tuple[str, Image | None]:

@@ -56,8 +56,11 @@ def run_checks(kernels: tuple[str, ...] = (image.DEFAULT_KERNEL,), settings: Set
         status, img = image.image_status(k, settings)
         detail = f"kernel {k} ({v.suite}): {status}" + (f" ({img.kernel_release})" if img else "")
         if status == "missing" and k not in kernels:
-            detail += "; built on first use (about a minute)"
+            detail += ("; built on first use (about a minute)" if settings.auto_build
+                       else "; not built here (LABKIT_AUTO_BUILD=0): notebooks that start it stop with that error")
         fix = f"labkit image build --kernel {k}" + (" --force" if status == "corrupt" else "")
+        if not settings.auto_build and status != "ok":
+            fix = f"ask whoever runs this host to install it (e.g. labkit class install --kernels {k})"
         checks.append(Check(f"image {k}", status == "ok", detail, fix, required=k in kernels))
     try:
         with socket.socket() as s:
@@ -77,8 +80,9 @@ def run_checks(kernels: tuple[str, ...] = (image.DEFAULT_KERNEL,), settings: Set
                         "; ".join(f"{k}: snapshot of {sn.meta.get('kernel_release')}, "
                                   f"{sn.meta.get('state_bytes', 0) // 2**20} MiB, in {settings.cache_dir}"
                                   for k, sn in sorted(newest.items()))
-                        or "no snapshot yet: the first VM start boots cold and makes one, "
-                           "later starts restore it in about a second", required=False))
+                        or ("no snapshot yet: the first VM start boots cold and makes one, "
+                            "later starts restore it in about a second" if settings.warm_start
+                            else "off (LABKIT_WARM_START=0): every VM start boots cold"), required=False))
     checks.append(_snapshot_space_check(settings))
     checks.append(ksm_check())
     checks.append(Check("disk", free_gb >= MIN_FREE_GB, f"{free_gb:.1f} GiB free for VM state in {state}",
