@@ -37,7 +37,7 @@ help:
 lab: setup
 	$(BIN)/labkit lab
 
-# One apt round for everything, then the four images (three at once), the class-server image
+# One apt round for everything, then the four images (all at once), the class-server image
 # (tests/test_server_guest.py) and the linters side by side.
 test: all-deps test-venv
 	$(MAKE) --no-print-directory -j3 images server-image lint
@@ -96,7 +96,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 images: venv
-	$(BIN)/labkit image build --kernel all --jobs 3
+	$(BIN)/labkit image build --kernel all --jobs 4
 
 server-image: venv
 	$(BIN)/labkit image server
