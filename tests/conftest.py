@@ -18,6 +18,8 @@ from suite_areas import (
     AREAS,
     GuestStarts,
     area_of,
+    cpu_busy_line,
+    cpu_jiffies,
     group_of,
     kernels_of_item,
     left_out,
@@ -81,10 +83,14 @@ _TIMES: list[tuple[str, float]] = []        # (nodeid, seconds) of every setup, 
 _STARTS = GuestStarts()
 
 
+_CPU: list[tuple[int, int]] = []        # the host's CPU ticks when the run started (in the controller)
+
+
 def pytest_sessionstart(session):
     if not hasattr(session.config, "workerinput"):    # one counter per run (pytest-xdist: in the controller)
         _STARTS.single_process = not session.config.getoption("numprocesses", None)
         _STARTS.start()
+        _CPU.append(cpu_jiffies(Path("/proc/stat").read_text()))
 
 
 def pytest_runtest_logstart(nodeid, location):
@@ -108,6 +114,9 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_sep("=", "time per area (setup + call + teardown)")
     for line in summary_lines(_TIMES):
         terminalreporter.write_line(line)
+    if _CPU:
+        terminalreporter.write_line(cpu_busy_line(_CPU[0], cpu_jiffies(Path("/proc/stat").read_text()),
+                                                  os.cpu_count() or 1, os.sysconf("SC_CLK_TCK")))
     if _STARTS.running:
         _STARTS.stop()
         for line in _STARTS.summary(_FRESH):

@@ -158,6 +158,24 @@ def summary_lines(times: list[tuple[str, float]]) -> list[str]:
     return lines
 
 
+
+def cpu_jiffies(stat_text: str) -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs, from the first line of /proc/stat (idle and
+    iowait count as not busy; guest time is already inside user time)."""
+    fields = [int(x) for x in stat_text.split("\n", 1)[0].split()[1:9]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields) - idle, sum(fields)
+
+
+def cpu_busy_line(before: tuple[int, int], after: tuple[int, int], cpus: int, hz: int = 100) -> str:
+    """How busy the host's CPUs were between two :func:`cpu_jiffies` readings (``hz``: the
+    kernel's USER_HZ): more workers only help a run whose CPUs were often idle."""
+    busy, total = after[0] - before[0], after[1] - before[1]
+    if total <= 0:
+        return "host CPU during the run: not measured"
+    return (f"host CPU during the run: {busy / total:.0%} busy on {cpus} CPUs "
+            f"({(total - busy) / hz / 60:.1f} CPU-minutes idle)")
+
 class GuestStarts:
     """Counts the QEMU guests started during the run, on the whole host (in this process
     or any other: labkit check, the grader, the hub's learners), by polling /proc. A

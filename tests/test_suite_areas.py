@@ -111,3 +111,12 @@ def test_a_whole_run_leaves_5_10_out_of_the_modern_subject_files_only():
     assert not left_out("test_lab.py", {"5.10"}, {"5.10"})          # asked for: it runs
     assert not left_out("test_lab.py", {"6.1"}, set())
     assert not left_out("test_guest.py", {"5.10"}, set())
+
+
+def test_the_host_cpu_line_says_how_busy_the_run_kept_the_cpus():
+    before = sa.cpu_jiffies("cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 1 2 3\n")
+    assert before == (200, 1000)
+    after = (before[0] + 9000, before[1] + 12000)         # 2 CPUs, 60 s at USER_HZ 100
+    assert sa.cpu_busy_line(before, after, 2) == \
+        "host CPU during the run: 75% busy on 2 CPUs (0.5 CPU-minutes idle)"
+    assert "not measured" in sa.cpu_busy_line(before, before, 2)
