@@ -18,7 +18,7 @@ TEST_APT_PACKAGES := chromium bubblewrap slurm-wlm munge python3-venv docker.io 
 PYTEST_ARGS ?=
 # `make test` runs the suite on this many pytest-xdist workers; tests/suite_areas.py says which
 # tests must share one worker. 1 runs it in one process.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 XDIST = $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 # `make container`: the guest images of these kernels go into the container image (or all).
