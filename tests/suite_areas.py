@@ -158,7 +158,6 @@ def summary_lines(times: list[tuple[str, float]]) -> list[str]:
     return lines
 
 
-
 def cpu_jiffies(stat_text: str) -> tuple[int, int]:
     """(busy, total) clock ticks of all CPUs, from the first line of /proc/stat (idle and
     iowait count as not busy; guest time is already inside user time)."""
@@ -175,6 +174,7 @@ def cpu_busy_line(before: tuple[int, int], after: tuple[int, int], cpus: int, hz
         return "host CPU during the run: not measured"
     return (f"host CPU during the run: {busy / total:.0%} busy on {cpus} CPUs "
             f"({(total - busy) / hz / 60:.1f} CPU-minutes idle)")
+
 
 class GuestStarts:
     """Counts the QEMU guests started during the run, on the whole host (in this process

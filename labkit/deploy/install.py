@@ -39,7 +39,6 @@ import os
 import secrets
 import shutil
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labkit.errors import ImageMissing, LabError
+from labkit.image.build import install_copy, seal  # like this module: the standard library only
 from labkit.paths import PROJECT_DIR
 
 Say = Callable[[str], None]
@@ -208,15 +208,6 @@ def read_env_text(text: str) -> dict[str, str]:
 
 # -- running things ------------------------------------------------------------------------------
 
-def _read_only(top: Path) -> None:
-    """``top`` and everything in it readable by all and writable by nobody (0755 dirs, 0444 files);
-    a mode that is right already is left alone (a chmod changes the file's ctime)."""
-    for p in [top, *top.rglob("*")]:
-        want = 0o755 if p.is_dir() else 0o444
-        if stat.S_IMODE(p.stat().st_mode) != want:
-            p.chmod(want)
-
-
 def run(argv: list[str], timeout: float = 1800, env: dict[str, str] | None = None,
         what: str = "") -> subprocess.CompletedProcess[str]:
     """A command, as an argument list (never a shell); its output becomes the error when it fails."""
@@ -348,7 +339,6 @@ def steps(plan: Plan, say: Say) -> list[Step]:
                 if not (src / "manifest.json").exists():
                     raise InstallError(f"{src} holds no built image of {k}",
                                        hint=f"build it there (labkit image build --kernel {k}) or leave out --images")
-                from labkit.image.build import install_copy  # like this module: the standard library only
                 try:
                     install_copy(k, src, plan.images / k)      # hashed while copied, read-only, stamped
                 except ImageMissing as exc:
@@ -358,11 +348,7 @@ def steps(plan: Plan, say: Say) -> list[Step]:
             else:
                 run(labkit + ["image", "build", "--kernel", k], env={**root_env, "LABKIT_AUTO_BUILD": "1"},
                     what=f"the {k} image", timeout=3600)
-                _read_only(plan.images / k)
-                # hashed once more, as root, after the chmod (which changes the ctime the stamp keeps)
-                run(labkit + ["image", "verify", "--kernel", k], env=root_env, what=f"verifying the {k} image",
-                    timeout=1800)
-                (plan.images / k / ".verified").chmod(0o444)     # whatever root's umask: learners read it
+                seal(k, plan.images / k)        # read-only, hashed after the chmod, stamped
             say(f"  image {k}: {time.monotonic() - t0:.0f} s")
 
     stamp = plan.shared_cache / "installed-snapshots.json"

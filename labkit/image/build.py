@@ -29,6 +29,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -172,6 +173,14 @@ def load_image(kernel: str, verify: bool = True, settings: Settings | None = Non
     return Image(kernel, d, manifest)
 
 
+STAMP = ".verified"     # the file states last hashed and found matching (see _verify_checksums)
+
+
+def _stamps(d: Path, names: Iterable[str]) -> dict[str, list[int]]:
+    return {name: [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+            for name in names if (d / name).exists() for st in [(d / name).stat()]}
+
+
 def _verify_checksums(kernel: str, d: Path, manifest: dict, force: bool = False) -> None:
     # Hashing the root image takes a second or two, so remember which file
     # states were already verified: size, mtime *and ctime*. A write changes
@@ -195,14 +204,6 @@ def _verify_checksums(kernel: str, d: Path, manifest: dict, force: bool = False)
         (d / STAMP).write_text(json.dumps(_stamps(d, names)))
     except OSError:
         pass
-
-
-STAMP = ".verified"     # the file states last hashed and found matching (see _verify_checksums)
-
-
-def _stamps(d: Path, names: Iterable[str]) -> dict[str, list[int]]:
-    return {name: [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-            for name in names if (d / name).exists() for st in [(d / name).stat()]}
 
 
 def install_copy(kernel: str, src: Path, dst: Path) -> None:
@@ -230,14 +231,29 @@ def install_copy(kernel: str, src: Path, dst: Path) -> None:
             part.unlink()
             raise ImageMissing(kernel, f"{f} does not match its manifest (sha256 {h.hexdigest()[:12]}…, manifest "
                                        f"says {str(want)[:12]}…)")
-        part.chmod(0o444)
         part.replace(dst / f.name)
     for name in names:
         if not (dst / name).is_file():
             raise ImageMissing(kernel, f"{name} is missing in {src}")
-    dst.chmod(0o755)
-    (dst / STAMP).write_text(json.dumps(_stamps(dst, names)))
-    (dst / STAMP).chmod(0o444)
+    seal(kernel, dst, hashed=True)
+
+
+def seal(kernel: str, d: Path, hashed: bool = False) -> None:
+    """Make the image of ``kernel`` in ``d`` read-only for everyone (files 0444, directories 0755;
+    a mode that is right already is left alone, since a chmod changes the ctime the stamp keeps),
+    then write its stamp (0444), hashing the files first unless the caller just did."""
+    for p in [d, *d.rglob("*")]:
+        want = 0o755 if p.is_dir() else 0o444
+        if p.name != STAMP and stat.S_IMODE(p.stat().st_mode) != want:
+            p.chmod(want)
+    manifest = json.loads((d / "manifest.json").read_text())
+    (d / STAMP).unlink(missing_ok=True)
+    if hashed:
+        names = list(manifest.get("artifacts", {})) or list(ARTIFACTS)
+        (d / STAMP).write_text(json.dumps(_stamps(d, names)))
+    else:
+        _verify_checksums(kernel, d, manifest, force=True)
+    (d / STAMP).chmod(0o444)
 
 
 def image_status(kernel: str, settings: Settings | None = None) -> tuple[str, Image | None]:
