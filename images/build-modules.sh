@@ -59,12 +59,13 @@ if [ -s "$tmp/new" ]; then
     # shellcheck disable=SC2046
     chroot "$root" env DEBIAN_FRONTEND=noninteractive dpkg --purge $(cat "$tmp/new") >&2
 fi
-sed 's#^\./##' "$tmp/files" | while read -r f; do
-    [ -n "$f" ] && { [ -L "$root/$f" ] || [ -f "$root/$f" ]; } && rm -f "$root/$f"
-done
-sed 's#^\./##' "$tmp/files" | sort -r | while read -r f; do
-    [ -n "$f" ] && [ -d "$root/$f" ] && rmdir "$root/$f" 2>/dev/null || true
-done
+# (tens of thousands of paths: one rm and one rmdir for all of them, not one
+# process per path, which took about a minute of the image build.) tar lists
+# directories with a trailing slash; children sort after their parents, so the
+# reversed list empties a directory before it reaches it.
+sed -n 's#^\./##; /^$/d; /\/$/!p' "$tmp/files" | (cd "$root" && xargs -r -d '\n' rm -f --)
+sed -n 's#^\./##; /\/$/p' "$tmp/files" | sort -r | \
+    (cd "$root" && xargs -r -d '\n' rmdir --ignore-fail-on-non-empty -- 2>/dev/null) || true
 rm -rf "$tmp"
 chroot "$root" depmod "$release"
 step "modules: done in $(( $(date +%s) - t0 )) s"

@@ -66,13 +66,27 @@ def test_key_changes_with_the_image_and_qemu(monkeypatch):
 
 def test_the_pmem_ready_marker_is_never_the_echo_of_the_typed_line():
     import re
-    typed = snapshot.RESUME_SCRIPT.format(now=1796149844)
+    typed = snapshot.resume_script(now=1796149844)
     assert re.search(snapshot.PMEM_READY_RE, typed) is None       # the console echoes what we type
     assert re.search(snapshot.PMEM_READY_RE, "labkit: pmem ready rc=0").group(1) == "0"
     assert "{" not in typed and "modprobe -a nfit" in typed
     assert re.search(snapshot.NEW_HOSTKEY_RE, typed) is None
     assert re.search(snapshot.NEW_HOSTKEY_RE, "labkit: new hostkey ssh-ed25519 AAAAC3Nz\r\n").groups() == \
         ("ssh-ed25519", "AAAAC3Nz")
+
+
+def test_every_restored_guest_is_typed_new_random_bytes_before_its_host_key_is_made():
+    """Guests restored from one snapshot resume with one random-generator state:
+    the host's bytes, credited and reseeded, come before ssh-keygen, which only
+    runs if that worked."""
+    import re
+    a, b = snapshot.resume_script(), snapshot.resume_script()
+    seeds = [re.search(r"bytes\.fromhex\('([0-9a-f]+)'\)", t).group(1) for t in (a, b)]
+    assert seeds[0] != seeds[1] and all(len(s) == 2 * snapshot.SEED_BYTES for s in seeds)
+    assert snapshot.resume_script(now=1, seed=b"\x01" * 32) == snapshot.resume_script(now=1, seed=b"\x01" * 32)
+    seeding = a.index(f"fcntl.ioctl(f,{snapshot.RNDRESEEDCRNG})")
+    assert a.index(f"fcntl.ioctl(f,{snapshot.RNDADDENTROPY},") < seeding < a.index("ssh-keygen")
+    assert f'fcntl.ioctl(f,{snapshot.RNDRESEEDCRNG})" && ssh-keygen' in a
 
 
 # -- trust (pure: the file system's owners and modes) -------------------------

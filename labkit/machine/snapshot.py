@@ -98,13 +98,34 @@ sync
 # back on the console (a socket in the VM's 0700 state dir): the host pins it
 # before its first SSH connection (NEW_HOSTKEY_RE; typed split, so the echo
 # never matches).
+#
+# Before that key is made, the host's random bytes (``seed``: 32 from
+# os.urandom, new for every start) go into the guest kernel's entropy pool,
+# credited (RNDADDENTROPY), and its random generator is reseeded at once
+# (RNDRESEEDCRNG): every guest restored from one snapshot resumes with the
+# generator's state of the moment it was saved, and the kernel reseeds it only
+# every minute or so, so two guests restored from one snapshot could make the
+# same "new" host key (seen once in CI: two learners' guests with one key).
+# Without the reseed no key is made (and the host times out on it, with the
+# console's tail). Both ioctls exist in every kernel the lab runs (since 4.17).
+RNDADDENTROPY, RNDRESEEDCRNG = 0x40085203, 0x5207
+SEED_BYTES = 32
 RESUME_SCRIPT = ("(modprobe -a nfit nd_pmem dax_pmem device_dax >/dev/null 2>&1; "
                  "rc=$?; : > /run/labkit/pmem-ready; echo \"labkit: pmem ready rc=$rc\") & "
                  "date -s @{now} >/dev/null; "
                  "k=/etc/ssh/ssh_host_ed25519_key; p=$(cat /run/sshd.pid); rm -f $k $k.pub /run/sshd.pid; "
+                 "python3 -c \"import fcntl,struct;s=bytes.fromhex('{seed}');f=open('/dev/random','wb');"
+                 f"fcntl.ioctl(f,{RNDADDENTROPY},struct.pack('ii',8*len(s),len(s))+s);fcntl.ioctl(f,{RNDRESEEDCRNG})\" && "
                  "ssh-keygen -q -t ed25519 -N '' -f $k </dev/null >/dev/null && kill -HUP $p; "
                  "i=0; while [ ! -s /run/sshd.pid ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done; "
                  "read -r t h _ < $k.pub; echo \"labkit: new host\"\"key $t $h\"")
+def resume_script(now: float | None = None, seed: bytes | None = None) -> str:
+    """The line typed on a restored guest's console: this moment's clock and
+    fresh random bytes from the host (see RESUME_SCRIPT)."""
+    seed = os.urandom(SEED_BYTES) if seed is None else seed
+    return RESUME_SCRIPT.format(now=int(time.time() if now is None else now), seed=seed.hex())
+
+
 PMEM_READY_RE = r"labkit: pmem ready rc=(\d+)"
 NEW_HOSTKEY_RE = r"labkit: new hostkey (ssh-\S+) ([A-Za-z0-9+/=]+)\r?\n"     # whole line: expect() matches on partial reads
 

@@ -130,7 +130,7 @@ def restore_into(launch: Launch, snap: snapshot.Snapshot, pubkey: str, timeout: 
         # The restored UART loses the first byte it is sent (seen on QEMU 7.2:
         # "(modprobe" arrived as "modprobe"): an empty line takes that loss.
         console.sendline("")
-        console.sendline(snapshot.RESUME_SCRIPT.format(now=int(time.time())))
+        console.sendline(snapshot.resume_script())
         _wait_for(cfg.qmp_socket.exists, deadline, "QEMU to create its QMP socket")
         # QEMU's monitor serves one client at a time: do not keep it from
         # other processes (a `labkit vm reset` in a terminal, a learner's vm.qmp).
