@@ -259,3 +259,21 @@ def test_the_build_sees_the_packages_module_sources_as_the_recipes_modules(tmp_p
     assert not (staged / "build").exists()
     hashed = [name for name, _ in build.recipe_files(settings)]
     assert "images/modules/Kbuild" in hashed and "images/modules/labkit_no_layout_wait.c" in hashed
+
+
+def test_the_recipe_hash_never_reads_built_images_wherever_they_are_put(tmp_path):
+    """With LABKIT_IMAGES_DIR elsewhere, images built earlier in the recipe's own build/
+    are not recipe files: hashing them read gigabytes into memory (an image build was
+    killed by the OOM killer at 24 GiB) and made the hash depend on them."""
+    import shutil
+    from labkit.settings import from_environment
+    recipe = tmp_path / "images"
+    shutil.copytree(from_environment().recipe_dir, recipe, ignore=shutil.ignore_patterns("build"))
+    (recipe / "build" / "6.1").mkdir(parents=True)
+    (recipe / "build" / "6.1" / "root.ext4").write_bytes(b"an old image")
+    (recipe / "build" / "6.1.log").write_text("an old log")
+    for images_dir in (recipe / "build", tmp_path / "elsewhere"):
+        settings = from_environment().with_(recipe_dir=recipe, images_dir=images_dir)
+        hashed = [name for name, _ in build.recipe_files(settings)]
+        assert "images/customize.sh" in hashed
+        assert not [n for n in hashed if n.startswith("images/build/")], hashed
