@@ -32,6 +32,41 @@ def helper(pyz: Path, *args: str) -> tuple[int, dict]:
     return r.returncode, json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def test_the_guest_compiles_the_uploaded_helper_once_and_later_calls_use_that(tmp_path):
+    """What GuestHelper.ensure runs in the guest after the upload (its Python,
+    ``-c`` with precompile.py's text): a .pyc beside every module in the archive,
+    used by zipimport (shown by breaking a module's source after compiling: the
+    helper still runs); an archive it cannot read is left as it was."""
+    from labkit.lab.guest import files as guest_files
+    path = tmp_path / "pinprobe.pyz"
+    path.write_bytes(bundle.build())
+    before = subprocess.run([PYTHON, "-I", "-S", str(path), "--help"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([PYTHON, "-c", guest_files.precompile_source(), str(path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    data = path.read_bytes()
+    assert data.startswith(bundle.SHEBANG) and path.stat().st_mode & 0o777 == 0o755
+    names = zipfile.ZipFile(BytesIO(data)).namelist()
+    modules = [n for n in names if n.endswith(".py") and n != "__main__.py"]
+    assert modules and all(n + "c" in names for n in modules) and "__main__.pyc" not in names
+    # the sources are no longer compiled: a broken one is never read
+    broken = BytesIO()
+    broken.write(bundle.SHEBANG)
+    with zipfile.ZipFile(BytesIO(data)) as src, zipfile.ZipFile(broken, "w") as z:
+        for info in src.infolist():
+            text = src.read(info)
+            z.writestr(info, b"this is not python (\n" if info.filename.endswith("pinprobe/common.py") else text)
+    path.write_bytes(broken.getvalue())
+    after = subprocess.run([PYTHON, "-I", "-S", str(path), "--help"], capture_output=True, text=True, timeout=60)
+    assert after.returncode == before.returncode == 0 and after.stdout == before.stdout, after.stderr
+    junk = tmp_path / "junk.pyz"
+    junk.write_bytes(b"#!/usr/bin/env python3\nnot a zip")
+    r = subprocess.run([PYTHON, "-c", guest_files.precompile_source(), str(junk)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and junk.read_bytes() == b"#!/usr/bin/env python3\nnot a zip"
+    assert not list(tmp_path.glob("*.precompiled"))
+
+
 def test_zipapp_holds_the_helper_and_the_shared_vocabulary():
     data = bundle.build()
     assert data.startswith(b"#!/usr/bin/env python3\n") and data == bundle.build()

@@ -5,7 +5,8 @@ and a wheel (``pip install .``) all work the same.
 What the guest gets from here:
 
 * the pin probes (``pinprobe/`` and the shared ``vocab.py``), packed into one
-  zipapp by ``bundle``;
+  zipapp by ``bundle``, and ``precompile.py``, which the guest's Python runs once
+  on that zipapp after the upload;
 * ``counterfactual.py``, the guest side of the experiments with the rules
   switched off (``labkit.lab.counterfactual``);
 * the sources of the lab's kernel modules (``modules/``: ``Kbuild``,
@@ -22,11 +23,17 @@ from importlib.abc import Traversable
 PACKAGE = "labkit.lab.guest"
 PINPROBE = "pinprobe"
 COUNTERFACTUAL = "counterfactual.py"
+PRECOMPILE = "precompile.py"
 MODULES = "modules"
 
 
 def _root() -> Traversable:
     return resources.files(PACKAGE)
+
+
+def precompile_source() -> str:
+    """The guest-side script that adds compiled modules to the uploaded helper zipapp."""
+    return _root().joinpath(PRECOMPILE).read_text()
 
 
 def pinprobe_sources() -> dict[str, str]:
