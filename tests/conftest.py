@@ -114,6 +114,12 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_sep("=", "time per area (setup + call + teardown)")
     for line in summary_lines(_TIMES):
         terminalreporter.write_line(line)
+    ARTIFACTS.mkdir(exist_ok=True)          # every test's time (setup + call + teardown), slowest first
+    per_test: dict[str, float] = {}
+    for nodeid, seconds in _TIMES:
+        per_test[nodeid] = per_test.get(nodeid, 0.0) + seconds
+    (ARTIFACTS / "durations.json").write_text(json.dumps(
+        {k: round(v, 2) for k, v in sorted(per_test.items(), key=lambda kv: -kv[1])}, indent=1))
     if _CPU:
         terminalreporter.write_line(cpu_busy_line(_CPU[0], cpu_jiffies(Path("/proc/stat").read_text()),
                                                   os.cpu_count() or 1, os.sysconf("SC_CLK_TCK")))
