@@ -84,6 +84,19 @@ def remove_tmp_files_of(uid: int) -> None:
             p.unlink(missing_ok=True)
 
 
+def readable_images(user: str, images: Path, target: Path) -> tuple[Path, Path | None]:
+    """The built images, at a path ``user`` can reach: bind-mounted on ``target`` (in a
+    world-readable directory) when their own path is not (a clone under root's 0700 home).
+    Returns the path and the bind mount to undo (None when there is none)."""
+    probe = subprocess.run(["runuser", "-u", user, "--", "test", "-r", str(images / "6.1" / "vmlinuz")],
+                           capture_output=True, timeout=30)
+    if probe.returncode == 0:
+        return images, None
+    target.mkdir()
+    run(["mount", "--bind", str(images), str(target)])
+    return target, target
+
+
 class HubSetup:
     """Everything the test makes, in the order it is undone."""
 
@@ -116,17 +129,8 @@ class HubSetup:
         run(["chpasswd"], input=f"{self.learner}:{self.password}\n")
 
     def readable_images(self, images: Path) -> Path:
-        """The built images, at a path the learner can reach: bind-mounted into our world-readable
-        directory when their own path is not (a clone under root's 0700 home)."""
-        probe = subprocess.run(["runuser", "-u", self.learner, "--", "test", "-r", str(images / "6.1" / "vmlinuz")],
-                               capture_output=True, timeout=30)
-        if probe.returncode == 0:
-            return images
-        target = self.root / "images"
-        target.mkdir()
-        run(["mount", "--bind", str(images), str(target)])
-        self.bind_mount = target
-        return target
+        path, self.bind_mount = readable_images(self.learner, images, self.root / "images")
+        return path
 
     def start_hub(self, venv: Path, proxy: Path, images: Path, timeout: float = 90) -> None:
         state = self.root / "hub"
@@ -145,15 +149,20 @@ class HubSetup:
                "LABKIT_SLURM_START_TIMEOUT": "180", "LABKIT_IMAGES_DIR": str(images), "LABKIT_AUTO_BUILD": "0"}
         for k in ("LABKIT_STATE_DIR", "LABKIT_CACHE_DIR"):   # the learner's own, under their home
             env.pop(k, None)
+        self._hub_env, self._hub_dir = env, state
+        self.timings["hub_start_s"] = self._launch(timeout)
+
+    def _launch(self, timeout: float) -> float:
         hub = str(Path(sys.executable).parent / "jupyterhub")
         t0 = time.monotonic()
-        self.proc = subprocess.Popen([hub, "-f", str(REPO / "deploy/slurm/jupyterhub_config.py")], cwd=state,
-                                     env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        self._running.clear()
+        self.proc = subprocess.Popen([hub, "-f", str(REPO / "deploy/slurm/jupyterhub_config.py")], cwd=self._hub_dir,
+                                     env=self._hub_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         threading.Thread(target=self._pump, daemon=True).start()
         if not self._running.wait(timeout):
             raise SetupError(f"JupyterHub did not start within {timeout} s:\n{self.log_tail()}")
-        self.timings["hub_start_s"] = time.monotonic() - t0
+        return time.monotonic() - t0
 
     def _pump(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None

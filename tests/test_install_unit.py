@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import sys
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,28 @@ def test_doctor_on_a_class_server_says_what_its_settings_mean(tmp_path):
     usual = {c.name: c for c in run_checks(("6.1",), settings.with_(auto_build=True, warm_start=True))}
     assert "built on first use" in usual["image 6.12"].detail
     assert usual["warm start"].detail.startswith("no snapshot yet")
+
+
+def test_the_venv_counts_as_done_once_pip_finished_and_its_python_finds_every_package(tmp_path):
+    """The installer's second run must not import JupyterLab and nbgrader to see that the venv is
+    there (half a minute under emulation): the stamp pip's success leaves, and the venv's Python
+    finding each package, decide."""
+    plan = install.plan_from(prefix=tmp_path / "opt", source=tmp_path / "src")
+    venv_done = next(s for s in install.steps(plan, say=lambda line: None) if s.name.startswith("venv ")).done
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for m in install.VENV_MODULES:
+        (stubs / f"{m}.py").write_text("")
+    (plan.venv / "bin").mkdir(parents=True)
+    py = plan.venv / "bin" / "python"
+    py.write_text(f"#!/bin/sh\nPYTHONPATH={stubs} exec {sys.executable} -S \"$@\"\n")
+    py.chmod(0o755)
+    assert not venv_done()                                   # pip never finished: no stamp
+    (plan.venv / install.VENV_STAMP).write_text(install.venv_stamp(plan))
+    assert venv_done()
+    (stubs / "nbgrader.py").unlink()                         # a package gone
+    assert not venv_done()
+    (stubs / "nbgrader.py").write_text("")
+    other = install.plan_from(prefix=tmp_path / "opt", source=tmp_path / "elsewhere")
+    (plan.venv / install.VENV_STAMP).write_text(install.venv_stamp(other))
+    assert not venv_done()                                   # made from another labkit

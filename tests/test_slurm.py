@@ -16,18 +16,30 @@ import csv
 import importlib.util
 import json
 import os
+import pwd
 import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import ARTIFACTS, require_image
 from slurm_cluster import NODE2, ClusterError, SlurmCluster, slurm_cluster
-from slurm_hub import CULL_TIMEOUT, HubSetup, SetupError, tmp_files_of, user_processes
+from slurm_hub import (
+    CULL_TIMEOUT,
+    HubSetup,
+    SetupError,
+    kill_user_processes,
+    readable_images,
+    remove_tmp_files_of,
+    tmp_files_of,
+    user_processes,
+)
 
 USE_GRADER = True    # the real `labkit course grade` (merged); False: a placeholder task that boots a guest
 
@@ -121,10 +133,10 @@ for log in sorted((out / "logs").glob("grade-*.out")):
 """
 
 
-def commands() -> tuple[str, str]:
+def commands(labkit: str = LABKIT) -> tuple[str, str]:
     if USE_GRADER:
-        return (f"{shlex.quote(LABKIT)} course grade {{submission}} --out {{out}}",
-                f"{shlex.quote(LABKIT)} course gradebook {{out}} -o {{out}}/grades.csv")
+        return (f"{shlex.quote(labkit)} course grade {{submission}} --out {{out}}",
+                f"{shlex.quote(labkit)} course gradebook {{out}} -o {{out}}/grades.csv")
     return (f"{shlex.quote(LABKIT)} run --quiet --kernel {KERNEL} -- uname -r",
             f"{shlex.quote(sys.executable)} -c {shlex.quote(PLACEHOLDER_MERGE)} {{out}}")
 
@@ -151,11 +163,19 @@ def read_csv(path: Path) -> list[dict[str, str]]:
     return sorted(rows, key=lambda r: json.dumps(r, sort_keys=True))
 
 
-def submit(cluster: SlurmCluster, subs: list[Path], out: Path) -> tuple[str, str]:
-    task, merge = commands()
-    r = subprocess.run([sys.executable, str(SLURM_DIR / "submit-grading.py"), "--out", str(out), "--mem", "3G",
-                        "--time", "00:10:00", "--task-command", task, "--merge-command", merge, *map(str, subs)],
-                       capture_output=True, text=True, env=cluster.env, timeout=120)
+def submit(cluster: SlurmCluster, subs: list[Path], out: Path, as_user: Grader | None = None) -> tuple[str, str]:
+    """Submit the grading array and its gradebook job (as ``as_user``, with only their
+    environment, when given: then the tasks run as them too)."""
+    argv = ["submit-grading.py", "--out", str(out), "--mem", "3G", "--time", "00:10:00", *map(str, subs)]
+    if as_user is None:
+        task, merge = commands()
+        r = subprocess.run([sys.executable, str(SLURM_DIR / argv[0]), *argv[1:], "--task-command", task,
+                            "--merge-command", merge], capture_output=True, text=True, env=cluster.env, timeout=120)
+    else:       # from the instructor's copy of deploy/slurm (sbatch reads the job scripts as them)
+        task, merge = commands(as_user.labkit)
+        r = subprocess.run([as_user.python, str(as_user.home / "slurm" / argv[0]), *argv[1:], "--task-command", task,
+                            "--merge-command", merge], capture_output=True, text=True, env=as_user.env, timeout=120,
+                           user=as_user.uid, group=as_user.gid, extra_groups=[], cwd="/")
     assert r.returncode == 0, r.stderr
     ids = dict(line.split() for line in r.stdout.splitlines())
     return ids["array"], ids["gradebook"]
@@ -167,28 +187,81 @@ def assert_merge_ran_after_tasks(cluster: SlurmCluster, array: str, merge: str) 
     assert len(ends) == len(STUDENTS) and all(start >= e for e in ends), (ends, start)
 
 
+@dataclass
+class Grader:
+    """An instructor without root: a Unix user of their own, the class's venv (every user
+    can run it), the built images where they can read them, and nothing of root's
+    environment (their labkit state and cache in their home)."""
+    name: str
+    uid: int
+    gid: int
+    home: Path
+    python: str
+    labkit: str
+    env: dict[str, str]
+
+
+@pytest.fixture
+def grader(cluster, class_tools, tmp_path) -> Iterator[Grader]:
+    name = f"lkgrader{os.getpid()}"
+    subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", name], check=True, capture_output=True,
+                   timeout=60)
+    pw = pwd.getpwnam(name)
+    mounts = Path(tempfile.mkdtemp(prefix="labkit-grader-"))     # pytest's own tmp is under a 0700 root dir
+    mounts.chmod(0o755)
+    images, bind = readable_images(name, Path(os.environ.get("LABKIT_IMAGES_DIR", REPO / "images" / "build")),
+                                   mounts / "images")
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": pw.pw_dir, "USER": name, "LOGNAME": name,
+           "LANG": "C.UTF-8", "SLURM_CONF": cluster.env["SLURM_CONF"], "LABKIT_IMAGES_DIR": str(images),
+           "LABKIT_AUTO_BUILD": "0",
+           **{k: os.environ[k] for k in ("LABKIT_ACCEL", "LABKIT_BOOT_TIMEOUT") if k in os.environ}}
+    venv = class_tools.venv
+    try:
+        yield Grader(name, pw.pw_uid, pw.pw_gid, Path(pw.pw_dir), str(venv / "bin" / "python"), str(venv / "bin" / "labkit"),
+                     env)
+    finally:
+        subprocess.run(["scancel", "-u", name], env=cluster.env, capture_output=True, timeout=30)
+        kill_user_processes(pw.pw_uid)
+        remove_tmp_files_of(pw.pw_uid)
+        if bind is not None:
+            subprocess.run(["umount", "-l", str(bind)], capture_output=True, timeout=60)
+        shutil.rmtree(mounts, ignore_errors=True)
+        subprocess.run(["userdel", "--remove", name], capture_output=True, timeout=60)
+
+
 @pytest.mark.integration
 @pytest.mark.fresh_guest("Slurm jobs boot the graders' guests")
-def test_grading_array_job_matches_local_run(cluster, tmp_path):
+def test_grading_array_job_matches_local_run(cluster, grader, tmp_path):
+    """The array submitted by an instructor without root: each task grades in the
+    unprivileged sandbox (user namespaces) and the gradebook equals root's local one."""
     require_image(KERNEL)
     subs = make_submissions(tmp_path / "submissions")
     expected = local_gradebook(subs, tmp_path / "local")
+    work = grader.home / "grading"
+    shutil.copytree(tmp_path / "submissions", work / "submissions")
+    shutil.copytree(SLURM_DIR, grader.home / "slurm")
+    subprocess.run(["chown", "-R", f"{grader.name}:", str(work), str(grader.home / "slurm")], check=True, timeout=60)
+    subs = [work / "submissions" / s.name for s in subs]
+    out = work / "slurm"
     t0 = time.monotonic()
-    array, merge = submit(cluster, subs, tmp_path / "slurm")
+    array, merge = submit(cluster, subs, out, as_user=grader)
     tasks = cluster.wait_done(array, TASK_SECONDS)
     t_array = time.monotonic() - t0
     done = cluster.wait_done(merge, 120)
     t_total = time.monotonic() - t0
-    logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted((tmp_path / "slurm" / "logs").glob("*.out")))
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted((out / "logs").glob("*.out")))
     assert set(tasks.values()) == {"COMPLETED"} and len(tasks) == len(STUDENTS), f"{tasks}\n{logs}"
     assert set(done.values()) == {"COMPLETED"}, f"{done}\n{logs}"
     assert_merge_ran_after_tasks(cluster, array, merge)
-    # every task asked for its own resources
+    # every task asked for its own resources, and ran as the instructor
     assert {(j["mem"], j["time_limit"]) for j in cluster.jobs(array)} == {("3G", "10:00")}
-    assert read_csv(tmp_path / "slurm" / "grades.csv") == expected, logs
+    assert {p.stat().st_uid for p in (out / "logs").glob("grade-*.out")} == {grader.uid}
+    assert read_csv(out / "grades.csv") == expected, logs
     if USE_GRADER:       # each task sized its parallel guests from its one CPU, not from the node's cores
-        for log in (tmp_path / "slurm" / "logs").glob("grade-*.out"):
-            assert ", 1 at a time" in log.read_text(), log.read_text()
+        for log in (out / "logs").glob("grade-*.out"):
+            text = log.read_text()
+            assert ", 1 at a time" in text, text
+            assert "not root: each submission runs in an unprivileged sandbox" in text, text
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "slurm-timings.json").write_text(json.dumps(
         {**cluster.timings, "array_4_tasks_s": round(t_array, 1), "array_plus_gradebook_s": round(t_total, 1)},

@@ -256,11 +256,18 @@ def steps(plan: Plan, say: Say) -> list[Step]:
             what=f"apt-get install {' '.join(missing)}")
 
     def venv_ok() -> bool:
+        # The stamp is written once pip has installed everything (a pip cut short leaves none), and
+        # the venv's Python must still start and find each package: finding, not importing, which
+        # took half a minute under emulation at every run of the installer.
         py = plan.venv / "bin" / "python"
-        if not py.exists():
+        try:
+            if (plan.venv / VENV_STAMP).read_text() != venv_stamp(plan):
+                return False
+        except OSError:
             return False
-        r = subprocess.run([str(py), "-c", "import labkit, jupyterhub, systemdspawner, jupyterhub_idle_culler, "
-                            "jupyterlab, nbgrader; print(labkit.__file__)"], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([str(py), "-c", "import importlib.util as u, sys; "
+                            f"sys.exit(any(u.find_spec(m) is None for m in {VENV_MODULES!r}))"],
+                           capture_output=True, text=True, timeout=120)
         return r.returncode == 0
 
     def make_venv() -> None:
@@ -272,6 +279,7 @@ def steps(plan: Plan, say: Say) -> list[Step]:
         else:
             pip += [str(plan.source)]
         run(pip + list(HUB_PACKAGES), what="pip install of labkit and the hub", timeout=3600)
+        _write(plan.venv / VENV_STAMP, venv_stamp(plan), 0o644)
 
     def make_proxy() -> None:
         argv = ["npm", "install", "--no-audit", "--no-fund", "--prefix", str(plan.prefix / "proxy")]
@@ -458,6 +466,15 @@ def steps(plan: Plan, say: Say) -> list[Step]:
         Step(f"notebooks {plan.notebooks} and the nbgrader exchange {plan.exchange}", notebooks_ok, notebooks),
         Step(f"service {UNIT}", service_ok, service),
     ]
+
+
+VENV_STAMP = ".labkit-installed"
+VENV_MODULES = ("labkit", "jupyterhub", "systemdspawner", "jupyterhub_idle_culler", "jupyterlab", "nbgrader")
+
+
+def venv_stamp(plan: Plan) -> str:
+    """What the venv was made from: where labkit came from and the hub's packages."""
+    return json.dumps({"labkit": str(plan.wheels or plan.source), "packages": list(HUB_PACKAGES)}) + "\n"
 
 
 def _write(path: Path, text: str, mode: int) -> None:
