@@ -507,3 +507,13 @@ def test_nothing_below_the_facade_imports_it():
             if any(n in ("labkit.machine.vm", "labkit.machine.vm.VM") for n in names):
                 importers.append(f.relative_to(root).as_posix())
     assert set(importers) <= {"__init__.py", "persistent.py"}, importers
+
+
+def test_attaching_waits_as_much_longer_as_the_host_said_guests_boot_slower():
+    """10 s for SSH to a running guest by default; a class server that set
+    LABKIT_BOOT_TIMEOUT=1500 (nested emulation) gives an attach 125 s (a learner's
+    next cell after a hub restart timed out at 10 s there)."""
+    from labkit.machine import start
+    assert start.attach_timeout(None) == start.ATTACH_TIMEOUT == 10.0
+    assert start.attach_timeout(60) == 10.0                  # a shorter boot timeout never shortens it
+    assert start.attach_timeout(1500) == 125.0

@@ -26,6 +26,17 @@ from labkit.machine.watch import Watch
 log = logging.getLogger(__name__)
 
 BOOT_TIMEOUT = {"tcg": 120.0, "kvm": 60.0}
+ATTACH_TIMEOUT = 10.0       # s for SSH to a running guest, on a host that boots it in BOOT_TIMEOUT
+
+
+def attach_timeout(boot_timeout: float | None) -> float:
+    """How long attaching to a running guest may take: ATTACH_TIMEOUT, stretched as
+    far as whoever runs this host stretched the boot timeout (LABKIT_BOOT_TIMEOUT: a
+    guest nested under emulation answers SSH in tens of seconds, seen on a class
+    server under load)."""
+    if not boot_timeout:
+        return ATTACH_TIMEOUT
+    return ATTACH_TIMEOUT * max(1.0, boot_timeout / BOOT_TIMEOUT["tcg"])
 
 
 def start(spec: StartSpec) -> Running:

@@ -215,10 +215,13 @@ class VM:
         return process.is_qemu_of(pid, self.sd.pidfile)
 
     @classmethod
-    def attach(cls, name: str = "default", state_dir: Path | None = None, timeout: float = 10.0,
+    def attach(cls, name: str = "default", state_dir: Path | None = None, timeout: float | None = None,
                settings: Settings | None = None) -> VM:
-        """Connect to a persistent VM started by another process."""
+        """Connect to a persistent VM started by another process (``timeout``: by
+        default 10 s, longer where LABKIT_BOOT_TIMEOUT says guests are slow here)."""
         vm = cls(name, persistent=True, state_dir=state_dir, settings=settings)
+        if timeout is None:
+            timeout = start.attach_timeout(vm.settings.boot_timeout)
         vm._swap_in(start.attach(vm.sd, vm.name, vm.status(), timeout))
         return vm
 
