@@ -12,7 +12,6 @@ import shlex
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,23 +61,9 @@ def wheels_for_server(python: str, into: Path) -> float:
     return time.monotonic() - t0
 
 
-def npm_cache_for_server(npm_version: str, into: Path) -> float:
-    """An npm cache holding configurable-http-proxy and its dependencies, made by the npm
-    release the server has (an older npm finds nothing in a newer one's cache), fetched with
-    this machine's npm configuration; the installer's --npm-cache installs from it offline."""
-    t0 = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp:
-        run(["npx", "-y", f"npm@{npm_version}", "install", "--no-audit", "--no-fund", "--prefix", tmp,
-             "--cache", str(into), "configurable-http-proxy"], timeout=600)
-    shutil.rmtree(into / "_logs", ignore_errors=True)
-    return time.monotonic() - t0
-
-
-def make_media(stage: Path, images: Path, kernels: tuple[str, ...], python: str, npm_version: str,
-               out: Path) -> dict[str, float]:
+def make_media(stage: Path, images: Path, kernels: tuple[str, ...], python: str, out: Path) -> dict[str, float]:
     """The media disk (ext4, made without root or loop devices by mke2fs -d)."""
-    took = {"wheels": wheels_for_server(python, stage / "wheels"),
-            "npm_cache": npm_cache_for_server(npm_version, stage / "npm-cache")}
+    took = {"wheels": wheels_for_server(python, stage / "wheels")}
     t0 = time.monotonic()
     shutil.copytree(REPO, stage / "source", ignore=SOURCE_IGNORE, symlinks=True)
     for k in kernels:

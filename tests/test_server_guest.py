@@ -45,7 +45,7 @@ CULL_TIMEOUT = 60               # s idle before the culler stops a learner's ser
 BOOT_TIMEOUT = 1500             # s a nested-TCG guest may take to start (measured: see the artifact)
 MEMORY, CPUS, TASKS = "2G", 1.0, 1024   # the installer's defaults, read back from cgroup v2
 INSTALL = (f"cd {MEDIA}/source && python3 -m labkit.deploy.install --admins {ADMIN} --images {MEDIA}/images "
-           f"--wheels {MEDIA}/wheels --npm-cache {MEDIA}/npm-cache --kernels {DEFAULT_KERNEL} "
+           f"--wheels {MEDIA}/wheels --kernels {DEFAULT_KERNEL} "
            f"--cull-timeout {CULL_TIMEOUT} "
            f"--boot-timeout {BOOT_TIMEOUT} --accel tcg --no-warm-start")
 VENV = "/opt/labkit/venv"
@@ -113,9 +113,7 @@ def klass(tmp_path_factory):
     figures: dict = {}
     from labkit.settings import from_environment
     images = from_environment().images_dir
-    # the npm release of the server (Debian's version, e.g. 9.2.0~ds1-3 -> 9.2.0)
-    npm = re.match(r"[0-9.]+", img.manifest["packages"]["npm"]).group(0).rstrip(".")
-    figures["host_side_s"] = make_media(work / "media", images, (DEFAULT_KERNEL,), sys.executable, npm,
+    figures["host_side_s"] = make_media(work / "media", images, (DEFAULT_KERNEL,), sys.executable,
                                         work / "media.ext4")
     server, boot_s = Server.boot(img, work, work / "media.ext4")
     figures["server_boot_s"] = round(boot_s, 1)

@@ -6,19 +6,20 @@ running the installer again changes only what is missing or different, and
 never touches a learner's files. The steps, in order:
 
 1. the host: root, systemd as PID 1, cgroup v2 (what SystemdSpawner's limits
-   need), the distribution's packages (QEMU, Node's npm, openssl);
+   need), the distribution's packages (QEMU, configurable-http-proxy, openssl);
 2. a venv of the distribution's Python at ``/opt/labkit/venv`` with labkit,
    JupyterHub, SystemdSpawner, the idle culler, JupyterLab and nbgrader (from
    ``--wheels DIR`` when given: no index is asked);
-3. configurable-http-proxy from npm under ``/opt/labkit/proxy``;
-4. TLS: the certificate and key given, else a self-signed one;
-5. ``/etc/labkit``: the hub's config and its environment file (the admins,
+   configurable-http-proxy is the distribution's ``node-configurable-http-proxy``
+   (Debian 12 and 13, Ubuntu 24.04 universe): no npm and no npm registry;
+3. TLS: the certificate and key given, else a self-signed one;
+4. ``/etc/labkit``: the hub's config and its environment file (the admins,
    the instructor's token, which is kept across runs, the limits);
-6. the guest images of every kernel the course uses (``--images DIR`` copies
+5. the guest images of every kernel the course uses (``--images DIR`` copies
    images built elsewhere; otherwise they are built here) and a warm-start
    snapshot of each in the shared read-only cache ``/var/cache/labkit``;
-7. the notebooks learners get on their first spawn, and the nbgrader exchange;
-8. the hub as the systemd service ``labkit-hub``, enabled and started (a
+6. the notebooks learners get on their first spawn, and the nbgrader exchange;
+7. the hub as the systemd service ``labkit-hub``, enabled and started (a
    restart leaves every learner's server and VM running).
 
 What each learner gets is in ``deploy/hub/jupyterhub_config.py``.
@@ -57,7 +58,9 @@ Say = Callable[[str], None]
 COURSE_KERNELS = ("6.1", "6.12", "7.3", "5.10")
 HUB_PACKAGES = ("jupyterhub>=5", "jupyterhub-systemdspawner>=1.0", "jupyterhub-idle-culler>=1.2",
                 "jupyterlab>=4", "nbgrader>=0.9.6,<0.10")
-APT_PACKAGES = ("qemu-system-x86", "qemu-utils", "python3-venv", "openssl", "npm", "mmdebstrap")
+APT_PACKAGES = ("qemu-system-x86", "qemu-utils", "python3-venv", "openssl", "node-configurable-http-proxy",
+                "mmdebstrap")
+PROXY = Path("/usr/bin/configurable-http-proxy")      # node-configurable-http-proxy's
 UNIT = "labkit-hub.service"
 
 
@@ -87,7 +90,6 @@ class Plan:
     kernels: tuple[str, ...] = COURSE_KERNELS
     images_from: Path | None = None
     wheels: Path | None = None
-    npm_cache: Path | None = None       # install the proxy from this npm cache only (no registry)
     source: Path = PROJECT_DIR
     cert: Path | None = None
     key: Path | None = None
@@ -105,7 +107,7 @@ class Plan:
 
     @property
     def proxy(self) -> Path:
-        return self.prefix / "proxy" / "node_modules" / ".bin" / "configurable-http-proxy"
+        return PROXY
 
     @property
     def notebooks(self) -> Path:
@@ -281,16 +283,6 @@ def steps(plan: Plan, say: Say) -> list[Step]:
         run(pip + list(HUB_PACKAGES), what="pip install of labkit and the hub", timeout=3600)
         _write(plan.venv / VENV_STAMP, venv_stamp(plan), 0o644)
 
-    def make_proxy() -> None:
-        argv = ["npm", "install", "--no-audit", "--no-fund", "--prefix", str(plan.prefix / "proxy")]
-        if plan.npm_cache is None:
-            run(argv + ["configurable-http-proxy"], what="npm install configurable-http-proxy", timeout=1800)
-            return
-        with tempfile.TemporaryDirectory(prefix="labkit-npm-") as tmp:    # npm writes to its cache
-            shutil.copytree(plan.npm_cache, Path(tmp) / "cache")
-            run(argv + ["--offline", "--cache", str(Path(tmp) / "cache"), "configurable-http-proxy"],
-                what=f"npm install configurable-http-proxy from {plan.npm_cache}", timeout=1800)
-
     def tls_ok() -> bool:
         return plan.tls_cert.exists() and plan.tls_key.exists()
 
@@ -457,7 +449,6 @@ def steps(plan: Plan, say: Say) -> list[Step]:
         Step("packages: " + " ".join(APT_PACKAGES), lambda: not missing_packages(), install_packages),
         Step(f"venv {plan.venv}: labkit, JupyterHub, SystemdSpawner, the culler, JupyterLab, nbgrader",
              venv_ok, make_venv),
-        Step(f"proxy {plan.proxy}", plan.proxy.exists, make_proxy),
         Step(f"TLS {plan.tls_cert}", tls_ok, make_tls),
         Step(f"the learners' group {plan.group}", group_ok, add_group),
         Step(f"hub config {plan.etc}", config_ok, write_config),
@@ -503,8 +494,6 @@ def preflight(plan: Plan) -> list[str]:
         problems.append(f"--images {plan.images_from} is not a directory")
     if plan.wheels and not plan.wheels.is_dir():
         problems.append(f"--wheels {plan.wheels} is not a directory")
-    if plan.npm_cache and not plan.npm_cache.is_dir():
-        problems.append(f"--npm-cache {plan.npm_cache} is not a directory")
     return problems
 
 
@@ -561,9 +550,6 @@ def add_arguments(ins: argparse.ArgumentParser) -> None:
                      help="guest images built elsewhere (DIR/<kernel>/...), copied instead of built here")
     ins.add_argument("--wheels", type=Path, default=None, metavar="DIR",
                      help="install labkit and the hub from these wheels only (no package index)")
-    ins.add_argument("--npm-cache", type=Path, default=None, metavar="DIR",
-                     help="install configurable-http-proxy from this npm cache only (no registry; made elsewhere "
-                          "with: npm install --cache DIR configurable-http-proxy)")
     ins.add_argument("--source", type=Path, default=None, metavar="DIR",
                      help="the labkit checkout (hub config, notebooks; default: this one)")
     ins.add_argument("--admins", default=None, metavar="USER,...", help="who gets /hub/admin")
@@ -592,7 +578,7 @@ def add_arguments(ins: argparse.ArgumentParser) -> None:
 def run_from(args: argparse.Namespace) -> int:
     plan = plan_from(admins=tuple(a for a in (args.admins or "").split(",") if a) or None, port=args.port,
                      kernels=tuple(args.kernels) if args.kernels else None, images_from=args.images,
-                     wheels=args.wheels, npm_cache=args.npm_cache, source=args.source, cert=args.cert, key=args.key, memory=args.memory,
+                     wheels=args.wheels, source=args.source, cert=args.cert, key=args.key, memory=args.memory,
                      cpus=args.cpus, group=args.group, cull_timeout=args.cull_timeout,
                      boot_timeout=args.boot_timeout, accel=args.accel, warm_start=args.warm_start)
     took = install(plan, say=lambda line: print(line, flush=True), dry_run=args.dry_run)
