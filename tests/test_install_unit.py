@@ -182,6 +182,24 @@ def test_a_short_cull_timeout_gets_activity_reports_often_enough(tmp_path, monke
     assert c.Authenticator.admin_users == set()
 
 
+def test_the_culler_looks_first_once_every_server_could_report_after_a_hub_restart(tmp_path, monkeypatch):
+    """While the hub restarts no server can report activity; a culler looking at once culled a
+    busy learner (server-guest test). Its first look waits two activity intervals, and the
+    command really runs jupyterhub_idle_culler with the arguments after the delay."""
+    import subprocess
+    for k in ("LABKIT_HUB_ACTIVITY_INTERVAL", "LABKIT_HUB_CULL_EVERY"):
+        monkeypatch.delenv(k, raising=False)
+    c = _load_hub_config(monkeypatch, LABKIT_HUB_DIR=str(tmp_path / "hub"), LABKIT_HUB_SPAWNER="cgroup",
+                         LABKIT_HUB_CULL_TIMEOUT="60")
+    cmd = [svc for svc in c.JupyterHub.services if svc["name"] == "idle-culler"][0]["command"]
+    assert cmd[1] == "-c" and cmd[3] == "30"           # 2 x 15 s reports
+    default = _load_hub_config(monkeypatch, LABKIT_HUB_DIR=str(tmp_path / "hub2"), LABKIT_HUB_SPAWNER="cgroup",
+                               LABKIT_HUB_CULL_TIMEOUT="1800")
+    assert [svc for svc in default.JupyterHub.services][0]["command"][3] == "120"
+    r = subprocess.run([*cmd[:3], "0", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--cull-every" in r.stdout and "--timeout" in r.stdout, r.stderr
+
+
 def test_the_installer_runs_with_nothing_but_the_distributions_python(tmp_path):
     """`sudo python3 -m labkit.deploy.install` on a server with no labkit yet: Debian's python3,
     no venv, no PYTHONPATH, none of labkit's dependencies."""

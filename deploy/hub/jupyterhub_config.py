@@ -161,10 +161,17 @@ else:
     raise SystemExit(f"LABKIT_HUB_SPAWNER={spawner!r}: use 'cgroup' or 'systemd'")
 
 # -- services: the idle culler, and an admin token for the instructor's scripts ----------------
-# The culler looks every minute, or twice per timeout where the timeout is shorter.
+# The culler looks every minute, or twice per timeout where the timeout is shorter. Its first look
+# waits two activity intervals after the hub starts: while a hub restarts, no server can report
+# its activity, and a culler looking at once culled a learner kept busy all along (a 48 s restart
+# beside a 60 s timeout, in the server-guest test); by then every running server has reported.
+CULLER_AFTER = 2 * int(ACTIVITY_INTERVAL)
+START_CULLER = ("import runpy, sys, time; time.sleep(float(sys.argv[1])); "
+                "sys.argv = ['jupyterhub_idle_culler', *sys.argv[2:]]; "
+                "runpy.run_module('jupyterhub_idle_culler', run_name='__main__', alter_sys=True)")
 c.JupyterHub.services = [{
     "name": "idle-culler",
-    "command": [sys.executable, "-m", "jupyterhub_idle_culler", f"--timeout={CULL_TIMEOUT}",
+    "command": [sys.executable, "-c", START_CULLER, str(CULLER_AFTER), f"--timeout={CULL_TIMEOUT}",
                 f"--cull-every={int(env('LABKIT_HUB_CULL_EVERY', str(min(60, max(5, CULL_TIMEOUT // 2)))))}"],
 }]
 c.JupyterHub.load_roles = [{
