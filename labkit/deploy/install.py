@@ -58,6 +58,8 @@ Say = Callable[[str], None]
 COURSE_KERNELS = ("6.1", "6.12", "7.3", "5.10")
 HUB_PACKAGES = ("jupyterhub>=5", "jupyterhub-systemdspawner>=1.0", "jupyterhub-idle-culler>=1.2",
                 "jupyterlab>=4", "nbgrader>=0.9.6,<0.10")
+VENV_STAMP = ".labkit-installed"     # written into the venv once pip has installed everything
+VENV_MODULES = ("labkit", "jupyterhub", "systemdspawner", "jupyterhub_idle_culler", "jupyterlab", "nbgrader")
 APT_PACKAGES = ("qemu-system-x86", "qemu-utils", "python3-venv", "openssl", "node-configurable-http-proxy",
                 "mmdebstrap")
 PROXY = Path("/usr/bin/configurable-http-proxy")      # node-configurable-http-proxy's
@@ -457,10 +459,6 @@ def steps(plan: Plan, say: Say) -> list[Step]:
         Step(f"notebooks {plan.notebooks} and the nbgrader exchange {plan.exchange}", notebooks_ok, notebooks),
         Step(f"service {UNIT}", service_ok, service),
     ]
-
-
-VENV_STAMP = ".labkit-installed"
-VENV_MODULES = ("labkit", "jupyterhub", "systemdspawner", "jupyterhub_idle_culler", "jupyterlab", "nbgrader")
 
 
 def venv_stamp(plan: Plan) -> str:

@@ -67,9 +67,10 @@ def recipe_files(settings: Settings) -> list[tuple[str, bytes]]:
     installed labkit pointed at a checkout's recipe (``LABKIT_RECIPE_DIR``)
     agrees with the checkout about which images are up to date."""
     rdir = settings.recipe_dir
-    built = {settings.images_dir, rdir / "build"}      # built images (the default place too: a build
-    files = {p.relative_to(rdir).parts: p.read_bytes() for p in rdir.rglob("*")    # elsewhere is not
-             if p.is_file() and not built & set(p.parents) and "__pycache__" not in p.parts}   # to read GiBs)
+    # never built images: neither where they go nor the recipe's own build/ (GiBs of earlier builds)
+    built = {settings.images_dir, rdir / "build"}
+    files = {p.relative_to(rdir).parts: p.read_bytes() for p in rdir.rglob("*")
+             if p.is_file() and not built & set(p.parents) and "__pycache__" not in p.parts}
     files.update({("modules", name): data for name, data in guest_files.module_sources().items()})
     here = Path(__file__).resolve().parent
     return ([("/".join((RECIPE, *parts)), data) for parts, data in sorted(files.items())]
